@@ -1,0 +1,1 @@
+"""bcam-jax: explanation-guided image classification in JAX/Flax."""
