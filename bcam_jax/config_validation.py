@@ -1,0 +1,57 @@
+"""Start-up checks of a training config: unknown names and impossible values fail fast.
+
+Each error names the config field, the offending value and what is valid, before any
+data is loaded or any model is compiled.
+"""
+import ml_collections
+
+from bcam_jax import data, optim
+from bcam_jax.models import MODEL_NAMES
+
+DTYPES = ('float32', 'bfloat16')
+LOSS_KINDS = ('ce',)
+DATA_SOURCES = ('auto', 'tfds', 'idx')
+
+
+class ConfigError(ValueError):
+  """A config field holds an unknown name or an impossible value."""
+
+
+def _choice(field: str, value, valid) -> None:
+  if value not in valid:
+    raise ConfigError(f'config.{field}={value!r} is not valid; choose one of {tuple(valid)}.')
+
+
+def _positive(field: str, value, allow_zero: bool = False) -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and (
+      value >= 0 if allow_zero else value > 0)
+  if not ok:
+    expected = 'a non-negative integer' if allow_zero else 'a positive integer'
+    raise ConfigError(f'config.{field}={value!r}; expected {expected}.')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError on the first invalid field."""
+  _choice('model.name', config.model.name, MODEL_NAMES)
+  _choice('data.name', config.data.name, tuple(data.DATASETS))
+  _choice('data.source', config.data.source, DATA_SOURCES)
+  _positive('data.image_size', config.data.image_size)
+  _positive('data.val_size', config.data.val_size)
+  _positive('train.batch_size', config.train.batch_size)
+  _positive('eval.batch_size', config.eval.batch_size)
+  if config.train.num_steps <= 0:
+    _positive('train.num_epochs', config.train.num_epochs)
+  _positive('train.log_every_steps', config.train.log_every_steps)
+  _positive('train.eval_every_steps', config.train.eval_every_steps, allow_zero=True)
+  _positive('train.checkpoint_every_steps', config.train.checkpoint_every_steps)
+  _positive('train.keep_checkpoints', config.train.keep_checkpoints)
+  _choice('train.dtype', config.train.dtype, DTYPES)
+  _choice('optimizer.name', config.optimizer.name, optim.OPTIMIZERS)
+  _choice('optimizer.schedule', config.optimizer.schedule, optim.SCHEDULES)
+  if not config.optimizer.learning_rate > 0:
+    raise ConfigError(
+        f'config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.')
+  if config.optimizer.weight_decay < 0:
+    raise ConfigError(
+        f'config.optimizer.weight_decay={config.optimizer.weight_decay!r}; expected >= 0.')
+  _choice('loss.kind', config.loss.kind, LOSS_KINDS)

@@ -1,0 +1,49 @@
+"""Evaluation of a trained workdir: `evaluate_checkpoint` restores and tests a model."""
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from bcam_jax import optim, train_lib
+from bcam_jax.checkpointing import Checkpoints
+
+CHECKPOINTS = ('best', 'last')
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        checkpoint: str = 'best',
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Test loss and accuracy of the `best` (by validation accuracy) or `last` checkpoint.
+
+  Writes `<workdir>/eval/metrics.json` and returns the same dict.
+  """
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f'workdir {workdir!r} does not exist: train it first.')
+  run = train_lib.setup_run(config, devices)
+  tx, _ = optim.make_optimizer(config.optimizer, total_steps=1)
+  abstract_state = run.abstract_state(tx)
+  ckpts = Checkpoints(workdir)
+  try:
+    if checkpoint == 'best':
+      variables, step = ckpts.restore_best(abstract_state.model_variables())
+    else:
+      step = ckpts.latest_step()
+      if step is None:
+        raise FileNotFoundError(f'no checkpoint in {ckpts.latest.directory}.')
+      variables = ckpts.restore_latest(abstract_state).model_variables()
+  finally:
+    ckpts.close()
+  test = train_lib.evaluate(run, run.eval_step(), variables, run.datasets.test)
+  result = {'checkpoint': checkpoint, 'step': int(step), 'test_loss': test['loss'],
+            'test_accuracy': test['accuracy'], 'test_count': test['count']}
+  logging.info('%s checkpoint (step %d): test loss %.4f, accuracy %.2f%%', checkpoint,
+               step, test['loss'], 100 * test['accuracy'])
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
+    train_lib.write_json(os.path.join(workdir, 'eval', 'metrics.json'), result)
+  return result

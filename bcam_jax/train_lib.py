@@ -1,0 +1,226 @@
+"""Data-parallel training with validation, checkpoints and resume: `train_and_evaluate`.
+
+One code path for one CPU, one GPU or every device of a host: the train state is
+replicated and donated, batches are sharded over the mesh's `data` axis, and the batch
+order is a pure function of (seed, step), so a run killed at any moment and restarted from
+its latest checkpoint ends with exactly the parameters of an uninterrupted run.
+"""
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from bcam_jax import data, models, optim, parallel, steps
+from bcam_jax.checkpointing import Checkpoints
+from bcam_jax.config_validation import validate_config
+from bcam_jax.metric_logging import MetricLogger, format_duration
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite; the run stops without saving."""
+
+
+@dataclasses.dataclass
+class RunSetup:
+  """What training and evaluation of one config share."""
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  datasets: data.Datasets
+  model: Any
+  dtype: Any
+  eval_batch_size: int
+
+  def eval_step(self):
+    info = self.datasets.info
+    return jax.jit(steps.make_eval_step(
+        self.model, mean=info.mean, std=info.std,
+        image_size=self.config.data.image_size, dtype=self.dtype))
+
+  def init_state(self, tx) -> steps.TrainState:
+    """The initial train state, replicated over the mesh."""
+    init = steps.make_init_fn(self.model, tx, self.config.seed, self.config.data.image_size)
+    return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
+
+  def abstract_state(self, tx) -> steps.TrainState:
+    """Shapes, dtypes and shardings of the train state, without computing it: the
+    target layout of a checkpoint restore."""
+    sharding = parallel.replicated(self.mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                        jax.eval_shape(lambda: self.init_state(tx)))
+
+
+def setup_run(config: ml_collections.ConfigDict,
+              devices: Sequence[jax.Device] | None = None) -> RunSetup:
+  """Validates the config, builds the mesh, loads the data and builds the model."""
+  validate_config(config)
+  mesh = parallel.make_mesh(devices)
+  parallel.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
+  n_dev = mesh.devices.size
+  eval_batch_size = -(-config.eval.batch_size // n_dev) * n_dev
+  datasets = data.load_datasets(config.data)
+  dtype = jnp.dtype(config.train.dtype)
+  model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
+                           **config.model.options)
+  cam = models.cam_shape(model, config.data.image_size)
+  logging.info('Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
+               config.model.name, config.data.image_size, config.data.image_size, cam,
+               n_dev, jax.devices()[0].platform, datasets.source)
+  return RunSetup(config, mesh, datasets, model, dtype, eval_batch_size)
+
+
+def evaluate(run: RunSetup, eval_step, variables, split: data.Split) -> dict[str, float]:
+  """Loss and accuracy over a whole split, each example counted exactly once."""
+  totals = None
+  for images, labels, mask in data.eval_batches(split, run.eval_batch_size):
+    sums = eval_step(variables, *parallel.shard_batch(run.mesh, images, labels, mask))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss_sum']) / count,
+          'accuracy': float(totals['correct']) / count, 'count': count}
+
+
+def _check_finite(step: int, metrics: dict[str, float], ckpts: Checkpoints) -> None:
+  if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
+    ckpts.wait()
+    raise NonFiniteLossError(
+        f'Non-finite training loss at step {step} (loss={metrics["loss"]}, '
+        f'grad_norm={metrics["grad_norm"]}); stopping without saving. The last good '
+        f'checkpoint (step {ckpts.latest_step()}) is kept in {ckpts.latest.directory}. '
+        'Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
+
+
+def write_json(path: str, obj: dict) -> None:
+  """Atomic JSON write: a killed run never leaves a half-written file."""
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and tests it.
+
+  Returns the final summary, also written to `<workdir>/results.json`.
+  """
+  run = setup_run(config, devices)
+  is_writer = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_writer:
+    write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+  ds, info, tc = run.datasets, run.datasets.info, config.train
+  data.load_or_compute_prototypes(workdir, ds, config.data.image_size)
+
+  n_train, batch = len(ds.train), tc.batch_size
+  steps_per_epoch = data.steps_per_epoch(n_train, batch)
+  total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
+  eval_every = tc.eval_every_steps or steps_per_epoch
+  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
+
+  ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints)
+  logger = MetricLogger(workdir, enabled=is_writer)
+  try:
+    state = ckpts.restore_latest(run.abstract_state(tx))
+    if state is None:
+      state = run.init_state(tx)
+    else:
+      logger.info(f'Resumed from {ckpts.latest.directory} at step {int(state.step)}.')
+    start_step = int(state.step)
+    if start_step > total_steps:
+      raise ValueError(f'the checkpoint in {workdir} is at step {start_step}, beyond this '
+                       f'config\'s {total_steps} steps: use a new workdir.')
+
+    train_step = jax.jit(
+        steps.make_train_step(run.model, tx, schedule, mean=info.mean, std=info.std,
+                              image_size=config.data.image_size, dtype=run.dtype,
+                              seed=config.seed),
+        out_shardings=parallel.replicated(run.mesh), donate_argnums=0)
+    eval_step = run.eval_step()
+    logger.info(f'Training {config.model.name} on {info.name}: {total_steps} steps '
+                f'({steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.')
+
+    window = {'loss': 0.0, 'accuracy': 0.0, 'n': 0}
+    t_start = t_window = time.time()
+    steps_done_at_start = start_step
+    pending = None  # (step, device metrics) of the step before, checked one step late
+    for step in range(start_step, total_steps):
+      idx = data.train_batch_indices(n_train, batch, config.seed, step)
+      images, labels = parallel.shard_batch(run.mesh, ds.train.images[idx],
+                                            ds.train.labels[idx])
+      state, metrics = train_step(state, images, labels)
+      if pending is not None:
+        _accumulate(window, _check_pending(pending, ckpts))
+      pending = (step, metrics)
+      done = step + 1
+      boundary = (done % tc.log_every_steps == 0, done % eval_every == 0,
+                  done % tc.checkpoint_every_steps == 0, done == total_steps)
+      if not any(boundary):
+        continue
+      _accumulate(window, _check_pending(pending, ckpts))
+      pending = None
+      if boundary[0] or boundary[3]:
+        now = time.time()
+        img_s = window['n'] * batch / max(now - t_window, 1e-9)
+        rate = (done - steps_done_at_start) / max(now - t_start, 1e-9)
+        train_metrics = {'loss': window['loss'] / window['n'],
+                         'accuracy': window['accuracy'] / window['n'],
+                         'learning_rate': float(metrics['learning_rate']),
+                         'images_per_second': img_s}
+        logger.write(done, 'train', train_metrics)
+        logger.info(
+            f'step {done}/{total_steps} epoch {step // steps_per_epoch + 1}/'
+            f'{-(-total_steps // steps_per_epoch)} | loss {train_metrics["loss"]:.4f} '
+            f'acc {100 * train_metrics["accuracy"]:.2f}% | lr {train_metrics["learning_rate"]:.3g}'
+            f' | {img_s:.0f} img/s | ETA {format_duration((total_steps - done) / rate)}')
+        window = {'loss': 0.0, 'accuracy': 0.0, 'n': 0}
+        t_window = now
+      if boundary[1] or boundary[3]:
+        val = evaluate(run, eval_step, state.model_variables(), ds.val)
+        logger.write(done, 'val', val)
+        logger.info(f'step {done} validation: loss {val["loss"]:.4f} '
+                    f'accuracy {100 * val["accuracy"]:.2f}%')
+        ckpts.save_best(done, state.model_variables(), val['accuracy'])
+      if boundary[2] or boundary[3]:
+        ckpts.save(done, state)
+
+    test = evaluate(run, eval_step, state.model_variables(), ds.test)
+    logger.write(int(state.step), 'test', test)
+    logger.info(f'test (final parameters): loss {test["loss"]:.4f} '
+                f'accuracy {100 * test["accuracy"]:.2f}%')
+    ckpts.wait()
+    best_step = ckpts.best.best_step()
+    summary = {
+        'step': int(state.step), 'test_loss': test['loss'],
+        'test_accuracy': test['accuracy'], 'best_checkpoint_step': best_step,
+        'train_seconds_this_session': time.time() - t_start,
+        'num_devices': int(run.mesh.devices.size), 'data_source': ds.source,
+    }
+    if is_writer:
+      write_json(os.path.join(workdir, 'results.json'), summary)
+    return summary | {'state': state}
+  finally:
+    ckpts.wait()
+    ckpts.close()
+    logger.close()
+
+
+def _check_pending(pending, ckpts: Checkpoints) -> dict[str, float]:
+  step, device_metrics = pending
+  host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+  _check_finite(step, host, ckpts)
+  return host
+
+
+def _accumulate(window: dict, metrics: dict[str, float]) -> None:
+  window['loss'] += metrics['loss']
+  window['accuracy'] += metrics['accuracy']
+  window['n'] += 1

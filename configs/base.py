@@ -1,0 +1,56 @@
+"""Shared defaults of every bcam-jax configuration.
+
+Model configs import `get_base_config()` and override a few fields. Any field can be
+overridden on the command line, e.g.
+`python train.py --config=configs/simple_cnn_baseline.py --config.data.name=fashion_mnist
+--config.data.image_size=112 --config.optimizer.learning_rate=0.05`.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Defaults: MNIST at 28x28, batch 128, SGD + momentum, warm-up + cosine schedule."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'simple_cnn'
+  # Model-specific keyword arguments of `bcam_jax.models.get_model` (e.g. `stem`).
+  config.model.options = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'mnist'          # 'mnist' | 'fashion_mnist'
+  config.data.source = 'auto'         # 'auto' | 'tfds' | 'idx'
+  config.data.idx_dir = ''            # '' -> $BCAM_DATA_DIR/<name>
+  config.data.tfds_data_dir = ''      # '' -> TFDS default (~/tensorflow_datasets)
+  config.data.val_size = 5000         # taken from the official train split
+  config.data.split_seed = 0
+  config.data.image_size = 28         # resized on device inside the jitted step
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 128       # global batch, split over all devices
+  config.train.num_epochs = 5
+  config.train.num_steps = -1         # > 0 overrides num_epochs
+  config.train.dtype = 'float32'      # 'float32' | 'bfloat16' (compute dtype)
+  config.train.log_every_steps = 50
+  config.train.eval_every_steps = 0   # 0 -> once per epoch
+  config.train.checkpoint_every_steps = 500
+  config.train.keep_checkpoints = 3   # the latest K; the best one is kept separately
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 500
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'sgd'       # 'sgd' | 'adamw'
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.momentum = 0.9     # sgd momentum; adamw b1
+  config.optimizer.nesterov = True
+  config.optimizer.b2 = 0.999         # adamw only
+  config.optimizer.weight_decay = 5e-4  # kernels only (not biases or norm scales)
+  config.optimizer.schedule = 'warmup_cosine'  # 'constant' | 'cosine' | 'warmup_cosine'
+  config.optimizer.warmup_steps = 100
+  config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kind = 'ce'             # cross-entropy only for now
+  return config

@@ -1,0 +1,200 @@
+"""Training end to end on tiny synthetic IDX data: outputs, devices, resume, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bcam_jax import config_validation, data, eval_lib, train_lib
+from configs import resnet18_baseline, simple_cnn_baseline
+from tests import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def idx_dir(tmp_path_factory):
+  return synthetic.write_dataset(str(tmp_path_factory.mktemp('idx')))
+
+
+def tiny_config(idx_dir, base=simple_cnn_baseline, num_steps=30):
+  config = base.get_config()
+  config.data.source = 'idx'
+  config.data.idx_dir = idx_dir
+  config.data.val_size = 40
+  config.train.batch_size = 16
+  config.train.num_steps = num_steps
+  config.train.log_every_steps = 5
+  config.train.checkpoint_every_steps = 10
+  config.optimizer.warmup_steps = 3
+  config.eval.batch_size = 24  # does not divide 40 or 60: exercises the padded batch
+  return config
+
+
+def leaves(tree):
+  return jax.tree.leaves(jax.device_get(tree))
+
+
+def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = train_lib.train_and_evaluate(tiny_config(idx_dir, num_steps=40), workdir)
+  assert result['step'] == 40
+  assert result['test_accuracy'] > 0.5  # chance is 0.1
+  for name in ('config.json', 'results.json', 'metrics.jsonl', 'prototypes_train.npy',
+               'prototypes_val.npy', 'prototypes_train.png', 'tensorboard'):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  train_steps = [r['step'] for r in records if r['split'] == 'train']
+  assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]
+  assert {r['split'] for r in records} == {'train', 'val', 'test'}
+  assert all(r['count'] == 40 for r in records if r['split'] == 'val')
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40']
+
+  # eval.py's library function restores the last checkpoint and reproduces the test score.
+  config = tiny_config(idx_dir, num_steps=40)
+  last = eval_lib.evaluate_checkpoint(config, workdir, 'last')
+  assert last['step'] == 40 and last['test_count'] == 60
+  assert last['test_accuracy'] == pytest.approx(result['test_accuracy'])
+  best = eval_lib.evaluate_checkpoint(config, workdir, 'best')
+  assert json.load(open(os.path.join(workdir, 'eval', 'metrics.json'))) == best
+  val_records = [r for r in records if r['split'] == 'val']
+  best_val = max(r['accuracy'] for r in val_records)
+  assert best['step'] in [r['step'] for r in val_records if r['accuracy'] == best_val]
+
+
+def test_masked_evaluation_counts_every_example_once(idx_dir):
+  config = tiny_config(idx_dir)
+  run = train_lib.setup_run(config)
+  tx, _ = train_lib.optim.make_optimizer(config.optimizer, 10)
+  variables = run.init_state(tx).model_variables()
+  split = run.datasets.test
+  got = train_lib.evaluate(run, run.eval_step(), variables, split)
+  # Naive reference: one example at a time, no padding, no sharding.
+  info = run.datasets.info
+  losses, correct = [], []
+  for i in range(len(split)):
+    x = data.preprocess(split.images[i:i + 1], info.mean, info.std, 28)
+    logits, _ = run.model.apply(variables, x, train=False)
+    losses.append(float(train_lib.steps.losses.cross_entropy(logits, split.labels[i:i + 1])[0]))
+    correct.append(int(np.argmax(logits[0]) == split.labels[i]))
+  assert got['count'] == len(split) == 60
+  assert got['accuracy'] == pytest.approx(np.mean(correct))
+  assert got['loss'] == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_one_device_and_eight_devices_train_the_same_parameters(idx_dir, tmp_path):
+  """BatchNorm statistics and the loss are over the global batch whatever the mesh."""
+  config = tiny_config(idx_dir, base=resnet18_baseline, num_steps=4)
+  config.model.options.width = 8
+  config.train.checkpoint_every_steps = 100
+  one = train_lib.train_and_evaluate(config, str(tmp_path / 'one'), jax.devices()[:1])
+  eight = train_lib.train_and_evaluate(config, str(tmp_path / 'eight'), jax.devices()[:8])
+  assert eight['num_devices'] == 8 and one['num_devices'] == 1
+  for a, b in zip(leaves(one['state'].params), leaves(eight['state'].params)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  for a, b in zip(leaves(one['state'].batch_stats), leaves(eight['state'].batch_stats)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  assert one['test_accuracy'] == pytest.approx(eight['test_accuracy'])
+
+
+def _train_cmd(idx_dir, workdir, num_steps):
+  return [sys.executable, 'train.py', '--config=configs/simple_cnn_baseline.py',
+          f'--workdir={workdir}', '--config.data.source=idx',
+          f'--config.data.idx_dir={idx_dir}', '--config.data.val_size=43',
+          '--config.train.batch_size=8', f'--config.train.num_steps={num_steps}',
+          '--config.train.checkpoint_every_steps=50', '--config.train.log_every_steps=100',
+          '--config.eval.batch_size=40']
+
+
+def _final_params(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    assert manager.latest_step() == step
+    return leaves(manager.restore(step)['params'])
+
+
+def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
+  """SIGKILL a real `train.py` process mid-epoch, restart it, compare with a clean run."""
+  num_steps = 1500
+  steps_per_epoch = (240 - 43) // 8  # 24: checkpoints every 50 steps fall mid-epoch
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  clean = str(tmp_path / 'clean')
+  subprocess.run(_train_cmd(idx_dir, clean, num_steps), cwd=REPO, env=env, check=True,
+                 capture_output=True, timeout=600)
+
+  killed = str(tmp_path / 'killed')
+  proc = subprocess.Popen(_train_cmd(idx_dir, killed, num_steps), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpt_dir = os.path.join(killed, 'checkpoints')
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.01)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps_saved = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
+  assert steps_saved and max(steps_saved) < num_steps
+
+  resumed = subprocess.run(_train_cmd(idx_dir, killed, num_steps), cwd=REPO, env=env,
+                           check=True, capture_output=True, text=True, timeout=600)
+  assert 'Resumed from' in resumed.stderr
+  resumed_at = int(resumed.stderr.split('Resumed from')[1].split('at step ')[1].split('.')[0])
+  assert 0 < resumed_at < num_steps and resumed_at % steps_per_epoch  # mid-epoch
+  for a, b in zip(_final_params(clean, num_steps), _final_params(killed, num_steps)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path):
+  config = tiny_config(idx_dir, num_steps=30)
+  config.optimizer.learning_rate = 1e8
+  config.optimizer.schedule = 'constant'
+  config.train.checkpoint_every_steps = 1
+  workdir = str(tmp_path / 'nan')
+  with pytest.raises(train_lib.NonFiniteLossError, match=r'at step \d+') as error:
+    train_lib.train_and_evaluate(config, workdir)
+  bad_step = int(str(error.value).split('at step ')[1].split(' ')[0])
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
+    latest = manager.latest_step()
+    assert latest is not None and latest <= bad_step
+    assert all(np.isfinite(p).all() for p in leaves(manager.restore(latest)['params']))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.name', 'resnet99', "config.model.name='resnet99'.*simple_cnn"),
+    ('data.name', 'cifar', "config.data.name='cifar'.*fashion_mnist"),
+    ('data.source', 'web', "config.data.source='web'.*idx"),
+    ('data.image_size', 0, 'config.data.image_size=0'),
+    ('train.dtype', 'float16', "config.train.dtype='float16'.*bfloat16"),
+    ('optimizer.name', 'lion', "config.optimizer.name='lion'.*adamw"),
+    ('optimizer.schedule', 'step', "config.optimizer.schedule='step'.*warmup_cosine"),
+    ('optimizer.learning_rate', -1.0, 'learning_rate=-1.0'),
+    ('loss.kind', 'mse', "config.loss.kind='mse'"),
+])
+def test_invalid_config_fails_with_valid_choices(field, value, message):
+  config = simple_cnn_baseline.get_config()
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(config_validation.ConfigError, match=message):
+    config_validation.validate_config(config)
+
+
+def test_impossible_sizes_fail_at_start_up(idx_dir):
+  config = tiny_config(idx_dir)
+  config.train.batch_size = 12  # not a multiple of 8 devices
+  with pytest.raises(ValueError, match='config.train.batch_size=12.*multiple.*8'):
+    train_lib.setup_run(config)
+  config = tiny_config(idx_dir)
+  config.data.image_size = 2  # pooled away before the CAM layer
+  with pytest.raises(ValueError, match='simple_cnn'):
+    train_lib.setup_run(config)
+  config = tiny_config(idx_dir)
+  config.model.options.depth = 3
+  with pytest.raises(ValueError, match='depth'):
+    train_lib.setup_run(config)
