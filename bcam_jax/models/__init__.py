@@ -1,0 +1,95 @@
+"""Classifiers for explanation-guided training, and helpers to build and size them.
+
+Each model is a Flax linen module (see ``bcam_jax.models.base``):
+``model.apply(variables, x, train=...)`` returns ``(logits, features)``;
+``method='backbone'`` maps images to the features dict (``features['cam']`` is
+the Grad-CAM layer) and ``method='head'`` maps the CAM map to float32 logits,
+strictly per sample.  Variables are ``{'params': ..., 'batch_stats': ...}``
+(batch_stats only for resnet18); with ``train=True`` pass
+``mutable=['batch_stats']`` and ``rngs={'dropout': key}``.
+
+CAM map sizes (default options)::
+
+    model              28x28     112x112
+    simple_cnn         7x7x64    28x28x64
+    resnet18           4x4x512   14x14x512
+    convnext_v2_tiny   3x3x768   14x14x768
+
+The model modules document the other options' sizes and parameter counts.
+"""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.convnext import ConvNeXtV2Tiny
+from bcam_jax.models.resnet import ResNet18
+from bcam_jax.models.simple_cnn import SimpleCNN
+
+_MODELS = {
+    'simple_cnn': SimpleCNN,
+    'resnet18': ResNet18,
+    'convnext_v2_tiny': ConvNeXtV2Tiny,
+}
+MODEL_NAMES = tuple(_MODELS)
+
+# Dataclass fields of every model that are not options of get_model.
+_NOT_OPTIONS = ('num_classes', 'parent', 'name')
+
+
+def _model_class(name: str) -> type[CamClassifier]:
+    if name not in _MODELS:
+        raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+    return _MODELS[name]
+
+
+def model_options(name: str) -> tuple[str, ...]:
+    """Names of the options ``get_model`` accepts for model ``name``."""
+    fields = dataclasses.fields(_model_class(name))
+    return tuple(f.name for f in fields if f.name not in _NOT_OPTIONS)
+
+
+def get_model(name: str, num_classes: int, **options) -> CamClassifier:
+    """Build model ``name`` with ``num_classes`` outputs and its options.
+
+    ``dtype`` may be given as a string (e.g. ``"bfloat16"``).  Unknown names
+    and options raise ValueError listing the valid ones.
+    """
+    cls = _model_class(name)
+    valid = model_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f'unknown option(s) {", ".join(unknown)} for model {name!r}; '
+                         f'valid options: {", ".join(valid)}')
+    if isinstance(options.get('dtype'), str):
+        options['dtype'] = jnp.dtype(options['dtype'])
+    return cls(num_classes, **options)
+
+
+def _image(image_size: int) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32)
+
+
+def cam_shape(model: CamClassifier, image_size: int) -> tuple[int, int, int]:
+    """(h, w, k) of the CAM map for square images of side ``image_size``; shape inference only."""
+    def init_features(x):
+        (_, features), _ = model.init_with_output(jax.random.key(0), x, train=False)
+        return features
+    return tuple(jax.eval_shape(init_features, _image(image_size))['cam'].shape[1:])
+
+
+def init_variables(model: CamClassifier, rng: jax.Array, image_size: int) -> dict:
+    """Initial variables ({'params', 'batch_stats'?}) for square images of side ``image_size``.
+
+    Jitted, so XLA drops the forward pass that ``init`` traces: only the
+    initialisers run.
+    """
+    images = jnp.zeros(_image(image_size).shape, jnp.float32)
+    return jax.jit(lambda key: model.init(key, images, train=False))(rng)
+
+
+def param_count(params) -> int:
+    """Number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

@@ -1,0 +1,162 @@
+"""ResNet-18 for one-channel images, with a small-image stem (default) or the ImageNet stem.
+
+BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, strides 1-2-2-2, bias-free
+convs each followed by BatchNorm (momentum 0.9, epsilon 1e-5, computed in
+float32), projection shortcut (1x1 conv with the block's stride + BatchNorm)
+where the shape changes.  Convs pad symmetrically as torchvision does (3x3:
+1, 7x7: 3, stem max-pool: 1); output sizes equal those of SAME padding
+(ceil(side / stride)), and a stride-2 block's main path stays centred on the
+same pixels as its 1x1 shortcut.  BatchNorm uses no axis_name: under jit over
+a sharded batch its statistics are already those of the global batch.
+
+Sizes (every side >= 1 works)::
+
+    stem="small" (3x3 conv stride 1, BN, ReLU; no max-pool)
+    features   28x28 input   112x112 input
+    stem       28x28x64      112x112x64
+    stage1     28x28x64      112x112x64
+    stage2     14x14x128     56x56x128
+    stage3     7x7x256       28x28x256
+    stage4=cam 4x4x512       14x14x512
+
+    stem="imagenet" (7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2)
+    stem       7x7x64        28x28x64
+    stage1     7x7x64        28x28x64
+    stage2     4x4x128       14x14x128
+    stage3     2x2x256       7x7x256
+    stage4=cam 1x1x512       4x4x512
+
+Parameters (10 classes, independent of image size): 11,172,810 with the small
+stem, 11,175,370 with the ImageNet stem (torchvision's 11,689,512 for 1000
+classes and RGB, less the 513,000 of its fc plus 5,130, less its 9,408-weight
+stem plus 576 or 3,136).
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bcam_jax.models.base import CamClassifier
+
+STEMS = ('small', 'imagenet')
+WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # stage widths are width * these: 64-128-256-512
+STRIDES = (1, 2, 2, 2)
+BLOCKS_PER_STAGE = 2
+
+# torchvision's initialisation of conv kernels: kaiming normal, fan_out, ReLU gain.
+_CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(dtype, features, kernel, stride, name):
+    """Bias-free conv with symmetric padding kernel // 2."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=kernel // 2,
+                   use_bias=False, dtype=dtype, kernel_init=_CONV_INIT, name=name)
+
+
+def _batch_norm(dtype, train, name, scale_init=nn.initializers.ones):
+    """BatchNorm with the library's settings; statistics and normalisation in float32.
+
+    Two-pass variance (``use_fast_variance=False``): E[x^2] - E[x]^2 cancels
+    catastrophically when a channel's mean dwarfs its spread, and then depends on
+    the reduction order, i.e. on how the batch is sharded.
+    """
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        use_fast_variance=False,
+                                        dtype=dtype, scale_init=scale_init, name=name)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus the (projected where needed) input, then ReLU."""
+
+    features: int
+    stride: int
+    zero_init_residual: bool
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        y = _conv(self.dtype, self.features, 3, self.stride, 'conv1')(x)
+        y = nn.relu(_batch_norm(self.dtype, train, 'bn1')(y))
+        y = _conv(self.dtype, self.features, 3, 1, 'conv2')(y)
+        y = _batch_norm(self.dtype, train, 'bn2', last_scale)(y)
+        shortcut = x
+        if self.stride != 1 or x.shape[-1] != self.features:
+            shortcut = _conv(self.dtype, self.features, 1, self.stride, 'proj_conv')(x)
+            shortcut = _batch_norm(self.dtype, train, 'proj_bn')(shortcut)
+        return nn.relu(y + shortcut)
+
+
+class ResNet18Backbone(nn.Module):
+    """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
+
+    stem: str
+    width: int
+    zero_init_residual: bool
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        widths = [self.width * m for m in WIDTH_MULTIPLIERS]
+        if self.stem == 'small':
+            x = _conv(self.dtype, widths[0], 3, 1, 'stem_conv')(x)
+            x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
+        else:
+            x = _conv(self.dtype, widths[0], 7, 2, 'stem_conv')(x)
+            x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        features = {'stem': x}
+        for i, (width, stride) in enumerate(zip(widths, STRIDES), start=1):
+            for j in range(BLOCKS_PER_STAGE):
+                x = BasicBlock(width, stride if j == 0 else 1, self.zero_init_residual, self.dtype,
+                               name=f'stage{i}_block{j + 1}')(x, train)
+            features[f'stage{i}'] = x
+        features['cam'] = x
+        return features
+
+
+class PoolDenseHead(nn.Module):
+    """Global average pool + Dense in float32."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, cam):
+        x = jnp.mean(jnp.asarray(cam, jnp.float32), axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(x)
+
+
+class ResNet18(CamClassifier):
+    """ResNet-18 classifier.
+
+    Options: ``stem`` ("small" or "imagenet"), ``width`` (channels of the stem
+    and first stage, 64 in ResNet-18; smaller for quick tests), ``zero_init_residual``
+    (start the last BatchNorm scale of each block at zero, so blocks start as
+    identities), ``dtype``.
+    """
+
+    stem: str = 'small'
+    width: int = 64
+    zero_init_residual: bool = False
+
+    def __post_init__(self):
+        if self.stem not in STEMS:
+            raise ValueError(f'resnet18: stem must be one of {STEMS}, got {self.stem!r}')
+        if not isinstance(self.width, int) or self.width < 1:
+            raise ValueError(f'resnet18: width must be a positive int, got {self.width!r}')
+        super().__post_init__()
+
+    def setup(self):
+        self.backbone_net = ResNet18Backbone(self.stem, self.width, self.zero_init_residual,
+                                             self.dtype)
+        self.head_net = PoolDenseHead(self.num_classes)
+
+    @nn.nowrap
+    def cam_side(self, image_side: int) -> int:
+        halvings = len(STRIDES) - 1 + (2 if self.stem == 'imagenet' else 0)
+        for _ in range(halvings):
+            image_side = -(-image_side // 2)
+        return image_side
+
+    @nn.nowrap
+    def label(self) -> str:
+        return f'resnet18(stem={self.stem!r})'

@@ -1,0 +1,65 @@
+"""The paper's baseline CNN: three 3x3 convs, two max-pools, a dense layer on the flattened CAM map.
+
+Its head (flatten + Dense) weights every CAM position separately, so the
+Grad-CAM gradients vary over space (unlike global-average-pool heads, where
+they are the same at every position).
+
+Sizes (SAME convs, 2x2 max-pools with floor; the minimum image side is 4)::
+
+    features   28x28 input   112x112 input
+    stage1     14x14x32      56x56x32     conv3x3(32)-ReLU-maxpool2
+    stage2     7x7x64        28x28x64     conv3x3(64)-ReLU-maxpool2
+    cam        7x7x64        28x28x64     conv3x3(64)-ReLU
+
+Parameters (10 classes): 55,744 in the convs plus 64*h*w*10 + 10 in the head,
+so 87,114 at 28x28 and 557,514 at 112x112.
+"""
+from functools import partial
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from bcam_jax.models.base import CamClassifier
+
+
+class SimpleCNNBackbone(nn.Module):
+    """Conv stack up to the CAM layer; without BatchNorm or dropout, ``train`` changes nothing."""
+
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        del train  # Same computation in training and evaluation.
+        conv = partial(nn.Conv, kernel_size=(3, 3), padding='SAME', dtype=self.dtype)
+        pool = partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+        stage1 = pool(nn.relu(conv(32, name='conv1')(x)))
+        stage2 = pool(nn.relu(conv(64, name='conv2')(stage1)))
+        cam = nn.relu(conv(64, name='conv3')(stage2))
+        return {'stage1': stage1, 'stage2': stage2, 'cam': cam}
+
+
+class FlattenDenseHead(nn.Module):
+    """Flatten + Dense in float32."""
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, cam):
+        x = jnp.asarray(cam, jnp.float32).reshape((cam.shape[0], -1))
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(x)
+
+
+class SimpleCNN(CamClassifier):
+    """The paper's baseline classifier; options: ``dtype``."""
+
+    def setup(self):
+        self.backbone_net = SimpleCNNBackbone(dtype=self.dtype)
+        self.head_net = FlattenDenseHead(self.num_classes)
+
+    @nn.nowrap
+    def cam_side(self, image_side: int) -> int:
+        return image_side // 2 // 2
+
+    @nn.nowrap
+    def label(self) -> str:
+        return 'simple_cnn'
