@@ -5,6 +5,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bcam_jax import eval_lib
+from bcam_jax.metric_logging import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The config used for training.',
                                           lock_config=True)
@@ -17,6 +18,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  quiet_library_logs()
   eval_lib.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
 
 

@@ -1,5 +1,6 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and the console."""
 import json
+import logging as py_logging
 import os
 import time
 
@@ -47,3 +48,11 @@ def format_duration(seconds: float) -> str:
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+def quiet_library_logs() -> None:
+  """Hides the INFO chatter of Orbax and TFDS on the console; warnings still show."""
+  def keep(record: py_logging.LogRecord) -> bool:
+    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
+    return record.levelno >= py_logging.WARNING or not noisy
+  logging.get_absl_handler().addFilter(keep)
