@@ -19,11 +19,20 @@ def make_images(labels: np.ndarray, seed: int) -> np.ndarray:
   return images
 
 
+def idx_bytes(array, magic=None, dims=None) -> bytes:
+  """IDX encoding: big-endian magic (0x0800 | ndim for uint8) and dims, then raw uint8.
+
+  `magic` and `dims` override the header, to write corrupt files.
+  """
+  array = np.asarray(array, np.uint8)
+  magic = 0x0800 | array.ndim if magic is None else magic
+  dims = array.shape if dims is None else dims
+  return struct.pack('>I', magic) + b''.join(struct.pack('>I', d) for d in dims) + array.tobytes()
+
+
 def write_idx(path: str, array: np.ndarray, compress: bool = False) -> str:
   """Writes `array` (uint8, 1-D labels or 3-D images) in the IDX format."""
-  magic = 0x801 if array.ndim == 1 else 0x803
-  payload = struct.pack('>I', magic) + b''.join(struct.pack('>I', d) for d in array.shape)
-  payload += array.astype(np.uint8).tobytes()
+  payload = idx_bytes(array)
   if compress:
     path += '.gz'
     payload = gzip.compress(payload)

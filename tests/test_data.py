@@ -12,19 +12,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bcam_jax import data
+from tests.synthetic import idx_bytes
 
 N_TRAIN, N_TEST = 30, 10
 MNIST = data.DATASETS['mnist']
-
-
-def idx_bytes(array, magic=None, dims=None):
-    """Header (big-endian magic and dims) followed by the raw uint8 data."""
-    array = np.asarray(array, np.uint8)
-    if magic is None:
-        magic = 0x0800 | array.ndim
-    dims = array.shape if dims is None else dims
-    header = magic.to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in dims)
-    return header + array.tobytes()
 
 
 def write_file(path, raw, gz=False):
