@@ -24,7 +24,6 @@ import functools
 import gzip
 import math
 import os
-import tempfile
 import zlib
 
 from absl import logging
@@ -33,6 +32,8 @@ import jax.numpy as jnp
 from matplotlib.figure import Figure
 import numpy as np
 import tensorflow_datasets as tfds
+
+from bcam_jax import io_utils
 
 DATA_DIR_ENV = 'BCAM_DATA_DIR'
 IMAGE_SIZE = 28  # Native resolution of both datasets.
@@ -515,19 +516,6 @@ def class_prototypes(split: Split, num_classes: int, image_size: int) -> np.ndar
     return ((protos - low) / np.maximum(high - low, _MINMAX_EPS)).astype(np.float32)
 
 
-def _atomic_write(path: str, write) -> None:
-    """Calls write(file object) on a temp file in path's directory, then renames it to path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_image_grid(path: str, images, titles) -> None:
     """Writes a PNG grid (up to 5 columns), one grey panel per image with its title.
 
@@ -549,7 +537,7 @@ def save_image_grid(path: str, images, titles) -> None:
         ax.imshow(image, cmap='gray')
         ax.set_title(str(title), fontsize=9)
     fig.tight_layout()
-    _atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+    io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
 def load_or_compute_prototypes(workdir: str, datasets: Datasets,
@@ -584,7 +572,7 @@ def load_or_compute_prototypes(workdir: str, datasets: Datasets,
             logging.info('Reusing %s prototypes from %s.', split_name, npy)
         else:
             protos = class_prototypes(getattr(datasets, split_name), info.num_classes, image_size)
-            _atomic_write(npy, functools.partial(np.save, arr=protos))
+            io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
             logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
         if not os.path.exists(png):
             save_image_grid(png, protos, titles)

@@ -7,7 +7,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from bcam_jax import optim, train_lib
+from bcam_jax import io_utils, optim, train_lib
 from bcam_jax.checkpointing import Checkpoints
 
 CHECKPOINTS = ('best', 'last')
@@ -45,5 +45,5 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                step, test['loss'], 100 * test['accuracy'])
   if jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-    train_lib.write_json(os.path.join(workdir, 'eval', 'metrics.json'), result)
+    io_utils.write_json(os.path.join(workdir, 'eval', 'metrics.json'), result)
   return result

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import data, models, optim, parallel, steps
+from bcam_jax import data, io_utils, models, optim, parallel, steps
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
@@ -98,14 +98,6 @@ def _check_finite(step: int, metrics: dict[str, float], ckpts: Checkpoints) -> N
         'Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
 
 
-def write_json(path: str, obj: dict) -> None:
-  """Atomic JSON write: a killed run never leaves a half-written file."""
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and tests it.
@@ -116,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_writer = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_writer:
-    write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
+    io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
   ds, info, tc = run.datasets, run.datasets.info, config.train
   data.load_or_compute_prototypes(workdir, ds, config.data.image_size)
 
@@ -205,7 +197,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'num_devices': int(run.mesh.devices.size), 'data_source': ds.source,
     }
     if is_writer:
-      write_json(os.path.join(workdir, 'results.json'), summary)
+      io_utils.write_json(os.path.join(workdir, 'results.json'), summary)
     return summary | {'state': state}
   finally:
     ckpts.wait()

@@ -1,4 +1,5 @@
 """Training end to end on tiny synthetic IDX data: outputs, devices, resume, errors."""
+import importlib
 import json
 import os
 import signal
@@ -150,6 +151,15 @@ def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
   for a, b in zip(_final_params(clean, num_steps), _final_params(killed, num_steps)):
     np.testing.assert_array_equal(a, b)
 
+  # eval.py on the resumed workdir reports the test accuracy the training run ended with.
+  subprocess.run([sys.executable, 'eval.py', *_train_cmd(idx_dir, killed, num_steps)[2:],
+                  '--checkpoint=last'], cwd=REPO, env=env, check=True, capture_output=True,
+                 timeout=600)
+  evaluated = json.load(open(os.path.join(killed, 'eval', 'metrics.json')))
+  trained = json.load(open(os.path.join(killed, 'results.json')))
+  assert evaluated['step'] == num_steps
+  assert evaluated['test_accuracy'] == pytest.approx(trained['test_accuracy'])
+
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path):
   config = tiny_config(idx_dir, num_steps=30)
@@ -164,6 +174,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_p
     latest = manager.latest_step()
     assert latest is not None and latest <= bad_step
     assert all(np.isfinite(p).all() for p in leaves(manager.restore(latest)['params']))
+
+
+def test_bfloat16_compute_trains(idx_dir, tmp_path):
+  config = tiny_config(idx_dir, num_steps=20)
+  config.train.dtype = 'bfloat16'
+  result = train_lib.train_and_evaluate(config, str(tmp_path / 'bf16'))
+  params = leaves(result['state'].params)
+  assert all(p.dtype == np.float32 for p in params)  # parameters stay float32
+  assert result['test_accuracy'] > 0.3 and np.isfinite(result['test_loss'])
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
+    if f.endswith('.py') and f not in ('base.py', '__init__.py')))
+def test_every_config_is_valid_and_documents_its_command(name):
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config()
+  config_validation.validate_config(config)
+  assert f'--config=configs/{name}.py' in module.__doc__
+  assert 'Expected' in module.__doc__
 
 
 @pytest.mark.parametrize('field, value, message', [

@@ -1,0 +1,23 @@
+"""Atomic file writes: a run killed mid-write never leaves a truncated file behind."""
+import json
+import os
+import tempfile
+
+
+def atomic_write(path: str, write) -> None:
+  """Calls write(binary file object) on a temp file in path's directory, then renames it."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path), suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def write_json(path: str, obj) -> None:
+  """Writes `obj` as indented JSON, atomically."""
+  text = json.dumps(obj, indent=2, sort_keys=True).encode()
+  atomic_write(path, lambda f: f.write(text))
