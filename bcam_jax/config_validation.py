@@ -5,11 +5,10 @@ data is loaded or any model is compiled.
 """
 import ml_collections
 
-from bcam_jax import data, optim
+from bcam_jax import data, losses, optim
 from bcam_jax.models import MODEL_NAMES
 
 DTYPES = ('float32', 'bfloat16')
-LOSS_KINDS = ('ce',)
 DATA_SOURCES = ('auto', 'tfds', 'idx')
 
 
@@ -54,4 +53,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.weight_decay < 0:
     raise ConfigError(
         f'config.optimizer.weight_decay={config.optimizer.weight_decay!r}; expected >= 0.')
-  _choice('loss.kind', config.loss.kind, LOSS_KINDS)
+  _choice('loss.kind', config.loss.kind, losses.LOSS_KINDS)
+  _choice('loss.metric', config.loss.metric, losses.METRICS)
+  for field in ('lambda_class', 'lambda_cam'):
+    value = config.loss[field]
+    if not (isinstance(value, (int, float)) and value >= 0 and value == value):
+      raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')

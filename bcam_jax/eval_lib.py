@@ -38,9 +38,12 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       variables = ckpts.restore_latest(abstract_state).model_variables()
   finally:
     ckpts.close()
-  test = train_lib.evaluate(run, run.eval_step(), variables, run.datasets.test)
+  prototypes = run.prototypes(workdir)
+  test, _ = train_lib.evaluate(run, run.eval_step(), variables, run.datasets.test,
+                               prototypes['train'])
   result = {'checkpoint': checkpoint, 'step': int(step), 'test_loss': test['loss'],
-            'test_accuracy': test['accuracy'], 'test_count': test['count']}
+            'test_accuracy': test['accuracy'], 'test_count': test['count'],
+            'test_proto_loss': test['proto_loss'], 'test_bcam_loss': test['bcam_loss']}
   logging.info('%s checkpoint (step %d): test loss %.4f, accuracy %.2f%%', checkpoint,
                step, test['loss'], 100 * test['accuracy'])
   if jax.process_index() == 0:

@@ -33,6 +33,11 @@ class MetricLogger:
     for k, v in metrics.items():
       self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
 
+  def write_image(self, step: int, tag: str, image) -> None:
+    """A grey (H, W) image in [0, 1] to TensorBoard."""
+    if self.enabled:
+      self._tb.add_image(tag, image[None], int(step), dataformats='CHW')
+
   def info(self, message: str) -> None:
     if self.enabled:
       logging.info(message)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import data, io_utils, models, optim, parallel, steps
+from bcam_jax import cam, data, io_utils, losses, models, optim, parallel, steps
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
@@ -37,12 +37,18 @@ class RunSetup:
   model: Any
   dtype: Any
   eval_batch_size: int
+  objective: steps.Objective
 
   def eval_step(self):
     info = self.datasets.info
-    return jax.jit(steps.make_eval_step(
-        self.model, mean=info.mean, std=info.std,
-        image_size=self.config.data.image_size, dtype=self.dtype))
+    return jax.jit(steps.make_eval_step(self.model, self.objective, mean=info.mean,
+                                        std=info.std, dtype=self.dtype))
+
+  def prototypes(self, workdir: str) -> dict[str, jax.Array]:
+    """Train and validation class prototypes (cached in `workdir`), replicated."""
+    protos = data.load_or_compute_prototypes(workdir, self.datasets,
+                                             self.config.data.image_size)
+    return {k: jax.device_put(v, parallel.replicated(self.mesh)) for k, v in protos.items()}
 
   def init_state(self, tx) -> steps.TrainState:
     """The initial train state, replicated over the mesh."""
@@ -73,19 +79,38 @@ def setup_run(config: ml_collections.ConfigDict,
   logging.info('Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
                config.model.name, config.data.image_size, config.data.image_size, cam,
                n_dev, jax.devices()[0].platform, datasets.source)
-  return RunSetup(config, mesh, datasets, model, dtype, eval_batch_size)
+  objective = steps.Objective.from_config(config, datasets.info.num_classes)
+  return RunSetup(config, mesh, datasets, model, dtype, eval_batch_size, objective)
 
 
-def evaluate(run: RunSetup, eval_step, variables, split: data.Split) -> dict[str, float]:
-  """Loss and accuracy over a whole split, each example counted exactly once."""
+def evaluate(run: RunSetup, eval_step, variables, split: data.Split,
+             prototypes: jax.Array) -> tuple[dict[str, float], np.ndarray]:
+  """Metrics over a whole split, each example counted exactly once, and the split's
+  class CAMs `(C, S, S)` in [0, 1].
+
+  loss (CE) and accuracy; proto_loss, the mean per-image Prototype Loss; bcam_loss, the
+  Batch-CAM Prototype Loss of the class-averaged CAMs of the whole split; cam, the term of
+  the training objective (one of those two, 0 for 'ce'); total, the objective.
+  """
   totals = None
   for images, labels, mask in data.eval_batches(split, run.eval_batch_size):
-    sums = eval_step(variables, *parallel.shard_batch(run.mesh, images, labels, mask))
+    sums = eval_step(variables, *parallel.shard_batch(run.mesh, images, labels, mask),
+                     prototypes)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
+  objective = run.objective
+  counts = totals['class_count']
+  scale = (1.0 / jnp.maximum(counts, 1.0))[:, None, None, None]
+  class_cams = objective.compare(cam.weighted_activation(totals['class_features'] * scale,
+                                                         totals['class_grads'] * scale))
+  bcam = losses.batch_cam_loss(class_cams, counts, prototypes, objective.metric)
   count = float(totals['count'])
-  return {'loss': float(totals['loss_sum']) / count,
-          'accuracy': float(totals['correct']) / count, 'count': count}
+  metrics = {'loss': float(totals['loss_sum']) / count,
+             'accuracy': float(totals['correct']) / count, 'count': count,
+             'proto_loss': float(totals['proto_sum']) / count, 'bcam_loss': float(bcam)}
+  metrics['cam'] = {'ce': 0.0, 'proto': metrics['proto_loss'],
+                    'bcpl': metrics['bcam_loss']}[objective.kind]
+  metrics['total'] = float(objective.total(metrics['loss'], metrics['cam']))
+  return metrics, np.asarray(class_cams)
 
 
 def _check_finite(step: int, metrics: dict[str, float], ckpts: Checkpoints) -> None:
@@ -110,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_writer:
     io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
   ds, info, tc = run.datasets, run.datasets.info, config.train
-  data.load_or_compute_prototypes(workdir, ds, config.data.image_size)
+  prototypes = run.prototypes(workdir)
 
   n_train, batch = len(ds.train), tc.batch_size
   steps_per_epoch = data.steps_per_epoch(n_train, batch)
@@ -132,15 +157,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        f'config\'s {total_steps} steps: use a new workdir.')
 
     train_step = jax.jit(
-        steps.make_train_step(run.model, tx, schedule, mean=info.mean, std=info.std,
-                              image_size=config.data.image_size, dtype=run.dtype,
-                              seed=config.seed),
+        steps.make_train_step(run.model, tx, schedule, run.objective, mean=info.mean,
+                              std=info.std, dtype=run.dtype, seed=config.seed),
         out_shardings=parallel.replicated(run.mesh), donate_argnums=0)
     eval_step = run.eval_step()
-    logger.info(f'Training {config.model.name} on {info.name}: {total_steps} steps '
-                f'({steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.')
+    logger.info(f'Training {config.model.name} on {info.name} with loss '
+                f'{_describe(run.objective)}: {total_steps} steps ({steps_per_epoch} per '
+                f'epoch, global batch {batch}) from step {start_step}.')
 
-    window = {'loss': 0.0, 'accuracy': 0.0, 'n': 0}
+    window = _empty_window()
     t_start = t_window = time.time()
     steps_done_at_start = start_step
     pending = None  # (step, device metrics) of the step before, checked one step late
@@ -148,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       idx = data.train_batch_indices(n_train, batch, config.seed, step)
       images, labels = parallel.shard_batch(run.mesh, ds.train.images[idx],
                                             ds.train.labels[idx])
-      state, metrics = train_step(state, images, labels)
+      state, metrics = train_step(state, images, labels, prototypes['train'])
       if pending is not None:
         _accumulate(window, _check_pending(pending, ckpts))
       pending = (step, metrics)
@@ -163,28 +188,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         now = time.time()
         img_s = window['n'] * batch / max(now - t_window, 1e-9)
         rate = (done - steps_done_at_start) / max(now - t_start, 1e-9)
-        train_metrics = {'loss': window['loss'] / window['n'],
-                         'accuracy': window['accuracy'] / window['n'],
-                         'learning_rate': float(metrics['learning_rate']),
-                         'images_per_second': img_s}
+        train_metrics = {k: window[k] / window['n'] for k in _WINDOWED}
+        train_metrics.update(learning_rate=float(metrics['learning_rate']),
+                             images_per_second=img_s)
         logger.write(done, 'train', train_metrics)
         logger.info(
             f'step {done}/{total_steps} epoch {step // steps_per_epoch + 1}/'
             f'{-(-total_steps // steps_per_epoch)} | loss {train_metrics["loss"]:.4f} '
+            f'(ce {train_metrics["ce"]:.4f} cam {train_metrics["cam"]:.4f}) '
             f'acc {100 * train_metrics["accuracy"]:.2f}% | lr {train_metrics["learning_rate"]:.3g}'
             f' | {img_s:.0f} img/s | ETA {format_duration((total_steps - done) / rate)}')
-        window = {'loss': 0.0, 'accuracy': 0.0, 'n': 0}
+        window = _empty_window()
         t_window = now
       if boundary[1] or boundary[3]:
-        val = evaluate(run, eval_step, state.model_variables(), ds.val)
+        val, class_cams = evaluate(run, eval_step, state.model_variables(), ds.val,
+                                   prototypes['val'])
         logger.write(done, 'val', val)
+        logger.write_image(done, 'val/class_cams_vs_prototypes',
+                           cams_next_to_prototypes(class_cams, prototypes['val']))
         logger.info(f'step {done} validation: loss {val["loss"]:.4f} '
-                    f'accuracy {100 * val["accuracy"]:.2f}%')
+                    f'accuracy {100 * val["accuracy"]:.2f}% | prototype loss '
+                    f'{val["proto_loss"]:.4f} Batch-CAM loss {val["bcam_loss"]:.4f} '
+                    f'({run.objective.metric})')
         ckpts.save_best(done, state.model_variables(), val['accuracy'])
       if boundary[2] or boundary[3]:
         ckpts.save(done, state)
 
-    test = evaluate(run, eval_step, state.model_variables(), ds.test)
+    test, _ = evaluate(run, eval_step, state.model_variables(), ds.test, prototypes['train'])
     logger.write(int(state.step), 'test', test)
     logger.info(f'test (final parameters): loss {test["loss"]:.4f} '
                 f'accuracy {100 * test["accuracy"]:.2f}%')
@@ -192,7 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     best_step = ckpts.best.best_step()
     summary = {
         'step': int(state.step), 'test_loss': test['loss'],
-        'test_accuracy': test['accuracy'], 'best_checkpoint_step': best_step,
+        'test_accuracy': test['accuracy'], 'test_proto_loss': test['proto_loss'],
+        'test_bcam_loss': test['bcam_loss'], 'best_checkpoint_step': best_step,
         'train_seconds_this_session': time.time() - t_start,
         'num_devices': int(run.mesh.devices.size), 'data_source': ds.source,
     }
@@ -212,7 +243,28 @@ def _check_pending(pending, ckpts: Checkpoints) -> dict[str, float]:
   return host
 
 
+_WINDOWED = ('loss', 'ce', 'cam', 'accuracy')
+
+
+def _empty_window() -> dict[str, float]:
+  return dict.fromkeys(_WINDOWED + ('n',), 0.0)
+
+
 def _accumulate(window: dict, metrics: dict[str, float]) -> None:
-  window['loss'] += metrics['loss']
-  window['accuracy'] += metrics['accuracy']
+  for k in _WINDOWED:
+    window[k] += metrics[k]
   window['n'] += 1
+
+
+def _describe(objective: steps.Objective) -> str:
+  if objective.kind == 'ce':
+    return 'ce'
+  return (f'{objective.lambda_class} * ce + {objective.lambda_cam} * '
+          f'{objective.kind}-{objective.metric}')
+
+
+def cams_next_to_prototypes(class_cams: np.ndarray, prototypes) -> np.ndarray:
+  """An (2S, C*S) grey image: prototypes on top, the class CAMs below them."""
+  top = np.concatenate(list(np.asarray(prototypes)), axis=1)
+  bottom = np.concatenate(list(np.asarray(class_cams)), axis=1)
+  return np.clip(np.concatenate([top, bottom], axis=0), 0.0, 1.0)

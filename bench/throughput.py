@@ -49,12 +49,15 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps=1000)
   init = steps.make_init_fn(model, tx, seed=0, image_size=size)
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
+  objective = steps.Objective(kind='ce', image_size=size)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, mean=info.mean, std=info.std,
-                            image_size=size, dtype=np.float32, seed=0),
+      steps.make_train_step(model, tx, schedule, objective, mean=info.mean, std=info.std,
+                            dtype=np.float32, seed=0),
       out_shardings=parallel.replicated(mesh), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(model, mean=info.mean, std=info.std,
-                                           image_size=size, dtype=np.float32))
+  eval_step = jax.jit(steps.make_eval_step(model, objective, mean=info.mean, std=info.std,
+                                           dtype=np.float32))
+  prototypes = jax.device_put(np.zeros((10, size, size), np.float32),
+                              parallel.replicated(mesh))
   rng = np.random.default_rng(0)
   n_pool = 60_000
   images = rng.integers(0, 256, size=(n_pool, 28, 28, 1), dtype=np.uint8)
@@ -72,7 +75,7 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   holder = {'state': state}
 
   def train():
-    holder['state'], metrics = train_step(holder['state'], x, y)
+    holder['state'], metrics = train_step(holder['state'], x, y, prototypes)
     jax.block_until_ready(metrics)
 
   (m,) = parallel.shard_batch(mesh, mask)
@@ -83,7 +86,7 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   variables = jax.tree.map(jnp.copy, holder['state'].model_variables())
 
   def evaluate():
-    jax.block_until_ready(eval_step(variables, x, y, m))
+    jax.block_until_ready(eval_step(variables, x, y, m, prototypes))
 
   evaluate()
   data_s = _time_loop(next_batch, n_steps)

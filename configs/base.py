@@ -51,6 +51,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optimizer.warmup_steps = 100
   config.optimizer.grad_clip_norm = 0.0  # 0 disables clipping
 
+  # lambda_class * CE + lambda_cam * CAM term (Batch-CAM eqs. 11-12).
   config.loss = ml_collections.ConfigDict()
-  config.loss.kind = 'ce'             # cross-entropy only for now
+  config.loss.kind = 'ce'             # 'ce' | 'proto' (per image) | 'bcpl' (Batch-CAM)
+  config.loss.metric = 'l1'           # 'l1' | 'l2' | 'ssim'
+  config.loss.lambda_class = 1.0
+  config.loss.lambda_cam = 1.0
   return config

@@ -75,7 +75,8 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
   tx, _ = train_lib.optim.make_optimizer(config.optimizer, 10)
   variables = run.init_state(tx).model_variables()
   split = run.datasets.test
-  got = train_lib.evaluate(run, run.eval_step(), variables, split)
+  prototypes = jax.numpy.zeros((10, 28, 28))
+  got, _ = train_lib.evaluate(run, run.eval_step(), variables, split, prototypes)
   # Naive reference: one example at a time, no padding, no sharding.
   info = run.datasets.info
   losses, correct = [], []
