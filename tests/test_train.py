@@ -69,25 +69,61 @@ def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
   assert best['step'] in [r['step'] for r in val_records if r['accuracy'] == best_val]
 
 
+@pytest.mark.parametrize('metric', ['l1', 'ssim'])
+def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
+  config = tiny_config(idx_dir, num_steps=60)
+  config.loss.kind = 'bcpl'
+  config.loss.metric = metric
+  config.train.log_every_steps = 10
+  train_lib.train_and_evaluate(config, str(tmp_path / 'bcpl'))
+  records = [json.loads(l) for l in open(tmp_path / 'bcpl' / 'metrics.jsonl')]
+  train = [r for r in records if r['split'] == 'train']
+  assert train[-1]['ce'] < 0.5 * train[0]['ce']
+  assert train[-1]['cam'] < 0.9 * train[0]['cam']
+  assert train[0]['loss'] == pytest.approx(train[0]['ce'] + train[0]['cam'], rel=1e-5)
+  val = [r for r in records if r['split'] == 'val']
+  assert val[-1]['bcam_loss'] < val[0]['bcam_loss']
+  assert val[-1]['cam'] == val[-1]['bcam_loss']
+
+
 def test_masked_evaluation_counts_every_example_once(idx_dir):
   config = tiny_config(idx_dir)
   run = train_lib.setup_run(config)
   tx, _ = train_lib.optim.make_optimizer(config.optimizer, 10)
   variables = run.init_state(tx).model_variables()
   split = run.datasets.test
-  prototypes = jax.numpy.zeros((10, 28, 28))
-  got, _ = train_lib.evaluate(run, run.eval_step(), variables, split, prototypes)
+  prototypes = jax.random.uniform(jax.random.key(0), (10, 28, 28))
+  got, class_cams = train_lib.evaluate(run, run.eval_step(), variables, split, prototypes)
   # Naive reference: one example at a time, no padding, no sharding.
   info = run.datasets.info
-  losses, correct = [], []
+  head = lambda a: run.model.apply(variables, a, method='head')
+  losses, correct, proto, feats, grads = [], [], [], [], []
   for i in range(len(split)):
     x = data.preprocess(split.images[i:i + 1], info.mean, info.std, 28)
-    logits, _ = run.model.apply(variables, x, train=False)
-    losses.append(float(train_lib.steps.losses.cross_entropy(logits, split.labels[i:i + 1])[0]))
-    correct.append(int(np.argmax(logits[0]) == split.labels[i]))
+    label = int(split.labels[i])
+    logits, features = run.model.apply(variables, x, train=False)
+    losses.append(float(train_lib.losses.cross_entropy(logits, split.labels[i:i + 1])[0]))
+    correct.append(int(np.argmax(logits[0]) == label))
+    g = jax.grad(lambda a: head(a)[0, label])(features['cam'])
+    feats.append(features['cam'][0])
+    grads.append(g[0])
+    m = train_lib.cam.normalize_cam(train_lib.cam.upsample_cam(
+        train_lib.cam.weighted_activation(features['cam'][0], g[0]), 28))
+    proto.append(float(np.abs(m - prototypes[label]).mean()))
   assert got['count'] == len(split) == 60
   assert got['accuracy'] == pytest.approx(np.mean(correct))
   assert got['loss'] == pytest.approx(np.mean(losses), rel=1e-5)
+  assert got['proto_loss'] == pytest.approx(np.mean(proto), rel=1e-4)
+  bcam = 0.0
+  for c in range(10):
+    members = np.flatnonzero(split.labels == c)
+    if len(members):
+      m = train_lib.cam.weighted_activation(np.mean([feats[i] for i in members], axis=0),
+                                            np.mean([grads[i] for i in members], axis=0))
+      m = train_lib.cam.normalize_cam(train_lib.cam.upsample_cam(m, 28))
+      np.testing.assert_allclose(class_cams[c], m, atol=1e-4)
+      bcam += float(np.abs(m - prototypes[c]).mean())
+  assert got['bcam_loss'] == pytest.approx(bcam, rel=1e-4)
 
 
 def test_one_device_and_eight_devices_train_the_same_parameters(idx_dir, tmp_path):

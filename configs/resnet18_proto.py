@@ -1,0 +1,22 @@
+"""ResNet18 trained with the per-image Prototype Loss (Batch-CAM paper, eq. 11).
+
+Every image's Grad-CAM (of its label) is upsampled, min-max normalised and compared with
+its class prototype by `loss.metric` (l1 | l2 | ssim):
+L = lambda_class * CE + lambda_cam * mean_i phi(M_i, P_{y_i}).
+
+Run:
+  BCAM_DATA_DIR=../shared/data python train.py \
+      --config=configs/resnet18_proto.py --workdir=runs/resnet18_proto_l1 [--config.loss.metric=ssim]
+
+Expected: test accuracy within a few tenths of configs/resnet18_baseline.py, with a lower test
+prototype loss (results.json) than the baseline. lambda_cam: see configs/resnet18_bcpl.py.
+"""
+from configs import resnet18_baseline
+
+
+def get_config():
+  config = resnet18_baseline.get_config()
+  config.loss.kind = 'proto'
+  config.loss.metric = 'l1'
+  config.loss.lambda_cam = 1.0
+  return config

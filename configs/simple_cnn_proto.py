@@ -1,0 +1,22 @@
+"""SimpleCNN trained with the per-image Prototype Loss (Batch-CAM paper, eq. 11).
+
+Every image's Grad-CAM (of its label) is upsampled, min-max normalised and compared with
+its class prototype by `loss.metric` (l1 | l2 | ssim):
+L = lambda_class * CE + lambda_cam * mean_i phi(M_i, P_{y_i}).
+
+Run:
+  BCAM_DATA_DIR=../shared/data python train.py \
+      --config=configs/simple_cnn_proto.py --workdir=runs/simple_cnn_proto_l1 [--config.loss.metric=ssim]
+
+Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py, with a lower test
+prototype loss (results.json) than the baseline. lambda_cam: see configs/simple_cnn_bcpl.py.
+"""
+from configs import simple_cnn_baseline
+
+
+def get_config():
+  config = simple_cnn_baseline.get_config()
+  config.loss.kind = 'proto'
+  config.loss.metric = 'l1'
+  config.loss.lambda_cam = 1.0
+  return config
