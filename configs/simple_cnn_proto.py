@@ -9,7 +9,9 @@ Run:
       --config=configs/simple_cnn_proto.py --workdir=runs/simple_cnn_proto_l1 [--config.loss.metric=ssim]
 
 Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py, with a lower test
-prototype loss (results.json) than the baseline. lambda_cam: see configs/simple_cnn_bcpl.py.
+prototype loss (results.json) than the baseline. lambda_cam = 1: the per-image term is a
+mean over images, so this matches the weight per class of lambda_cam = 0.1 in
+configs/simple_cnn_bcpl.py, whose docstring gives the sweep it comes from.
 """
 from configs import simple_cnn_baseline
 
