@@ -58,3 +58,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.lambda_class = 1.0
   config.loss.lambda_cam = 1.0
   return config
+
+
+# Default lambda_cam per CAM loss (lambda_class = 1). bcpl: from bench/lambda_sweep.py, see
+# configs/simple_cnn_bcpl.py. proto averages over images where bcpl sums over classes, so
+# lambda_cam = 1 gives each class about the weight that 0.1 gives it in bcpl.
+DEFAULT_LAMBDA_CAM = {'proto': 1.0, 'bcpl': 0.1}
+
+
+def with_cam_loss(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
+  """A baseline config turned into one of the paper's CAM conditions (metric l1)."""
+  config.loss.kind = kind
+  config.loss.metric = 'l1'
+  config.loss.lambda_cam = DEFAULT_LAMBDA_CAM[kind]
+  return config

@@ -9,16 +9,10 @@ Run:
       --config=configs/convnext_v2_tiny_proto.py --workdir=runs/convnext_v2_tiny_proto_l1 [--config.loss.metric=ssim]
 
 Expected: test accuracy within a few tenths of configs/convnext_v2_tiny_baseline.py, with a lower test
-prototype loss (results.json) than the baseline. lambda_cam = 1: the per-image term is a
-mean over images, so this matches the weight per class of lambda_cam = 0.1 in
-configs/convnext_v2_tiny_bcpl.py, whose docstring gives the sweep it comes from.
+prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in configs/base.py.
 """
-from configs import convnext_v2_tiny_baseline
+from configs import base, convnext_v2_tiny_baseline
 
 
 def get_config():
-  config = convnext_v2_tiny_baseline.get_config()
-  config.loss.kind = 'proto'
-  config.loss.metric = 'l1'
-  config.loss.lambda_cam = 1.0
-  return config
+  return base.with_cam_loss(convnext_v2_tiny_baseline.get_config(), 'proto')

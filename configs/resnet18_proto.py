@@ -9,16 +9,10 @@ Run:
       --config=configs/resnet18_proto.py --workdir=runs/resnet18_proto_l1 [--config.loss.metric=ssim]
 
 Expected: test accuracy within a few tenths of configs/resnet18_baseline.py, with a lower test
-prototype loss (results.json) than the baseline. lambda_cam = 1: the per-image term is a
-mean over images, so this matches the weight per class of lambda_cam = 0.1 in
-configs/resnet18_bcpl.py, whose docstring gives the sweep it comes from.
+prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in configs/base.py.
 """
-from configs import resnet18_baseline
+from configs import base, resnet18_baseline
 
 
 def get_config():
-  config = resnet18_baseline.get_config()
-  config.loss.kind = 'proto'
-  config.loss.metric = 'l1'
-  config.loss.lambda_cam = 1.0
-  return config
+  return base.with_cam_loss(resnet18_baseline.get_config(), 'proto')

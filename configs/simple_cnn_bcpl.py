@@ -18,12 +18,8 @@ and cuts the misalignment five-fold; 10 costs a point of accuracy. The term sums
 classes of the batch, so 0.1 weighs each class's map about as much as lambda_cam = 1 weighs
 the per-image Prototype Loss (a mean over images).
 """
-from configs import simple_cnn_baseline
+from configs import base, simple_cnn_baseline
 
 
 def get_config():
-  config = simple_cnn_baseline.get_config()
-  config.loss.kind = 'bcpl'
-  config.loss.metric = 'l1'
-  config.loss.lambda_cam = 0.1
-  return config
+  return base.with_cam_loss(simple_cnn_baseline.get_config(), 'bcpl')

@@ -9,16 +9,10 @@ Run:
       --config=configs/simple_cnn_proto.py --workdir=runs/simple_cnn_proto_l1 [--config.loss.metric=ssim]
 
 Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py, with a lower test
-prototype loss (results.json) than the baseline. lambda_cam = 1: the per-image term is a
-mean over images, so this matches the weight per class of lambda_cam = 0.1 in
-configs/simple_cnn_bcpl.py, whose docstring gives the sweep it comes from.
+prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in configs/base.py.
 """
-from configs import simple_cnn_baseline
+from configs import base, simple_cnn_baseline
 
 
 def get_config():
-  config = simple_cnn_baseline.get_config()
-  config.loss.kind = 'proto'
-  config.loss.metric = 'l1'
-  config.loss.lambda_cam = 1.0
-  return config
+  return base.with_cam_loss(simple_cnn_baseline.get_config(), 'proto')
