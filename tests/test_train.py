@@ -3,6 +3,7 @@ import importlib
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -84,6 +85,33 @@ def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
   val = [r for r in records if r['split'] == 'val']
   assert val[-1]['bcam_loss'] < val[0]['bcam_loss']
   assert val[-1]['cam'] == val[-1]['bcam_loss']
+
+
+def _tensorboard_tags(logdir):
+  """Summary tags (and whether each carries an image) of the event files in `logdir`."""
+  from tensorboardX.proto import event_pb2
+  tags = {}
+  for name in os.listdir(logdir):
+    raw = open(os.path.join(logdir, name), 'rb').read()
+    pos = 0
+    while pos < len(raw):  # TFRecord framing: length, crc, payload, crc
+      (length,) = struct.unpack('<Q', raw[pos:pos + 8])
+      event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+      for value in event.summary.value:
+        tags[value.tag] = value.HasField('image')
+      pos += 16 + length
+  return tags
+
+
+def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path):
+  config = tiny_config(idx_dir, num_steps=10)
+  config.loss.kind = 'proto'
+  train_lib.train_and_evaluate(config, str(tmp_path / 'tb'))
+  tags = _tensorboard_tags(str(tmp_path / 'tb' / 'tensorboard'))
+  for tag in ('train/ce', 'train/cam', 'val/loss', 'val/proto_loss', 'val/bcam_loss',
+              'test/accuracy'):
+    assert tags.get(tag) is False, tag
+  assert tags['val/class_cams_vs_prototypes'] is True
 
 
 def test_masked_evaluation_counts_every_example_once(idx_dir):
