@@ -15,10 +15,12 @@ CHECKPOINTS = ('best', 'last')
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         checkpoint: str = 'best',
-                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Test loss and accuracy of the `best` (by validation accuracy) or `last` checkpoint.
+                        devices: Sequence[jax.Device] | None = None,
+                        output_name: str | None = 'metrics.json') -> dict[str, Any]:
+  """Test loss, accuracy and prototype alignment (with `config.loss.metric`) of the `best`
+  (by validation accuracy) or `last` checkpoint.
 
-  Writes `<workdir>/eval/metrics.json` and returns the same dict.
+  Writes `<workdir>/eval/<output_name>` (unless None) and returns the same dict.
   """
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
@@ -43,10 +45,11 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                                prototypes['train'])
   result = {'checkpoint': checkpoint, 'step': int(step), 'test_loss': test['loss'],
             'test_accuracy': test['accuracy'], 'test_count': test['count'],
-            'test_proto_loss': test['proto_loss'], 'test_bcam_loss': test['bcam_loss']}
+            'metric': config.loss.metric, 'test_proto_loss': test['proto_loss'],
+            'test_bcam_loss': test['bcam_loss']}
   logging.info('%s checkpoint (step %d): test loss %.4f, accuracy %.2f%%', checkpoint,
                step, test['loss'], 100 * test['accuracy'])
-  if jax.process_index() == 0:
+  if output_name and jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
-    io_utils.write_json(os.path.join(workdir, 'eval', 'metrics.json'), result)
+    io_utils.write_json(os.path.join(workdir, 'eval', output_name), result)
   return result
