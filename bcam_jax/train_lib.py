@@ -200,6 +200,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f' | {img_s:.0f} img/s | ETA {format_duration((total_steps - done) / rate)}')
         window = _empty_window()
         t_window = now
+      t_pause = time.time()  # evaluation and saving do not count towards img/s
       if boundary[1] or boundary[3]:
         val, class_cams = evaluate(run, eval_step, state.model_variables(), ds.val,
                                    prototypes['val'])
@@ -213,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         ckpts.save_best(done, state.model_variables(), val['accuracy'])
       if boundary[2] or boundary[3]:
         ckpts.save(done, state)
+      t_window += time.time() - t_pause
 
     test, _ = evaluate(run, eval_step, state.model_variables(), ds.test, prototypes['train'])
     logger.write(int(state.step), 'test', test)
