@@ -45,30 +45,34 @@ def grad_cam(head_fn: HeadFn, features: jax.Array, targets: jax.Array) -> jax.Ar
   return weighted_activation(features, grads)
 
 
-def class_means(values: jax.Array, labels: jax.Array, num_classes: int
-                ) -> tuple[jax.Array, jax.Array]:
-  """Per-class mean of `values` `(N, ...)` over the batch, and the class counts `(C,)`.
-
-  `jax.ops.segment_sum` by label; classes absent from the batch get count 0 and a zero mean.
-  Under `jit` over a sharded batch the sums are over the global batch.
-  """
+def class_sums(values: jax.Array, labels: jax.Array, num_classes: int
+               ) -> tuple[jax.Array, jax.Array]:
+  """Per-class sums of `values` `(N, ...)` and the class counts `(C,)`, by
+  `jax.ops.segment_sum` on the labels. Under `jit` over a sharded batch the sums are over
+  the global batch; sums of several batches add up to those of their union."""
   values = at_least_float32(values)
   counts = jax.ops.segment_sum(jnp.ones(labels.shape, values.dtype), labels, num_classes)
-  sums = jax.ops.segment_sum(values, labels, num_classes)
-  scale = 1.0 / jnp.maximum(counts, 1.0)
-  return sums * scale.reshape((-1,) + (1,) * (sums.ndim - 1)), counts
+  return jax.ops.segment_sum(values, labels, num_classes), counts
+
+
+def batch_cam_from_sums(feature_sums: jax.Array, grad_sums: jax.Array, counts: jax.Array
+                        ) -> jax.Array:
+  """Batch-CAM maps `(C, h, w)` from per-class sums of A and G and the class counts.
+
+  A_bar_c = sum A / N_c and G_bar_c = sum G / N_c (eqs. 4-5; zero for absent classes),
+  alpha_c = spatial mean of G_bar_c (eq. 6), M_c = ReLU(sum_k alpha_ck A_bar_ck).
+  """
+  scale = (1.0 / jnp.maximum(counts, 1.0)).reshape((-1,) + (1,) * (feature_sums.ndim - 1))
+  return weighted_activation(feature_sums * scale, grad_sums * scale)
 
 
 def batch_cam_from_gradients(features: jax.Array, grads: jax.Array, labels: jax.Array,
                              num_classes: int) -> tuple[jax.Array, jax.Array]:
-  """Batch-CAM from features A and their gradients G (paper eqs. 4-6).
-
-  A_bar_c and G_bar_c are the class means over the batch, alpha_c the spatial mean of
-  G_bar_c, and M_c = ReLU(sum_k alpha_ck A_bar_ck). Returns (cams `(C, h, w)`, counts `(C,)`).
-  """
-  mean_features, counts = class_means(features, labels, num_classes)
-  mean_grads, _ = class_means(grads, labels, num_classes)
-  return weighted_activation(mean_features, mean_grads), counts
+  """Batch-CAM from the batch's features A and their gradients G: (cams `(C, h, w)`,
+  counts `(C,)`)."""
+  feature_sums, counts = class_sums(features, labels, num_classes)
+  grad_sums, _ = class_sums(grads, labels, num_classes)
+  return batch_cam_from_sums(feature_sums, grad_sums, counts), counts
 
 
 def batch_cam(head_fn: HeadFn, features: jax.Array, labels: jax.Array, num_classes: int

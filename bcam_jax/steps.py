@@ -172,16 +172,17 @@ def make_eval_step(model: nn.Module, objective: Objective, *, mean: float, std: 
     maps = objective.compare(cam.weighted_activation(features, grads))
     proto = losses.map_distance(maps, prototypes[labels], objective.metric)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    masked = lambda v: v * mask.reshape((-1,) + (1,) * (v.ndim - 1))
-    n = objective.num_classes
+    n, m = objective.num_classes, mask[:, None, None, None]
+    feature_sums, _ = cam.class_sums(features * m, labels, n)
+    grad_sums, _ = cam.class_sums(grads * m, labels, n)
     return {
         'loss_sum': jnp.sum(losses.cross_entropy(logits, labels) * mask),
         'correct': jnp.sum(correct * mask),
         'proto_sum': jnp.sum(proto * mask),
         'count': jnp.sum(mask),
         'class_count': jax.ops.segment_sum(mask, labels, n),
-        'class_features': jax.ops.segment_sum(masked(features.astype(jnp.float32)), labels, n),
-        'class_grads': jax.ops.segment_sum(masked(grads.astype(jnp.float32)), labels, n),
+        'class_feature_sums': feature_sums,
+        'class_grad_sums': grad_sums,
     }
 
   return eval_step

@@ -99,9 +99,8 @@ def evaluate(run: RunSetup, eval_step, variables, split: data.Split,
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   objective = run.objective
   counts = totals['class_count']
-  scale = (1.0 / jnp.maximum(counts, 1.0))[:, None, None, None]
-  class_cams = objective.compare(cam.weighted_activation(totals['class_features'] * scale,
-                                                         totals['class_grads'] * scale))
+  class_cams = objective.compare(cam.batch_cam_from_sums(
+      totals['class_feature_sums'], totals['class_grad_sums'], counts))
   bcam = losses.batch_cam_loss(class_cams, counts, prototypes, objective.metric)
   count = float(totals['count'])
   metrics = {'loss': float(totals['loss_sum']) / count,
