@@ -19,6 +19,7 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import eval_lib, io_utils, losses  # noqa: E402
 from bcam_jax.metric_logging import quiet_library_logs  # noqa: E402
+from configs import base  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Trained workdirs (with config.json).')
 _OUT = flags.DEFINE_string('out', 'bench/results/alignment.json', 'JSON output path.')
@@ -31,6 +32,9 @@ def main(argv):
   rows = []
   for workdir in _WORKDIRS.value:
     config = ml_collections.ConfigDict(json.load(open(os.path.join(workdir, 'config.json'))))
+    for key, value in base.get_base_config().loss.items():  # runs saved before CAM losses
+      if key not in config.loss:
+        config.loss[key] = value
     row = {'workdir': workdir, 'dataset': config.data.name, 'kind': config.loss.kind,
            'train_metric': config.loss.metric, 'lambda_cam': config.loss.lambda_cam}
     for metric in losses.METRICS:
