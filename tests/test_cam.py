@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from bcam_jax import cam, data, losses, parallel, steps
+from bcam_jax import cam, losses, parallel, steps
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import PoolNormDenseHead
 from bcam_jax.models.resnet import PoolDenseHead
