@@ -1,17 +1,41 @@
-"""Evaluates a trained workdir on the test set:
-`python eval.py --config=configs/<name>.py --workdir=<dir> [--checkpoint=last]`.
+"""Evaluates a trained workdir on the test set and writes `<workdir>/eval/`: metrics.json,
+report.md and the figures (confusion, CAM prototypes, error prototypes, overlays).
+
+  python eval.py --config=configs/<name>.py --workdir=<dir> [--checkpoint=last]
+      [--methods=grad_cam,grad_cam_pp,score_cam] [--num_images=1000]
+
+The config is the one used for training (with the same overrides).
 """
 from absl import app, flags
 from ml_collections import config_flags
 
-from bcam_jax import eval_lib
+from bcam_jax import eval_lib, explain
 from bcam_jax.metric_logging import quiet_library_logs
 
+_DEFAULTS = eval_lib.EvalOptions()
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'The config used for training.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of the trained run.')
-_CHECKPOINT = flags.DEFINE_enum('checkpoint', 'best', list(eval_lib.CHECKPOINTS),
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', _DEFAULTS.checkpoint, list(eval_lib.CHECKPOINTS),
                                 'Best-by-validation-accuracy or the last checkpoint.')
+_METHODS = flags.DEFINE_list('methods', list(_DEFAULTS.methods),
+                             f'CAM methods to measure, of {", ".join(explain.METHODS)} '
+                             '(cam needs a global-average-pool + dense head, e.g. resnet18).')
+_NUM_IMAGES = flags.DEFINE_integer('num_images', _DEFAULTS.num_images,
+                                   'Test images (the first ones) for the per-method metrics; '
+                                   '0 = the whole test set. Accuracy and figures always use '
+                                   'the whole test set.')
+_TARGET = flags.DEFINE_enum('target', _DEFAULTS.target, list(explain.TARGETS),
+                            'Class explained by each map: ground truth or prediction.')
+_LAYER = flags.DEFINE_string('layer', _DEFAULTS.layer,
+                             'Explained layer, a key of the backbone features dict.')
+_N_STEPS = flags.DEFINE_integer('n_steps', _DEFAULTS.n_steps, 'Insertion/deletion steps.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', _DEFAULTS.batch_size,
+                                   'Images per jitted call of a method.')
+_SCORE_CAM_CHUNK = flags.DEFINE_integer('score_cam_chunk', _DEFAULTS.score_cam_chunk,
+                                        'Channels per Score-CAM forward pass (memory bound).')
+_NUM_OVERLAYS = flags.DEFINE_integer('num_overlays', _DEFAULTS.num_overlays,
+                                     'Test images shown in overlays.png.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -19,7 +43,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
-  eval_lib.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value)
+  options = eval_lib.EvalOptions(
+      checkpoint=_CHECKPOINT.value, methods=tuple(_METHODS.value),
+      num_images=_NUM_IMAGES.value, target=_TARGET.value, layer=_LAYER.value,
+      n_steps=_N_STEPS.value, batch_size=_BATCH_SIZE.value,
+      score_cam_chunk=_SCORE_CAM_CHUNK.value, num_overlays=_NUM_OVERLAYS.value)
+  eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
 
 
 if __name__ == '__main__':

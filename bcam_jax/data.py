@@ -473,19 +473,29 @@ def eval_batches(split: Split, batch_size: int
 # Preprocessing and prototypes
 
 
-def preprocess(images, mean: float, std: float, image_size: int,
-               dtype=jnp.float32) -> jax.Array:
-    """uint8 (N, H, W, C) -> normalised `dtype` (N, image_size, image_size, C); jittable.
+def to_pixels(images, image_size: int) -> jax.Array:
+    """uint8 (N, H, W, C) -> float32 pixels in [0, 1] at (N, image_size, image_size, C).
 
-    Scales to [0, 1], resizes bilinearly when needed (on device, so no resized copy is ever
-    stored), then applies (x - mean) / std. Computation is in float32; only the result is
-    cast to `dtype`. `image_size` must be static under jit.
+    Resizes bilinearly when needed, on device, so no resized copy is ever stored; jittable
+    with `image_size` static. This is the space where explanations mask images (0 = black).
     """
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     n, height, width, channels = x.shape
     if (height, width) != (image_size, image_size):
         x = jax.image.resize(x, (n, image_size, image_size, channels), method='bilinear')
-    return ((x - mean) / std).astype(dtype)
+    return x
+
+
+def normalize(pixels: jax.Array, mean: float, std: float, dtype=jnp.float32) -> jax.Array:
+    """[0, 1] pixels -> the model's input (x - mean) / std, computed in float32, cast to `dtype`."""
+    return ((pixels - mean) / std).astype(dtype)
+
+
+def preprocess(images, mean: float, std: float, image_size: int,
+               dtype=jnp.float32) -> jax.Array:
+    """uint8 (N, H, W, C) -> normalised `dtype` (N, image_size, image_size, C); jittable:
+    `to_pixels` then `normalize`."""
+    return normalize(to_pixels(images, image_size), mean, std, dtype)
 
 
 def class_prototypes(split: Split, num_classes: int, image_size: int) -> np.ndarray:

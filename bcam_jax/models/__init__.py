@@ -81,13 +81,15 @@ def cam_shape(model: CamClassifier, image_size: int) -> tuple[int, int, int]:
 
 
 def init_variables(model: CamClassifier, rng: jax.Array, image_size: int) -> dict:
-    """Initial variables ({'params', 'batch_stats'?}) for square images of side ``image_size``.
+    """Initial variables ({'params', 'batch_stats'?}) for square images of side ``image_size``
+    (without the zero ``perturbations`` that ``init`` also creates).
 
     Jitted, so XLA drops the forward pass that ``init`` traces: only the
     initialisers run.
     """
     images = jnp.zeros(_image(image_size).shape, jnp.float32)
-    return jax.jit(lambda key: model.init(key, images, train=False))(rng)
+    variables = jax.jit(lambda key: model.init(key, images, train=False))(rng)
+    return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
 
 
 def param_count(params) -> int:

@@ -10,6 +10,11 @@ pure function through ``model.apply(variables, ..., method=...)``:
   depth live here;
 * ``head(cam)``: ``features["cam"]`` -> float32 logits ``(N, num_classes)``.
 
+Every stage output of the features dict except a separate ``"cam"`` goes
+through ``self.perturb(name, ...)`` (a no-op unless a ``perturbations``
+collection is passed), so that ``bcam_jax.explain.layer_features`` can take
+gradients of the class scores with respect to any named layer.
+
 The head is strictly per-sample (no batch statistics, no randomness), so one
 ``jax.vjp`` of it gives the exact per-sample gradients of the class scores
 with respect to the CAM layer, which is what Grad-CAM inside training needs.
@@ -68,6 +73,13 @@ class CamClassifier(nn.Module):
             raise ValueError(
                 f'{self.label()}: image size {height}x{width} is too small; it needs at '
                 f'least {side}x{side} to give a 1x1 CAM map')
+
+    @nn.nowrap
+    def class_weights(self, params) -> Any:
+        """The dense kernel ``(K, num_classes)`` of a global-average-pool + dense head, which
+        CAM (``bcam_jax.cam.cam``) needs; ValueError for any other head."""
+        raise ValueError(f'{self.label()} has no global-average-pool + dense head, so CAM does '
+                         'not apply to it; use grad_cam, grad_cam_pp or score_cam')
 
     def backbone(self, x, train: bool = False):
         """Images (N, H, W, 1) -> dict of NHWC stage outputs, with "cam" the Grad-CAM layer."""

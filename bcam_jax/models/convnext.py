@@ -106,7 +106,7 @@ class ConvNeXtV2Backbone(nn.Module):
             x = conv(DIMS[0], (4, 4), strides=4, padding='VALID', name='stem_conv')(x)
         else:
             x = conv(DIMS[0], (3, 3), strides=self.stem_stride, padding=1, name='stem_conv')(x)
-        x = norm(name='stem_norm')(x)
+        x = self.perturb('stem', norm(name='stem_norm')(x))
         features = {'stem': x}
         rates = np.linspace(0.0, self.drop_path_rate, sum(DEPTHS))
         block = 0
@@ -118,6 +118,7 @@ class ConvNeXtV2Backbone(nn.Module):
                 x = ConvNeXtV2Block(dim, float(rates[block]), self.dtype,
                                     name=f'stage{i}_block{j + 1}')(x, train)
                 block += 1
+            x = self.perturb(f'stage{i}', x)
             features[f'stage{i}'] = x
         features['cam'] = x
         return features

@@ -104,11 +104,13 @@ class ResNet18Backbone(nn.Module):
             x = _conv(self.dtype, widths[0], 7, 2, 'stem_conv')(x)
             x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = self.perturb('stem', x)
         features = {'stem': x}
         for i, (width, stride) in enumerate(zip(widths, STRIDES), start=1):
             for j in range(BLOCKS_PER_STAGE):
                 x = BasicBlock(width, stride if j == 0 else 1, self.zero_init_residual, self.dtype,
                                name=f'stage{i}_block{j + 1}')(x, train)
+            x = self.perturb(f'stage{i}', x)
             features[f'stage{i}'] = x
         features['cam'] = x
         return features
@@ -149,6 +151,10 @@ class ResNet18(CamClassifier):
         self.backbone_net = ResNet18Backbone(self.stem, self.width, self.zero_init_residual,
                                              self.dtype)
         self.head_net = PoolDenseHead(self.num_classes)
+
+    @nn.nowrap
+    def class_weights(self, params):
+        return params['head_net']['dense']['kernel']
 
     @nn.nowrap
     def cam_side(self, image_side: int) -> int:

@@ -32,8 +32,8 @@ class SimpleCNNBackbone(nn.Module):
         del train  # Same computation in training and evaluation.
         conv = partial(nn.Conv, kernel_size=(3, 3), padding='SAME', dtype=self.dtype)
         pool = partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-        stage1 = pool(nn.relu(conv(32, name='conv1')(x)))
-        stage2 = pool(nn.relu(conv(64, name='conv2')(stage1)))
+        stage1 = self.perturb('stage1', pool(nn.relu(conv(32, name='conv1')(x))))
+        stage2 = self.perturb('stage2', pool(nn.relu(conv(64, name='conv2')(stage1))))
         cam = nn.relu(conv(64, name='conv3')(stage2))
         return {'stage1': stage1, 'stage2': stage2, 'cam': cam}
 

@@ -1,0 +1,191 @@
+"""Matplotlib figures of the evaluation report: confusion matrix, CAM prototypes, overlays.
+
+Figures use the object API (``matplotlib.figure.Figure``), so nothing touches pyplot's
+global state or needs a display, and every PNG is written atomically so that a killed run
+never leaves a truncated image. Inputs are numpy arrays (anything ``np.asarray`` takes);
+shape mismatches raise ValueError naming the argument and the expected vs given shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+import numpy as np
+
+from bcam_jax import io_utils
+
+PANEL_INCHES = 1.6
+
+
+def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
+  """Raises ValueError unless `array` has `expected` shape (None matches any size)."""
+  if array.ndim != len(expected) or any(
+      e is not None and e != s for e, s in zip(expected, array.shape)):
+    shown = tuple('*' if e is None else e for e in expected)
+    raise ValueError(f'{name}: expected shape {shown}, got {array.shape}.')
+
+
+def _check_classes(name: str, indices: np.ndarray, num_classes: int) -> None:
+  """Raises ValueError unless every entry of `indices` is a class index in [0, num_classes)."""
+  if indices.size and (indices.min() < 0 or indices.max() >= num_classes):
+    raise ValueError(f'{name}: class indices must lie in [0, {num_classes}), '
+                     f'got range [{indices.min()}, {indices.max()}].')
+
+
+def _no_ticks(ax: Axes) -> None:
+  """Removes the ticks but keeps the frame, so y labels (row labels) still show."""
+  ax.set_xticks([])
+  ax.set_yticks([])
+
+
+def _save(path: str, fig: Figure) -> None:
+  """Writes `fig` to `path` as a PNG, atomically."""
+  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+
+
+def save_confusion(path: str, confusion, class_names: Sequence[str]) -> None:
+  """Writes the confusion matrix (rows true, columns predicted) with counts and accuracy.
+
+  Colours are row-normalised so that classes of different sizes compare; zero cells are
+  left unannotated to keep large matrices readable.
+  """
+  confusion = np.asarray(confusion)
+  num_classes = len(class_names)
+  _check_shape('confusion', confusion, (num_classes, num_classes))
+  total = confusion.sum()
+  if total <= 0:
+    raise ValueError(f'confusion: expected a positive total count, got {total}.')
+  rows = confusion.sum(axis=1, keepdims=True)
+  normalised = confusion / np.maximum(rows, 1)
+  side = max(4.0, 0.5 * num_classes + 2.0)
+  fig = Figure(figsize=(side, side), layout='constrained')
+  ax = fig.subplots()
+  ax.imshow(normalised, cmap='Blues', vmin=0, vmax=1)
+  fontsize = 8 if num_classes <= 10 else 6
+  for (t, p), count in np.ndenumerate(confusion):
+    if count:
+      ax.text(p, t, f'{count:g}', ha='center', va='center', fontsize=fontsize,
+              color='white' if normalised[t, p] > 0.5 else 'black')
+  ax.set_xticks(range(num_classes), [str(n) for n in class_names], rotation=45, ha='right')
+  ax.set_yticks(range(num_classes), [str(n) for n in class_names])
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  ax.set_title(f'accuracy {100 * np.trace(confusion) / total:.2f}%')
+  _save(path, fig)
+
+
+def save_cam_prototypes(path: str, prototypes, mean_cams, counts,
+                        class_names: Sequence[str], title: str) -> None:
+  """Writes each class's data prototype above its mean CAM ("reconstructed prototypes").
+
+  Reproduces Figs 2-5 of the Batch-CAM paper. A class with no averaged images gets a blank
+  CAM panel titled "n=0", since its mean CAM is undefined.
+  """
+  prototypes = np.asarray(prototypes)
+  mean_cams = np.asarray(mean_cams)
+  counts = np.asarray(counts)
+  num_classes = len(class_names)
+  _check_shape('prototypes', prototypes, (num_classes, None, None))
+  _check_shape('mean_cams', mean_cams, prototypes.shape)
+  _check_shape('counts', counts, (num_classes,))
+  fig = Figure(figsize=(PANEL_INCHES * num_classes + 0.6, 2 * PANEL_INCHES + 0.5),
+               layout='constrained')
+  axes = fig.subplots(2, num_classes, squeeze=False)
+  for c in range(num_classes):
+    top, bottom = axes[0, c], axes[1, c]
+    top.imshow(prototypes[c], cmap='gray', vmin=0, vmax=1)
+    top.set_title(str(class_names[c]), fontsize=9)
+    if counts[c] > 0:
+      bottom.imshow(mean_cams[c], cmap='jet', vmin=0, vmax=1)
+    bottom.set_title(f'n={counts[c]:g}', fontsize=9)
+    _no_ticks(top)
+    _no_ticks(bottom)
+  axes[0, 0].set_ylabel('prototype')
+  axes[1, 0].set_ylabel('mean CAM')
+  fig.suptitle(title)
+  _save(path, fig)
+
+
+def save_error_prototypes(path: str, pairs, mean_cams, prototypes,
+                          class_names: Sequence[str], title: str) -> None:
+  """Writes, per frequent confusion, the true and predicted prototypes and the mean CAM.
+
+  Paper Fig 6: shows what the model attends to when it mistakes one class for another.
+  `pairs` holds (true, predicted, count) triples in display order; with no pairs the
+  figure says so instead of being left out, so the report always has the file.
+  """
+  pairs = [tuple(int(v) for v in pair) for pair in pairs]
+  mean_cams = np.asarray(mean_cams)
+  prototypes = np.asarray(prototypes)
+  num_classes = len(class_names)
+  _check_shape('prototypes', prototypes, (num_classes, None, None))
+  if not pairs:
+    if mean_cams.size:
+      raise ValueError(f'mean_cams: expected no maps for no pairs, got shape {mean_cams.shape}.')
+    fig = Figure(figsize=(4, 1.5), layout='constrained')
+    ax = fig.subplots()
+    ax.axis('off')
+    ax.text(0.5, 0.5, 'no misclassified test images', ha='center', va='center')
+    fig.suptitle(title)
+    _save(path, fig)
+    return
+  if any(len(pair) != 3 for pair in pairs):
+    raise ValueError('pairs: expected (true, predicted, count) triples.')
+  _check_classes('pairs', np.array([pair[:2] for pair in pairs]), num_classes)
+  _check_shape('mean_cams', mean_cams, (len(pairs),) + prototypes.shape[1:])
+  fig = Figure(figsize=(PANEL_INCHES * len(pairs) + 0.6, 3 * PANEL_INCHES + 0.5),
+               layout='constrained')
+  axes = fig.subplots(3, len(pairs), squeeze=False)
+  for i, (true, pred, count) in enumerate(pairs):
+    axes[0, i].imshow(prototypes[true], cmap='gray', vmin=0, vmax=1)
+    axes[1, i].imshow(prototypes[pred], cmap='gray', vmin=0, vmax=1)
+    axes[2, i].imshow(mean_cams[i], cmap='jet', vmin=0, vmax=1)
+    axes[0, i].set_title(f'{class_names[true]} -> {class_names[pred]} (n={count})', fontsize=6)
+    for ax in axes[:, i]:
+      _no_ticks(ax)
+  axes[0, 0].set_ylabel('true prototype')
+  axes[1, 0].set_ylabel('predicted prototype')
+  axes[2, 0].set_ylabel('mean CAM')
+  fig.suptitle(title)
+  _save(path, fig)
+
+
+def save_overlays(path: str, images, maps: Mapping[str, Any], labels, predictions,
+                  class_names: Sequence[str]) -> None:
+  """Writes each image next to every method's saliency map overlaid on it.
+
+  One row per image, one column per method, so methods compare side by side on the same
+  examples; the first column names the true and predicted class.
+  """
+  images = np.asarray(images)
+  maps = {name: np.asarray(m) for name, m in maps.items()}
+  labels = np.asarray(labels)
+  predictions = np.asarray(predictions)
+  _check_shape('images', images, (None, None, None))
+  n = len(images)
+  if n == 0:
+    raise ValueError('images: expected at least one image, got shape (0, ...).')
+  for name, m in maps.items():
+    _check_shape(f'maps[{name!r}]', m, images.shape)
+  _check_shape('labels', labels, (n,))
+  _check_shape('predictions', predictions, (n,))
+  _check_classes('labels', labels, len(class_names))
+  _check_classes('predictions', predictions, len(class_names))
+  cols = 1 + len(maps)
+  fig = Figure(figsize=(PANEL_INCHES * cols, PANEL_INCHES * n + 0.3), layout='constrained')
+  axes = fig.subplots(n, cols, squeeze=False)
+  for i in range(n):
+    axes[i, 0].imshow(images[i], cmap='gray', vmin=0, vmax=1)
+    axes[i, 0].set_title(
+        f'true {class_names[labels[i]]} / pred {class_names[predictions[i]]}', fontsize=6)
+    for j, (name, m) in enumerate(maps.items(), start=1):
+      axes[i, j].imshow(images[i], cmap='gray', vmin=0, vmax=1)
+      axes[i, j].imshow(m[i], cmap='jet', alpha=0.5, vmin=0, vmax=1)
+      if i == 0:
+        axes[i, j].set_title(name, fontsize=9)
+    for ax in axes[i]:
+      _no_ticks(ax)
+  _save(path, fig)
