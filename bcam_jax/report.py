@@ -7,7 +7,7 @@ METHOD_COLUMNS = (
     ('average_drop', 'AD % ↓'), ('average_gain', 'AG % ↑'), ('average_increase', 'AI % ↑'),
     ('insertion', 'Ins ↑'), ('deletion', 'Del ↓'), ('alignment_l1', 'align L1 ↓'),
     ('alignment_ssim', 'align SSIM ↑'), ('image_l1', 'image L1 ↓'),
-    ('image_ssim', 'image SSIM ↑'), ('images_per_second', 'img/s'))
+    ('image_ssim', 'image SSIM ↑'), ('suite_images_per_second', 'suite img/s'))
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

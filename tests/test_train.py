@@ -218,7 +218,7 @@ def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
 
   # eval.py on the resumed workdir reports the test accuracy the training run ended with.
   subprocess.run([sys.executable, 'eval.py', *_train_cmd(idx_dir, killed, num_steps)[2:],
-                  '--checkpoint=last'], cwd=REPO, env=env, check=True, capture_output=True,
+                  '--checkpoint=last', '--methods=grad_cam', '--num_images=16'], cwd=REPO, env=env, check=True, capture_output=True,
                  timeout=600)
   evaluated = json.load(open(os.path.join(killed, 'eval', 'metrics.json')))
   trained = json.load(open(os.path.join(killed, 'results.json')))

@@ -1,0 +1,89 @@
+"""eval.py end to end on a checkpoint trained in the test: every output, every key."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from bcam_jax import eval_lib, report, train_lib
+from tests import synthetic
+from tests.test_train import REPO, tiny_config
+
+METHODS = ('grad_cam', 'grad_cam_pp', 'score_cam')
+FILES = ('metrics.json', 'report.md', 'confusion.png', 'cam_prototypes.png',
+         'error_prototypes.png', 'overlays.png')
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  idx_dir = synthetic.write_dataset(str(tmp_path_factory.mktemp('idx')))
+  workdir = str(tmp_path_factory.mktemp('run'))
+  train_lib.train_and_evaluate(tiny_config(idx_dir, num_steps=30), workdir)
+  return idx_dir, workdir
+
+
+def test_eval_py_writes_every_output(trained):
+  idx_dir, workdir = trained
+  cmd = [sys.executable, 'eval.py', '--config=configs/simple_cnn_baseline.py',
+         f'--workdir={workdir}', '--config.data.source=idx', f'--config.data.idx_dir={idx_dir}',
+         '--config.data.val_size=40', '--num_images=50', '--batch_size=16', '--n_steps=4',
+         '--score_cam_chunk=24', f'--methods={",".join(METHODS)}']
+  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'score_cam: 50/50 images' in proc.stderr  # progress output
+  out = os.path.join(workdir, 'eval')
+  for name in FILES:
+    assert os.path.getsize(os.path.join(out, name)) > 0, name
+  for name in FILES[2:]:
+    assert Image.open(os.path.join(out, name)).size[0] > 100, name
+  metrics = json.load(open(os.path.join(out, 'metrics.json')))
+  for key in ('checkpoint', 'step', 'test_accuracy', 'test_loss', 'test_count',
+              'per_class_accuracy', 'confusion', 'top_confusions', 'methods', 'num_images',
+              'target', 'layer', 'n_steps', 'test_proto_loss', 'test_bcam_loss'):
+    assert key in metrics, key
+  assert metrics['num_images'] == 50 and metrics['test_count'] == 60
+  assert sorted(metrics['methods']) == sorted(METHODS)
+  for values in metrics['methods'].values():
+    assert sorted(values) == sorted(key for key, _ in report.METHOD_COLUMNS)
+    assert 0 <= values['average_drop'] <= 100 and 0 <= values['average_increase'] <= 100
+    assert 0 <= values['deletion'] <= 1 and 0 <= values['insertion'] <= 1
+    assert 0 <= values['alignment_l1'] <= 1
+  confusion = np.array(metrics['confusion'])
+  assert confusion.shape == (10, 10) and confusion.sum() == 60
+  assert np.trace(confusion) / 60 == pytest.approx(metrics['test_accuracy'])
+  text = open(os.path.join(out, 'report.md')).read()
+  for method in METHODS:
+    assert f'| {method} |' in text
+
+
+def test_metrics_do_not_depend_on_device_count_or_batch_padding(trained):
+  """17 images in batches of 8 (padded) on 8 devices == in batches of 17 on one device."""
+  idx_dir, workdir = trained
+  config = tiny_config(idx_dir, num_steps=30)
+  results = []
+  for devices, batch_size in ((jax.devices()[:1], 17), (jax.devices(), 8)):
+    options = eval_lib.EvalOptions(methods=('grad_cam_pp',), num_images=17,
+                                   batch_size=batch_size, n_steps=3, num_overlays=0)
+    results.append(eval_lib.evaluate_and_report(config, workdir, options, devices))
+  one, eight = (r['methods']['grad_cam_pp'] for r in results)
+  for key in eval_lib.METHOD_METRICS + ('alignment_l1', 'image_ssim'):
+    assert one[key] == pytest.approx(eight[key], rel=1e-4, abs=1e-5), key
+  assert results[0]['confusion'] == results[1]['confusion']
+
+
+def test_bad_options_fail_clearly(trained):
+  with pytest.raises(ValueError, match='unknown CAM method'):
+    eval_lib.EvalOptions(methods=('gradcam',))
+  with pytest.raises(ValueError, match="target='truth'"):
+    eval_lib.EvalOptions(target='truth')
+  with pytest.raises(ValueError, match='n_steps must be >= 1'):
+    eval_lib.EvalOptions(n_steps=0)
+  idx_dir, workdir = trained
+  with pytest.raises(ValueError, match='simple_cnn has no global-average-pool'):
+    eval_lib.evaluate_and_report(tiny_config(idx_dir), workdir,
+                                 eval_lib.EvalOptions(methods=('cam',), num_images=8))
