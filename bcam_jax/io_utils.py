@@ -4,6 +4,12 @@ import os
 import tempfile
 
 
+def _umask() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return umask
+
+
 def atomic_write(path: str, write) -> None:
   """Calls write(binary file object) on a temp file in path's directory, then renames it."""
   directory = os.path.dirname(os.path.abspath(path))
@@ -11,6 +17,7 @@ def atomic_write(path: str, write) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       write(f)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide results from other users
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

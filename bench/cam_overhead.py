@@ -47,7 +47,6 @@ would cost at the same batch.
 """
 import json
 import os
-import platform
 import sys
 import time
 
@@ -59,6 +58,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import cam, data, models, optim, parallel, steps  # noqa: E402
+from bench import common  # noqa: E402
 from configs import base  # noqa: E402
 
 VARIANTS = ('ce', 'proto', 'bcpl', 'per_image')
@@ -237,12 +237,7 @@ def main(argv):
     raise app.UsageError(f'--variants: unknown {unknown}; valid: {",".join(VARIANTS)}')
   if len(_BATCH.value) != len(_SIZES.value):
     raise app.UsageError('--batch_sizes needs one batch per entry of --sizes.')
-  machine = {
-      'platform': jax.devices()[0].platform,
-      'device_kind': jax.devices()[0].device_kind,
-      'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-      'processor': platform.processor() or platform.machine(), 'jax': jax.__version__,
-  }
+  machine = common.machine_info()
   rows = []
   print(f'# {machine}')
   print(f'{"model":18} {"size":>4} {"batch":>5} {"variant":>9} {"step ms":>9} '

@@ -10,7 +10,6 @@ the step itself. Prints a table and writes JSON.
 """
 import json
 import os
-import platform
 import sys
 import time
 
@@ -21,6 +20,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, models, optim, parallel, steps  # noqa: E402
+from bench import common  # noqa: E402
 from configs import base  # noqa: E402
 
 _MODELS = flags.DEFINE_list('models', list(models.MODEL_NAMES), 'Models to time.')
@@ -104,12 +104,7 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
 
 def main(argv):
   del argv
-  machine = {
-      'platform': jax.devices()[0].platform,
-      'device_kind': jax.devices()[0].device_kind,
-      'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-      'processor': platform.processor() or platform.machine(), 'jax': jax.__version__,
-  }
+  machine = common.machine_info()
   batch_for = dict(zip(_SIZES.value, _BATCH.value))
   rows = []
   header = (f'{"model":18} {"size":>4} {"batch":>5} {"CAM":>10} {"train img/s":>11} '

@@ -1,4 +1,6 @@
 """CAM, Grad-CAM++, Score-CAM and explained layers against per-image, per-channel loops."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -153,10 +155,10 @@ def test_intermediate_layer_gradients_equal_a_hand_written_rest_of_network():
 def test_unknown_layer_and_inapplicable_cam_fail_clearly(tiny_resnet):
   explainer, variables, pixels = tiny_resnet
   with pytest.raises(ValueError, match="layer 'stage9'.*valid: cam, stage1"):
-    explainer.__class__(explainer.model, 0.5, 0.25, 8, layer='stage9').raw_maps(
+    dataclasses.replace(explainer, layer='stage9').raw_maps(
         'grad_cam', variables, pixels, _targets())
   with pytest.raises(ValueError, match='CAM explains the last layer only'):
-    explainer.__class__(explainer.model, 0.5, 0.25, 8, layer='stage3').raw_maps(
+    dataclasses.replace(explainer, layer='stage3').raw_maps(
         'cam', variables, pixels, _targets())
   simple = get_model('simple_cnn', C)
   simple_vars = init_variables(simple, jax.random.key(0), 8)

@@ -7,7 +7,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def test_readme_python_examples_run():
   blocks = re.findall(r'```python\n(.*?)```', open(README, encoding='utf-8').read(), re.S)
-  assert len(blocks) >= 2
+  assert len(blocks) >= 3
   for block in blocks:
     namespace = {}
     exec(compile(block, README, 'exec'), namespace)  # pylint: disable=exec-used

@@ -1,0 +1,15 @@
+"""What every benchmark records next to its figures: the machine it ran on."""
+import os
+import platform
+
+import jax
+
+
+def machine_info() -> dict:
+  """Platform, device kind and count, CPU count, processor and JAX version."""
+  return {
+      'platform': jax.devices()[0].platform,
+      'device_kind': jax.devices()[0].device_kind,
+      'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
+      'processor': platform.processor() or platform.machine(), 'jax': jax.__version__,
+  }

@@ -1,0 +1,46 @@
+"""Side-by-side table of eval.py reports: accuracy, alignment and faithfulness per method.
+
+  python bench/compare_evals.py --evals=runs/a/eval,runs/b/eval [--out=table.md]
+
+Each directory holds the metrics.json of `eval.py`; one row per (report, method).
+"""
+import json
+import os
+
+from absl import app, flags
+
+_EVALS = flags.DEFINE_list('evals', None, 'eval directories (each with metrics.json).')
+_OUT = flags.DEFINE_string('out', None, 'Also write the Markdown table here.')
+flags.mark_flag_as_required('evals')
+
+COLUMNS = (('average_drop', 'AD % ↓', '.2f'), ('average_gain', 'AG % ↑', '.2f'),
+           ('average_increase', 'AI % ↑', '.2f'), ('insertion', 'Ins ↑', '.4f'),
+           ('deletion', 'Del ↓', '.4f'), ('alignment_l1', 'align L1 ↓', '.4f'),
+           ('alignment_ssim', 'align SSIM ↑', '.4f'), ('image_l1', 'image L1 ↓', '.4f'),
+           ('image_ssim', 'image SSIM ↑', '.4f'))
+
+
+def table(evals) -> str:
+  header = ['dataset', 'model', 'loss', 'test acc. %', 'method'] + [c[1] for c in COLUMNS]
+  lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for directory in evals:
+    with open(os.path.join(directory, 'metrics.json')) as f:
+      m = json.load(f)
+    for method, values in m['methods'].items():
+      cells = [m['dataset'], m['model'], m['loss'], f'{100 * m["test_accuracy"]:.2f}', method]
+      cells += [format(values[key], spec) for key, _, spec in COLUMNS]
+      lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  text = table(_EVALS.value)
+  print(text)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      f.write(text)
+
+
+if __name__ == '__main__':
+  app.run(main)
