@@ -2,7 +2,7 @@
 report.md and the figures (confusion, CAM prototypes, error prototypes, overlays).
 
   python eval.py --config=configs/<name>.py --workdir=<dir> [--checkpoint=last]
-      [--methods=grad_cam,grad_cam_pp,score_cam] [--num_images=1000]
+      [--methods=grad_cam,grad_cam_pp,score_cam,evidence] [--num_images=1000]
 
 The config is the one used for training (with the same overrides).
 """
@@ -18,9 +18,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'The config used for t
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of the trained run.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', _DEFAULTS.checkpoint, list(eval_lib.CHECKPOINTS),
                                 'Best-by-validation-accuracy or the last checkpoint.')
-_METHODS = flags.DEFINE_list('methods', list(_DEFAULTS.methods),
+_METHODS = flags.DEFINE_list('methods', [],
                              f'CAM methods to measure, of {", ".join(explain.METHODS)} '
-                             '(cam needs a global-average-pool + dense head, e.g. resnet18).')
+                             '(cam needs a global-average-pool + dense head, e.g. resnet18; '
+                             'evidence a Soft-CAM head; raw_attention CA-Stream). Default: '
+                             'grad_cam, grad_cam_pp, score_cam and the model\'s own.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', _DEFAULTS.num_images,
                                    'Test images (the first ones) for the per-method metrics; '
                                    '0 = the whole test set. Accuracy and figures always use '

@@ -3,10 +3,13 @@
 Each error names the config field, the offending value and what is valid, before any
 data is loaded or any model is compiled.
 """
+import os
+
 import ml_collections
 
 from bcam_jax import data, losses, optim
 from bcam_jax.models import MODEL_NAMES
+from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
 DTYPES = ('float32', 'bfloat16')
 DATA_SOURCES = ('auto', 'tfds', 'idx')
@@ -55,7 +58,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.optimizer.weight_decay={config.optimizer.weight_decay!r}; expected >= 0.')
   _choice('loss.kind', config.loss.kind, losses.LOSS_KINDS)
   _choice('loss.metric', config.loss.metric, losses.METRICS)
-  for field in ('lambda_class', 'lambda_cam'):
+  _choice('model.head', config.model.head, HEAD_TYPES)
+  _choice('model.pooling', config.model.pooling, POOLINGS)
+  if config.model.head == 'softcam' and config.model.pooling == 'ca_stream':
+    raise ConfigError('config.model.head="softcam" does not combine with '
+                      'config.model.pooling="ca_stream" (Soft-CAM pools its evidence by the '
+                      'mean); choose one.')
+  if (config.loss.lambda_l1 or config.loss.lambda_l2) and config.model.head != 'softcam':
+    raise ConfigError('config.loss.lambda_l1 / lambda_l2 penalise Soft-CAM evidence maps: '
+                      'they need config.model.head="softcam".')
+  if config.model.ca_stream.freeze_backbone:
+    if config.model.pooling != 'ca_stream':
+      raise ConfigError('config.model.ca_stream.freeze_backbone=True needs '
+                        'config.model.pooling="ca_stream".')
+    if not config.init_from:
+      raise ConfigError('config.model.ca_stream.freeze_backbone=True needs '
+                        'config.init_from=<workdir of a trained baseline run>.')
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f'config.init_from={config.init_from!r} is not a directory.')
+  for field in ('lambda_class', 'lambda_cam', 'lambda_l1', 'lambda_l2'):
     value = config.loss[field]
     if not (isinstance(value, (int, float)) and value >= 0 and value == value):
       raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')

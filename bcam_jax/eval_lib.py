@@ -19,13 +19,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import (cam, data, explain, faithfulness, figures, io_utils, losses, optim, parallel,
+from bcam_jax import (cam, data, explain, faithfulness, figures, io_utils, losses, parallel,
                       report, train_lib)
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.metric_logging import format_duration
 
 CHECKPOINTS = ('best', 'last')
-DEFAULT_METHODS = ('grad_cam', 'grad_cam_pp', 'score_cam')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 
 
@@ -33,7 +32,8 @@ METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion
 class EvalOptions:
   """What `evaluate_and_report` measures.
 
-  methods: CAM methods (`explain.METHODS`); num_images: test images (the first ones) for
+  methods: CAM methods (`explain.METHODS`), empty for `explain.default_methods` of the
+  model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention); num_images: test images (the first ones) for
   the per-method metrics, 0 for all; target: the class each map explains, 'label' or
   'predicted'; layer: the explained layer of the features dict; n_steps: insertion and
   deletion steps; batch_size: images per jitted call of a method (Score-CAM and
@@ -42,7 +42,7 @@ class EvalOptions:
   error_prototypes.png.
   """
   checkpoint: str = 'best'
-  methods: tuple[str, ...] = DEFAULT_METHODS
+  methods: tuple[str, ...] = ()
   num_images: int = 1000
   target: str = 'label'
   layer: str = 'cam'
@@ -56,7 +56,8 @@ class EvalOptions:
   def __post_init__(self):
     if self.checkpoint not in CHECKPOINTS:
       raise ValueError(f'checkpoint={self.checkpoint!r}; valid: {CHECKPOINTS}')
-    explain.check_methods(self.methods)
+    if self.methods:
+      explain.check_methods(self.methods)
     if self.target not in explain.TARGETS:
       raise ValueError(f'target={self.target!r}; valid: {explain.TARGETS}')
     for name in ('n_steps', 'batch_size', 'score_cam_chunk', 'steps_per_call'):
@@ -76,7 +77,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = '
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f'workdir {workdir!r} does not exist: train it first.')
   run = train_lib.setup_run(config, devices)
-  tx, _ = optim.make_optimizer(config.optimizer, total_steps=1)
+  tx, _ = run.optimizer(total_steps=1)
   abstract_state = run.abstract_state(tx)
   ckpts = Checkpoints(workdir)
   try:
@@ -249,8 +250,8 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
                         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Everything `eval.py` measures and draws; returns the dict written to metrics.json."""
   run, variables, step = restore(config, workdir, options.checkpoint, devices)
-  if 'cam' in options.methods:
-    run.model.class_weights(variables['params'])  # fails now, not after an hour of work
+  methods = options.methods or explain.default_methods(run.model)
+  explain.check_applicable(run.model, variables, methods)  # fails now, not in an hour
   info, test = run.datasets.info, run.datasets.test
   prototypes = run.prototypes(workdir)['train']
   result = _test_metrics(run, variables, prototypes, options.checkpoint, step)
@@ -276,7 +277,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
                 n_steps=options.n_steps, dataset=info.name, model=config.model.name,
                 loss=config.loss.kind)
   overlay_maps = {}
-  for method in options.methods:
+  for method in methods:
     progress = _Progress(method, n_images)
     step_fn = jax.jit(make_method_step(explainer, method, options, c))
     sums, maps = _accumulate(subset, batch_size, run, step_fn, variables, prototypes,

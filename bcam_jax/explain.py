@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from bcam_jax import cam, data
+from bcam_jax import cam, data, models
 
-METHODS = ('cam', 'grad_cam', 'grad_cam_pp', 'score_cam')
+METHODS = ('cam', 'grad_cam', 'grad_cam_pp', 'score_cam', 'evidence', 'raw_attention')
+# Explanations the model computes in its forward pass, at the CAM layer only.
+BUILT_IN = {'evidence': 'head="softcam"', 'raw_attention': 'pooling="ca_stream"'}
 TARGETS = ('label', 'predicted')
 
 
@@ -28,6 +30,27 @@ def check_methods(methods) -> tuple[str, ...]:
   return methods
 
 
+def default_methods(model) -> tuple[str, ...]:
+  """The post-hoc methods plus what the model explains itself (Soft-CAM evidence,
+  CA-Stream raw attention)."""
+  own = ('evidence',) if model.head_type == 'softcam' else ()
+  own += ('raw_attention',) if model.pooling == 'ca_stream' else ()
+  return ('grad_cam', 'grad_cam_pp', 'score_cam') + own
+
+
+def check_applicable(model, variables, methods) -> None:
+  """ValueError, before any work, for a method the model cannot give."""
+  for method in check_methods(methods):
+    if method == 'cam':
+      model.class_weights(variables['params'])
+    if method == 'evidence' and model.head_type != 'softcam':
+      raise ValueError(f'method evidence needs a Soft-CAM model ({BUILT_IN[method]}); '
+                       f'{model.label()} has the default head')
+    if method == 'raw_attention' and model.pooling != 'ca_stream':
+      raise ValueError(f'method raw_attention needs a CA-Stream model ({BUILT_IN[method]}); '
+                       f'{model.label()} pools by default')
+
+
 def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
   """(features of `layer` `(N, h, w, K)`, head_fn mapping them to logits `(N, C)`).
 
@@ -38,7 +61,7 @@ def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
   """
   if layer == 'cam':
     features = model.apply(variables, x, method='backbone')
-    return features['cam'], lambda a: model.apply(variables, a, method='head')
+    return features['cam'], models.head_fn(model, variables, features)
   features, state = model.apply(variables, x, method='backbone', mutable=['perturbations'])
   zeros = traverse_util.flatten_dict(state.get('perturbations', {}))
   keys = [k for k in zeros if k[-1] == layer]
@@ -84,10 +107,12 @@ class Explainer:
     """Non-negative maps `(N, h, w)` of `method` at the layer's resolution."""
     check_methods([method])
     x = data.normalize(pixels, self.mean, self.std, self.dtype)
+    if method in ('cam',) + tuple(BUILT_IN) and self.layer != 'cam':
+      raise ValueError(f'{method} explains the last layer only, not layer={self.layer!r}')
+    if method in BUILT_IN:
+      return self._built_in(method, variables, x, targets)
     features, head_fn = layer_features(self.model, variables, x, self.layer)
     if method == 'cam':
-      if self.layer != 'cam':
-        raise ValueError(f'CAM explains the last layer only, not layer={self.layer!r}')
       return cam.cam(features, self.model.class_weights(variables['params']), targets)
     if method == 'grad_cam':
       return cam.grad_cam(head_fn, features, targets)
@@ -95,6 +120,16 @@ class Explainer:
       return cam.grad_cam_pp(head_fn, features, targets)
     return cam.score_cam(lambda p: self.logits(variables, p), pixels, features, targets,
                          chunk_size=self.score_cam_chunk)
+
+  def _built_in(self, method: str, variables, x: jax.Array, targets: jax.Array):
+    """Soft-CAM's ReLU(E_t), or CA-Stream's class-agnostic raw attention."""
+    features = self.model.apply(variables, x, method='backbone')
+    if method == 'evidence':
+      evidence = self.model.apply(variables, features['cam'], method='evidence')
+      return jax.nn.relu(jnp.take_along_axis(evidence, targets[:, None, None, None],
+                                             axis=-1)[..., 0])
+    return self.model.apply(variables, features['cam'], features.get('ca_query'),
+                            method='attention')
 
   def maps(self, method: str, variables, pixels: jax.Array, targets: jax.Array) -> jax.Array:
     """Saliency `(N, S, S)` in [0, 1]: `raw_maps` upsampled to the image and min-max scaled."""

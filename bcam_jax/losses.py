@@ -3,7 +3,8 @@
     L_total = lambda_class * CE + lambda_cam * L_reg                    (paper eqs. 11-12)
 
 with L_reg the per-image Prototype Loss (`proto`) or the Batch-CAM Prototype Loss
-(`bcpl`), each measured by a map distance phi in {l1, l2, ssim} between [0, 1] maps.
+(`bcpl`), each measured by a map distance phi in {l1, l2, ssim} between [0, 1] maps; and
+Soft-CAM's ElasticNet penalty on class-evidence maps.
 """
 import dm_pix
 import jax
@@ -48,3 +49,11 @@ def batch_cam_loss(cams: jax.Array, counts: jax.Array, prototypes: jax.Array,
   (count > 0) of phi(M_c, P_c); cams `(C, H, W)` in [0, 1]."""
   present = (counts > 0).astype(cams.dtype)
   return jnp.sum(present * map_distance(cams, prototypes, metric))
+
+
+def elastic_net(evidence: jax.Array, lambda_l1: float, lambda_l2: float) -> jax.Array:
+  """Soft-CAM's ElasticNet on class-evidence maps: lambda_l1 mean|E| + lambda_l2 mean(E^2),
+  means over every sample, position and class (dense: both 0; sparse: l1 > 0; ridge:
+  l2 > 0)."""
+  e = cam.at_least_float32(evidence)
+  return lambda_l1 * jnp.mean(jnp.abs(e)) + lambda_l2 * jnp.mean(jnp.square(e))

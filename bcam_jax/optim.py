@@ -43,3 +43,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
   if cfg.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx, schedule
+
+
+def train_only(tx: optax.GradientTransformation, trainable: tuple[str, ...]
+               ) -> optax.GradientTransformation:
+  """`tx` on the top-level parameter subtrees named in `trainable`; every other parameter
+  gets a zero update (and no optimiser state), so it stays bit-identical."""
+  def labels(params):
+    return {name: jax.tree.map(lambda _, n=name: 'train' if n in trainable else 'frozen',
+                               subtree) for name, subtree in params.items()}
+  return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)

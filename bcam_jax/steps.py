@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from bcam_jax import cam, data, losses
+from bcam_jax import cam, data, explanations, losses
 
 
 class TrainState(struct.PyTreeNode):
@@ -52,11 +52,16 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int,
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """What a train step minimises: lambda_class * CE + lambda_cam * CAM term (eqs. 11-12).
+  """What a train step minimises:
+
+      lambda_class * CE + lambda_cam * CAM term (eqs. 11-12)
+                        + lambda_l1 * mean|E| + lambda_l2 * mean(E^2)  (Soft-CAM ElasticNet)
 
   kind: 'ce' (no CAM term), 'proto' (per-image Prototype Loss) or 'bcpl' (Batch-CAM
-  Prototype Loss); metric: the map distance ('l1', 'l2', 'ssim'). CAM maps are upsampled
-  to `image_size` (the prototypes' resolution) and min-max normalised before comparison.
+  Prototype Loss); metric: the map distance ('l1', 'l2', 'ssim'). The explanation is
+  Grad-CAM, or for a Soft-CAM model its evidence map of the label; maps are upsampled to
+  `image_size` (the prototypes' resolution) and min-max normalised before comparison.
+  The ElasticNet term applies to Soft-CAM evidence maps E only.
   """
   kind: str = 'ce'
   metric: str = 'l1'
@@ -64,72 +69,84 @@ class Objective:
   lambda_cam: float = 1.0
   num_classes: int = 10
   image_size: int = 28
+  lambda_l1: float = 0.0
+  lambda_l2: float = 0.0
 
   @classmethod
   def from_config(cls, config, num_classes: int) -> 'Objective':
     return cls(kind=config.loss.kind, metric=config.loss.metric,
                lambda_class=config.loss.lambda_class, lambda_cam=config.loss.lambda_cam,
-               num_classes=num_classes, image_size=config.data.image_size)
+               num_classes=num_classes, image_size=config.data.image_size,
+               lambda_l1=config.loss.lambda_l1, lambda_l2=config.loss.lambda_l2)
 
   def compare(self, maps: jax.Array) -> jax.Array:
     """CAM maps at feature resolution -> [0, 1] maps at the prototypes' resolution."""
     return cam.normalize_cam(cam.upsample_cam(maps, self.image_size))
 
-  def cam_term(self, features, grads, labels, prototypes) -> jax.Array:
+  def cam_term(self, explanation, labels, prototypes) -> jax.Array:
     """The explanation regulariser of `kind` for a batch (0 for 'ce')."""
     if self.kind == 'proto':
-      maps = self.compare(cam.weighted_activation(features, grads))
+      maps = self.compare(explanation.image_maps())
       return losses.prototype_loss(maps, labels, prototypes, self.metric)
     if self.kind == 'bcpl':
-      cams, counts = cam.batch_cam_from_gradients(features, grads, labels, self.num_classes)
+      ones = jnp.ones(labels.shape, jnp.float32)
+      sums = explanation.class_sums(labels, self.num_classes, ones)
+      counts = cam.class_sums(ones, labels, self.num_classes)[0]
+      cams = explanation.maps_from_sums(sums, counts)
       return losses.batch_cam_loss(self.compare(cams), counts, prototypes, self.metric)
     return jnp.zeros((), jnp.float32)
 
-  def total(self, ce: jax.Array, cam_term: jax.Array) -> jax.Array:
+  def penalty(self, evidence) -> jax.Array:
+    """Soft-CAM's ElasticNet on the evidence maps (0 without them)."""
+    if evidence is None:
+      return jnp.zeros((), jnp.float32)
+    return losses.elastic_net(evidence, self.lambda_l1, self.lambda_l2)
+
+  def total(self, ce: jax.Array, cam_term: jax.Array, penalty=0.0) -> jax.Array:
     if self.kind == 'ce':
-      return ce
-    return self.lambda_class * ce + self.lambda_cam * cam_term
+      return ce + penalty
+    return self.lambda_class * ce + self.lambda_cam * cam_term + penalty
 
 
-def _head_fn(model: nn.Module, variables) -> Callable[[jax.Array], jax.Array]:
-  """The model's per-sample head as a pure function of the CAM-layer features."""
-  return lambda features: model.apply(variables, features, method='head')
-
-
-def make_loss_fn(model: nn.Module, objective: Objective):
+def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool = False):
   """(params, batch_stats, x, labels, prototypes, rng) -> (total loss, aux).
 
   The CAM term depends on the parameters through the features A and through the
   gradients G = dS/dA of the head, so differentiating this function goes second order
-  through the head. aux holds logits, new BatchNorm statistics, CE and the CAM term.
+  through the head. aux holds logits, new BatchNorm statistics, CE, the CAM term and the
+  ElasticNet penalty. With `frozen_backbone` the backbone runs in evaluation mode (its
+  BatchNorm statistics stay as restored; the optimiser leaves its parameters alone).
   """
 
   def loss_fn(params, batch_stats, x, labels, prototypes, rng):
     variables = model_variables(params, batch_stats)
-    features, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                    rngs={'dropout': rng}, method='backbone')
-    head = _head_fn(model, variables)
-    if objective.kind == 'ce':
-      logits = head(features['cam'])
-      cam_term = jnp.zeros((), jnp.float32)
+    if frozen_backbone:
+      features = model.apply(variables, x, train=False, method='backbone')
+      new_batch_stats = batch_stats
     else:
-      logits, grads = cam.head_gradients(head, features['cam'], labels)
-      cam_term = objective.cam_term(features['cam'], grads, labels, prototypes)
+      features, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                      rngs={'dropout': rng}, method='backbone')
+      new_batch_stats = updates.get('batch_stats', {})
+    logits, explanation, evidence = explanations.logits_and_explanation(
+        model, variables, features, labels, explain=objective.kind != 'ce')
+    cam_term = (objective.cam_term(explanation, labels, prototypes)
+                if objective.kind != 'ce' else jnp.zeros((), jnp.float32))
+    penalty = objective.penalty(evidence)
     ce = losses.cross_entropy(logits, labels).mean()
-    aux = {'logits': logits, 'batch_stats': updates.get('batch_stats', {}), 'ce': ce,
-           'cam': cam_term}
-    return objective.total(ce, cam_term), aux
+    aux = {'logits': logits, 'batch_stats': new_batch_stats, 'ce': ce, 'cam': cam_term,
+           'penalty': penalty}
+    return objective.total(ce, cam_term, penalty), aux
 
   return loss_fn
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, objective: Objective, *, mean: float,
-                    std: float, dtype: jnp.dtype, seed: int):
+                    std: float, dtype: jnp.dtype, seed: int, frozen_backbone: bool = False):
   """(state, images uint8, labels, prototypes) -> (new state, metrics); the dropout key
   is fold_in(seed, step), so a resumed run draws exactly the same randomness."""
   base_key = jax.random.key(seed + 1)
-  loss_fn = make_loss_fn(model, objective)
+  loss_fn = make_loss_fn(model, objective, frozen_backbone)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
                  prototypes: jax.Array):
@@ -145,6 +162,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         'loss': loss,
         'ce': aux['ce'],
         'cam': aux['cam'],
+        'penalty': aux['penalty'],
         'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == labels),
         'grad_norm': optax.tree.norm(grads),
         'learning_rate': schedule(state.step),
@@ -160,29 +178,28 @@ def make_eval_step(model: nn.Module, objective: Objective, *, mean: float, std: 
 
   Besides CE and accuracy, every evaluation measures both explanation terms against
   `prototypes` (whatever the training objective): the per-image Prototype Loss as a sum,
-  and the per-class sums of features A and gradients G, from which the caller forms the
-  Batch-CAM of the whole split. Padding (mask False) is never counted.
+  and the per-class sums of the explanation (A and G for Grad-CAM, the label's evidence
+  for Soft-CAM), from which the caller forms the class maps of the whole split
+  (`explanations.explanation_type(model).maps_from_sums`). Padding (mask False) is never
+  counted.
   """
 
   def eval_step(variables, images, labels, mask, prototypes):
     x = data.preprocess(images, mean, std, objective.image_size, dtype)
-    features = model.apply(variables, x, train=False, method='backbone')['cam']
-    logits, grads = cam.head_gradients(_head_fn(model, variables), features, labels)
+    features = model.apply(variables, x, train=False, method='backbone')
+    logits, explanation, _ = explanations.logits_and_explanation(
+        model, variables, features, labels, explain=True)
     mask = mask.astype(jnp.float32)
-    maps = objective.compare(cam.weighted_activation(features, grads))
+    maps = objective.compare(explanation.image_maps())
     proto = losses.map_distance(maps, prototypes[labels], objective.metric)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    n, m = objective.num_classes, mask[:, None, None, None]
-    feature_sums, _ = cam.class_sums(features * m, labels, n)
-    grad_sums, _ = cam.class_sums(grads * m, labels, n)
     return {
         'loss_sum': jnp.sum(losses.cross_entropy(logits, labels) * mask),
         'correct': jnp.sum(correct * mask),
         'proto_sum': jnp.sum(proto * mask),
         'count': jnp.sum(mask),
-        'class_count': jax.ops.segment_sum(mask, labels, n),
-        'class_feature_sums': feature_sums,
-        'class_grad_sums': grad_sums,
+        'class_count': jax.ops.segment_sum(mask, labels, objective.num_classes),
+        'class_sums': explanation.class_sums(labels, objective.num_classes, mask),
     }
 
   return eval_step

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 
-from bcam_jax import cam, data, io_utils, losses, models, optim, parallel, steps
+from bcam_jax import data, explanations, io_utils, losses, models, optim, parallel, steps
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
@@ -50,6 +51,48 @@ class RunSetup:
                                              self.config.data.image_size)
     return {k: jax.device_put(v, parallel.replicated(self.mesh)) for k, v in protos.items()}
 
+  @property
+  def frozen_backbone(self) -> bool:
+    """CA-Stream's protocol: only the stream trains."""
+    return bool(self.config.model.ca_stream.freeze_backbone)
+
+  def optimizer(self, total_steps: int):
+    """(tx, schedule) of `config.optimizer`; with a frozen backbone, tx updates the
+    CA-Stream parameters only."""
+    tx, schedule = optim.make_optimizer(self.config.optimizer, total_steps)
+    if self.frozen_backbone:
+      tx = optim.train_only(tx, ('stream',))
+    return tx, schedule
+
+  def init_from_baseline(self, state: steps.TrainState) -> steps.TrainState:
+    """`state` with backbone, classifier and BatchNorm statistics of the best checkpoint
+    of `config.init_from` (a run of the same model with the default head and pooling)."""
+    cfg = self.config
+    baseline = models.get_model(cfg.model.name, self.datasets.info.num_classes,
+                                dtype=self.dtype, **cfg.model.options)
+    init = steps.make_init_fn(baseline, optax.identity(), cfg.seed, cfg.data.image_size)
+    sharding = parallel.replicated(self.mesh)
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            jax.eval_shape(init).model_variables())
+    ckpts = Checkpoints(cfg.init_from)
+    try:
+      restored, step = ckpts.restore_best(abstract)
+    finally:
+      ckpts.close()
+    params = dict(state.params)
+    for name in ('backbone_net', 'head_net'):
+      want = jax.tree.map(lambda p: p.shape, params[name])
+      got = jax.tree.map(lambda p: p.shape, restored['params'][name])
+      if want != got:
+        raise ValueError(f'config.init_from={cfg.init_from!r}: its {name} parameters do not '
+                         f'fit this model ({cfg.model.name}, head={cfg.model.head!r}, '
+                         f'pooling={cfg.model.pooling!r}); e.g. simple_cnn\'s flatten + dense '
+                         'classifier cannot take pooled features.')
+      params[name] = restored['params'][name]
+    logging.info('Initialised backbone and classifier from %s (best checkpoint, step %d).',
+                 cfg.init_from, step)
+    return state.replace(params=params, batch_stats=restored.get('batch_stats', {}))
+
   def init_state(self, tx) -> steps.TrainState:
     """The initial train state, replicated over the mesh."""
     init = steps.make_init_fn(self.model, tx, self.config.seed, self.config.data.image_size)
@@ -74,6 +117,7 @@ def setup_run(config: ml_collections.ConfigDict,
   datasets = data.load_datasets(config.data)
   dtype = jnp.dtype(config.train.dtype)
   model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
+                           head=config.model.head, pooling=config.model.pooling,
                            **config.model.options)
   cam = models.cam_shape(model, config.data.image_size)
   logging.info('Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
@@ -99,8 +143,8 @@ def evaluate(run: RunSetup, eval_step, variables, split: data.Split,
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   objective = run.objective
   counts = totals['class_count']
-  class_cams = objective.compare(cam.batch_cam_from_sums(
-      totals['class_feature_sums'], totals['class_grad_sums'], counts))
+  maps_from_sums = explanations.explanation_type(run.model).maps_from_sums
+  class_cams = objective.compare(maps_from_sums(totals['class_sums'], counts))
   bcam = losses.batch_cam_loss(class_cams, counts, prototypes, objective.metric)
   count = float(totals['count'])
   metrics = {'loss': float(totals['loss_sum']) / count,
@@ -140,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps_per_epoch = data.steps_per_epoch(n_train, batch)
   total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
   eval_every = tc.eval_every_steps or steps_per_epoch
-  tx, schedule = optim.make_optimizer(config.optimizer, total_steps)
+  tx, schedule = run.optimizer(total_steps)
 
   ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints)
   logger = MetricLogger(workdir, enabled=is_writer)
@@ -148,6 +192,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = ckpts.restore_latest(run.abstract_state(tx))
     if state is None:
       state = run.init_state(tx)
+      if config.init_from:
+        state = run.init_from_baseline(state)
     else:
       logger.info(f'Resumed from {ckpts.latest.directory} at step {int(state.step)}.')
     start_step = int(state.step)
@@ -157,7 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     train_step = jax.jit(
         steps.make_train_step(run.model, tx, schedule, run.objective, mean=info.mean,
-                              std=info.std, dtype=run.dtype, seed=config.seed),
+                              std=info.std, dtype=run.dtype, seed=config.seed,
+                              frozen_backbone=run.frozen_backbone),
         out_shardings=parallel.replicated(run.mesh), donate_argnums=0)
     eval_step = run.eval_step()
     logger.info(f'Training {config.model.name} on {info.name} with loss '
@@ -244,7 +291,7 @@ def _check_pending(pending, ckpts: Checkpoints) -> dict[str, float]:
   return host
 
 
-_WINDOWED = ('loss', 'ce', 'cam', 'accuracy')
+_WINDOWED = ('loss', 'ce', 'cam', 'penalty', 'accuracy')
 
 
 def _empty_window() -> dict[str, float]:

@@ -17,6 +17,14 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.name = 'simple_cnn'
   # Model-specific keyword arguments of `bcam_jax.models.get_model` (e.g. `stem`).
   config.model.options = ml_collections.ConfigDict()
+  config.model.head = 'default'       # 'default' | 'softcam' (class-evidence maps)
+  config.model.pooling = 'default'    # 'default' | 'ca_stream' (attention pooling)
+  config.model.ca_stream = ml_collections.ConfigDict()
+  # True: restore backbone and classifier from config.init_from, train only the stream.
+  config.model.ca_stream.freeze_backbone = False
+  # Workdir of a trained run (same model name and options, default head and pooling) whose
+  # best checkpoint initialises the backbone and the classifier; '' starts from scratch.
+  config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'mnist'          # 'mnist' | 'fashion_mnist'
@@ -57,6 +65,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.metric = 'l1'           # 'l1' | 'l2' | 'ssim'
   config.loss.lambda_class = 1.0
   config.loss.lambda_cam = 1.0
+  # Soft-CAM's ElasticNet on the evidence maps: lambda_l1 mean|E| + lambda_l2 mean(E^2).
+  config.loss.lambda_l1 = 0.0
+  config.loss.lambda_l2 = 0.0
   return config
 
 

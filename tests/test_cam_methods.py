@@ -157,7 +157,7 @@ def test_unknown_layer_and_inapplicable_cam_fail_clearly(tiny_resnet):
   with pytest.raises(ValueError, match="layer 'stage9'.*valid: cam, stage1"):
     dataclasses.replace(explainer, layer='stage9').raw_maps(
         'grad_cam', variables, pixels, _targets())
-  with pytest.raises(ValueError, match='CAM explains the last layer only'):
+  with pytest.raises(ValueError, match='cam explains the last layer only'):
     dataclasses.replace(explainer, layer='stage3').raw_maps(
         'cam', variables, pixels, _targets())
   simple = get_model('simple_cnn', C)

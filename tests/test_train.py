@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bcam_jax import config_validation, data, eval_lib, train_lib
+from bcam_jax import cam, config_validation, data, eval_lib, train_lib
 from configs import resnet18_baseline, simple_cnn_baseline
 from tests import synthetic
 
@@ -135,8 +135,8 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
     g = jax.grad(lambda a: head(a)[0, label])(features['cam'])
     feats.append(features['cam'][0])
     grads.append(g[0])
-    m = train_lib.cam.normalize_cam(train_lib.cam.upsample_cam(
-        train_lib.cam.weighted_activation(features['cam'][0], g[0]), 28))
+    m = cam.normalize_cam(cam.upsample_cam(
+        cam.weighted_activation(features['cam'][0], g[0]), 28))
     proto.append(float(np.abs(m - prototypes[label]).mean()))
   assert got['count'] == len(split) == 60
   assert got['accuracy'] == pytest.approx(np.mean(correct))
@@ -146,9 +146,9 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
   for c in range(10):
     members = np.flatnonzero(split.labels == c)
     if len(members):
-      m = train_lib.cam.weighted_activation(np.mean([feats[i] for i in members], axis=0),
+      m = cam.weighted_activation(np.mean([feats[i] for i in members], axis=0),
                                             np.mean([grads[i] for i in members], axis=0))
-      m = train_lib.cam.normalize_cam(train_lib.cam.upsample_cam(m, 28))
+      m = cam.normalize_cam(cam.upsample_cam(m, 28))
       np.testing.assert_allclose(class_cams[c], m, atol=1e-4)
       bcam += float(np.abs(m - prototypes[c]).mean())
   assert got['bcam_loss'] == pytest.approx(bcam, rel=1e-4)

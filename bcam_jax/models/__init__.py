@@ -36,7 +36,7 @@ _MODELS = {
 MODEL_NAMES = tuple(_MODELS)
 
 # Dataclass fields of every model that are not options of get_model.
-_NOT_OPTIONS = ('num_classes', 'parent', 'name')
+_NOT_OPTIONS = ('num_classes', 'parent', 'name', 'head_type', 'pooling')
 
 
 def _model_class(name: str) -> type[CamClassifier]:
@@ -51,8 +51,12 @@ def model_options(name: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields if f.name not in _NOT_OPTIONS)
 
 
-def get_model(name: str, num_classes: int, **options) -> CamClassifier:
+def get_model(name: str, num_classes: int, *, head: str = 'default',
+              pooling: str = 'default', **options) -> CamClassifier:
     """Build model ``name`` with ``num_classes`` outputs and its options.
+
+    ``head="softcam"`` gives the Soft-CAM evidence head, ``pooling="ca_stream"`` the
+    CA-Stream attention pooling (``bcam_jax.models.heads``); both work on every backbone.
 
     ``dtype`` may be given as a string (e.g. ``"bfloat16"``).  Unknown names
     and options raise ValueError listing the valid ones.
@@ -65,7 +69,14 @@ def get_model(name: str, num_classes: int, **options) -> CamClassifier:
                          f'valid options: {", ".join(valid)}')
     if isinstance(options.get('dtype'), str):
         options['dtype'] = jnp.dtype(options['dtype'])
-    return cls(num_classes, **options)
+    return cls(num_classes, head_type=head, pooling=pooling, **options)
+
+
+def head_fn(model: CamClassifier, variables, features: dict):
+    """The per-sample head as a pure function of the CAM features: a -> logits, with
+    CA-Stream's query (a per-sample input of the head) taken from ``features``."""
+    query = features.get('ca_query')
+    return lambda a: model.apply(variables, a, query, method='head')
 
 
 def _image(image_size: int) -> jax.ShapeDtypeStruct:

@@ -27,13 +27,18 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bcam_jax.models.heads import (HEAD_TYPES, POOLINGS, CAStream, SoftCamHead,
+                                   cross_attention)
+
 
 class CamClassifier(nn.Module):
     """Base class of the models: the three entry points and the image-size check.
 
-    Subclasses create ``backbone_net`` (images, train -> features dict) and
-    ``head_net`` (cam -> float32 logits) in ``setup`` and define ``cam_side``
-    and ``label``.
+    Subclasses define ``make_backbone`` (images, train -> features dict),
+    ``make_head`` (the default head: cam, query=None -> float32 logits),
+    ``stream_stages``, ``cam_side`` and ``label``. ``head_type="softcam"`` replaces
+    the default head by Soft-CAM's evidence layer, ``pooling="ca_stream"`` its
+    global average pooling by CA-Stream (``bcam_jax.models.heads``).
 
     Attributes:
       num_classes: number of output classes.
@@ -44,11 +49,40 @@ class CamClassifier(nn.Module):
 
     num_classes: int
     dtype: Any = jnp.float32
+    head_type: str = 'default'
+    pooling: str = 'default'
+
+    # Names of the features-dict stages that CA-Stream crosses before the CAM layer.
+    stream_stages = ()
 
     def __post_init__(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f'num_classes must be a positive int, got {self.num_classes!r}')
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f'head={self.head_type!r}; valid: {", ".join(HEAD_TYPES)}')
+        if self.pooling not in POOLINGS:
+            raise ValueError(f'pooling={self.pooling!r}; valid: {", ".join(POOLINGS)}')
+        if self.head_type == 'softcam' and self.pooling == 'ca_stream':
+            raise ValueError('head="softcam" pools its evidence maps by their mean; it does not '
+                             'combine with pooling="ca_stream"')
         super().__post_init__()
+
+    def setup(self):
+        self.backbone_net = self.make_backbone()
+        self.head_net = (SoftCamHead(self.num_classes) if self.head_type == 'softcam'
+                         else self.make_head())
+        if self.pooling == 'ca_stream':
+            self.stream = CAStream(self.stream_stages)
+
+    @nn.nowrap
+    def make_backbone(self) -> nn.Module:
+        """The backbone module: (images, train) -> features dict."""
+        raise NotImplementedError(f'{type(self).__name__} must define make_backbone')
+
+    @nn.nowrap
+    def make_head(self) -> nn.Module:
+        """The default head module: (cam, query=None) -> float32 logits."""
+        raise NotImplementedError(f'{type(self).__name__} must define make_head')
 
     @nn.nowrap
     def cam_side(self, image_side: int) -> int:
@@ -76,21 +110,47 @@ class CamClassifier(nn.Module):
 
     @nn.nowrap
     def class_weights(self, params) -> Any:
-        """The dense kernel ``(K, num_classes)`` of a global-average-pool + dense head, which
-        CAM (``bcam_jax.cam.cam``) needs; ValueError for any other head."""
+        """The kernel ``(K, num_classes)`` of a global-average-pool + dense head (or of the
+        Soft-CAM evidence layer, the same map), which CAM (``bcam_jax.cam.cam``) needs;
+        ValueError for any other head."""
+        if self.head_type == 'softcam':
+            return params['head_net']['evidence']['kernel']
         raise ValueError(f'{self.label()} has no global-average-pool + dense head, so CAM does '
                          'not apply to it; use grad_cam, grad_cam_pp or score_cam')
 
     def backbone(self, x, train: bool = False):
-        """Images (N, H, W, 1) -> dict of NHWC stage outputs, with "cam" the Grad-CAM layer."""
+        """Images (N, H, W, 1) -> dict of NHWC stage outputs, with "cam" the Grad-CAM layer
+        (and, with CA-Stream, "ca_query" `(N, d)`, the query of the last CA block)."""
         self.check_image_size(x.shape[1], x.shape[2])
-        return self.backbone_net(x, train=train)
+        features = self.backbone_net(x, train=train)
+        if self.pooling == 'ca_stream':
+            features = features | {'ca_query': self.stream(features)}
+        return features
 
-    def head(self, cam):
-        """CAM feature map (N, h, w, k) -> float32 logits (N, num_classes), per sample."""
-        return self.head_net(cam)
+    def head(self, cam, query=None):
+        """CAM feature map (N, h, w, k) -> float32 logits (N, num_classes), per sample.
+        With CA-Stream, `query` is features["ca_query"] (see ``models.head_fn``)."""
+        if self.pooling == 'ca_stream' and query is None:
+            raise ValueError(f'{self.label()} with CA-Stream pooling: head() needs the query '
+                             'features["ca_query"]; build the head function with '
+                             'bcam_jax.models.head_fn(model, variables, features)')
+        return self.head_net(cam) if query is None else self.head_net(cam, query)
+
+    def evidence(self, cam):
+        """Soft-CAM class-evidence maps (N, h, w, num_classes) of the CAM features."""
+        if self.head_type != 'softcam':
+            raise ValueError(f'{self.label()} has no Soft-CAM head: evidence maps need '
+                             'config.model.head="softcam"')
+        return self.head_net.evidence(cam)
+
+    def attention(self, cam, query):
+        """CA-Stream's class-agnostic raw attention (N, h, w) over the CAM layer."""
+        if self.pooling != 'ca_stream':
+            raise ValueError(f'{self.label()} has no CA-Stream: raw attention needs '
+                             'config.model.pooling="ca_stream"')
+        return cross_attention(cam, query)[1]
 
     def __call__(self, x, train: bool = False):
         """Images -> (logits, features); logits are float32."""
         features = self.backbone(x, train=train)
-        return self.head(features['cam']), features
+        return self.head(features['cam'], features.get('ca_query')), features

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.heads import pool
 
 DEPTHS = (3, 3, 9, 3)
 DIMS = (96, 192, 384, 768)
@@ -125,13 +126,13 @@ class ConvNeXtV2Backbone(nn.Module):
 
 
 class PoolNormDenseHead(nn.Module):
-    """Global average pool, LayerNorm, Dense, all in float32."""
+    """Global average pool (or CA pooling given a query), LayerNorm, Dense, all in float32."""
 
     num_classes: int
 
     @nn.compact
-    def __call__(self, cam):
-        x = jnp.mean(jnp.asarray(cam, jnp.float32), axis=(1, 2))
+    def __call__(self, cam, query=None):
+        x = pool(cam, query)
         x = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, dtype=jnp.float32, name='norm')(x)
         return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=_WEIGHT_INIT,
                         name='dense')(x)
@@ -155,9 +156,15 @@ class ConvNeXtV2Tiny(CamClassifier):
                              f'got {self.drop_path_rate!r}')
         super().__post_init__()
 
-    def setup(self):
-        self.backbone_net = ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype)
-        self.head_net = PoolNormDenseHead(self.num_classes)
+    stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
+
+    @nn.nowrap
+    def make_backbone(self):
+        return ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype)
+
+    @nn.nowrap
+    def make_head(self):
+        return PoolNormDenseHead(self.num_classes)
 
     @nn.nowrap
     def cam_side(self, image_side: int) -> int:

@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.heads import pool
 
 STEMS = ('small', 'imagenet')
 WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # stage widths are width * these: 64-128-256-512
@@ -117,14 +118,13 @@ class ResNet18Backbone(nn.Module):
 
 
 class PoolDenseHead(nn.Module):
-    """Global average pool + Dense in float32."""
+    """Global average pool (or CA pooling given a query) + Dense in float32."""
 
     num_classes: int
 
     @nn.compact
-    def __call__(self, cam):
-        x = jnp.mean(jnp.asarray(cam, jnp.float32), axis=(1, 2))
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(x)
+    def __call__(self, cam, query=None):
+        return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(pool(cam, query))
 
 
 class ResNet18(CamClassifier):
@@ -147,14 +147,21 @@ class ResNet18(CamClassifier):
             raise ValueError(f'resnet18: width must be a positive int, got {self.width!r}')
         super().__post_init__()
 
-    def setup(self):
-        self.backbone_net = ResNet18Backbone(self.stem, self.width, self.zero_init_residual,
-                                             self.dtype)
-        self.head_net = PoolDenseHead(self.num_classes)
+    stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
+
+    @nn.nowrap
+    def make_backbone(self):
+        return ResNet18Backbone(self.stem, self.width, self.zero_init_residual, self.dtype)
+
+    @nn.nowrap
+    def make_head(self):
+        return PoolDenseHead(self.num_classes)
 
     @nn.nowrap
     def class_weights(self, params):
-        return params['head_net']['dense']['kernel']
+        if self.head_type == 'default' and self.pooling == 'default':
+            return params['head_net']['dense']['kernel']
+        return super().class_weights(params)
 
     @nn.nowrap
     def cam_side(self, image_side: int) -> int:

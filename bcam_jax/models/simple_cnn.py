@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.heads import pool
 
 
 class SimpleCNNBackbone(nn.Module):
@@ -31,30 +32,39 @@ class SimpleCNNBackbone(nn.Module):
     def __call__(self, x, train: bool = False):
         del train  # Same computation in training and evaluation.
         conv = partial(nn.Conv, kernel_size=(3, 3), padding='SAME', dtype=self.dtype)
-        pool = partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
-        stage1 = self.perturb('stage1', pool(nn.relu(conv(32, name='conv1')(x))))
-        stage2 = self.perturb('stage2', pool(nn.relu(conv(64, name='conv2')(stage1))))
+        max_pool = partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+        stage1 = self.perturb('stage1', max_pool(nn.relu(conv(32, name='conv1')(x))))
+        stage2 = self.perturb('stage2', max_pool(nn.relu(conv(64, name='conv2')(stage1))))
         cam = nn.relu(conv(64, name='conv3')(stage2))
         return {'stage1': stage1, 'stage2': stage2, 'cam': cam}
 
 
 class FlattenDenseHead(nn.Module):
-    """Flatten + Dense in float32."""
+    """Flatten (or CA pooling given a query) + Dense in float32."""
 
     num_classes: int
 
     @nn.compact
-    def __call__(self, cam):
-        x = jnp.asarray(cam, jnp.float32).reshape((cam.shape[0], -1))
+    def __call__(self, cam, query=None):
+        if query is None:
+            x = jnp.asarray(cam, jnp.float32).reshape((cam.shape[0], -1))
+        else:
+            x = pool(cam, query)
         return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(x)
 
 
 class SimpleCNN(CamClassifier):
     """The paper's baseline classifier; options: ``dtype``."""
 
-    def setup(self):
-        self.backbone_net = SimpleCNNBackbone(dtype=self.dtype)
-        self.head_net = FlattenDenseHead(self.num_classes)
+    stream_stages = ('stage1', 'stage2')
+
+    @nn.nowrap
+    def make_backbone(self):
+        return SimpleCNNBackbone(dtype=self.dtype)
+
+    @nn.nowrap
+    def make_head(self):
+        return FlattenDenseHead(self.num_classes)
 
     @nn.nowrap
     def cam_side(self, image_side: int) -> int:
