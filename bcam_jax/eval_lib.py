@@ -119,6 +119,18 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
+def describe_condition(config: ml_collections.ConfigDict) -> str:
+  """A run's training condition in a few words, e.g. 'bcpl-l1', 'ce softcam l1=0.01'."""
+  loss = config.loss
+  text = loss.kind if loss.kind == 'ce' else f'{loss.kind}-{loss.metric}'
+  if config.model.head == 'softcam':
+    text += ' softcam' + ''.join(f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2')
+                                  if loss[f'lambda_{k}'])
+  if config.model.pooling == 'ca_stream':
+    text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
+  return text
+
+
 def _explainer(run, options: EvalOptions) -> explain.Explainer:
   info = run.datasets.info
   return explain.Explainer(run.model, info.mean, info.std, run.config.data.image_size,
@@ -275,7 +287,7 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
   batch_size = -(-min(options.batch_size, n_images) // n_dev) * n_dev
   result.update(methods={}, num_images=n_images, target=options.target, layer=options.layer,
                 n_steps=options.n_steps, dataset=info.name, model=config.model.name,
-                loss=config.loss.kind)
+                loss=config.loss.kind, condition=describe_condition(config))
   overlay_maps = {}
   for method in methods:
     progress = _Progress(method, n_images)

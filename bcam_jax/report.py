@@ -18,7 +18,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
   """The report: accuracy, per-class accuracy, the method table, the confusions, figures."""
   lines = [
-      f'# Evaluation: {result["model"]} ({result["loss"]}) on {result["dataset"]}', '',
+      f'# Evaluation: {result["model"]} ({result["condition"]}) on {result["dataset"]}', '',
       f'Checkpoint `{result["checkpoint"]}` (step {result["step"]}): test accuracy '
       f'**{100 * result["test_accuracy"]:.2f}%** on {int(result["test_count"])} images, '
       f'test loss {result["test_loss"]:.4f}; prototype loss {result["test_proto_loss"]:.4f} '

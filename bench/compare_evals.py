@@ -21,13 +21,14 @@ COLUMNS = (('average_drop', 'AD % ↓', '.2f'), ('average_gain', 'AG % ↑', '.2
 
 
 def table(evals) -> str:
-  header = ['dataset', 'model', 'loss', 'test acc. %', 'method'] + [c[1] for c in COLUMNS]
+  header = ['dataset', 'model', 'condition', 'test acc. %', 'method'] + [c[1] for c in COLUMNS]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for directory in evals:
     with open(os.path.join(directory, 'metrics.json')) as f:
       m = json.load(f)
     for method, values in m['methods'].items():
-      cells = [m['dataset'], m['model'], m['loss'], f'{100 * m["test_accuracy"]:.2f}', method]
+      condition = m.get('condition', m['loss'])  # reports written before 'condition'
+      cells = [m['dataset'], m['model'], condition, f'{100 * m["test_accuracy"]:.2f}', method]
       cells += [format(values[key], spec) for key, _, spec in COLUMNS]
       lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'

@@ -44,7 +44,7 @@ def test_eval_py_writes_every_output(trained):
   metrics = json.load(open(os.path.join(out, 'metrics.json')))
   for key in ('checkpoint', 'step', 'test_accuracy', 'test_loss', 'test_count',
               'per_class_accuracy', 'confusion', 'top_confusions', 'methods', 'num_images',
-              'target', 'layer', 'n_steps', 'test_proto_loss', 'test_bcam_loss'):
+              'target', 'layer', 'n_steps', 'test_proto_loss', 'test_bcam_loss', 'condition'):
     assert key in metrics, key
   assert metrics['num_images'] == 50 and metrics['test_count'] == 60
   assert sorted(metrics['methods']) == sorted(METHODS)
