@@ -115,13 +115,14 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
   gradients G = dS/dA of the head, so differentiating this function goes second order
   through the head. aux holds logits, new BatchNorm statistics, CE, the CAM term and the
   ElasticNet penalty. With `frozen_backbone` the backbone runs in evaluation mode (its
-  BatchNorm statistics stay as restored; the optimiser leaves its parameters alone).
+  BatchNorm statistics stay as restored), without gradient (no backward pass through it),
+  and the optimiser leaves its parameters alone.
   """
 
   def loss_fn(params, batch_stats, x, labels, prototypes, rng):
     variables = model_variables(params, batch_stats)
     if frozen_backbone:
-      features = model.apply(variables, x, train=False, method='backbone')
+      features = model.apply(variables, x, train=False, frozen=True, method='backbone')
       new_batch_stats = batch_stats
     else:
       features, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],

@@ -215,3 +215,27 @@ def test_freeze_needs_init_from_and_a_compatible_classifier(idx_dir, tmp_path):
   softcam_ca.model.pooling = 'ca_stream'
   with pytest.raises(config_validation.ConfigError, match='does not combine'):
     config_validation.validate_config(softcam_ca)
+
+
+def test_raw_attention_is_a_distribution_and_post_hoc_methods_see_the_stream():
+  model = get_model('resnet18', C, width=2, pooling='ca_stream')
+  variables = init_variables(model, jax.random.key(0), 12)
+  explainer = explain.Explainer(model, 0.5, 0.25, 12)
+  pixels = jax.random.uniform(jax.random.key(1), (3, 12, 12, 1))
+  targets = jnp.array([1, 2, 3])
+  attention = explainer.raw_maps('raw_attention', variables, pixels, targets)
+  np.testing.assert_allclose(attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+  # Grad-CAM through the CA head equals a per-image gradient of the whole model.
+  x = (pixels - 0.5) / 0.25
+  features = model.apply(variables, x, method='backbone')
+  got = explainer.raw_maps('grad_cam', variables, pixels, targets)
+  for i in range(3):
+    g = jax.grad(lambda a: model.apply(variables, a[None], features['ca_query'][i:i + 1],
+                                       method='head')[0, targets[i]])(features['cam'][i])
+    want = np.maximum(np.einsum('hwk,k->hw', features['cam'][i], g.mean(axis=(0, 1))), 0)
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-6)
+  with pytest.raises(ValueError, match='evidence needs a Soft-CAM model'):
+    explain.check_applicable(model, variables, ['evidence'])
+  with pytest.raises(ValueError, match='raw_attention needs a CA-Stream model'):
+    explain.check_applicable(get_model('simple_cnn', C), {}, ['raw_attention'])
+  assert explain.default_methods(model)[-1] == 'raw_attention'

@@ -25,6 +25,7 @@ import itertools
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bcam_jax.models.heads import (HEAD_TYPES, POOLINGS, CAStream, SoftCamHead,
@@ -118,11 +119,17 @@ class CamClassifier(nn.Module):
         raise ValueError(f'{self.label()} has no global-average-pool + dense head, so CAM does '
                          'not apply to it; use grad_cam, grad_cam_pp or score_cam')
 
-    def backbone(self, x, train: bool = False):
+    def backbone(self, x, train: bool = False, frozen: bool = False):
         """Images (N, H, W, 1) -> dict of NHWC stage outputs, with "cam" the Grad-CAM layer
-        (and, with CA-Stream, "ca_query" `(N, d)`, the query of the last CA block)."""
+        (and, with CA-Stream, "ca_query" `(N, d)`, the query of the last CA block).
+
+        ``frozen``: no gradient flows into the backbone network (CA-Stream's frozen
+        protocol), so differentiation skips its backward pass.
+        """
         self.check_image_size(x.shape[1], x.shape[2])
         features = self.backbone_net(x, train=train)
+        if frozen:
+            features = jax.tree.map(jax.lax.stop_gradient, features)
         if self.pooling == 'ca_stream':
             features = features | {'ca_query': self.stream(features)}
         return features
