@@ -304,8 +304,9 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'eval')
     os.makedirs(out, exist_ok=True)
-    _write_figures(out, info, confusion, summary, pairs, np.asarray(prototypes), subset,
-                   overlay_maps, variables, explainer, run, options)
+    _write_summary_figures(out, info, f'{config.model.name} {result["condition"]}',
+                           confusion, summary, pairs, np.asarray(prototypes))
+    _write_overlays(out, info, subset, overlay_maps, variables, explainer)
     io_utils.write_json(os.path.join(out, 'metrics.json'), result)
     text = report.render(result, info.class_names).encode()
     io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text))
@@ -314,26 +315,33 @@ def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
   return result
 
 
-def _write_figures(out, info, confusion, summary, pairs, prototypes, subset, overlay_maps,
-                   variables, explainer, run, options) -> None:
+def _write_summary_figures(out: str, info, condition: str, confusion, summary, pairs,
+                           prototypes) -> None:
+  """confusion.png, cam_prototypes.png (paper Figs 2-5), error_prototypes.png (Fig 6)."""
   c = info.num_classes
   figures.save_confusion(os.path.join(out, 'confusion.png'), confusion, info.class_names)
   counts = np.asarray(summary['correct_counts'])
   means = np.asarray(summary['correct_map_sums']) / np.maximum(counts, 1)[:, None, None]
   figures.save_cam_prototypes(
       os.path.join(out, 'cam_prototypes.png'), prototypes, means, counts, info.class_names,
-      f'{run.config.model.name} {run.config.loss.kind} on {info.name}: data prototypes and '
-      'mean Grad-CAM of correctly classified test images')
+      f'{condition} on {info.name}: data prototypes and mean Grad-CAM of correctly '
+      'classified test images')
   error_sums = np.asarray(summary['error_map_sums'])
   error_means = np.stack([error_sums[t * c + p] / n for t, p, n in pairs]) if pairs else (
       np.zeros((0,) + prototypes.shape[1:]))
   figures.save_error_prototypes(
       os.path.join(out, 'error_prototypes.png'), pairs, error_means, prototypes,
       info.class_names, 'mean Grad-CAM (predicted class) of the most frequent confusions')
+
+
+def _write_overlays(out: str, info, subset: data.Split, overlay_maps, variables,
+                    explainer: explain.Explainer) -> None:
+  """overlays.png: the first images of `subset` under each method's map."""
   k = min(len(v) for v in overlay_maps.values())
-  if k:
-    pixels = data.to_pixels(subset.images[:k], explainer.image_size)
-    logits = jax.jit(explainer.logits)(variables, pixels)
-    figures.save_overlays(os.path.join(out, 'overlays.png'), np.asarray(pixels)[..., 0],
-                          {m: v[:k] for m, v in overlay_maps.items()}, subset.labels[:k],
-                          np.argmax(np.asarray(logits), -1), info.class_names)
+  if not k:
+    return
+  pixels = data.to_pixels(subset.images[:k], explainer.image_size)
+  logits = jax.jit(explainer.logits)(variables, pixels)
+  figures.save_overlays(os.path.join(out, 'overlays.png'), np.asarray(pixels)[..., 0],
+                        {m: v[:k] for m, v in overlay_maps.items()}, subset.labels[:k],
+                        np.argmax(np.asarray(logits), -1), info.class_names)
