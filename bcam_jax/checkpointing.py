@@ -16,6 +16,12 @@ BEST_DIR = 'checkpoints_best'
 BEST_METRIC = 'val_accuracy'
 
 
+def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
+  """Own barrier names per manager: in a multi-process job both managers may save the
+  same step at once, and Orbax names its cross-process barriers by step."""
+  return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
+
+
 class Checkpoints:
   """The two checkpoint managers of one workdir."""
 
@@ -24,12 +30,13 @@ class Checkpoints:
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, LATEST_DIR),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, cleanup_tmp_directories=True))
+            max_to_keep=keep, cleanup_tmp_directories=True,
+            multiprocessing_options=_barriers(LATEST_DIR)))
     self.best = ocp.CheckpointManager(
         os.path.join(workdir, BEST_DIR),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode='max',
-            cleanup_tmp_directories=True))
+            cleanup_tmp_directories=True, multiprocessing_options=_barriers(BEST_DIR)))
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()

@@ -550,11 +550,13 @@ def save_image_grid(path: str, images, titles) -> None:
     io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
 
 
-def load_or_compute_prototypes(workdir: str, datasets: Datasets,
-                               image_size: int) -> dict[str, np.ndarray]:
+def load_or_compute_prototypes(workdir: str, datasets: Datasets, image_size: int,
+                               write: bool = True) -> dict[str, np.ndarray]:
     """Class prototypes of the train and val splits, cached in `workdir` for resume.
 
-    Saves `prototypes_{train,val}.npy` (atomically) and `.png` grids. Saved arrays are
+    Saves `prototypes_{train,val}.npy` (atomically) and `.png` grids unless `write` is
+    False (the other processes of a multi-process job: every process computes the same
+    prototypes, process 0 writes them). Saved arrays are
     reused when their shape matches; a mismatch (e.g. image_size changed) is a DataError
     rather than a silent overwrite.
     """
@@ -582,9 +584,10 @@ def load_or_compute_prototypes(workdir: str, datasets: Datasets,
             logging.info('Reusing %s prototypes from %s.', split_name, npy)
         else:
             protos = class_prototypes(getattr(datasets, split_name), info.num_classes, image_size)
-            io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
-            logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
-        if not os.path.exists(png):
+            if write:
+                io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
+                logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
+        if write and not os.path.exists(png):
             save_image_grid(png, protos, titles)
         result[split_name] = protos
     return result

@@ -43,13 +43,15 @@ class RunSetup:
   def eval_step(self):
     info = self.datasets.info
     return jax.jit(steps.make_eval_step(self.model, self.objective, mean=info.mean,
-                                        std=info.std, dtype=self.dtype))
+                                        std=info.std, dtype=self.dtype),
+                   out_shardings=parallel.replicated(self.mesh))
 
   def prototypes(self, workdir: str) -> dict[str, jax.Array]:
     """Train and validation class prototypes (cached in `workdir`), replicated."""
     protos = data.load_or_compute_prototypes(workdir, self.datasets,
-                                             self.config.data.image_size)
-    return {k: jax.device_put(v, parallel.replicated(self.mesh)) for k, v in protos.items()}
+                                             self.config.data.image_size,
+                                             write=jax.process_index() == 0)
+    return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
 
   @property
   def frozen_backbone(self) -> bool:
@@ -181,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   prototypes = run.prototypes(workdir)
 
   n_train, batch = len(ds.train), tc.batch_size
+  rows = parallel.process_rows(run.mesh, batch)  # this process's part of every batch
   steps_per_epoch = data.steps_per_epoch(n_train, batch)
   total_steps = tc.num_steps if tc.num_steps > 0 else tc.num_epochs * steps_per_epoch
   eval_every = tc.eval_every_steps or steps_per_epoch
@@ -216,8 +219,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     steps_done_at_start = start_step
     pending = None  # (step, device metrics) of the step before, checked one step late
     for step in range(start_step, total_steps):
-      idx = data.train_batch_indices(n_train, batch, config.seed, step)
-      images, labels = parallel.shard_batch(run.mesh, ds.train.images[idx],
+      idx = data.train_batch_indices(n_train, batch, config.seed, step)[rows]
+      images, labels = parallel.shard_local(run.mesh, batch, ds.train.images[idx],
                                             ds.train.labels[idx])
       state, metrics = train_step(state, images, labels, prototypes['train'])
       if pending is not None:
@@ -273,7 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         'test_accuracy': test['accuracy'], 'test_proto_loss': test['proto_loss'],
         'test_bcam_loss': test['bcam_loss'], 'best_checkpoint_step': best_step,
         'train_seconds_this_session': time.time() - t_start,
-        'num_devices': int(run.mesh.devices.size), 'data_source': ds.source,
+        'num_devices': int(run.mesh.devices.size), 'num_processes': jax.process_count(),
+        'data_source': ds.source,
     }
     if is_writer:
       io_utils.write_json(os.path.join(workdir, 'results.json'), summary)
