@@ -9,8 +9,8 @@ all devices of all hosts, so it must be a multiple of the total device count.
 
 The learning rate follows the linear scaling rule from configs/resnet18_baseline.py
 (0.1 at batch 128 -> 0.8 at 1024) with a longer warm-up; parameters, BatchNorm and the
-head stay float32. Not yet run on a TPU or a GPU (none was available to this project):
-expect the baseline's accuracy within a few tenths, to be confirmed.
+head stay float32. Expected: the accuracy of configs/resnet18_bcpl.py within a few tenths
+(not yet run on a TPU or a GPU: none was available to this project).
 """
 from configs import resnet18_bcpl
 
