@@ -6,7 +6,8 @@ the ratios of one run come from the same machine state):
 
 * `forward`: the logits, the unit of every ratio;
 * `cam`, `grad_cam`, `grad_cam_pp`: `Explainer.raw_maps` (features, one VJP of the head,
-  the maps); `cam` only for heads with global average pooling + dense (resnet18);
+  the maps); `cam` only for heads with global average pooling + dense (resnet18); methods a
+  model cannot give (`evidence`, `raw_attention` without Soft-CAM / CA-Stream) are skipped;
 * `score_cam`: Score-CAM on the first `--score_cam_channels` channels of the CAM layer
   (0 = all K). Its cost is exactly linear in the channels (a `lax.map` over equal chunks),
   so `per-ch ratio` = time / (channels x forward) is what the issue's bound of 1.25 is
@@ -55,9 +56,10 @@ _N_STEPS = flags.DEFINE_integer('n_steps', 25, 'Insertion/deletion steps of the 
 _OUT = flags.DEFINE_string('out', 'bench/results/cam_methods.json', 'JSON output path.')
 
 
-def _has_gap_dense_head(model, variables) -> bool:
+def _applicable(model, variables, method: str) -> bool:
+  """Whether the model gives `method` (e.g. cam needs GAP + dense, evidence Soft-CAM)."""
   try:
-    model.class_weights(variables['params'])
+    explain.check_applicable(model, variables, [method])
   except ValueError:
     return False
   return True
@@ -73,7 +75,7 @@ def _jobs(model, size: int, variables, pixels, images, labels):
   args = (variables, pixels, labels)
   jobs = {'forward': (jax.jit(lambda v, p, t: explainer.logits(v, p)), args, None)}
   for method in _METHODS.value:
-    if method == 'cam' and not _has_gap_dense_head(model, variables):
+    if not _applicable(model, variables, method):
       continue
     if method == 'score_cam':
       channels = _SCORE_CAM_CHANNELS.value or k
