@@ -73,9 +73,7 @@ class RunSetup:
     baseline = models.get_model(cfg.model.name, self.datasets.info.num_classes,
                                 dtype=self.dtype, **cfg.model.options)
     init = steps.make_init_fn(baseline, optax.identity(), cfg.seed, cfg.data.image_size)
-    sharding = parallel.replicated(self.mesh)
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            jax.eval_shape(init).model_variables())
+    abstract = self._replicated_shapes(lambda: init().model_variables())
     ckpts = Checkpoints(cfg.init_from)
     try:
       restored, step = ckpts.restore_best(abstract)
@@ -103,9 +101,13 @@ class RunSetup:
   def abstract_state(self, tx) -> steps.TrainState:
     """Shapes, dtypes and shardings of the train state, without computing it: the
     target layout of a checkpoint restore."""
+    return self._replicated_shapes(lambda: self.init_state(tx))
+
+  def _replicated_shapes(self, fn):
+    """ShapeDtypeStructs, replicated over the mesh, of what `fn()` would return."""
     sharding = parallel.replicated(self.mesh)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                        jax.eval_shape(lambda: self.init_state(tx)))
+                        jax.eval_shape(fn))
 
 
 def setup_run(config: ml_collections.ConfigDict,
