@@ -182,9 +182,9 @@ def make_method_step(explainer: explain.Explainer, method: str, options: EvalOpt
     mask = mask.astype(jnp.float32)
     sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
     sums['count'] = jnp.sum(mask)
-    sums['class_map_sums'] = jax.ops.segment_sum(maps * mask[:, None, None], targets,
-                                                 num_classes)
-    sums['class_counts'] = jax.ops.segment_sum(mask, targets, num_classes)
+    sums['class_map_sums'] = cam.class_sums(maps * mask[:, None, None], targets,
+                                            num_classes)[0]
+    sums['class_counts'] = cam.class_sums(mask, targets, num_classes)[0]
     return sums, maps
 
   return method_step
