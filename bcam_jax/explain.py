@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from bcam_jax import cam, data, models
+from bcam_jax import cam, data, explanations, models
 
 METHODS = ('cam', 'grad_cam', 'grad_cam_pp', 'score_cam', 'evidence', 'raw_attention')
 # Explanations the model computes in its forward pass, at the CAM layer only.
@@ -126,8 +126,8 @@ class Explainer:
     features = self.model.apply(variables, x, method='backbone')
     if method == 'evidence':
       evidence = self.model.apply(variables, features['cam'], method='evidence')
-      return jax.nn.relu(jnp.take_along_axis(evidence, targets[:, None, None, None],
-                                             axis=-1)[..., 0])
+      return explanations.EvidenceExplanation(
+          explanations.select_class(evidence, targets)).image_maps()
     return self.model.apply(variables, features['cam'], features.get('ca_query'),
                             method='attention')
 

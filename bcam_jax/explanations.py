@@ -54,6 +54,11 @@ class EvidenceExplanation:
     return jax.nn.relu(sums['evidence'] * scale[:, None, None])
 
 
+def select_class(evidence: jax.Array, classes: jax.Array) -> jax.Array:
+  """Each sample's evidence map `(N, h, w)` of its class, from `(N, h, w, C)`."""
+  return jnp.take_along_axis(evidence, classes[:, None, None, None], axis=-1)[..., 0]
+
+
 def explanation_type(model) -> type:
   return EvidenceExplanation if model.head_type == 'softcam' else GradCamExplanation
 
@@ -64,8 +69,8 @@ def logits_and_explanation(model, variables, features: dict, labels, explain: bo
   a = features['cam']
   if model.head_type == 'softcam':
     evidence = model.apply(variables, a, method='evidence')
-    label_maps = jnp.take_along_axis(evidence, labels[:, None, None, None], axis=-1)[..., 0]
-    return jnp.mean(evidence, axis=(1, 2)), EvidenceExplanation(label_maps), evidence
+    return (jnp.mean(evidence, axis=(1, 2)),
+            EvidenceExplanation(select_class(evidence, labels)), evidence)
   head = models.head_fn(model, variables, features)
   if not explain:
     return head(a), None, None
