@@ -9,6 +9,7 @@ import ml_collections
 
 from bcam_jax import data, losses, optim
 from bcam_jax.models import MODEL_NAMES
+from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
 DTYPES = ('float32', 'bfloat16')
@@ -60,6 +61,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('loss.metric', config.loss.metric, losses.METRICS)
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
+  _choice('model.conv_lowering', config.model.get('conv_lowering', 'auto'), LOWERINGS)
   if config.model.head == 'softcam' and config.model.pooling == 'ca_stream':
     raise ConfigError('config.model.head="softcam" does not combine with '
                       'config.model.pooling="ca_stream" (Soft-CAM pools its evidence by the '

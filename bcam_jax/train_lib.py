@@ -25,6 +25,11 @@ from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
 
 
+def conv_lowering(config: ml_collections.ConfigDict) -> str:
+  """config.model.conv_lowering, "auto" for configs written before it existed."""
+  return config.model.get('conv_lowering', 'auto')
+
+
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite; the run stops without saving."""
 
@@ -71,7 +76,8 @@ class RunSetup:
     of `config.init_from` (a run of the same model with the default head and pooling)."""
     cfg = self.config
     baseline = models.get_model(cfg.model.name, self.datasets.info.num_classes,
-                                dtype=self.dtype, **cfg.model.options)
+                                dtype=self.dtype, conv_lowering=conv_lowering(cfg),
+                                **cfg.model.options)
     init = steps.make_init_fn(baseline, optax.identity(), cfg.seed, cfg.data.image_size)
     abstract = self._replicated_shapes(lambda: init().model_variables())
     ckpts = Checkpoints(cfg.init_from)
@@ -122,7 +128,7 @@ def setup_run(config: ml_collections.ConfigDict,
   dtype = jnp.dtype(config.train.dtype)
   model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
                            head=config.model.head, pooling=config.model.pooling,
-                           **config.model.options)
+                           conv_lowering=conv_lowering(config), **config.model.options)
   cam = models.cam_shape(model, config.data.image_size)
   logging.info('Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
                config.model.name, config.data.image_size, config.data.image_size, cam,

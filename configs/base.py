@@ -19,6 +19,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.options = ml_collections.ConfigDict()
   config.model.head = 'default'       # 'default' | 'softcam' (class-evidence maps)
   config.model.pooling = 'default'    # 'default' | 'ca_stream' (attention pooling)
+  # How convolutions lower: 'auto' (per call, from backend and shapes) | 'xla' | 'shifted_matmul'.
+  # Speed only: parameters and checkpoints are the same (bcam_jax/models/conv.py).
+  config.model.conv_lowering = 'auto'
   config.model.ca_stream = ml_collections.ConfigDict()
   # True: restore backbone and classifier from config.init_from, train only the stream.
   config.model.ca_stream.freeze_backbone = False

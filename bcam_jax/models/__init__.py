@@ -36,7 +36,7 @@ _MODELS = {
 MODEL_NAMES = tuple(_MODELS)
 
 # Dataclass fields of every model that are not options of get_model.
-_NOT_OPTIONS = ('num_classes', 'parent', 'name', 'head_type', 'pooling')
+_NOT_OPTIONS = ('num_classes', 'parent', 'name', 'head_type', 'pooling', 'conv_lowering')
 
 
 def _model_class(name: str) -> type[CamClassifier]:
@@ -52,11 +52,14 @@ def model_options(name: str) -> tuple[str, ...]:
 
 
 def get_model(name: str, num_classes: int, *, head: str = 'default',
-              pooling: str = 'default', **options) -> CamClassifier:
+              pooling: str = 'default', conv_lowering: str = 'auto',
+              **options) -> CamClassifier:
     """Build model ``name`` with ``num_classes`` outputs and its options.
 
     ``head="softcam"`` gives the Soft-CAM evidence head, ``pooling="ca_stream"`` the
     CA-Stream attention pooling (``bcam_jax.models.heads``); both work on every backbone.
+    ``conv_lowering`` ("auto", "xla", "shifted_matmul") picks how convolutions lower
+    (``bcam_jax.models.conv``); it changes speed only, never the parameters.
 
     ``dtype`` may be given as a string (e.g. ``"bfloat16"``).  Unknown names
     and options raise ValueError listing the valid ones.
@@ -69,7 +72,8 @@ def get_model(name: str, num_classes: int, *, head: str = 'default',
                          f'valid options: {", ".join(valid)}')
     if isinstance(options.get('dtype'), str):
         options['dtype'] = jnp.dtype(options['dtype'])
-    return cls(num_classes, head_type=head, pooling=pooling, **options)
+    return cls(num_classes, head_type=head, pooling=pooling, conv_lowering=conv_lowering,
+               **options)
 
 
 def head_fn(model: CamClassifier, variables, features: dict):

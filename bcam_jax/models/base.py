@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bcam_jax.models import conv
 from bcam_jax.models.heads import (HEAD_TYPES, POOLINGS, CAStream, SoftCamHead,
                                    cross_attention)
 
@@ -46,12 +47,16 @@ class CamClassifier(nn.Module):
       dtype: compute dtype of the backbone (e.g. ``jnp.bfloat16``); parameters
         stay float32, normalisations compute in float32, and the head computes
         in float32.
+      conv_lowering: how the backbone's convolutions lower ("auto", "xla" or
+        "shifted_matmul", see ``bcam_jax.models.conv``); parameters are the same
+        whatever the lowering.
     """
 
     num_classes: int
     dtype: Any = jnp.float32
     head_type: str = 'default'
     pooling: str = 'default'
+    conv_lowering: str = 'auto'
 
     # Names of the features-dict stages that CA-Stream crosses before the CAM layer.
     stream_stages = ()
@@ -63,6 +68,7 @@ class CamClassifier(nn.Module):
             raise ValueError(f'head={self.head_type!r}; valid: {", ".join(HEAD_TYPES)}')
         if self.pooling not in POOLINGS:
             raise ValueError(f'pooling={self.pooling!r}; valid: {", ".join(POOLINGS)}')
+        conv.check_lowering(self.conv_lowering)
         if self.head_type == 'softcam' and self.pooling == 'ca_stream':
             raise ValueError('head="softcam" pools its evidence maps by their mean; it does not '
                              'combine with pooling="ca_stream"')

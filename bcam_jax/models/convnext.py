@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.conv import conv_module
 from bcam_jax.models.heads import pool
 
 DEPTHS = (3, 3, 9, 3)
@@ -76,11 +77,13 @@ class ConvNeXtV2Block(nn.Module):
     dim: int
     drop_path: float
     dtype: jnp.dtype
+    conv_lowering: str
 
     @nn.compact
     def __call__(self, x, train: bool):
-        y = nn.Conv(self.dim, (7, 7), padding=3, feature_group_count=self.dim, dtype=self.dtype,
-                    kernel_init=_WEIGHT_INIT, name='dwconv')(x)
+        y = conv_module(self.conv_lowering)(self.dim, (7, 7), padding=3,
+                                            feature_group_count=self.dim, dtype=self.dtype,
+                                            kernel_init=_WEIGHT_INIT, name='dwconv')(x)
         y = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype, name='norm')(y)
         y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv1')(y)
         y = nn.gelu(y, approximate=False)
@@ -98,10 +101,11 @@ class ConvNeXtV2Backbone(nn.Module):
     stem_stride: int
     drop_path_rate: float
     dtype: jnp.dtype
+    conv_lowering: str
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        conv = partial(nn.Conv, dtype=self.dtype, kernel_init=_WEIGHT_INIT)
+        conv = partial(conv_module(self.conv_lowering), dtype=self.dtype, kernel_init=_WEIGHT_INIT)
         norm = partial(nn.LayerNorm, epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype)
         if self.stem_stride == 4:
             x = conv(DIMS[0], (4, 4), strides=4, padding='VALID', name='stem_conv')(x)
@@ -116,7 +120,7 @@ class ConvNeXtV2Backbone(nn.Module):
                 x = norm(name=f'downsample{i}_norm')(x)
                 x = conv(dim, (2, 2), strides=2, padding='VALID', name=f'downsample{i}_conv')(x)
             for j in range(depth):
-                x = ConvNeXtV2Block(dim, float(rates[block]), self.dtype,
+                x = ConvNeXtV2Block(dim, float(rates[block]), self.dtype, self.conv_lowering,
                                     name=f'stage{i}_block{j + 1}')(x, train)
                 block += 1
             x = self.perturb(f'stage{i}', x)
@@ -160,7 +164,8 @@ class ConvNeXtV2Tiny(CamClassifier):
 
     @nn.nowrap
     def make_backbone(self):
-        return ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype)
+        return ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype,
+                                  self.conv_lowering)
 
     @nn.nowrap
     def make_head(self):

@@ -35,7 +35,9 @@ stem plus 576 or 3,136).
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bcam_jax.models import pooling
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.conv import conv_module
 from bcam_jax.models.heads import pool
 
 STEMS = ('small', 'imagenet')
@@ -47,10 +49,11 @@ BLOCKS_PER_STAGE = 2
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(dtype, features, kernel, stride, name):
+def _conv(dtype, lowering, features, kernel, stride, name):
     """Bias-free conv with symmetric padding kernel // 2."""
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=kernel // 2,
-                   use_bias=False, dtype=dtype, kernel_init=_CONV_INIT, name=name)
+    return conv_module(lowering)(features, (kernel, kernel), strides=(stride, stride),
+                                 padding=kernel // 2, use_bias=False, dtype=dtype,
+                                 kernel_init=_CONV_INIT, name=name)
 
 
 def _batch_norm(dtype, train, name, scale_init=nn.initializers.ones):
@@ -72,17 +75,19 @@ class BasicBlock(nn.Module):
     stride: int
     zero_init_residual: bool
     dtype: jnp.dtype
+    conv_lowering: str
 
     @nn.compact
     def __call__(self, x, train: bool):
         last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = _conv(self.dtype, self.features, 3, self.stride, 'conv1')(x)
+        y = _conv(self.dtype, self.conv_lowering, self.features, 3, self.stride, 'conv1')(x)
         y = nn.relu(_batch_norm(self.dtype, train, 'bn1')(y))
-        y = _conv(self.dtype, self.features, 3, 1, 'conv2')(y)
+        y = _conv(self.dtype, self.conv_lowering, self.features, 3, 1, 'conv2')(y)
         y = _batch_norm(self.dtype, train, 'bn2', last_scale)(y)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = _conv(self.dtype, self.features, 1, self.stride, 'proj_conv')(x)
+            shortcut = _conv(self.dtype, self.conv_lowering, self.features, 1, self.stride,
+                             'proj_conv')(x)
             shortcut = _batch_norm(self.dtype, train, 'proj_bn')(shortcut)
         return nn.relu(y + shortcut)
 
@@ -94,23 +99,24 @@ class ResNet18Backbone(nn.Module):
     width: int
     zero_init_residual: bool
     dtype: jnp.dtype
+    conv_lowering: str
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         widths = [self.width * m for m in WIDTH_MULTIPLIERS]
         if self.stem == 'small':
-            x = _conv(self.dtype, widths[0], 3, 1, 'stem_conv')(x)
+            x = _conv(self.dtype, self.conv_lowering, widths[0], 3, 1, 'stem_conv')(x)
             x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
         else:
-            x = _conv(self.dtype, widths[0], 7, 2, 'stem_conv')(x)
+            x = _conv(self.dtype, self.conv_lowering, widths[0], 7, 2, 'stem_conv')(x)
             x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         x = self.perturb('stem', x)
         features = {'stem': x}
         for i, (width, stride) in enumerate(zip(widths, STRIDES), start=1):
             for j in range(BLOCKS_PER_STAGE):
                 x = BasicBlock(width, stride if j == 0 else 1, self.zero_init_residual, self.dtype,
-                               name=f'stage{i}_block{j + 1}')(x, train)
+                               self.conv_lowering, name=f'stage{i}_block{j + 1}')(x, train)
             x = self.perturb(f'stage{i}', x)
             features[f'stage{i}'] = x
         features['cam'] = x
@@ -151,7 +157,8 @@ class ResNet18(CamClassifier):
 
     @nn.nowrap
     def make_backbone(self):
-        return ResNet18Backbone(self.stem, self.width, self.zero_init_residual, self.dtype)
+        return ResNet18Backbone(self.stem, self.width, self.zero_init_residual, self.dtype,
+                                self.conv_lowering)
 
     @nn.nowrap
     def make_head(self):

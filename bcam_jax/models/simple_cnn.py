@@ -19,7 +19,9 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bcam_jax.models import pooling
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.conv import conv_module
 from bcam_jax.models.heads import pool
 
 
@@ -27,12 +29,14 @@ class SimpleCNNBackbone(nn.Module):
     """Conv stack up to the CAM layer; without BatchNorm or dropout, ``train`` changes nothing."""
 
     dtype: jnp.dtype
+    conv_lowering: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         del train  # Same computation in training and evaluation.
-        conv = partial(nn.Conv, kernel_size=(3, 3), padding='SAME', dtype=self.dtype)
-        max_pool = partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+        conv = partial(conv_module(self.conv_lowering), kernel_size=(3, 3), padding='SAME',
+                       dtype=self.dtype)
+        max_pool = partial(pooling.max_pool, window=(2, 2), strides=(2, 2))
         stage1 = self.perturb('stage1', max_pool(nn.relu(conv(32, name='conv1')(x))))
         stage2 = self.perturb('stage2', max_pool(nn.relu(conv(64, name='conv2')(stage1))))
         cam = nn.relu(conv(64, name='conv3')(stage2))
@@ -60,7 +64,7 @@ class SimpleCNN(CamClassifier):
 
     @nn.nowrap
     def make_backbone(self):
-        return SimpleCNNBackbone(dtype=self.dtype)
+        return SimpleCNNBackbone(self.dtype, self.conv_lowering)
 
     @nn.nowrap
     def make_head(self):

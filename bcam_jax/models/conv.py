@@ -1,0 +1,239 @@
+"""Convolutions whose lowering is chosen per call: XLA's convolution, or one matmul over shifted copies.
+
+XLA:CPU runs a 3x3 convolution on a tiny feature map (1x1 to 3x3) at a few GFLOP/s, while
+the same convolution written as im2col by concatenation (the kernel taps' shifted, strided
+slices of the padded input, concatenated on the channel axis) followed by one dot runs at
+matmul speed, forward and backward. On larger maps XLA's own convolution is faster. So
+``conv_general_dilated(lowering)`` returns a drop-in replacement of
+``lax.conv_general_dilated`` for ``flax.linen.Conv(conv_general_dilated=...)`` that picks,
+from the backend and the static shapes at trace time:
+
+* ``"xla"``: ``lax.conv_general_dilated`` (always on GPU and TPU);
+* ``"shifted_matmul"``: ``shifted_matmul_conv``;
+* ``"auto"`` (default): ``shifted_matmul`` on CPU for tiny output maps, depthwise and
+  non-overlapping (kernel <= stride) convolutions, else ``xla`` (``choose_lowering``;
+  bench/conv_lowering.py measures each case).
+
+Parameters are ``nn.Conv``'s own, so checkpoints do not depend on the lowering.
+
+Taps of the kernel that only ever read padding are skipped (a 3x3 kernel on a 1x1 map with
+padding 1 is a plain dense layer), and depthwise convolutions (ConvNeXt's 7x7) become a sum
+of the taps' slices times their per-channel weights instead of a dot.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+LOWERINGS = ('auto', 'xla', 'shifted_matmul')
+
+# "auto" takes the shifted-matmul form on CPU when both output sides are at most this.
+SHIFTED_MATMUL_MAX_SIDE = 3
+
+_CHANNELS_LAST = ('NHWC', 'HWIO', 'NHWC')
+
+
+def check_lowering(lowering: str) -> None:
+  """ValueError naming the valid lowerings unless ``lowering`` is one of them."""
+  if lowering not in LOWERINGS:
+    raise ValueError(f'conv_lowering={lowering!r}; valid: {", ".join(LOWERINGS)}')
+
+
+def explicit_padding(in_spatial, kernel_spatial, strides, padding) -> tuple:
+  """``padding`` ("SAME", "VALID" or ((lo, hi), ...)) as explicit (lo, hi) pairs."""
+  if isinstance(padding, str):
+    return tuple(lax.padtype_to_pads(in_spatial, kernel_spatial, strides, padding))
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def output_spatial(in_spatial, kernel_spatial, strides, pads) -> tuple[int, ...]:
+  """Output side per spatial axis of a convolution with explicit ``pads``."""
+  return tuple((size + lo + hi - k) // s + 1
+               for size, k, s, (lo, hi) in zip(in_spatial, kernel_spatial, strides, pads))
+
+
+def _useful_taps(size: int, k: int, stride: int, pad_lo: int, out: int) -> list[int]:
+  """Kernel offsets along one axis that read at least one real (non-padding) input pixel."""
+  return [i for i in range(k)
+          if any(0 <= i + o * stride - pad_lo < size for o in range(out))]
+
+
+def _is_depthwise(lhs_shape, rhs_shape, feature_group_count: int) -> bool:
+  channels, (_, _, in_per_group, out_channels) = lhs_shape[-1], rhs_shape
+  return feature_group_count == channels == out_channels and in_per_group == 1
+
+
+def shifted_matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
+                        feature_group_count: int = 1, precision=None,
+                        preferred_element_type=None) -> jax.Array:
+  """2-D convolution of NHWC ``lhs`` with an HWIO ``rhs`` as im2col by concatenation + one dot.
+
+  Equals ``lax.conv_general_dilated`` with NHWC/HWIO/NHWC dimension numbers and no dilation.
+  Supports ``feature_group_count`` 1 and depthwise (groups = input = output channels).
+  """
+  n, h, w, c = lhs.shape
+  kh, kw, in_per_group, out_channels = rhs.shape
+  if feature_group_count != 1 and not _is_depthwise(lhs.shape, rhs.shape, feature_group_count):
+    raise ValueError(f'shifted_matmul_conv supports feature_group_count 1 or depthwise '
+                     f'(= {c} channels in and out); got {feature_group_count} with kernel '
+                     f'{rhs.shape}')
+  if feature_group_count == 1 and in_per_group != c:
+    raise ValueError(f'kernel {rhs.shape} expects {in_per_group} input channels, input has {c}')
+  strides = tuple(window_strides)
+  pads = explicit_padding((h, w), (kh, kw), strides, padding)
+  dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  if feature_group_count != 1 and strides == (1, 1):
+    return depthwise_conv(lhs, rhs, pads).astype(dtype)
+  taps, slices = _tap_slices(lhs, (kh, kw), strides, pads)
+  if feature_group_count != 1:
+    return _depthwise_sum(slices, taps, rhs).astype(dtype)
+  columns = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+  weights = jnp.concatenate([rhs[i, j] for i, j in taps], axis=0)
+  return lax.dot_general(columns, weights, (((3,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=preferred_element_type).astype(dtype)
+
+
+def _depthwise_sum(slices, taps, rhs) -> jax.Array:
+  """Per-channel multiply-accumulate of the taps' slices with their weights."""
+  out = slices[0] * rhs[taps[0][0], taps[0][1], 0]
+  for (i, j), piece in zip(taps[1:], slices[1:]):
+    out = out + piece * rhs[i, j, 0]
+  return out
+
+
+def _tap_slices(x, kernel, strides, pads) -> tuple[list, list]:
+  """The kernel taps (i, j) that read at least one real pixel, and for each the strided
+  slice of the padded x that it multiplies."""
+  n, h, w, c = x.shape
+  ho, wo = output_spatial((h, w), kernel, strides, pads)
+  taps = [(i, j) for i in _useful_taps(h, kernel[0], strides[0], pads[0][0], ho)
+          for j in _useful_taps(w, kernel[1], strides[1], pads[1][0], wo)]
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+  slices = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * strides[0] + 1,
+                                         j + (wo - 1) * strides[1] + 1, c), (1, *strides, 1))
+            for i, j in taps]
+  return taps, slices
+
+
+def _depthwise_forward(x, w, pads):
+  """Stride-1 depthwise convolution of x `(N, H, W, C)` with w `(kh, kw, 1, C)`."""
+  return _depthwise_sum(*reversed(_tap_slices(x, w.shape[:2], (1, 1), pads)), w)
+
+
+# Samples per step of the kernel gradient's loop: two chunks of 4 samples of a 28x28x96 map
+# stay in cache across the 49 taps' reductions, where the whole batch at once streams
+# every tap from memory (3x slower).
+_KERNEL_GRAD_CHUNK = 4
+
+
+def _depthwise_kernel_grad(x, cotangent, kernel_shape, pads):
+  """d loss / d w of the stride-1 depthwise convolution: per tap, the sum over the batch and
+  positions of the shifted input times the cotangent, accumulated over batch chunks; zero
+  for taps that only read padding."""
+  n = x.shape[0]
+  chunk = max(d for d in range(1, _KERNEL_GRAD_CHUNK + 1) if n % d == 0)
+  accumulate = jnp.promote_types(cotangent.dtype, jnp.float32)
+
+  def chunk_grad(total, pair):
+    xc, cc = pair
+    taps, slices = _tap_slices(xc, kernel_shape[:2], (1, 1), pads)
+    for (i, j), piece in zip(taps, slices):
+      total = total.at[i, j, 0].add(jnp.sum(piece * cc, axis=(0, 1, 2), dtype=accumulate))
+    return total, None
+
+  pairs = (x.reshape(n // chunk, chunk, *x.shape[1:]),
+           cotangent.reshape(n // chunk, chunk, *cotangent.shape[1:]))
+  return lax.scan(chunk_grad, jnp.zeros(kernel_shape, accumulate), pairs)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv(x: jax.Array, w: jax.Array, pads) -> jax.Array:
+  """Stride-1 depthwise convolution (NHWC x, w `(kh, kw, 1, C)`, explicit ``pads``) as a sum
+  of shifted slices, with a backward pass that keeps only x and w: the input gradient is
+  the depthwise convolution of the cotangent with the flipped kernel, the kernel gradient a
+  cache-blocked loop over the batch (bench/README.md)."""
+  return _depthwise_forward(x, w, pads)
+
+
+def _depthwise_fwd(x, w, pads):
+  return _depthwise_forward(x, w, pads), (x, w)
+
+
+def _depthwise_bwd(pads, residuals, cotangent):
+  x, w = residuals
+  flipped = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(w.shape[:2], pads))
+  dx = _depthwise_forward(cotangent, w[::-1, ::-1], flipped)
+  return dx.astype(x.dtype), _depthwise_kernel_grad(x, cotangent, w.shape, pads).astype(w.dtype)
+
+
+depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def choose_lowering(lowering: str, backend: str, lhs_shape, rhs_shape, window_strides, padding,
+                    feature_group_count: int = 1) -> str:
+  """The lowering ("xla" or "shifted_matmul") that ``lowering`` means for these static shapes.
+
+  "auto" is XLA's convolution except on CPU, where the shifted-matmul form is taken for
+  (bench/conv_lowering.py, forward + backward, batch 128):
+
+  * depthwise convolutions (ConvNeXt's 7x7: 3-11x faster at every map size);
+  * non-overlapping windows, kernel <= stride (strided 1x1 shortcuts, 2x2 patchify
+    downsampling: 1.5-2.5x);
+  * output maps of at most SHIFTED_MATMUL_MAX_SIDE a side (3x3 kernels on 1x1 to 3x3 maps:
+    10-70x). From 4x4 up, XLA's convolution is as fast or faster (0.6-1.3x).
+  """
+  check_lowering(lowering)
+  if lowering != 'auto':
+    return lowering
+  if backend != 'cpu':
+    return 'xla'
+  depthwise = _is_depthwise(lhs_shape, rhs_shape, feature_group_count)
+  if feature_group_count != 1 and not depthwise:
+    return 'xla'
+  spatial, kernel = tuple(lhs_shape[1:3]), tuple(rhs_shape[:2])
+  out = output_spatial(spatial, kernel, window_strides,
+                       explicit_padding(spatial, kernel, window_strides, padding))
+  non_overlapping = all(k <= s for k, s in zip(kernel, window_strides))
+  tiny = max(out) <= SHIFTED_MATMUL_MAX_SIDE
+  return 'shifted_matmul' if depthwise or non_overlapping or tiny else 'xla'
+
+
+def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+          preferred_element_type=None, *, lowering: str):
+  """``lax.conv_general_dilated``'s signature; dispatches on ``choose_lowering``."""
+  xla_conv = functools.partial(
+      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+      precision=precision, preferred_element_type=preferred_element_type)
+  plain = (lhs.ndim == 4 and batch_group_count == 1
+           and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST))
+  if not plain:
+    if lowering == 'shifted_matmul':
+      raise ValueError('conv_lowering="shifted_matmul" needs a 2-D NHWC/HWIO convolution '
+                       'without dilation or batch groups')
+    return xla_conv()
+  choice = choose_lowering(lowering, jax.default_backend(), lhs.shape, rhs.shape,
+                           window_strides, padding, feature_group_count)
+  if choice == 'xla':
+    return xla_conv()
+  return shifted_matmul_conv(lhs, rhs, window_strides, padding, feature_group_count,
+                             precision, preferred_element_type)
+
+
+@functools.cache
+def conv_general_dilated(lowering: str = 'auto'):
+  """A ``lax.conv_general_dilated`` replacement for ``nn.Conv(conv_general_dilated=...)``
+  that lowers each call as ``lowering`` ("auto", "xla" or "shifted_matmul") says."""
+  check_lowering(lowering)
+  return functools.partial(_conv, lowering=lowering)
+
+
+def conv_module(lowering: str = 'auto'):
+  """``nn.Conv`` with its convolution lowered as ``lowering`` says; same parameters."""
+  return functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated(lowering))

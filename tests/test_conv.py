@@ -1,0 +1,181 @@
+"""Tests of the convolution lowerings and the slice max-pool (bcam_jax.models.conv, .pooling).
+
+References: `lax.conv_general_dilated` and `flax.linen.max_pool`, values and gradients;
+finite differences for the shifted-matmul form; whole models under either lowering.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.test_util import check_grads
+
+from bcam_jax.config_validation import ConfigError, validate_config
+from bcam_jax.models import conv, get_model, init_variables
+from bcam_jax.models.pooling import max_pool
+from configs import base
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+# (input side, kernel, stride, padding, groups): every form the models use, on the map sizes
+# where "auto" switches (1-4), on odd sides, and larger.
+CASES = [
+    (1, 3, 1, 1, 1), (2, 3, 1, 1, 1), (3, 3, 1, 1, 1), (4, 3, 1, 1, 1), (7, 3, 1, 1, 1),
+    (2, 3, 2, 1, 1), (3, 3, 2, 1, 1), (4, 3, 2, 1, 1), (7, 3, 2, 1, 1),   # strided 3x3
+    (3, 1, 2, 0, 1), (4, 1, 2, 0, 1), (7, 1, 2, 0, 1),                    # 1x1 shortcuts
+    (9, 7, 2, 3, 1), (5, 7, 2, 3, 1),                                     # ImageNet stem
+    (6, 3, 1, 'SAME', 1), (5, 3, 2, 'SAME', 1),                           # SimpleCNN
+    (7, 2, 2, 'VALID', 1), (3, 2, 2, 'VALID', 1), (8, 4, 4, 'VALID', 1),  # patchify
+    (1, 7, 1, 3, 'depthwise'), (3, 7, 1, 3, 'depthwise'), (8, 7, 1, 3, 'depthwise'),
+]
+
+
+def _padding(p):
+  return p if isinstance(p, str) else ((p, p), (p, p))
+
+
+def _operands(side, kernel, groups, channels=6, out=5, batch=3, seed=0):
+  rng = np.random.default_rng(seed)
+  groups = channels if groups == 'depthwise' else groups
+  out = channels if groups == channels else out
+  x = jnp.asarray(rng.standard_normal((batch, side, side, channels)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kernel, kernel, channels // groups, out)), jnp.float32)
+  return x, w, groups
+
+
+@pytest.mark.parametrize('side,kernel,stride,padding,groups', CASES)
+def test_shifted_matmul_equals_xla_conv(side, kernel, stride, padding, groups):
+  x, w, groups = _operands(side, kernel, groups)
+  strides, pads = (stride, stride), _padding(padding)
+
+  def reference(x, w):
+    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DN,
+                                    feature_group_count=groups)
+
+  def shifted(x, w):
+    return conv.shifted_matmul_conv(x, w, strides, pads, groups)
+
+  np.testing.assert_allclose(shifted(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(reference(x, w).shape),
+                          jnp.float32)
+  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
+           for f in (reference, shifted)]
+  for got, want in zip(grads[1], grads[0]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('side,kernel,stride,padding,groups',
+                         [(2, 3, 1, 1, 1), (3, 3, 2, 1, 1), (3, 7, 1, 3, 'depthwise')])
+def test_shifted_matmul_gradients_by_finite_differences(side, kernel, stride, padding, groups):
+  x, w, groups = _operands(side, kernel, groups, channels=3, out=2, batch=2)
+  with jax.enable_x64(True):
+    x, w = jnp.asarray(np.asarray(x), jnp.float64), jnp.asarray(np.asarray(w), jnp.float64)
+    check_grads(lambda x, w: conv.shifted_matmul_conv(x, w, (stride, stride), _padding(padding),
+                                                      groups),
+                (x, w), order=2, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
+def test_skipped_taps_only_read_padding():
+  # 3x3 on a 1x1 map with padding 1: only the centre tap reads the pixel, so the
+  # convolution is the dense layer of the centre weights.
+  x, w, _ = _operands(1, 3, 1)
+  got = conv.shifted_matmul_conv(x, w, (1, 1), ((1, 1), (1, 1)))
+  np.testing.assert_allclose(got[:, 0, 0], x[:, 0, 0] @ w[1, 1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('backend,side,kernel,stride,groups,want', [
+    ('cpu', 2, 3, 1, 1, 'shifted_matmul'),    # tiny map
+    ('cpu', 4, 3, 2, 1, 'shifted_matmul'),    # 2x2 output
+    ('cpu', 28, 3, 1, 1, 'xla'),              # large map
+    ('cpu', 4, 3, 1, 1, 'xla'),               # 4x4 output
+    ('cpu', 28, 7, 1, 'depthwise', 'shifted_matmul'),
+    ('cpu', 28, 2, 2, 1, 'shifted_matmul'),   # non-overlapping windows
+    ('cpu', 28, 1, 2, 1, 'shifted_matmul'),
+    ('cpu', 4, 3, 1, 2, 'xla'),               # grouped, not depthwise
+    ('gpu', 2, 3, 1, 1, 'xla'),
+    ('tpu', 28, 7, 1, 'depthwise', 'xla'),
+])
+def test_auto_lowering_rule(backend, side, kernel, stride, groups, want):
+  x, w, groups = _operands(side, kernel, groups, channels=4, out=4)
+  padding = 'VALID' if kernel <= stride else kernel // 2
+  assert conv.choose_lowering('auto', backend, x.shape, w.shape, (stride, stride),
+                              _padding(padding), groups) == want
+  for forced in ('xla', 'shifted_matmul'):
+    assert conv.choose_lowering(forced, backend, x.shape, w.shape, (stride, stride),
+                                _padding(padding), groups) == forced
+
+
+def test_lowering_errors():
+  with pytest.raises(ValueError, match='conv_lowering=.im2col.; valid: auto, xla, shifted_matmul'):
+    conv.conv_general_dilated('im2col')
+  with pytest.raises(ValueError, match='conv_lowering'):
+    get_model('simple_cnn', 10, conv_lowering='fast')
+  x, w, _ = _operands(4, 3, 2, channels=4, out=4)
+  with pytest.raises(ValueError, match='feature_group_count 1 or depthwise'):
+    conv.shifted_matmul_conv(x, w, (1, 1), 'SAME', 2)
+  config = base.get_base_config()
+  config.model.conv_lowering = 'matmul'
+  with pytest.raises(ConfigError, match="config.model.conv_lowering='matmul'"):
+    validate_config(config)
+
+
+def test_forced_lowering_applies_to_flax_conv():
+  x, w, _ = _operands(5, 3, 1)
+  layer = conv.conv_module('shifted_matmul')(5, (3, 3), padding=1, use_bias=False)
+  variables = {'params': {'kernel': w}}
+  want = nn.Conv(5, (3, 3), padding=1, use_bias=False).apply(variables, x)
+  np.testing.assert_allclose(layer.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(lambda x: layer.apply(variables, x))(x))
+  assert 'conv_general_dilated' not in jaxpr and 'dot_general' in jaxpr
+
+
+MODELS = [('simple_cnn', {}, 28), ('resnet18', {'width': 4}, 28),
+          ('resnet18', {'width': 4, 'stem': 'imagenet'}, 28),
+          ('convnext_v2_tiny', {'drop_path_rate': 0.0}, 8)]
+
+
+@pytest.mark.parametrize('name,options,side', MODELS)
+def test_model_same_under_either_lowering(name, options, side):
+  """Same variables, same logits and parameter gradients whatever the lowering."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, side, side, 1)), jnp.float32)
+  labels = jnp.array([1, 3])
+  variables = init_variables(get_model(name, 10, **options), jax.random.key(0), side)
+  results = {}
+  for lowering in ('xla', 'shifted_matmul'):
+    model = get_model(name, 10, conv_lowering=lowering, **options)
+
+    def loss(params, model=model):
+      logits, _ = model.apply(variables | {'params': params}, x, train=False)
+      return jnp.mean(-jax.nn.log_softmax(logits)[jnp.arange(2), labels]), logits
+
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+    results[lowering] = (logits, grads)
+  np.testing.assert_allclose(results['shifted_matmul'][0], results['xla'][0],
+                             rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-5),
+               results['shifted_matmul'][1], results['xla'][1])
+
+
+@pytest.mark.parametrize('side,window,stride,pad', [
+    (28, 2, 2, 0), (7, 2, 2, 0), (5, 3, 2, 1), (14, 3, 2, 1), (2, 3, 2, 1)])
+def test_max_pool_equals_flax(side, window, stride, pad):
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, side, side, 3)), jnp.float32)
+  padding = ((pad, pad), (pad, pad))
+
+  def reference(x):
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+
+  def ours(x):
+    return max_pool(x, (window, window), (stride, stride), padding)
+
+  np.testing.assert_array_equal(ours(x), reference(x))
+  # Continuous random inputs have no ties, so the gradients agree exactly.
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(reference(x).shape))
+  grads = [jax.grad(lambda x, f=f: jnp.sum(f(x) * cotangent))(x) for f in (reference, ours)]
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6)
+
+
+def test_max_pool_errors_on_too_small_map():
+  with pytest.raises(ValueError, match='window'):
+    max_pool(jnp.zeros((1, 1, 1, 1)), (2, 2), (2, 2))
