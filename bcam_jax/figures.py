@@ -14,6 +14,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 import numpy as np
+from PIL import Image
 
 from bcam_jax import io_utils
 
@@ -188,4 +189,23 @@ def save_overlays(path: str, images, maps: Mapping[str, Any], labels, prediction
         axes[i, j].set_title(name, fontsize=9)
     for ax in axes[i]:
       _no_ticks(ax)
+  _save(path, fig)
+
+
+def save_side_by_side(path: str, image_paths: Sequence[str], titles: Sequence[str]) -> None:
+  """The PNG figures at `image_paths` in one row, each under its title (e.g. the baseline's
+  and the BCPL run's cam_prototypes.png, for reproduce.py's results)."""
+  if len(image_paths) != len(titles):
+    raise ValueError(f'titles: expected {len(image_paths)} (one per image), got {len(titles)}.')
+  images = [np.asarray(Image.open(p).convert('RGB')) for p in image_paths]
+  height = max(image.shape[0] for image in images)
+  widths = [image.shape[1] for image in images]
+  fig = Figure(figsize=(sum(widths) / 100, height / 100 + 0.4))
+  left = 0.0
+  for image, width, title in zip(images, widths, titles):
+    ax = fig.add_axes((left, 0.0, width / sum(widths), height / (height + 40)))
+    ax.imshow(image)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=11)
+    left += width / sum(widths)
   _save(path, fig)

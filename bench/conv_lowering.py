@@ -2,7 +2,8 @@
 
 Collects the distinct convolutions (input shape, kernel, stride, padding, groups) that a
 model's forward pass runs, by intercepting `nn.Conv` calls, then times each one's
-forward + backward (gradients with respect to input and kernel, as training needs) with
+forward + backward (gradients with respect to input and kernel, as training needs; the
+kernel only for the first layer, whose input is the image) with
 XLA's convolution and with the shifted-matmul form of `bcam_jax.models.conv`, alternately
 in one run. The ratio column is what `conv.choose_lowering`'s "auto" rule is set from.
 
@@ -89,7 +90,9 @@ def time_convolution(spec: dict, repeats: int) -> dict:
       y = apply(x, w, spec['strides'], padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
                 feature_group_count=spec['groups'])
       return jnp.sum(y * y)
-    fns[lowering] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    # The first layer's input is the image, whose gradient training never needs.
+    argnums = (1,) if channels == 1 else (0, 1)
+    fns[lowering] = jax.jit(jax.value_and_grad(loss, argnums=argnums))
     out_shape = jax.eval_shape(lambda x, w, apply=apply: apply(
         x, w, spec['strides'], padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=spec['groups']), x, w).shape
@@ -97,8 +100,10 @@ def time_convolution(spec: dict, repeats: int) -> dict:
     for lowering, fn in fns.items():
       t = _time(fn, (x, w), repeats)
       times[lowering] = min(times.get(lowering, np.inf), t)
-  # Forward multiply-adds x 2 flops, x 3 for forward + two backward convolutions.
-  flops = 3 * 2 * np.prod(out_shape) * kh * kw * channels // spec['groups']
+  # Forward multiply-adds x 2 flops, x 3 for forward + two backward convolutions (x 2
+  # without the input gradient).
+  passes = 2 if channels == 1 else 3
+  flops = passes * 2 * np.prod(out_shape) * kh * kw * channels // spec['groups']
   auto = conv.choose_lowering('auto', 'cpu', spec['input'], w.shape, spec['strides'], padding,
                               spec['groups'])
   return dict(spec, output=tuple(out_shape), xla_s=times['xla'],

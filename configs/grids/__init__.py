@@ -1,0 +1,1 @@
+"""Experiment grids for reproduce.py (each defines get_config())."""

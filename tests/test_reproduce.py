@@ -1,0 +1,112 @@
+"""Tests of the reproduction grid runner (bcam_jax.reproduce, reproduce.py) on a 2-cell grid."""
+import csv
+import importlib
+import json
+import os
+
+import ml_collections
+import pytest
+
+from bcam_jax import reproduce
+from tests import synthetic
+
+GRIDS = ('cpu_small', 'paper_table1', 'paper_table2')
+
+
+@pytest.fixture(scope='module')
+def idx_dir(tmp_path_factory):
+  return synthetic.write_dataset(str(tmp_path_factory.mktemp('idx')))
+
+
+def tiny_grid(idx_dir) -> ml_collections.ConfigDict:
+  grid = ml_collections.ConfigDict()
+  grid.name = 'tiny'
+  grid.description = 'Two SimpleCNN cells on synthetic data.'
+  grid.blocks = [dict(models=('simple_cnn',), conditions=('baseline', 'bcpl-l1'),
+                      datasets=('mnist',), image_sizes=(28,), seeds=(0,), epochs=1)]
+  grid.overrides = (('data.source', 'idx'), ('data.idx_dir', idx_dir), ('data.val_size', 40),
+                    ('train.batch_size', 16), ('train.num_steps', 12),
+                    ('train.checkpoint_every_steps', 6), ('train.log_every_steps', 4),
+                    ('optimizer.warmup_steps', 2), ('eval.batch_size', 40))
+  grid.eval = ml_collections.ConfigDict(dict(num_images=16, n_steps=3))
+  return grid
+
+
+def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
+  grid, root, results = tiny_grid(idx_dir), str(tmp_path / 'runs'), str(tmp_path / 'results')
+  records = reproduce.run_grid(grid, root)
+  assert [r['condition'] for r in records] == ['baseline', 'bcpl-l1']
+  for r in records:
+    cell_dir = os.path.join(root, r['name'])
+    assert json.load(open(os.path.join(cell_dir, 'cell.json'))) == r
+    assert json.load(open(os.path.join(cell_dir, 'config.json')))['train']['num_steps'] == 12
+    assert 0.0 <= r['test_accuracy'] <= 100.0 and r['train_images_per_second'] > 0
+    # The record's metrics are the eval report's, on the best checkpoint.
+    metrics = json.load(open(os.path.join(cell_dir, 'eval', 'metrics.json')))
+    assert r['test_accuracy'] == pytest.approx(100 * metrics['test_accuracy'])
+    assert r['alignment_l1'] == metrics['methods']['grad_cam']['alignment_l1']
+  bcpl = json.load(open(os.path.join(root, records[1]['name'], 'config.json')))
+  assert (bcpl['loss']['kind'], bcpl['loss']['metric']) == ('bcpl', 'l1')
+
+  rows = reproduce.write_results(grid, records, root, results)
+  assert len(rows) == 2 and rows[0]['accuracy_std'] is None  # one seed: no std
+  with open(os.path.join(results, 'results.csv')) as f:
+    table = list(csv.DictReader(f))
+  assert [row['name'] for row in table] == [r['name'] for r in records]
+  text = open(os.path.join(results, 'results.md')).read()
+  assert '| simple_cnn | mnist | 28 | baseline | 1 | 1 |' in text
+  assert '## BCPL against the baseline' in text
+  figure = 'cam_prototypes_simple_cnn_mnist_28.png'
+  assert f'![{figure}]({figure})' in text and os.path.exists(os.path.join(results, figure))
+
+  # Resume: a finished cell is skipped; a cell killed after training (no cell.json) is only
+  # evaluated again, from its final checkpoint, without training a step more.
+  done_cell = os.path.join(root, records[0]['name'], 'cell.json')
+  before = os.stat(done_cell).st_mtime_ns
+  os.remove(os.path.join(root, records[1]['name'], 'cell.json'))
+  again = reproduce.run_grid(grid, root)
+  assert os.stat(done_cell).st_mtime_ns == before
+  assert again[0] == records[0]
+  assert again[1]['test_accuracy'] == pytest.approx(records[1]['test_accuracy'])
+  log = [json.loads(l) for l in open(os.path.join(root, records[1]['name'], 'metrics.jsonl'))]
+  assert max(r['step'] for r in log if r['split'] == 'train') == 12
+
+
+def test_aggregate_mean_std_and_paper_difference():
+  records = [{'model': 'simple_cnn', 'dataset': 'mnist', 'image_size': 28,
+              'condition': 'bcpl-l1', 'epochs': 2, 'seed': s, 'test_accuracy': acc,
+              'alignment_l1': l1}
+             for s, acc, l1 in ((0, 99.0, 0.1), (1, 99.2, 0.2), (2, 99.4, 0.3))]
+  (row,) = reproduce.aggregate(records)
+  assert row['accuracy_mean'] == pytest.approx(99.2)
+  assert row['accuracy_std'] == pytest.approx(0.2)  # sample std of 99.0, 99.2, 99.4
+  assert row['paper_accuracy'] == 99.00 and row['difference'] == pytest.approx(0.2)
+  assert row['alignment_l1'] == pytest.approx(0.2) and row['insertion'] is None
+
+
+@pytest.mark.parametrize('name', GRIDS)
+def test_grid_configs_expand_to_valid_cells(name):
+  module = importlib.import_module(f'configs.grids.{name}')
+  grid = module.get_config()
+  assert grid.name == name
+  assert f'--grid=configs/grids/{name}.py' in module.__doc__ and 'Expected' in module.__doc__
+  cells = reproduce.expand(grid)
+  assert [c.seed for c in cells] == sorted(c.seed for c in cells)
+  for cell in cells:
+    reproduce.cell_config(cell)  # validates
+  expected = {'cpu_small': 7 * 2 * 3 + 2, 'paper_table1': 3 * 7 * 2 * 3,
+              'paper_table2': 2 * 3 * 2 * 3}[name]
+  assert len(cells) == expected
+
+
+def test_grid_errors_name_the_problem():
+  grid = ml_collections.ConfigDict(dict(name='bad', blocks=[dict(models=('simple_cnn',))]))
+  with pytest.raises(ValueError, match='block 0: missing field'):
+    reproduce.expand(grid)
+  cell = reproduce.Cell('simple_cnn', 'bcpl-l1', 'mnist', 28, 0, 1, (('train.epochs', 3),))
+  with pytest.raises(ValueError, match="override 'train.epochs'.*no field 'epochs'"):
+    reproduce.cell_config(cell)
+  grid.blocks = [dict(models=('simple_cnn',), conditions=('bcpl-l3',), datasets=('mnist',),
+                      image_sizes=(28,), seeds=(0,), epochs=1)]
+  with pytest.raises(ValueError, match="condition='bcpl-l3'"):
+    reproduce.expand(grid)
