@@ -1,4 +1,4 @@
-"""The paper's experiment grids: run every cell through train_lib and eval_lib, compare with the paper.
+"""The paper's experiment grids: every cell through train_lib and eval_lib, against the paper.
 
 A grid (``configs/grids/*.py``) is a list of blocks, each the product models x conditions x
 datasets x image sizes x seeds with its epochs and config overrides. Every cell trains in

@@ -49,7 +49,8 @@ def model_convolutions(name: str, options: dict, size: int, batch: int) -> list[
     if isinstance(module, nn.Conv) and context.method_name == '__call__':
       x = args[0]
       spec = dict(input=tuple(x.shape), kernel=tuple(module.kernel_size),
-                  features=module.features, strides=tuple(int(s) for s in np.broadcast_to(module.strides, 2)),
+                  features=module.features,
+                  strides=tuple(int(s) for s in np.broadcast_to(module.strides, 2)),
                   padding=module.padding if isinstance(module.padding, str)
                   else int(np.ravel(module.padding)[0]),
                   groups=module.feature_group_count)

@@ -1,4 +1,4 @@
-"""Where a CPU train step's time goes, besides the convolutions: every other layer family timed alone.
+"""Where a CPU train step's time goes besides convolutions: each other layer family alone.
 
 Times forward + backward (jitted, one op family at the shapes it has inside the models at
 batch 128, 28x28) of BatchNorm, max-pooling (flax's reduce_window against our strided-slice

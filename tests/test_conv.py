@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 from jax.test_util import check_grads
 
+from bcam_jax import parallel
 from bcam_jax.config_validation import ConfigError, validate_config
 from bcam_jax.models import conv, get_model, init_variables
 from bcam_jax.models.pooling import max_pool
@@ -130,8 +131,8 @@ def test_forced_lowering_applies_to_flax_conv():
   assert 'conv_general_dilated' not in jaxpr and 'dot_general' in jaxpr
 
 
-MODELS = [('simple_cnn', {}, 28), ('resnet18', {'width': 4}, 28),
-          ('resnet18', {'width': 4, 'stem': 'imagenet'}, 28),
+MODELS = [('simple_cnn', {}, 28), ('resnet18', {'width': 4}, 16),
+          ('resnet18', {'width': 4, 'stem': 'imagenet'}, 16),
           ('convnext_v2_tiny', {'drop_path_rate': 0.0}, 8)]
 
 
@@ -179,3 +180,27 @@ def test_max_pool_equals_flax(side, window, stride, pad):
 def test_max_pool_errors_on_too_small_map():
   with pytest.raises(ValueError, match='window'):
     max_pool(jnp.zeros((1, 1, 1, 1)), (2, 2), (2, 2))
+
+
+def test_depthwise_gradients_with_the_batch_sharded_over_devices():
+  """The kernel gradient's loop over batch chunks gives the same result when the batch is
+  split over the 8 devices of a data-parallel mesh (as in a train step)."""
+  mesh = parallel.make_mesh()
+  x, w, groups = _operands(5, 7, 'depthwise', channels=4, batch=16)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+
+  def grads(x, w, f):
+    return jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
+
+  def shifted(x, w):
+    return conv.shifted_matmul_conv(x, w, (1, 1), ((3, 3), (3, 3)), groups)
+
+  def reference(x, w):
+    return lax.conv_general_dilated(x, w, (1, 1), ((3, 3), (3, 3)), dimension_numbers=_DN,
+                                    feature_group_count=groups)
+
+  sharded_x = jax.device_put(x, parallel.batch_sharded(mesh))
+  got = jax.jit(lambda x, w: grads(x, w, shifted))(sharded_x, w)
+  want = grads(x, w, reference)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)

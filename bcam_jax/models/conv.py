@@ -1,4 +1,4 @@
-"""Convolutions whose lowering is chosen per call: XLA's convolution, or one matmul over shifted copies.
+"""Convolutions lowered per call as XLA's convolution or as one matmul over shifted copies.
 
 XLA:CPU runs a 3x3 convolution on a tiny feature map (1x1 to 3x3) at a few GFLOP/s, while
 the same convolution written as im2col by concatenation (the kernel taps' shifted, strided

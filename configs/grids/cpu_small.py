@@ -1,4 +1,4 @@
-"""The grid that fits a 2-core CPU in about 1.5 hours: SimpleCNN's seven conditions, ResNet18 baseline vs BCPL.
+"""The grid for a 2-core CPU (about 1.5 h): SimpleCNN in all seven conditions, ResNet18 vs BCPL.
 
   python reproduce.py --grid=configs/grids/cpu_small.py
 
