@@ -192,20 +192,21 @@ def save_overlays(path: str, images, maps: Mapping[str, Any], labels, prediction
   _save(path, fig)
 
 
-def save_side_by_side(path: str, image_paths: Sequence[str], titles: Sequence[str]) -> None:
-  """The PNG figures at `image_paths` in one row, each under its title (e.g. the baseline's
-  and the BCPL run's cam_prototypes.png, for reproduce.py's results)."""
+def save_stacked(path: str, image_paths: Sequence[str], titles: Sequence[str]) -> None:
+  """The PNG figures at `image_paths` one above the other, each under its title (e.g. the
+  baseline's and the BCPL run's cam_prototypes.png, for reproduce.py's results)."""
   if len(image_paths) != len(titles):
     raise ValueError(f'titles: expected {len(image_paths)} (one per image), got {len(titles)}.')
   images = [np.asarray(Image.open(p).convert('RGB')) for p in image_paths]
-  height = max(image.shape[0] for image in images)
-  widths = [image.shape[1] for image in images]
-  fig = Figure(figsize=(sum(widths) / 100, height / 100 + 0.4))
-  left = 0.0
-  for image, width, title in zip(images, widths, titles):
-    ax = fig.add_axes((left, 0.0, width / sum(widths), height / (height + 40)))
+  title_px = 30
+  width = max(image.shape[1] for image in images)
+  heights = [image.shape[0] + title_px for image in images]
+  fig = Figure(figsize=(width / 100, sum(heights) / 100))
+  top = 1.0
+  for image, height, title in zip(images, heights, titles):
+    top -= height / sum(heights)
+    ax = fig.add_axes((0.0, top, image.shape[1] / width, image.shape[0] / sum(heights)))
     ax.imshow(image)
     ax.set_axis_off()
-    ax.set_title(title, fontsize=11)
-    left += width / sum(widths)
+    ax.set_title(title, fontsize=13, fontweight='bold')
   _save(path, fig)

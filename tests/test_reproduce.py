@@ -56,6 +56,7 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   text = open(os.path.join(results, 'results.md')).read()
   assert '| simple_cnn | mnist | 28 | baseline | 1 | 1 |' in text
   assert '## BCPL against the baseline' in text
+  assert "## Against the paper's tables" in text
   figure = 'cam_prototypes_simple_cnn_mnist_28.png'
   assert f'![{figure}]({figure})' in text and os.path.exists(os.path.join(results, figure))
 
@@ -110,3 +111,21 @@ def test_grid_errors_name_the_problem():
                       image_sizes=(28,), seeds=(0,), epochs=1)]
   with pytest.raises(ValueError, match="condition='bcpl-l3'"):
     reproduce.expand(grid)
+
+
+def test_verdict_against_the_paper():
+  def row(model, dataset, condition, mean, std):
+    return {'model': model, 'dataset': dataset, 'image_size': 28, 'condition': condition,
+            'accuracy_mean': mean, 'accuracy_std': std}
+  rows = [row('simple_cnn', 'mnist', 'bcpl-l1', 98.9, 0.2),       # paper 99.00: within std
+          row('simple_cnn', 'fashion_mnist', 'bcpl-l1', 91.0, 0.1),  # paper 91.32: below
+          row('simple_cnn', 'fashion_mnist', 'baseline', 91.1, 0.1),
+          row('resnet18', 'mnist', 'baseline', 99.8, None)]          # paper's bcpl-l2 not run
+  verdicts = {(p['model'], p['dataset']): p for p in reproduce.against_paper(rows)}
+  assert verdicts[('simple_cnn', 'mnist')]['verdict'] == 'matches paper'
+  fashion = verdicts[('simple_cnn', 'fashion_mnist')]
+  assert fashion['verdict'] == 'misses paper' and fashion['gap'] == pytest.approx(-0.32)
+  assert fashion['ours_best']['condition'] == 'baseline'
+  resnet = verdicts[('resnet18', 'mnist')]
+  assert resnet['ours_same_condition'] is None and resnet['verdict'] == 'beats paper'
+  assert len(verdicts) == 3
