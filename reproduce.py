@@ -36,11 +36,14 @@ def main(argv):
       done = os.path.exists(os.path.join(root, cell.name, 'cell.json'))
       print(f'{"done" if done else "todo"}  {cell.name}  ({cell.epochs} epoch(s))')
     return
-  records = reproduce.run_grid(grid, root)
-  if jax.process_index() == 0:
+  records, failures = reproduce.run_grid(grid, root)
+  if jax.process_index() == 0 and records:
     results_dir = _RESULTS.value or os.path.join('results', grid.name)
-    reproduce.write_results(grid, records, root, results_dir)
+    reproduce.write_results(grid, records, root, results_dir, failures)
     logging.info('wrote %s', os.path.join(results_dir, 'results.md'))
+  if failures:
+    raise SystemExit(f'{len(failures)} cell(s) failed: {", ".join(sorted(failures))}; '
+                     'rerun the same command to retry them')
 
 
 if __name__ == '__main__':

@@ -182,11 +182,17 @@ def run_cell(cell: Cell, workdir: str, options: eval_lib.EvalOptions,
 
 
 def run_grid(grid: ml_collections.ConfigDict, root: str,
-             devices: Sequence[jax.Device] | None = None) -> list[dict[str, Any]]:
-  """Runs every cell of ``grid`` not finished yet under ``root``; returns all cell records."""
+             devices: Sequence[jax.Device] | None = None
+             ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+  """Runs every cell of ``grid`` not finished yet under ``root``.
+
+  Returns the records of all finished cells and, by cell name, the errors of the cells that
+  failed (bad data path, non-finite loss, ...): a failing cell is logged and the grid goes
+  on with the next one, and rerunning the grid retries it.
+  """
   cells = expand(grid)
   options = eval_options(grid)
-  records, start, ran = [], time.time(), 0
+  records, failures, start, ran = [], {}, time.time(), 0
   for i, cell in enumerate(cells, start=1):
     workdir = os.path.join(root, cell.name)
     done = os.path.join(workdir, 'cell.json')
@@ -196,7 +202,13 @@ def run_grid(grid: ml_collections.ConfigDict, root: str,
       logging.info('[%d/%d] %s: finished before, skipped', i, len(cells), cell.name)
       continue
     logging.info('[%d/%d] %s: training %d epoch(s)', i, len(cells), cell.name, cell.epochs)
-    record = run_cell(cell, workdir, options, devices)
+    try:
+      record = run_cell(cell, workdir, options, devices)
+    except Exception as e:  # pylint: disable=broad-except
+      failures[cell.name] = f'{type(e).__name__}: {e}'
+      logging.exception('[%d/%d] %s failed; going on with the next cell', i, len(cells),
+                        cell.name)
+      continue
     records.append(record)
     ran += 1
     per_cell = (time.time() - start) / ran
@@ -204,7 +216,7 @@ def run_grid(grid: ml_collections.ConfigDict, root: str,
                  'grid ETA %s', i, len(cells), cell.name, record['test_accuracy'],
                  record['alignment_l1'], format_duration(record['wall_seconds']),
                  format_duration(per_cell * (len(cells) - i)))
-  return records
+  return records, failures
 
 
 _MEAN_FIELDS = ('alignment_l1', 'alignment_ssim', 'average_drop', 'average_increase',
@@ -314,7 +326,7 @@ def against_paper(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render(grid: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
-           figure_names: Sequence[str]) -> str:
+           figure_names: Sequence[str], failures: dict[str, str]) -> str:
   """results.md: the grid, every aggregated row next to the paper, BCPL against baseline."""
   blocks = '\n'.join(
       f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
@@ -371,6 +383,9 @@ def render(grid: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
                               'align L1 base → BCPL', 'L1', 'align SSIM', 'AD %', 'Ins',
                               'Del'], table)
     lines += ['', '(!) marks a BCPL mean more than one baseline std below the baseline mean.']
+  if failures:
+    lines += ['', '## Failed cells (rerun the grid to retry them)', '']
+    lines += [f'- `{name}`: {error}' for name, error in sorted(failures.items())]
   if figure_names:
     lines += ['', '## Class-mean Grad-CAM against the prototypes: baseline above BCPL', '']
     lines += [f'![{name}]({name})' for name in figure_names]
@@ -396,8 +411,10 @@ def _figure(root: str, rows: Sequence[dict[str, Any]], results_dir: str,
 
 
 def write_results(grid: ml_collections.ConfigDict, records: Sequence[dict[str, Any]],
-                  root: str, results_dir: str) -> list[dict[str, Any]]:
-  """Writes results.csv (one row per cell), results.md and the figures; returns the rows."""
+                  root: str, results_dir: str,
+                  failures: dict[str, str] | None = None) -> list[dict[str, Any]]:
+  """Writes results.csv (one row per cell), results.md (listing failed cells, if any) and
+  the figures; returns the rows."""
   os.makedirs(results_dir, exist_ok=True)
   rows = aggregate(records)
   fields = ['name', 'model', 'dataset', 'image_size', 'condition', 'seed', 'epochs',
@@ -410,6 +427,6 @@ def write_results(grid: ml_collections.ConfigDict, records: Sequence[dict[str, A
                         lambda f: f.write(buffer.getvalue().encode()))
   seed = min(r['seed'] for r in records)
   names = _figure(root, rows, results_dir, seed)
-  text = render(grid, rows, names)
+  text = render(grid, rows, names, failures or {})
   io_utils.atomic_write(os.path.join(results_dir, 'results.md'), lambda f: f.write(text.encode()))
   return rows

@@ -34,7 +34,8 @@ def tiny_grid(idx_dir) -> ml_collections.ConfigDict:
 
 def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   grid, root, results = tiny_grid(idx_dir), str(tmp_path / 'runs'), str(tmp_path / 'results')
-  records = reproduce.run_grid(grid, root)
+  records, failures = reproduce.run_grid(grid, root)
+  assert failures == {}
   assert [r['condition'] for r in records] == ['baseline', 'bcpl-l1']
   for r in records:
     cell_dir = os.path.join(root, r['name'])
@@ -65,12 +66,29 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   done_cell = os.path.join(root, records[0]['name'], 'cell.json')
   before = os.stat(done_cell).st_mtime_ns
   os.remove(os.path.join(root, records[1]['name'], 'cell.json'))
-  again = reproduce.run_grid(grid, root)
+  again, _ = reproduce.run_grid(grid, root)
   assert os.stat(done_cell).st_mtime_ns == before
   assert again[0] == records[0]
   assert again[1]['test_accuracy'] == pytest.approx(records[1]['test_accuracy'])
   log = [json.loads(l) for l in open(os.path.join(root, records[1]['name'], 'metrics.jsonl'))]
   assert max(r['step'] for r in log if r['split'] == 'train') == 12
+
+
+def test_a_failing_cell_is_reported_and_the_grid_goes_on(idx_dir, tmp_path):
+  grid = tiny_grid(idx_dir)
+  grid.blocks = [dict(grid.blocks[0], conditions=('baseline',),
+                      overrides=(('data.idx_dir', str(tmp_path / 'missing')),)),
+                 dict(grid.blocks[0], conditions=('bcpl-l1',))]
+  grid.overrides = tuple(kv for kv in grid.overrides if kv[0] != 'data.idx_dir')
+  grid.blocks[1]['overrides'] = (('data.idx_dir', idx_dir),)
+  records, failures = reproduce.run_grid(grid, str(tmp_path / 'runs'))
+  assert [r['condition'] for r in records] == ['bcpl-l1']
+  (name, error), = failures.items()
+  assert name == 'simple_cnn_mnist_28_baseline_seed0' and 'missing' in error
+  reproduce.write_results(grid, records, str(tmp_path / 'runs'), str(tmp_path / 'results'),
+                          failures)
+  text = open(tmp_path / 'results' / 'results.md').read()
+  assert '## Failed cells' in text and name in text
 
 
 def test_aggregate_mean_std_and_paper_difference():
