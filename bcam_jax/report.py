@@ -10,7 +10,8 @@ METHOD_COLUMNS = (
     ('image_ssim', 'image SSIM ↑'), ('suite_images_per_second', 'suite img/s'))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  """The lines of a Markdown table."""
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   return lines + ['| ' + ' | '.join(row) + ' |' for row in rows]
 
@@ -32,12 +33,12 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
   ]
   rows = [[method] + [f'{values[key]:.4g}' for key, _ in METHOD_COLUMNS]
           for method, values in result['methods'].items()]
-  lines += _table(['method'] + [title for _, title in METHOD_COLUMNS], rows)
+  lines += markdown_table(['method'] + [title for _, title in METHOD_COLUMNS], rows)
   lines += ['', '## Per-class test accuracy', '']
-  lines += _table(['class', 'accuracy %'], [
+  lines += markdown_table(['class', 'accuracy %'], [
       [name, f'{100 * result["per_class_accuracy"][name]:.2f}'] for name in class_names])
   lines += ['', '## Most frequent confusions', '']
-  lines += _table(['true', 'predicted', 'count'], [
+  lines += markdown_table(['true', 'predicted', 'count'], [
       [e['true'], e['predicted'], str(e['count'])] for e in result['top_confusions']])
   lines += ['', '## Figures', '',
             '![confusion](confusion.png)', '',

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 
 from bcam_jax import eval_lib, figures, io_utils, train_lib
+from bcam_jax.report import markdown_table
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import format_duration
 
@@ -271,11 +272,6 @@ _TABLE = (('model', lambda r: r['model']), ('dataset', lambda r: r['dataset']),
            else format_duration(r['wall_seconds'])))
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-  return (['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-          + ['| ' + ' | '.join(row) + ' |' for row in rows])
-
-
 def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per (model, dataset, size) with a baseline and a BCPL row: BCPL (L1 where run) against
   the baseline in accuracy (within one baseline std?), alignment and faithfulness."""
@@ -325,6 +321,51 @@ def against_paper(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
+def _paper_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+  paper = against_paper(rows)
+  if not paper:
+    return []
+  lines = ['', "## Against the paper's tables", '',
+           'The paper reports, per model and dataset, its best condition. "ours" is our '
+           'mean in that condition (or our best condition where we did not run it); '
+           '"matches" = within one seed std (0.05 points with one seed).', '']
+  return lines + markdown_table(
+      ['model', 'dataset', 'size', 'paper best', 'paper %', 'ours %', 'Δ', 'our best',
+       'verdict'],
+      [[p['model'], p['dataset'], str(p['image_size']), p['paper_condition'],
+        _fmt(p['paper_accuracy']), _accuracy(p['ours_same_condition'] or p['ours_best']),
+        f'{p["gap"]:+.2f}', f'{p["ours_best"]["condition"]} {_accuracy(p["ours_best"])}',
+        p['verdict']] for p in paper])
+
+
+def _arrow(pair, digits=3) -> str:
+  return f'{_fmt(pair[0], digits)} → {_fmt(pair[1], digits)}'
+
+
+def _bcpl_section(rows: Sequence[dict[str, Any]]) -> list[str]:
+  pairs = comparisons(rows)
+  if not pairs:
+    return []
+  table = []
+  for p in pairs:
+    base_l1, bcpl_l1 = p['alignment_l1']
+    ratio = '–' if not (base_l1 and bcpl_l1) else f'{base_l1 / bcpl_l1:.1f}x lower'
+    table.append([p['model'], p['dataset'], str(p['image_size']), p['bcpl'],
+                  f'{p["accuracy_gap"]:+.2f}' + ('' if p['accuracy_within_std'] else ' (!)'),
+                  _arrow(p['alignment_l1']), ratio, _arrow(p['alignment_ssim']),
+                  _arrow(p['average_drop'], 2), _arrow(p['insertion']),
+                  _arrow(p['deletion'])])
+  lines = ['', '## BCPL against the baseline', '',
+           'Alignment is the L1 distance / SSIM between each class\'s mean Grad-CAM and its '
+           'prototype (lower / higher is better); AD and deletion lower, insertion higher is '
+           'more faithful.', '']
+  lines += markdown_table(['model', 'dataset', 'size', 'BCPL', 'Δ acc. (pts)',
+                           'align L1 base → BCPL', 'L1', 'align SSIM', 'AD %', 'Ins', 'Del'],
+                          table)
+  return lines + ['', '(!) marks a BCPL mean more than one baseline std below the baseline '
+                  'mean.']
+
+
 def render(grid: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
            figure_names: Sequence[str], failures: dict[str, str]) -> str:
   """results.md: the grid, every aggregated row next to the paper, BCPL against baseline."""
@@ -348,41 +389,8 @@ def render(grid: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
            'section 4.1); "Δ paper" is ours minus the paper\'s.', '']
   ordered = sorted(rows, key=lambda r: (r['image_size'], r['dataset'], r['model'],
                                         CONDITIONS.index(r['condition'])))
-  lines += _markdown_table([h for h, _ in _TABLE], [[f(r) for _, f in _TABLE] for r in ordered])
-  paper = against_paper(rows)
-  if paper:
-    lines += ['', "## Against the paper's tables", '',
-              'The paper reports, per model and dataset, its best condition. "ours" is our '
-              'mean in that condition (or our best condition where we did not run it); '
-              '"matches" = within one seed std (0.05 points with one seed).', '']
-    lines += _markdown_table(
-        ['model', 'dataset', 'size', 'paper best', 'paper %', 'ours %', 'Δ', 'our best',
-         'verdict'],
-        [[p['model'], p['dataset'], str(p['image_size']), p['paper_condition'],
-          _fmt(p['paper_accuracy']),
-          _accuracy(p['ours_same_condition'] or p['ours_best']), f'{p["gap"]:+.2f}',
-          f'{p["ours_best"]["condition"]} {_accuracy(p["ours_best"])}', p['verdict']]
-         for p in paper])
-  pairs = comparisons(rows)
-  if pairs:
-    lines += ['', '## BCPL against the baseline', '',
-              'Alignment is the L1 distance / SSIM between each class\'s mean Grad-CAM and '
-              'its prototype (lower / higher is better); AD and deletion lower, insertion '
-              'higher is more faithful.', '']
-    table = []
-    for p in pairs:
-      def arrow(pair, digits=3):
-        return f'{_fmt(pair[0], digits)} → {_fmt(pair[1], digits)}'
-      base_l1, bcpl_l1 = p['alignment_l1']
-      ratio = '–' if not (base_l1 and bcpl_l1) else f'{base_l1 / bcpl_l1:.1f}x lower'
-      table.append([p['model'], p['dataset'], str(p['image_size']), p['bcpl'],
-                    f'{p["accuracy_gap"]:+.2f}' + ('' if p['accuracy_within_std'] else ' (!)'),
-                    arrow(p['alignment_l1']), ratio, arrow(p['alignment_ssim']),
-                    arrow(p['average_drop'], 2), arrow(p['insertion']), arrow(p['deletion'])])
-    lines += _markdown_table(['model', 'dataset', 'size', 'BCPL', 'Δ acc. (pts)',
-                              'align L1 base → BCPL', 'L1', 'align SSIM', 'AD %', 'Ins',
-                              'Del'], table)
-    lines += ['', '(!) marks a BCPL mean more than one baseline std below the baseline mean.']
+  lines += markdown_table([h for h, _ in _TABLE], [[f(r) for _, f in _TABLE] for r in ordered])
+  lines += _paper_section(rows) + _bcpl_section(rows)
   if failures:
     lines += ['', '## Failed cells (rerun the grid to retry them)', '']
     lines += [f'- `{name}`: {error}' for name, error in sorted(failures.items())]

@@ -13,3 +13,12 @@ def machine_info() -> dict:
       'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
       'processor': platform.processor() or platform.machine(), 'jax': jax.__version__,
   }
+
+
+# The models the CPU benchmarks compare: name -> (bcam_jax model name, get_model options).
+MODEL_VARIANTS = {
+    'simple_cnn': ('simple_cnn', {}),
+    'resnet18': ('resnet18', {}),
+    'resnet18_imagenet_stem': ('resnet18', {'stem': 'imagenet'}),
+    'convnext_v2_tiny': ('convnext_v2_tiny', {}),
+}

@@ -26,13 +26,7 @@ from bcam_jax import models  # noqa: E402
 from bcam_jax.models import conv  # noqa: E402
 from bench import common  # noqa: E402
 
-_VARIANTS = {
-    'simple_cnn': ('simple_cnn', {}),
-    'resnet18': ('resnet18', {}),
-    'resnet18_imagenet_stem': ('resnet18', {'stem': 'imagenet'}),
-    'convnext_v2_tiny': ('convnext_v2_tiny', {}),
-}
-_MODELS = flags.DEFINE_list('models', list(_VARIANTS), 'Model variants to scan.')
+_MODELS = flags.DEFINE_list('models', list(common.MODEL_VARIANTS), 'Models to scan.')
 _SIZE = flags.DEFINE_integer('size', 28, 'Image side.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per lowering and convolution.')
@@ -121,7 +115,7 @@ def main(argv):
         f'{"xla ms":>8s} {"shift ms":>8s} {"xla GF/s":>8s} {"shift GF/s":>10s} '
         f'{"xla/shift":>9s} auto')
   for variant in _MODELS.value:
-    name, options = _VARIANTS[variant]
+    name, options = common.MODEL_VARIANTS[variant]
     for spec in model_convolutions(name, options, _SIZE.value, _BATCH.value):
       row = dict(time_convolution(spec, _REPEATS.value), model=variant)
       rows.append(row)

@@ -24,13 +24,7 @@ from bcam_jax import data, models, optim, parallel, steps  # noqa: E402
 from bench import common  # noqa: E402
 from configs import base  # noqa: E402
 
-_VARIANTS = {
-    'simple_cnn': ('simple_cnn', {}),
-    'resnet18': ('resnet18', {}),
-    'resnet18_imagenet_stem': ('resnet18', {'stem': 'imagenet'}),
-    'convnext_v2_tiny': ('convnext_v2_tiny', {}),
-}
-_MODELS = flags.DEFINE_list('models', list(_VARIANTS), 'Models to time.')
+_MODELS = flags.DEFINE_list('models', list(common.MODEL_VARIANTS), 'Models to time.')
 _LOSSES = flags.DEFINE_list('losses', ['ce', 'bcpl'], 'Losses to time.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
 _SIZE = flags.DEFINE_integer('size', 28, 'Image side.')
@@ -92,7 +86,7 @@ def _seconds_per_step(fn, n):
 
 
 def compare(variant, kind, batch, size, n_steps, rounds, lowering) -> dict:
-  name, options = _VARIANTS[variant]
+  name, options = common.MODEL_VARIANTS[variant]
   ours = jax_step(name, options, kind, batch, size, lowering)
   theirs = torch_step(variant, kind, batch, size)
   for fn in (ours, theirs):  # compile / warm up
