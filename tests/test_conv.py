@@ -91,8 +91,8 @@ def test_skipped_taps_only_read_padding():
     ('cpu', 28, 3, 1, 1, 'xla'),              # large map
     ('cpu', 4, 3, 1, 1, 'xla'),               # 4x4 output
     ('cpu', 28, 7, 1, 'depthwise', 'shifted_matmul'),
-    ('cpu', 28, 2, 2, 1, 'shifted_matmul'),   # non-overlapping windows
-    ('cpu', 28, 1, 2, 1, 'shifted_matmul'),
+    ('cpu', 28, 2, 2, 1, 'xla'),              # non-overlapping windows stay on XLA
+    ('cpu', 28, 1, 2, 1, 'xla'),
     ('cpu', 4, 3, 1, 2, 'xla'),               # grouped, not depthwise
     ('gpu', 2, 3, 1, 1, 'xla'),
     ('tpu', 28, 7, 1, 'depthwise', 'xla'),

@@ -77,7 +77,7 @@ class ConvNeXtV2Block(nn.Module):
     dim: int
     drop_path: float
     dtype: jnp.dtype
-    conv_lowering: str
+    conv_lowering: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -101,7 +101,7 @@ class ConvNeXtV2Backbone(nn.Module):
     stem_stride: int
     drop_path_rate: float
     dtype: jnp.dtype
-    conv_lowering: str
+    conv_lowering: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool = False):

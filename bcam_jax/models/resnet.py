@@ -75,7 +75,7 @@ class BasicBlock(nn.Module):
     stride: int
     zero_init_residual: bool
     dtype: jnp.dtype
-    conv_lowering: str
+    conv_lowering: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -99,7 +99,7 @@ class ResNet18Backbone(nn.Module):
     width: int
     zero_init_residual: bool
     dtype: jnp.dtype
-    conv_lowering: str
+    conv_lowering: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -29,7 +29,7 @@ class SimpleCNNBackbone(nn.Module):
     """Conv stack up to the CAM layer; without BatchNorm or dropout, ``train`` changes nothing."""
 
     dtype: jnp.dtype
-    conv_lowering: str
+    conv_lowering: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train: bool = False):
