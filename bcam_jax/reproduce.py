@@ -406,14 +406,13 @@ def _figure(root: str, rows: Sequence[dict[str, Any]], results_dir: str,
   one above the other; returns the written file names."""
   names = []
   for p in comparisons(rows):
-    key = (p['model'], p['dataset'], p['image_size'])
-    paths = [os.path.join(root, Cell(*key[:1], c, *key[1:], seed, 0).name, 'eval',
-                          'cam_prototypes.png') for c in ('baseline', p['bcpl'])]
+    paths = [os.path.join(root, Cell(p['model'], c, p['dataset'], p['image_size'], seed, 0).name,
+                          'eval', 'cam_prototypes.png') for c in ('baseline', p['bcpl'])]
     if not all(os.path.exists(path) for path in paths):
       continue
     name = f'cam_prototypes_{p["model"]}_{p["dataset"]}_{p["image_size"]}.png'
     figures.save_stacked(os.path.join(results_dir, name), paths,
-                              [f'baseline (seed {seed})', f'{p["bcpl"]} (seed {seed})'])
+                        [f'baseline (seed {seed})', f'{p["bcpl"]} (seed {seed})'])
     names.append(name)
   return names
 
