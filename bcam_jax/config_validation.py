@@ -5,6 +5,7 @@ data is loaded or any model is compiled.
 """
 import os
 
+import jax
 import ml_collections
 
 from bcam_jax import data, losses, optim
@@ -12,7 +13,7 @@ from bcam_jax.models import MODEL_NAMES
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('float32', 'bfloat16', 'float64')
 DATA_SOURCES = ('auto', 'tfds', 'idx')
 
 
@@ -49,6 +50,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive('train.checkpoint_every_steps', config.train.checkpoint_every_steps)
   _positive('train.keep_checkpoints', config.train.keep_checkpoints)
   _choice('train.dtype', config.train.dtype, DTYPES)
+  if config.train.dtype == 'float64' and not jax.config.jax_enable_x64:
+    raise ConfigError("config.train.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 "
+                      "(or jax.config.update('jax_enable_x64', True) before any JAX call).")
   _choice('optimizer.name', config.optimizer.name, optim.OPTIMIZERS)
   _choice('optimizer.schedule', config.optimizer.schedule, optim.SCHEDULES)
   if not config.optimizer.learning_rate > 0:

@@ -487,8 +487,10 @@ def to_pixels(images, image_size: int) -> jax.Array:
 
 
 def normalize(pixels: jax.Array, mean: float, std: float, dtype=jnp.float32) -> jax.Array:
-    """[0, 1] pixels -> the model's input (x - mean) / std, computed in float32, cast to `dtype`."""
-    return ((pixels - mean) / std).astype(dtype)
+    """[0, 1] pixels -> the model's input (x - mean) / std in `dtype`, computed in at least
+    float32 (in float64 for a float64 model, so its input carries no float32 rounding)."""
+    x = pixels.astype(jnp.promote_types(dtype, jnp.float32))
+    return ((x - mean) / std).astype(dtype)
 
 
 def preprocess(images, mean: float, std: float, image_size: int,

@@ -38,11 +38,19 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
 
 def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int,
                  image_size: int) -> Callable[[], TrainState]:
-  """A function creating the initial train state, to be jitted with replicated outputs."""
+  """A function creating the initial train state, to be jitted with replicated outputs.
+
+  Parameters and BatchNorm statistics are float32, or float64 for a model computing in
+  float64 (64-bit JAX): the same values, so a float64 run is the float32 run without its
+  rounding.
+  """
+  variable_dtype = jnp.promote_types(model.dtype, jnp.float32)
+
   def init() -> TrainState:
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
     x = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
     variables = model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
+    variables = jax.tree.map(lambda v: v.astype(variable_dtype), variables)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),

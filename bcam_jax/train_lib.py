@@ -51,6 +51,16 @@ class RunSetup:
                                         std=info.std, dtype=self.dtype),
                    out_shardings=parallel.replicated(self.mesh))
 
+  def train_step(self, tx, schedule):
+    """The jitted train step (`steps.make_train_step`) with a replicated output; it donates
+    the state it is given."""
+    info = self.datasets.info
+    return jax.jit(
+        steps.make_train_step(self.model, tx, schedule, self.objective, mean=info.mean,
+                              std=info.std, dtype=self.dtype, seed=self.config.seed,
+                              frozen_backbone=self.frozen_backbone),
+        out_shardings=parallel.replicated(self.mesh), donate_argnums=0)
+
   def prototypes(self, workdir: str) -> dict[str, jax.Array]:
     """Train and validation class prototypes (cached in `workdir`), replicated."""
     protos = data.load_or_compute_prototypes(workdir, self.datasets,
@@ -212,11 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       raise ValueError(f'the checkpoint in {workdir} is at step {start_step}, beyond this '
                        f'config\'s {total_steps} steps: use a new workdir.')
 
-    train_step = jax.jit(
-        steps.make_train_step(run.model, tx, schedule, run.objective, mean=info.mean,
-                              std=info.std, dtype=run.dtype, seed=config.seed,
-                              frozen_backbone=run.frozen_backbone),
-        out_shardings=parallel.replicated(run.mesh), donate_argnums=0)
+    train_step = run.train_step(tx, schedule)
     eval_step = run.eval_step()
     logger.info(f'Training {config.model.name} on {info.name} with loss '
                 f'{_describe(run.objective)}: {total_steps} steps ({steps_per_epoch} per '

@@ -6,13 +6,27 @@ import jax
 
 
 def machine_info() -> dict:
-  """Platform, device kind and count, CPU count, processor and JAX version."""
+  """Platform, device kind and count, CPU count, processor and model, JAX version."""
   return {
       'platform': jax.devices()[0].platform,
       'device_kind': jax.devices()[0].device_kind,
       'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-      'processor': platform.processor() or platform.machine(), 'jax': jax.__version__,
+      'processor': platform.processor() or platform.machine(), 'cpu_model': cpu_model(),
+      'jax': jax.__version__,
   }
+
+
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo (AMD and Intel round differently in places);
+  platform.machine() where there is none."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.machine()
 
 
 # The models the CPU benchmarks compare: name -> (bcam_jax model name, get_model options).

@@ -11,6 +11,7 @@ from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import PoolNormDenseHead
 from bcam_jax.models.resnet import PoolDenseHead
 from bcam_jax.models.simple_cnn import FlattenDenseHead
+from tests import numerics
 
 N, H, W, K, C = 6, 3, 3, 5, 4
 HEADS = {'gap_dense': PoolDenseHead, 'flatten_dense': FlattenDenseHead,
@@ -160,16 +161,21 @@ def test_cam_term_has_gradient_through_head_gradients(kind):
 
 @pytest.mark.parametrize('kind', ['proto', 'bcpl'])
 def test_loss_and_gradients_same_on_one_and_eight_devices(kind):
-  loss_fn, params, x, labels, prototypes = _tiny_problem(kind, 'ssim', n=8)
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-  results = []
-  for n_dev in (1, 8):
-    mesh = parallel.make_mesh(jax.devices()[:n_dev])
-    xs, ys = parallel.shard_batch(mesh, np.asarray(x), np.asarray(labels))
-    (loss, aux), grads = grad_fn(params, {}, xs, ys, prototypes, jax.random.key(0))
-    results.append((loss, aux['cam'], grads))
+  """The class sums and the loss are over the global batch. In float64, where the two
+  meshes' different summation orders cannot move the maps' ReLU, min and max (the loss's
+  kinks) to the other side of a tie (tests/numerics.py)."""
+  with jax.enable_x64(True):
+    loss_fn, params, x, labels, prototypes = _tiny_problem(kind, 'ssim', n=8,
+                                                           dtype=jnp.float64)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+    results = []
+    for n_dev in (1, 8):
+      mesh = parallel.make_mesh(jax.devices()[:n_dev])
+      xs, ys = parallel.shard_batch(mesh, np.asarray(x), np.asarray(labels))
+      (loss, aux), grads = grad_fn(params, {}, xs, ys, prototypes, jax.random.key(0))
+      results.append(jax.device_get((loss, aux['cam'], grads)))
   (l1, c1, g1), (l8, c8, g8) = results
-  np.testing.assert_allclose(l1, l8, rtol=1e-6)
-  np.testing.assert_allclose(c1, c8, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert g1['head_net']['Dense_1']['kernel'].dtype == np.float64
+  np.testing.assert_allclose(l8, l1, rtol=1e-12)
+  np.testing.assert_allclose(c8, c1, rtol=1e-12)
+  numerics.assert_trees_close(g8, g1, rtol=1e-12)

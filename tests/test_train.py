@@ -15,7 +15,7 @@ import pytest
 
 from bcam_jax import cam, config_validation, data, eval_lib, train_lib
 from configs import resnet18_baseline, simple_cnn_baseline
-from tests import synthetic
+from tests import numerics, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,18 +155,43 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
 
 
 def test_one_device_and_eight_devices_train_the_same_parameters(idx_dir, tmp_path):
-  """BatchNorm statistics and the loss are over the global batch whatever the mesh."""
-  config = tiny_config(idx_dir, base=resnet18_baseline, num_steps=4)
+  """BatchNorm statistics, the loss and Batch-CAM's class sums are over the global batch
+  whatever the mesh: a ResNet18 (BatchNorm) trained with BCPL for 5 steps on 1 and on 8
+  devices ends with the same parameters, BatchNorm statistics and momentum.
+
+  In float64. In float32 the two meshes sum in different orders, and every batch of this
+  model has ReLU inputs within float32 rounding of 0: one run puts such an input on one side
+  of 0, the other run on the other, which switches that unit's gradient on or off, a jump
+  of up to 3% of a kernel's gradient in one step; the parameters then differ, more ReLUs
+  switch, and the runs are 2e-2 apart after 4 steps (`python bench/mesh_drift.py`), on any
+  processor, only at a different step. In float64 the rounding is 1e-16, no ReLU input of
+  a few batches lies that close to 0, and the runs stay 1e-13 apart (`--dtype=float64`):
+  the training dynamics themselves do not amplify. A per-device BatchNorm (over 2 samples)
+  would change the gradient by 180%.
+  """
+  config = tiny_config(idx_dir, base=resnet18_baseline, num_steps=5)
   config.model.options.width = 8
+  config.loss.kind = 'bcpl'
+  config.train.dtype = 'float64'
   config.train.checkpoint_every_steps = 100
-  one = train_lib.train_and_evaluate(config, str(tmp_path / 'one'), jax.devices()[:1])
-  eight = train_lib.train_and_evaluate(config, str(tmp_path / 'eight'), jax.devices()[:8])
+  with jax.enable_x64(True):
+    one = train_lib.train_and_evaluate(config, str(tmp_path / 'one'), jax.devices()[:1])
+    eight = train_lib.train_and_evaluate(config, str(tmp_path / 'eight'), jax.devices()[:8])
   assert eight['num_devices'] == 8 and one['num_devices'] == 1
-  for a, b in zip(leaves(one['state'].params), leaves(eight['state'].params)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-  for a, b in zip(leaves(one['state'].batch_stats), leaves(eight['state'].batch_stats)):
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-  assert one['test_accuracy'] == pytest.approx(eight['test_accuracy'])
+  assert all(p.dtype == np.float64 for p in leaves(one['state'].params))
+  for part in ('params', 'batch_stats', 'opt_state'):
+    numerics.assert_trees_close(getattr(eight['state'], part), getattr(one['state'], part),
+                                rtol=1e-9, what=part)
+  for key in ('test_loss', 'test_accuracy', 'test_bcam_loss'):
+    assert eight[key] == pytest.approx(one[key], rel=1e-9), key
+
+
+def test_float64_needs_64_bit_jax(idx_dir):
+  config = tiny_config(idx_dir)
+  config.train.dtype = 'float64'
+  with jax.enable_x64(False):
+    with pytest.raises(config_validation.ConfigError, match="dtype='float64'.*JAX_ENABLE_X64=1"):
+      config_validation.validate_config(config)
 
 
 def _train_cmd(idx_dir, workdir, num_steps):

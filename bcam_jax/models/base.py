@@ -8,7 +8,7 @@ pure function through ``model.apply(variables, ..., method=...)``:
   of named NHWC stage outputs that includes ``"cam"``, the Grad-CAM target
   layer (the last conv feature map).  All BatchNorm, dropout and stochastic
   depth live here;
-* ``head(cam)``: ``features["cam"]`` -> float32 logits ``(N, num_classes)``.
+* ``head(cam)``: ``features["cam"]`` -> logits ``(N, num_classes)`` in at least float32.
 
 Every stage output of the features dict except a separate ``"cam"`` goes
 through ``self.perturb(name, ...)`` (a no-op unless a ``perturbations``
@@ -18,8 +18,9 @@ gradients of the class scores with respect to any named layer.
 The head is strictly per-sample (no batch statistics, no randomness), so one
 ``jax.vjp`` of it gives the exact per-sample gradients of the class scores
 with respect to the CAM layer, which is what Grad-CAM inside training needs.
-The head is also cheap, so it always computes in float32 whatever the
-``dtype`` option: given a float32 CAM map its gradients are float32 too.
+The head is also cheap, so it computes in at least float32 whatever the
+``dtype`` option (float32 for a bfloat16 backbone, float64 for a float64 one):
+given a float32 CAM map its gradients are float32 too.
 """
 import itertools
 from typing import Any
@@ -37,7 +38,7 @@ class CamClassifier(nn.Module):
     """Base class of the models: the three entry points and the image-size check.
 
     Subclasses define ``make_backbone`` (images, train -> features dict),
-    ``make_head`` (the default head: cam, query=None -> float32 logits),
+    ``make_head`` (the default head: cam, query=None -> logits in at least float32),
     ``stream_stages``, ``cam_side`` and ``label``. ``head_type="softcam"`` replaces
     the default head by Soft-CAM's evidence layer, ``pooling="ca_stream"`` its
     global average pooling by CA-Stream (``bcam_jax.models.heads``).
@@ -45,8 +46,9 @@ class CamClassifier(nn.Module):
     Attributes:
       num_classes: number of output classes.
       dtype: compute dtype of the backbone (e.g. ``jnp.bfloat16``); parameters
-        stay float32, normalisations compute in float32, and the head computes
-        in float32.
+        stay float32, normalisations and the head compute in float32. With
+        ``jnp.float64`` (64-bit JAX only, a reference precision for tests) everything
+        computes in float64 and ``steps.make_init_fn`` makes float64 parameters.
       conv_lowering: how the backbone's convolutions lower ("auto", "xla" or
         "shifted_matmul", see ``bcam_jax.models.conv``); parameters are the same
         whatever the lowering.
@@ -88,7 +90,7 @@ class CamClassifier(nn.Module):
 
     @nn.nowrap
     def make_head(self) -> nn.Module:
-        """The default head module: (cam, query=None) -> float32 logits."""
+        """The default head module: (cam, query=None) -> logits in at least float32."""
         raise NotImplementedError(f'{type(self).__name__} must define make_head')
 
     @nn.nowrap
@@ -141,7 +143,7 @@ class CamClassifier(nn.Module):
         return features
 
     def head(self, cam, query=None):
-        """CAM feature map (N, h, w, k) -> float32 logits (N, num_classes), per sample.
+        """CAM feature map (N, h, w, k) -> logits (N, num_classes), per sample.
         With CA-Stream, `query` is features["ca_query"] (see ``models.head_fn``)."""
         if self.pooling == 'ca_stream' and query is None:
             raise ValueError(f'{self.label()} with CA-Stream pooling: head() needs the query '
@@ -164,6 +166,6 @@ class CamClassifier(nn.Module):
         return cross_attention(cam, query)[1]
 
     def __call__(self, x, train: bool = False):
-        """Images -> (logits, features); logits are float32."""
+        """Images -> (logits, features); logits are in at least float32."""
         features = self.backbone(x, train=train)
         return self.head(features['cam'], features.get('ca_query')), features

@@ -10,9 +10,9 @@ from the backend and the static shapes at trace time:
 
 * ``"xla"``: ``lax.conv_general_dilated`` (always on GPU and TPU);
 * ``"shifted_matmul"``: ``shifted_matmul_conv``;
-* ``"auto"`` (default): ``shifted_matmul`` on CPU for tiny output maps and depthwise
-  convolutions, else ``xla`` (``choose_lowering``; bench/conv_lowering.py measures each
-  case).
+* ``"auto"`` (default): ``shifted_matmul`` on CPU for tiny output maps, depthwise and
+  non-overlapping (kernel <= stride) convolutions, else ``xla`` (``choose_lowering``;
+  bench/conv_lowering.py measures each case).
 
 Parameters are ``nn.Conv``'s own, so checkpoints do not depend on the lowering.
 
@@ -179,13 +179,14 @@ def choose_lowering(lowering: str, backend: str, lhs_shape, rhs_shape, window_st
   (bench/conv_lowering.py, forward + backward, batch 128):
 
   * depthwise convolutions (ConvNeXt's 7x7: 3-11x faster at every map size);
+  * non-overlapping windows, kernel <= stride (strided 1x1 shortcuts, 2x2 patchify
+    downsampling: 1.5-2.5x);
   * output maps of at most SHIFTED_MATMUL_MAX_SIDE a side (3x3 kernels on 1x1 to 3x3 maps:
     10-70x). From 4x4 up, XLA's convolution is as fast or faster (0.6-1.3x).
 
-  Non-overlapping windows (strided 1x1 shortcuts, 2x2 downsampling) are 1.5-2.5x faster in
-  the shifted form too, but stay on XLA: with them shifted, a one-device ResNet18 train step
-  drifted from the eight-device one (0.015 on a kernel after 4 steps), which XLA's
-  convolution does not do; not understood yet (bench/README.md).
+  Either lowering sums in its own order, so float32 results differ by rounding (and float32
+  training runs then drift apart like runs on different meshes, bench/mesh_drift.py); in
+  float64 they agree to 1e-10 (tests/test_conv.py).
   """
   check_lowering(lowering)
   if lowering != 'auto':
@@ -198,8 +199,9 @@ def choose_lowering(lowering: str, backend: str, lhs_shape, rhs_shape, window_st
   spatial, kernel = tuple(lhs_shape[1:3]), tuple(rhs_shape[:2])
   out = output_spatial(spatial, kernel, window_strides,
                        explicit_padding(spatial, kernel, window_strides, padding))
+  non_overlapping = all(k <= s for k, s in zip(kernel, window_strides))
   tiny = max(out) <= SHIFTED_MATMUL_MAX_SIDE
-  return 'shifted_matmul' if depthwise or tiny else 'xla'
+  return 'shifted_matmul' if depthwise or non_overlapping or tiny else 'xla'
 
 
 def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

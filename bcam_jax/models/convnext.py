@@ -6,7 +6,7 @@ scale (V2 removed it).  Stochastic depth rates grow linearly from 0 to
 ``drop_path_rate`` over the 18 blocks and draw on the 'dropout' rng stream;
 they act only when ``train``.  Downsampling between stages: LayerNorm + 2x2
 conv stride 2 (VALID, so sides halve with floor).  LayerNorms (epsilon 1e-6)
-and GRN compute in float32 whatever the ``dtype``.
+and GRN compute in at least float32 whatever the ``dtype``.
 
 The stem is a conv + LayerNorm; ``stem_stride`` picks the conv:
 4 = ImageNet patchify (4x4 stride 4, VALID); 1 or 2 = 3x3 with that stride
@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from bcam_jax.cam import at_least_float32
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.conv import conv_module
 from bcam_jax.models.heads import pool
@@ -48,7 +49,7 @@ _WEIGHT_INIT = nn.initializers.truncated_normal(0.02)
 
 
 class GRN(nn.Module):
-    """Global Response Normalisation, per sample, in float32.
+    """Global Response Normalisation, per sample, in at least float32.
 
     Gx = L2 norm over (H, W) per channel, Nx = Gx / (mean over channels of Gx
     + 1e-6), out = gamma * (x * Nx) + beta + x, with gamma and beta of shape
@@ -62,7 +63,7 @@ class GRN(nn.Module):
         channels = x.shape[-1]
         gamma = self.param('gamma', nn.initializers.zeros, (1, 1, 1, channels))
         beta = self.param('beta', nn.initializers.zeros, (1, 1, 1, channels))
-        x = jnp.asarray(x, jnp.float32)
+        x = at_least_float32(x)
         sum_sq = jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)
         # sqrt with gradient 0 (as torch.norm) rather than NaN at an all-zero channel.
         positive = sum_sq > 0
@@ -130,15 +131,16 @@ class ConvNeXtV2Backbone(nn.Module):
 
 
 class PoolNormDenseHead(nn.Module):
-    """Global average pool (or CA pooling given a query), LayerNorm, Dense, all in float32."""
+    """Global average pool (or CA pooling given a query), LayerNorm, Dense, all in at least
+    float32."""
 
     num_classes: int
 
     @nn.compact
     def __call__(self, cam, query=None):
         x = pool(cam, query)
-        x = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, dtype=jnp.float32, name='norm')(x)
-        return nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=_WEIGHT_INIT,
+        x = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, name='norm')(x)
+        return nn.Dense(self.num_classes, kernel_init=_WEIGHT_INIT,
                         name='dense')(x)
 
 

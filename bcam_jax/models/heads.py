@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bcam_jax.cam import at_least_float32
+
 HEAD_TYPES = ('default', 'softcam')
 POOLINGS = ('default', 'ca_stream')
 
@@ -24,17 +26,18 @@ POOLINGS = ('default', 'ca_stream')
 def cross_attention(features: jax.Array, query: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(pooled `(N, d)`, attention `(N, h, w)`) of features `(N, h, w, d)` for a query
     `(N, d)`: a = softmax over the h*w positions of F q / sqrt(d), pooled = F^T a."""
-    f = jnp.asarray(features, jnp.float32)
+    f = at_least_float32(features)
     n, h, w, d = f.shape
-    scores = jnp.einsum('nhwd,nd->nhw', f, jnp.asarray(query, jnp.float32)) / jnp.sqrt(d)
+    scores = jnp.einsum('nhwd,nd->nhw', f, at_least_float32(query)) / jnp.sqrt(d)
     attention = jax.nn.softmax(scores.reshape(n, h * w), axis=-1).reshape(n, h, w)
     return jnp.einsum('nhwd,nhw->nd', f, attention), attention
 
 
 def pool(cam, query=None) -> jax.Array:
-    """Global average pooling of `(N, h, w, k)` in float32, or CA pooling given a query."""
+    """Global average pooling of `(N, h, w, k)` in at least float32, or CA pooling given a
+    query."""
     if query is None:
-        return jnp.mean(jnp.asarray(cam, jnp.float32), axis=(1, 2))
+        return jnp.mean(at_least_float32(cam), axis=(1, 2))
     return cross_attention(cam, query)[0]
 
 
@@ -56,22 +59,22 @@ class CAStream(nn.Module):
         names = self.stages + ('cam',)
         for name, following in zip(names[:-1], names[1:]):
             pooled, _ = cross_attention(features[name], q)
-            q = nn.Dense(features[following].shape[-1], dtype=jnp.float32,
-                         name=f'{name}_to_{following}')(pooled)
+            q = nn.Dense(features[following].shape[-1], name=f'{name}_to_{following}')(pooled)
         return q
 
 
 class SoftCamHead(nn.Module):
-    """1x1 conv class-evidence layer in float32; logits = spatial mean of the evidence."""
+    """1x1 conv class-evidence layer in at least float32; logits = spatial mean of the
+    evidence."""
 
     num_classes: int
 
     def setup(self):
-        self.evidence_conv = nn.Dense(self.num_classes, dtype=jnp.float32, name='evidence')
+        self.evidence_conv = nn.Dense(self.num_classes, name='evidence')
 
     def evidence(self, cam):
         """Class-evidence maps `(N, h, w, C)`."""
-        return self.evidence_conv(jnp.asarray(cam, jnp.float32))
+        return self.evidence_conv(at_least_float32(cam))
 
     def __call__(self, cam, query=None):
         del query  # Soft-CAM pools by the mean (validated: no CA-Stream with Soft-CAM).

@@ -124,13 +124,13 @@ class ResNet18Backbone(nn.Module):
 
 
 class PoolDenseHead(nn.Module):
-    """Global average pool (or CA pooling given a query) + Dense in float32."""
+    """Global average pool (or CA pooling given a query) + Dense in at least float32."""
 
     num_classes: int
 
     @nn.compact
     def __call__(self, cam, query=None):
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(pool(cam, query))
+        return nn.Dense(self.num_classes, name='dense')(pool(cam, query))
 
 
 class ResNet18(CamClassifier):

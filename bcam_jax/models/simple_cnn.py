@@ -19,6 +19,7 @@ from functools import partial
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bcam_jax.cam import at_least_float32
 from bcam_jax.models import pooling
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.conv import conv_module
@@ -44,17 +45,17 @@ class SimpleCNNBackbone(nn.Module):
 
 
 class FlattenDenseHead(nn.Module):
-    """Flatten (or CA pooling given a query) + Dense in float32."""
+    """Flatten (or CA pooling given a query) + Dense in at least float32."""
 
     num_classes: int
 
     @nn.compact
     def __call__(self, cam, query=None):
         if query is None:
-            x = jnp.asarray(cam, jnp.float32).reshape((cam.shape[0], -1))
+            x = at_least_float32(cam).reshape((cam.shape[0], -1))
         else:
             x = pool(cam, query)
-        return nn.Dense(self.num_classes, dtype=jnp.float32, name='dense')(x)
+        return nn.Dense(self.num_classes, name='dense')(x)
 
 
 class SimpleCNN(CamClassifier):
