@@ -9,7 +9,7 @@ The config is the one used for training (with the same overrides).
 from absl import app, flags
 from ml_collections import config_flags
 
-from bcam_jax import eval_lib, explain
+from bcam_jax import cli, eval_lib, explain
 from bcam_jax.metric_logging import quiet_library_logs
 
 _DEFAULTS = eval_lib.EvalOptions()
@@ -54,4 +54,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

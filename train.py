@@ -9,7 +9,7 @@ processes find each other by themselves, elsewhere pass --coordinator_address,
 from absl import app, flags
 from ml_collections import config_flags
 
-from bcam_jax import distributed, train_lib
+from bcam_jax import cli, distributed, train_lib
 from bcam_jax.metric_logging import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.',
@@ -31,4 +31,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(lambda argv: cli.run_main(main, argv))

@@ -4,16 +4,27 @@
 optimiser state, step) every N steps and at the end; a restarted run resumes from the
 latest. `<workdir>/checkpoints_best/<step>` holds the model variables with the best
 validation accuracy so far. Orbax writes each step to a temporary directory and renames it
-when complete, so a run killed while saving leaves the previous checkpoints intact.
+when complete, so a run killed while saving leaves the previous checkpoints intact. A
+checkpoint that cannot be restored all the same (a disk fault, a truncated copy) while an
+older one can is moved to `<workdir>/checkpoints_unreadable/` with a warning, and the older
+one is used.
 """
 import os
+import time
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 LATEST_DIR = 'checkpoints'
 BEST_DIR = 'checkpoints_best'
+UNREADABLE_DIR = 'checkpoints_unreadable'
 BEST_METRIC = 'val_accuracy'
+
+
+class NoUsableCheckpointError(RuntimeError):
+  """Every train-state checkpoint of a workdir failed to restore."""
 
 
 def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
@@ -27,6 +38,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int = 3):
     workdir = os.path.abspath(workdir)
+    self.workdir = workdir
     self.latest = ocp.CheckpointManager(
         os.path.join(workdir, LATEST_DIR),
         options=ocp.CheckpointManagerOptions(
@@ -46,16 +58,59 @@ class Checkpoints:
     self.latest.save(step, args=ocp.args.StandardSave(state), force=True)
 
   def save_best(self, step: int, model_vars: Any, val_accuracy: float) -> None:
-    """Offers model variables to the best-by-accuracy manager (kept if best so far)."""
+    """Offers model variables to the best-by-accuracy manager (kept if best so far).
+
+    A step it already holds is left as it is: a run resumed from an older train state
+    replays that step and its validation bit for bit, so the saved variables are the ones
+    it would save again.
+    """
+    if step in self.best.all_steps():
+      return
     self.best.save(step, args=ocp.args.StandardSave(model_vars),
                    metrics={BEST_METRIC: float(val_accuracy)}, force=True)
 
   def restore_latest(self, abstract_state: Any) -> Any | None:
-    """The latest train state laid out like `abstract_state`, or None if there is none."""
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    return self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    """The newest train state that restores, laid out like `abstract_state`; None if
+    there is no checkpoint.
+
+    The newest checkpoints that fail to restore, when an older one restores with the same
+    target (so the target is right and those files are damaged), are logged with their
+    step and the cause and moved to `<workdir>/checkpoints_unreadable/` (kept, not
+    deleted). When none restores, nothing is moved (a changed model fails on every step
+    alike) and NoUsableCheckpointError names the workdir and each step's cause.
+    """
+    failures = {}
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        state = self.latest.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      except Exception as error:  # pylint: disable=broad-except
+        failures[step] = _first_line(error)
+        continue
+      for bad, cause in failures.items():
+        logging.warning('Checkpoint %s/%d cannot be restored (%s); moved to %s. Resuming '
+                        'from step %d.', self.latest.directory, bad, cause,
+                        self._move_aside(bad), step)
+      if failures:
+        self.latest.reload()
+      return state
+    if failures:
+      raise NoUsableCheckpointError(
+          f'No train-state checkpoint in {self.workdir} can be restored ('
+          + '; '.join(f'step {s}: {c}' for s, c in failures.items()) + '). Nothing was '
+          'moved: if the model or optimizer changed, use the config this workdir was trained '
+          'with; if the files are damaged, start over in a new --workdir.')
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    """Moves checkpoint `step` out of the manager's directory; returns where to."""
+    target = os.path.join(self.workdir, UNREADABLE_DIR,
+                          f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      os.replace(os.path.join(str(self.latest.directory), str(step)), target)
+    if jax.process_count() > 1:  # the others see the move before they look again
+      ocp.multihost.sync_global_processes(f'bcam_move_aside_{step}')
+    return target
 
   def restore_best(self, abstract_vars: Any) -> tuple[Any, int]:
     """Model variables with the best validation accuracy, and their step."""
@@ -72,3 +127,10 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _first_line(error: BaseException) -> str:
+  """The error's type and first line: Orbax's messages can run to a tree dump."""
+  text = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:300] if text else ""}'
+

@@ -3,6 +3,7 @@
 Each error names the config field, the offending value and what is valid, before any
 data is loaded or any model is compiled.
 """
+import json
 import os
 
 import jax
@@ -86,3 +87,39 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config.loss[field]
     if not (isinstance(value, (int, float)) and value >= 0 and value == value):
       raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')
+
+
+# Fields a workdir's checkpoints depend on: a resumed run or an evaluation must not change them.
+_STRUCTURAL = ('model.', 'data.name', 'data.image_size', 'optimizer.name')
+_SPEED_ONLY = ('model.conv_lowering',)
+
+
+def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """ConfigError listing the fields that differ from the config recorded in
+  `<workdir>/config.json` among those its checkpoints depend on (model, dataset, image
+  size, optimizer); nothing to check in a new workdir."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding='utf-8') as f:
+    recorded = _flatten(json.load(f))
+  requested = _flatten(json.loads(config.to_json()))
+  differing = [
+      f'{key}: {recorded.get(key)!r} in the workdir, {requested.get(key)!r} now'
+      for key in sorted(set(recorded) | set(requested))
+      if key.startswith(_STRUCTURAL) and key not in _SPEED_ONLY
+      and recorded.get(key) != requested.get(key)]
+  if differing:
+    raise ConfigError(
+        f'{workdir} was trained with another model or data than this config ('
+        + '; '.join(differing) + '). Use the config it was trained with, or a new --workdir.')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat

@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import (cam, data, explain, faithfulness, figures, io_utils, losses, parallel,
-                      report, train_lib)
+from bcam_jax import (cam, config_validation, data, explain, faithfulness, figures, io_utils,
+                      losses, parallel, report, train_lib, workdir_lock)
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.metric_logging import format_duration
 
@@ -75,7 +75,9 @@ def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = '
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
   if not os.path.isdir(workdir):
-    raise FileNotFoundError(f'workdir {workdir!r} does not exist: train it first.')
+    what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
+    raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
+  config_validation.check_matches_workdir(config, workdir)
   run = train_lib.setup_run(config, devices)
   tx, _ = run.optimizer(total_steps=1)
   abstract_state = run.abstract_state(tx)
@@ -260,7 +262,14 @@ def _top_confusions(confusion: np.ndarray, k: int) -> list[tuple[int, int, int]]
 def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
                         options: EvalOptions = EvalOptions(),
                         devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
-  """Everything `eval.py` measures and draws; returns the dict written to metrics.json."""
+  """Everything `eval.py` measures and draws; returns the dict written to metrics.json.
+  Holds the workdir's lock (`workdir_lock`): no run or other evaluation writes there
+  meanwhile."""
+  with workdir_lock.locked(workdir):
+    return _evaluate_and_report(config, workdir, options, devices)
+
+
+def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   run, variables, step = restore(config, workdir, options.checkpoint, devices)
   methods = options.methods or explain.default_methods(run.model)
   explain.check_applicable(run.model, variables, methods)  # fails now, not in an hour

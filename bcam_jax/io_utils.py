@@ -24,6 +24,16 @@ def atomic_write(path: str, write) -> None:
     raise
 
 
+def remove_stale_temporaries(directory: str) -> list[str]:
+  """Deletes the temp files that `atomic_write` calls killed mid-write left in `directory`
+  (call it only while holding the directory, e.g. its workdir lock); returns their names."""
+  stale = [name for name in os.listdir(directory)
+           if name.startswith('.') and name.endswith('.tmp')]
+  for name in stale:
+    os.unlink(os.path.join(directory, name))
+  return stale
+
+
 def write_json(path: str, obj) -> None:
   """Writes `obj` as indented JSON, atomically."""
   text = json.dumps(obj, indent=2, sort_keys=True).encode()

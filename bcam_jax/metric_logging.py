@@ -7,21 +7,31 @@ import time
 from absl import logging
 from tensorboardX import SummaryWriter
 
+from bcam_jax import io_utils
+
 
 class MetricLogger:
   """Writes one JSON line per (step, split) and the same scalars to TensorBoard.
 
   Only the writing process (process 0 of a multi-process job) writes; the others no-op.
+  `resumed_step`: the step a resumed run restarts from. What an earlier session logged past
+  it (steps it will replay, and its final test) is dropped from metrics.jsonl and purged
+  from TensorBoard, so every step appears once.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resumed_step: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resumed_step is not None and os.path.exists(path):
+        _drop_records_after(path, resumed_step)
+      self._jsonl = open(path, 'a', encoding='utf-8')
+      self._tb = SummaryWriter(
+          os.path.join(workdir, 'tensorboard'),
+          purge_step=None if resumed_step is None else resumed_step + 1)
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self.enabled:
@@ -46,6 +56,22 @@ class MetricLogger:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl (atomically) without the records past `step` and without test
+  records; a torn last line of a killed run goes too."""
+  kept = []
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record.get('step', 0) <= step and record.get('split') != 'test':
+        kept.append(line if line.endswith('\n') else line + '\n')
+  text = ''.join(kept).encode()
+  io_utils.atomic_write(path, lambda f: f.write(text))
 
 
 def format_duration(seconds: float) -> str:

@@ -19,9 +19,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from bcam_jax import data, explanations, io_utils, losses, models, optim, parallel, steps
+from bcam_jax import (data, explanations, io_utils, losses, models, optim, parallel, steps,
+                      workdir_lock)
 from bcam_jax.checkpointing import Checkpoints
-from bcam_jax.config_validation import validate_config
+from bcam_jax.config_validation import check_matches_workdir, validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
 
 
@@ -133,8 +134,18 @@ def setup_run(config: ml_collections.ConfigDict,
   mesh = parallel.make_mesh(devices)
   parallel.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
   n_dev = mesh.devices.size
-  eval_batch_size = -(-config.eval.batch_size // n_dev) * n_dev
   datasets = data.load_datasets(config.data)
+  if config.train.batch_size > len(datasets.train):
+    raise ValueError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+                     f'train split ({len(datasets.train)} images).')
+  # No larger than the largest split to evaluate (padding beyond it is wasted memory), and
+  # a multiple of the device count.
+  largest = max(len(datasets.val), len(datasets.test))
+  eval_batch_size = min(config.eval.batch_size, largest)
+  eval_batch_size = -(-eval_batch_size // n_dev) * n_dev
+  if eval_batch_size != config.eval.batch_size:
+    logging.info('Evaluating in batches of %d (config.eval.batch_size=%d, %d device(s), '
+                 'largest split %d).', eval_batch_size, config.eval.batch_size, n_dev, largest)
   dtype = jnp.dtype(config.train.dtype)
   model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
                            head=config.model.head, pooling=config.model.pooling,
@@ -179,10 +190,13 @@ def evaluate(run: RunSetup, eval_step, variables, split: data.Split,
 def _check_finite(step: int, metrics: dict[str, float], ckpts: Checkpoints) -> None:
   if not (np.isfinite(metrics['loss']) and np.isfinite(metrics['grad_norm'])):
     ckpts.wait()
+    what = 'training loss' if not np.isfinite(metrics['loss']) else 'gradient norm'
+    last = ckpts.latest_step()
+    kept = (f'The last good checkpoint (step {last}) is kept in {ckpts.latest.directory}.'
+            if last is not None else 'No checkpoint had been saved yet.')
     raise NonFiniteLossError(
-        f'Non-finite training loss at step {step} (loss={metrics["loss"]}, '
-        f'grad_norm={metrics["grad_norm"]}); stopping without saving. The last good '
-        f'checkpoint (step {ckpts.latest_step()}) is kept in {ckpts.latest.directory}. '
+        f'Non-finite {what} at step {step} (loss={metrics["loss"]}, '
+        f'grad_norm={metrics["grad_norm"]}); stopping without saving. {kept} '
         'Lower config.optimizer.learning_rate or set config.optimizer.grad_clip_norm.')
 
 
@@ -190,12 +204,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and tests it.
 
-  Returns the final summary, also written to `<workdir>/results.json`.
+  Holds the workdir's lock (`workdir_lock`) throughout: a second run on the same workdir
+  fails at once. Returns the final summary, also written to `<workdir>/results.json`.
   """
+  os.makedirs(workdir, exist_ok=True)
+  with workdir_lock.locked(workdir):
+    return _train_and_evaluate(config, workdir, devices)
+
+
+def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
+  validate_config(config)
+  check_matches_workdir(config, workdir)  # before anything is written there
   run = setup_run(config, devices)
   is_writer = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   if is_writer:
+    io_utils.remove_stale_temporaries(workdir)
     io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
   ds, info, tc = run.datasets, run.datasets.info, config.train
   prototypes = run.prototypes(workdir)
@@ -208,19 +231,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   tx, schedule = run.optimizer(total_steps)
 
   ckpts = Checkpoints(workdir, keep=tc.keep_checkpoints)
-  logger = MetricLogger(workdir, enabled=is_writer)
+  logger = None
   try:
     state = ckpts.restore_latest(run.abstract_state(tx))
-    if state is None:
+    resumed = state is not None
+    if not resumed:
       state = run.init_state(tx)
       if config.init_from:
         state = run.init_from_baseline(state)
-    else:
-      logger.info(f'Resumed from {ckpts.latest.directory} at step {int(state.step)}.')
     start_step = int(state.step)
     if start_step > total_steps:
       raise ValueError(f'the checkpoint in {workdir} is at step {start_step}, beyond this '
                        f'config\'s {total_steps} steps: use a new workdir.')
+    logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
+    if resumed:
+      logger.info(f'Resumed from {ckpts.latest.directory} at step {start_step}.')
 
     train_step = run.train_step(tx, schedule)
     eval_step = run.eval_step()
@@ -299,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     ckpts.wait()
     ckpts.close()
-    logger.close()
+    if logger is not None:
+      logger.close()
 
 
 def _check_pending(pending, ckpts: Checkpoints) -> dict[str, float]:

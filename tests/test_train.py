@@ -318,3 +318,13 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
   config.model.options.depth = 3
   with pytest.raises(ValueError, match='depth'):
     train_lib.setup_run(config)
+  config = tiny_config(idx_dir)
+  config.train.batch_size = 256
+  with pytest.raises(ValueError, match=r'config.train.batch_size=256 .*train split \(200 images'):
+    train_lib.setup_run(config)
+
+
+def test_eval_batch_is_clamped_to_the_largest_split(idx_dir):
+  config = tiny_config(idx_dir)
+  config.eval.batch_size = 10**6  # would pad 40 images to a million
+  assert train_lib.setup_run(config).eval_batch_size == 64  # 60 test images, 8 devices
