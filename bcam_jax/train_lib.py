@@ -6,6 +6,7 @@ order is a pure function of (seed, step), so a run killed at any moment and rest
 its latest checkpoint ends with exactly the parameters of an uninterrupted run.
 """
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from absl import logging
 from bcam_jax import (data, explanations, io_utils, losses, models, optim, parallel, steps,
                       workdir_lock)
 from bcam_jax.checkpointing import Checkpoints
-from bcam_jax.config_validation import check_matches_workdir, validate_config
+from bcam_jax.config_validation import ConfigError, check_matches_workdir, validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
 
 
@@ -132,12 +133,15 @@ def setup_run(config: ml_collections.ConfigDict,
   """Validates the config, builds the mesh, loads the data and builds the model."""
   validate_config(config)
   mesh = parallel.make_mesh(devices)
-  parallel.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
+  try:
+    parallel.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   n_dev = mesh.devices.size
   datasets = data.load_datasets(config.data)
   if config.train.batch_size > len(datasets.train):
-    raise ValueError(f'config.train.batch_size={config.train.batch_size} is larger than the '
-                     f'train split ({len(datasets.train)} images).')
+    raise ConfigError(f'config.train.batch_size={config.train.batch_size} is larger than the '
+                      f'train split ({len(datasets.train)} images).')
   # No larger than the largest split to evaluate (padding beyond it is wasted memory), and
   # a multiple of the device count.
   largest = max(len(datasets.val), len(datasets.test))
@@ -150,12 +154,25 @@ def setup_run(config: ml_collections.ConfigDict,
   model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
                            head=config.model.head, pooling=config.model.pooling,
                            conv_lowering=conv_lowering(config), **config.model.options)
+  _check_cam_side(config, model)
   cam = models.cam_shape(model, config.data.image_size)
   logging.info('Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
                config.model.name, config.data.image_size, config.data.image_size, cam,
                n_dev, jax.devices()[0].platform, datasets.source)
   objective = steps.Objective.from_config(config, datasets.info.num_classes)
   return RunSetup(config, mesh, datasets, model, dtype, eval_batch_size, objective)
+
+
+def _check_cam_side(config: ml_collections.ConfigDict, model) -> None:
+  """A CAM loss compares maps with the class prototypes: a 1x1 map has nothing to compare
+  (min-max scaling makes it 0) and its loss ends in NaN, so it needs at least 2x2."""
+  side = model.cam_side(config.data.image_size)
+  if config.loss.kind != 'ce' and 1 <= side < 2:
+    need = next(s for s in itertools.count(config.data.image_size) if model.cam_side(s) >= 2)
+    raise ConfigError(
+        f'config.data.image_size={config.data.image_size} gives {model.label()} a {side}x'
+        f'{side} CAM map; config.loss.kind={config.loss.kind!r} compares CAM maps with the '
+        f'class prototypes and needs at least 2x2: image_size >= {need}.')
 
 
 def evaluate(run: RunSetup, eval_step, variables, split: data.Split,

@@ -30,6 +30,8 @@ def locked(workdir: str):
   exist."""
   if not os.path.isdir(workdir):
     raise WorkdirError(f'workdir {workdir} is not a directory.')
+  if not os.access(workdir, os.W_OK):
+    raise WorkdirError(f'workdir {workdir} is not writable: nothing could be saved there.')
   path = os.path.join(workdir, f'.lock-{jax.process_index()}')
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -308,7 +308,8 @@ def test_invalid_config_fails_with_valid_choices(field, value, message):
 def test_impossible_sizes_fail_at_start_up(idx_dir):
   config = tiny_config(idx_dir)
   config.train.batch_size = 12  # not a multiple of 8 devices
-  with pytest.raises(ValueError, match='config.train.batch_size=12.*multiple.*8'):
+  with pytest.raises(config_validation.ConfigError,
+                     match='config.train.batch_size=12.*multiple.*8'):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.data.image_size = 2  # pooled away before the CAM layer
@@ -320,8 +321,17 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.train.batch_size = 256
-  with pytest.raises(ValueError, match=r'config.train.batch_size=256 .*train split \(200 images'):
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'config.train.batch_size=256 .*train split \(200 images'):
     train_lib.setup_run(config)
+  config = tiny_config(idx_dir)
+  config.loss.kind = 'bcpl'
+  config.data.image_size = 7  # a 1x1 CAM map: its Batch-CAM loss would end in NaN
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'image_size=7 gives simple_cnn a 1x1 CAM map; .*image_size >= 8'):
+    train_lib.setup_run(config)
+  config.loss.kind = 'ce'
+  assert train_lib.setup_run(config).model.cam_side(7) == 1  # fine without a CAM loss
 
 
 def test_eval_batch_is_clamped_to_the_largest_split(idx_dir):
