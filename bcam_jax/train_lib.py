@@ -230,9 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
-  validate_config(config)
+  run = setup_run(config, devices)  # validates the config
   check_matches_workdir(config, workdir)  # before anything is written there
-  run = setup_run(config, devices)
   is_writer = jax.process_index() == 0
   if is_writer:
     io_utils.remove_stale_temporaries(workdir)
