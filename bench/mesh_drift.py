@@ -47,7 +47,8 @@ _WARMUP = flags.DEFINE_integer('warmup_steps', 3, 'config.optimizer.warmup_steps
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Global batch.')
 _PERTURBATION = flags.DEFINE_float('perturbation', 1e-7, 'Relative noise on the start.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'float64'], 'config.train.dtype.')
-_OUT = flags.DEFINE_string('out', None, 'JSON path (default bench/results/mesh_drift_<model>_<dtype>.json).')
+_OUT = flags.DEFINE_string('out', None,
+                           'JSON path (default bench/results/mesh_drift_<model>_<dtype>.json).')
 
 
 def make_config(idx_dir: str):

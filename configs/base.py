@@ -42,7 +42,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.batch_size = 128       # global batch, split over all devices
   config.train.num_epochs = 5
   config.train.num_steps = -1         # > 0 overrides num_epochs
-  config.train.dtype = 'float32'      # 'float32' | 'bfloat16' | 'float64' (compute; float64: JAX_ENABLE_X64=1)
+  # Compute dtype: 'float32' | 'bfloat16' | 'float64' (a reference precision; JAX_ENABLE_X64=1).
+  config.train.dtype = 'float32'
   config.train.log_every_steps = 50
   config.train.eval_every_steps = 0   # 0 -> once per epoch
   config.train.checkpoint_every_steps = 500

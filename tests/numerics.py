@@ -25,10 +25,11 @@ def assert_trees_close(actual, desired, rtol: float, what: str = '') -> None:
       f'{what}: {len(flat_actual)} leaves against {len(paths)}')
   for (path, want), got in zip(paths, flat_actual):
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
-    assert got.shape == want.shape, f'{what}{jax.tree_util.keystr(path)}: shape {got.shape} != {want.shape}'
+    where = f'{what}{jax.tree_util.keystr(path)}'
+    assert got.shape == want.shape, f'{where}: shape {got.shape} != {want.shape}'
     scale = float(np.max(np.abs(want), initial=0.0))
     np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale,
-                               err_msg=f'{what}{jax.tree_util.keystr(path)} (scale {scale:.3g})')
+                               err_msg=f'{where} (scale {scale:.3g})')
 
 
 def relative_difference(actual, desired) -> float:

@@ -206,8 +206,9 @@ def test_resumed_logger_drops_what_it_will_replay(tmp_path):
 
 
 def test_unwritable_or_missing_workdir_is_named(tmp_path, monkeypatch):
-  with pytest.raises(workdir_lock.WorkdirError, match=f'workdir {tmp_path}/none is not a directory'):
-    with workdir_lock.locked(str(tmp_path / 'none')):
+  missing = str(tmp_path / 'none')
+  with pytest.raises(workdir_lock.WorkdirError, match=f'workdir {missing} is not a directory'):
+    with workdir_lock.locked(missing):
       pass
 
   def refuse(*args, **kwargs):

@@ -4,7 +4,8 @@ Each model is a Flax linen module (see ``bcam_jax.models.base``):
 ``model.apply(variables, x, train=...)`` returns ``(logits, features)``;
 ``method='backbone'`` maps images to the features dict (``features['cam']`` is
 the Grad-CAM layer) and ``method='head'`` maps the CAM map to logits (float32;
-float64 for a float64 model), strictly per sample.  Variables are ``{'params': ..., 'batch_stats': ...}``
+float64 for a float64 model), strictly per sample.  Variables are
+``{'params': ..., 'batch_stats': ...}``
 (batch_stats only for resnet18); with ``train=True`` pass
 ``mutable=['batch_stats']`` and ``rngs={'dropout': key}``.
 
