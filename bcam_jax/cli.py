@@ -1,15 +1,16 @@
 """What the entry points (train.py, eval.py) share: an error the user can act on (a bad
 config field, unreadable data, a workdir in use or trained with another model, no usable
-checkpoint) ends the program with its one-paragraph message and exit status 1, without a
-traceback; any other error keeps its traceback."""
+checkpoint, a diverged loss) ends the program with its one-paragraph message and exit
+status 1, without a traceback; any other error keeps its traceback."""
 import sys
 
 from bcam_jax.checkpointing import NoUsableCheckpointError
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.data import DataError
+from bcam_jax.train_lib import NonFiniteLossError
 from bcam_jax.workdir_lock import WorkdirError
 
-USER_ERRORS = (ConfigError, DataError, WorkdirError, NoUsableCheckpointError)
+USER_ERRORS = (ConfigError, DataError, WorkdirError, NoUsableCheckpointError, NonFiniteLossError)
 
 
 def run_main(main, argv) -> None:

@@ -102,7 +102,7 @@ class RunSetup:
       want = jax.tree.map(lambda p: p.shape, params[name])
       got = jax.tree.map(lambda p: p.shape, restored['params'][name])
       if want != got:
-        raise ValueError(f'config.init_from={cfg.init_from!r}: its {name} parameters do not '
+        raise ConfigError(f'config.init_from={cfg.init_from!r}: its {name} parameters do not '
                          f'fit this model ({cfg.model.name}, head={cfg.model.head!r}, '
                          f'pooling={cfg.model.pooling!r}); e.g. simple_cnn\'s flatten + dense '
                          'classifier cannot take pooled features.')
@@ -151,9 +151,12 @@ def setup_run(config: ml_collections.ConfigDict,
     logging.info('Evaluating in batches of %d (config.eval.batch_size=%d, %d device(s), '
                  'largest split %d).', eval_batch_size, config.eval.batch_size, n_dev, largest)
   dtype = jnp.dtype(config.train.dtype)
-  model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
-                           head=config.model.head, pooling=config.model.pooling,
-                           conv_lowering=conv_lowering(config), **config.model.options)
+  try:
+    model = models.get_model(config.model.name, datasets.info.num_classes, dtype=dtype,
+                             head=config.model.head, pooling=config.model.pooling,
+                             conv_lowering=conv_lowering(config), **config.model.options)
+  except ValueError as error:  # an unknown or invalid config.model.options entry
+    raise ConfigError(f'config.model.options={dict(config.model.options)!r}: {error}') from None
   _check_cam_side(config, model)
   cam = models.cam_shape(model, config.data.image_size)
   logging.info('Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
@@ -164,9 +167,13 @@ def setup_run(config: ml_collections.ConfigDict,
 
 
 def _check_cam_side(config: ml_collections.ConfigDict, model) -> None:
-  """A CAM loss compares maps with the class prototypes: a 1x1 map has nothing to compare
-  (min-max scaling makes it 0) and its loss ends in NaN, so it needs at least 2x2."""
+  """Every model needs at least a 1x1 CAM map. A CAM loss compares maps with the class
+  prototypes: a 1x1 map has nothing to compare (min-max scaling makes it 0) and its loss
+  ends in NaN, so it needs at least 2x2."""
   side = model.cam_side(config.data.image_size)
+  if side < 1:
+    raise ConfigError(f'config.data.image_size={config.data.image_size} is too small for '
+                      f'{model.label()}: it needs image_size >= {model.min_image_side()}.')
   if config.loss.kind != 'ce' and 1 <= side < 2:
     need = next(s for s in itertools.count(config.data.image_size) if model.cam_side(s) >= 2)
     raise ConfigError(
@@ -257,8 +264,9 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
         state = run.init_from_baseline(state)
     start_step = int(state.step)
     if start_step > total_steps:
-      raise ValueError(f'the checkpoint in {workdir} is at step {start_step}, beyond this '
-                       f'config\'s {total_steps} steps: use a new workdir.')
+      raise ConfigError(f'the checkpoint in {workdir} is at step {start_step}, beyond this '
+                        f'config\'s {total_steps} steps (config.train.num_steps / num_epochs): '
+                        'use a new --workdir or more steps.')
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
     if resumed:
       logger.info(f'Resumed from {ckpts.latest.directory} at step {start_step}.')

@@ -158,7 +158,7 @@ def test_frozen_simple_cnn_reports_its_incompatible_classifier(idx_dir, tmp_path
   config = tiny_config(idx_dir, simple_cnn_castream, 10)
   config.model.ca_stream.freeze_backbone = True
   config.init_from = baseline_dir
-  with pytest.raises(ValueError, match='head_net parameters do not fit'):
+  with pytest.raises(config_validation.ConfigError, match='head_net parameters do not fit'):
     train_lib.train_and_evaluate(config, str(tmp_path / 'ca'))
 
 

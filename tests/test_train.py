@@ -313,11 +313,13 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.data.image_size = 2  # pooled away before the CAM layer
-  with pytest.raises(ValueError, match='simple_cnn'):
+  with pytest.raises(config_validation.ConfigError,
+                     match='image_size=2 is too small for simple_cnn: it needs image_size >= 4'):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.model.options.depth = 3
-  with pytest.raises(ValueError, match='depth'):
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"config.model.options=\{'depth': 3\}: unknown option.*depth"):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.train.batch_size = 256

@@ -160,6 +160,11 @@ def test_another_model_on_a_workdir_fails_before_writing(idx_dir, finished, tmp_
     eval_lib.restore(config, workdir, 'last')
   with pytest.raises(FileNotFoundError, match='is a file, not a directory'):
     eval_lib.restore(_config(idx_dir), os.path.join(workdir, 'config.json'), 'last')
+  fewer_steps = _config(idx_dir)
+  fewer_steps.train.num_steps = 10  # the workdir's latest checkpoint is at step 12
+  with pytest.raises(config_validation.ConfigError,
+                     match=r'is at step 12, beyond this config\'s 10 steps'):
+    train_lib.train_and_evaluate(fewer_steps, workdir)
 
 
 def test_entry_points_report_user_errors_without_a_traceback(idx_dir, finished):
