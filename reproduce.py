@@ -6,6 +6,7 @@ resumes from its last checkpoint, so rerunning the same command continues the gr
 aggregated results.md, results.csv and figures go to --results_dir (default
 results/<grid name>). `--list` prints the cells without running anything.
 """
+
 import os
 
 import jax
@@ -15,13 +16,16 @@ from ml_collections import config_flags
 from bcam_jax import reproduce
 from bcam_jax.metric_logging import quiet_library_logs
 
-_GRID = config_flags.DEFINE_config_file('grid', None, 'Grid config file (configs/grids/*.py).',
-                                        lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', 'runs/reproduce',
-                               'Root of the cells\' workdirs: <workdir>/<grid>/<cell>.')
-_RESULTS = flags.DEFINE_string('results_dir', None, 'Where results.md/csv go; default '
-                               'results/<grid name>.')
-_LIST = flags.DEFINE_bool('list', False, 'Only list the grid\'s cells and which are done.')
+_GRID = config_flags.DEFINE_config_file(
+  'grid', None, 'Grid config file (configs/grids/*.py).', lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', 'runs/reproduce', "Root of the cells' workdirs: <workdir>/<grid>/<cell>."
+)
+_RESULTS = flags.DEFINE_string(
+  'results_dir', None, 'Where results.md/csv go; default results/<grid name>.'
+)
+_LIST = flags.DEFINE_bool('list', False, "Only list the grid's cells and which are done.")
 flags.mark_flags_as_required(['grid'])
 
 
@@ -42,8 +46,10 @@ def main(argv):
     reproduce.write_results(grid, records, root, results_dir, failures)
     logging.info('wrote %s', os.path.join(results_dir, 'results.md'))
   if failures:
-    raise SystemExit(f'{len(failures)} cell(s) failed: {", ".join(sorted(failures))}; '
-                     'rerun the same command to retry them')
+    raise SystemExit(
+      f'{len(failures)} cell(s) failed: {", ".join(sorted(failures))}; '
+      'rerun the same command to retry them'
+    )
 
 
 if __name__ == '__main__':

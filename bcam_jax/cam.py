@@ -16,6 +16,7 @@ Every map function returns non-negative maps `(N, h, w)` at feature resolution;
 the CAM layer is explained through `bcam_jax.explain.layer_features`, which builds the
 matching `head_fn`.
 """
+
 from collections.abc import Callable
 
 import jax
@@ -30,8 +31,9 @@ def at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def head_gradients(head_fn: HeadFn, features: jax.Array, targets: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+def head_gradients(
+  head_fn: HeadFn, features: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Logits `(N, C)` and G = d logit[target] / d features `(N, h, w, K)`, per sample."""
   logits, vjp = jax.vjp(head_fn, features)
   (grads,) = vjp(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
@@ -41,8 +43,7 @@ def head_gradients(head_fn: HeadFn, features: jax.Array, targets: jax.Array
 def channel_combination(features: jax.Array, weights: jax.Array) -> jax.Array:
   """ReLU(sum_k w_k A_k): maps `(..., h, w)` from features `(..., h, w, K)` and channel
   weights `(..., K)`, the last step of every CAM method."""
-  cam_map = jnp.einsum('...hwk,...k->...hw', at_least_float32(features),
-                       at_least_float32(weights))
+  cam_map = jnp.einsum('...hwk,...k->...hw', at_least_float32(features), at_least_float32(weights))
   return jax.nn.relu(cam_map)
 
 
@@ -66,8 +67,9 @@ def grad_cam(head_fn: HeadFn, features: jax.Array, targets: jax.Array) -> jax.Ar
   return weighted_activation(features, grads)
 
 
-def grad_cam_pp(head_fn: HeadFn, features: jax.Array, targets: jax.Array,
-                eps: float = 1e-6) -> jax.Array:
+def grad_cam_pp(
+  head_fn: HeadFn, features: jax.Array, targets: jax.Array, eps: float = 1e-6
+) -> jax.Array:
   """Grad-CAM++ maps `(N, h, w)` (Chattopadhay et al. 2018), in one VJP.
 
   With the exponential of the class score, the 2nd and 3rd derivatives are powers of the
@@ -88,8 +90,13 @@ def target_probability(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return jnp.take_along_axis(probs, targets[..., None], axis=-1)[..., 0]
 
 
-def score_cam(logits_fn: LogitsFn, images: jax.Array, features: jax.Array,
-              targets: jax.Array, chunk_size: int = 32) -> jax.Array:
+def score_cam(
+  logits_fn: LogitsFn,
+  images: jax.Array,
+  features: jax.Array,
+  targets: jax.Array,
+  chunk_size: int = 32,
+) -> jax.Array:
   """Score-CAM maps `(N, h, w)` (Wang et al. 2020): no gradients, K masked forward passes.
 
   Channel k's map, upsampled to the image size and min-max normalised to [0, 1], masks
@@ -117,8 +124,9 @@ def score_cam(logits_fn: LogitsFn, images: jax.Array, features: jax.Array,
   return channel_combination(a, weights)
 
 
-def class_sums(values: jax.Array, labels: jax.Array, num_classes: int
-               ) -> tuple[jax.Array, jax.Array]:
+def class_sums(
+  values: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
   """Per-class sums of `values` `(N, ...)` and the class counts `(C,)`, by
   `jax.ops.segment_sum` on the labels. Under `jit` over a sharded batch the sums are over
   the global batch; sums of several batches add up to those of their union."""
@@ -127,8 +135,9 @@ def class_sums(values: jax.Array, labels: jax.Array, num_classes: int
   return jax.ops.segment_sum(values, labels, num_classes), counts
 
 
-def batch_cam_from_sums(feature_sums: jax.Array, grad_sums: jax.Array, counts: jax.Array
-                        ) -> jax.Array:
+def batch_cam_from_sums(
+  feature_sums: jax.Array, grad_sums: jax.Array, counts: jax.Array
+) -> jax.Array:
   """Batch-CAM maps `(C, h, w)` from per-class sums of A and G and the class counts.
 
   A_bar_c = sum A / N_c and G_bar_c = sum G / N_c (eqs. 4-5; zero for absent classes),
@@ -138,8 +147,9 @@ def batch_cam_from_sums(feature_sums: jax.Array, grad_sums: jax.Array, counts: j
   return weighted_activation(feature_sums * scale, grad_sums * scale)
 
 
-def batch_cam_from_gradients(features: jax.Array, grads: jax.Array, labels: jax.Array,
-                             num_classes: int) -> tuple[jax.Array, jax.Array]:
+def batch_cam_from_gradients(
+  features: jax.Array, grads: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
   """Batch-CAM from the batch's features A and their gradients G: (cams `(C, h, w)`,
   counts `(C,)`)."""
   feature_sums, counts = class_sums(features, labels, num_classes)
@@ -147,8 +157,9 @@ def batch_cam_from_gradients(features: jax.Array, grads: jax.Array, labels: jax.
   return batch_cam_from_sums(feature_sums, grad_sums, counts), counts
 
 
-def batch_cam(head_fn: HeadFn, features: jax.Array, labels: jax.Array, num_classes: int
-              ) -> tuple[jax.Array, jax.Array]:
+def batch_cam(
+  head_fn: HeadFn, features: jax.Array, labels: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
   """Class-averaged Grad-CAM of a batch: (cams `(C, h, w)`, counts `(C,)`)."""
   _, grads = head_gradients(head_fn, features, labels)
   return batch_cam_from_gradients(features, grads, labels, num_classes)

@@ -9,6 +9,7 @@ checkpoint that cannot be restored all the same (a disk fault, a truncated copy)
 older one can is moved to `<workdir>/checkpoints_unreadable/` with a warning, and the older
 one is used.
 """
+
 import os
 import time
 from typing import Any
@@ -40,15 +41,23 @@ class Checkpoints:
     workdir = os.path.abspath(workdir)
     self.workdir = workdir
     self.latest = ocp.CheckpointManager(
-        os.path.join(workdir, LATEST_DIR),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, cleanup_tmp_directories=True,
-            multiprocessing_options=_barriers(LATEST_DIR)))
+      os.path.join(workdir, LATEST_DIR),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        cleanup_tmp_directories=True,
+        multiprocessing_options=_barriers(LATEST_DIR),
+      ),
+    )
     self.best = ocp.CheckpointManager(
-        os.path.join(workdir, BEST_DIR),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[BEST_METRIC], best_mode='max',
-            cleanup_tmp_directories=True, multiprocessing_options=_barriers(BEST_DIR)))
+      os.path.join(workdir, BEST_DIR),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda m: m[BEST_METRIC],
+        best_mode='max',
+        cleanup_tmp_directories=True,
+        multiprocessing_options=_barriers(BEST_DIR),
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -66,8 +75,12 @@ class Checkpoints:
     """
     if step in self.best.all_steps():
       return
-    self.best.save(step, args=ocp.args.StandardSave(model_vars),
-                   metrics={BEST_METRIC: float(val_accuracy)}, force=True)
+    self.best.save(
+      step,
+      args=ocp.args.StandardSave(model_vars),
+      metrics={BEST_METRIC: float(val_accuracy)},
+      force=True,
+    )
 
   def restore_latest(self, abstract_state: Any) -> Any | None:
     """The newest train state that restores, laid out like `abstract_state`; None if
@@ -87,24 +100,30 @@ class Checkpoints:
         failures[step] = _first_line(error)
         continue
       for bad, cause in failures.items():
-        logging.warning('Checkpoint %s/%d cannot be restored (%s); moved to %s. Resuming '
-                        'from step %d.', self.latest.directory, bad, cause,
-                        self._move_aside(bad), step)
+        logging.warning(
+          'Checkpoint %s/%d cannot be restored (%s); moved to %s. Resuming from step %d.',
+          self.latest.directory,
+          bad,
+          cause,
+          self._move_aside(bad),
+          step,
+        )
       if failures:
         self.latest.reload()
       return state
     if failures:
       raise NoUsableCheckpointError(
-          f'No train-state checkpoint in {self.workdir} can be restored ('
-          + '; '.join(f'step {s}: {c}' for s, c in failures.items()) + '). Nothing was '
-          'moved: if the model or optimizer changed, use the config this workdir was trained '
-          'with; if the files are damaged, start over in a new --workdir.')
+        f'No train-state checkpoint in {self.workdir} can be restored ('
+        + '; '.join(f'step {s}: {c}' for s, c in failures.items())
+        + '). Nothing was '
+        'moved: if the model or optimizer changed, use the config this workdir was trained '
+        'with; if the files are damaged, start over in a new --workdir.'
+      )
     return None
 
   def _move_aside(self, step: int) -> str:
     """Moves checkpoint `step` out of the manager's directory; returns where to."""
-    target = os.path.join(self.workdir, UNREADABLE_DIR,
-                          f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+    target = os.path.join(self.workdir, UNREADABLE_DIR, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       os.replace(os.path.join(str(self.latest.directory), str(step)), target)
@@ -117,7 +136,8 @@ class Checkpoints:
     step = self.best.best_step()
     if step is None:
       raise FileNotFoundError(
-          f'no best checkpoint in {self.best.directory}: no validation has run yet.')
+        f'no best checkpoint in {self.best.directory}: no validation has run yet.'
+      )
     return self.best.restore(step, args=ocp.args.StandardRestore(abstract_vars)), step
 
   def wait(self) -> None:
@@ -133,4 +153,3 @@ def _first_line(error: BaseException) -> str:
   """The error's type and first line: Orbax's messages can run to a tree dump."""
   text = str(error).strip().splitlines()
   return f'{type(error).__name__}: {text[0][:300] if text else ""}'
-

@@ -2,6 +2,7 @@
 config field, unreadable data, a workdir in use or trained with another model, no usable
 checkpoint, a diverged loss) ends the program with its one-paragraph message and exit
 status 1, without a traceback; any other error keeps its traceback."""
+
 import sys
 
 from bcam_jax.checkpointing import NoUsableCheckpointError

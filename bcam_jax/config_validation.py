@@ -3,6 +3,7 @@
 Each error names the config field, the offending value and what is valid, before any
 data is loaded or any model is compiled.
 """
+
 import json
 import os
 
@@ -28,8 +29,11 @@ def _choice(field: str, value, valid) -> None:
 
 
 def _positive(field: str, value, allow_zero: bool = False) -> None:
-  ok = isinstance(value, int) and not isinstance(value, bool) and (
-      value >= 0 if allow_zero else value > 0)
+  ok = (
+    isinstance(value, int)
+    and not isinstance(value, bool)
+    and (value >= 0 if allow_zero else value > 0)
+  )
   if not ok:
     expected = 'a non-negative integer' if allow_zero else 'a positive integer'
     raise ConfigError(f'config.{field}={value!r}; expected {expected}.')
@@ -52,35 +56,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive('train.keep_checkpoints', config.train.keep_checkpoints)
   _choice('train.dtype', config.train.dtype, DTYPES)
   if config.train.dtype == 'float64' and not jax.config.jax_enable_x64:
-    raise ConfigError("config.train.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 "
-                      "(or jax.config.update('jax_enable_x64', True) before any JAX call).")
+    raise ConfigError(
+      "config.train.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 "
+      "(or jax.config.update('jax_enable_x64', True) before any JAX call)."
+    )
   _choice('optimizer.name', config.optimizer.name, optim.OPTIMIZERS)
   _choice('optimizer.schedule', config.optimizer.schedule, optim.SCHEDULES)
   if not config.optimizer.learning_rate > 0:
     raise ConfigError(
-        f'config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.')
+      f'config.optimizer.learning_rate={config.optimizer.learning_rate!r}; expected > 0.'
+    )
   if config.optimizer.weight_decay < 0:
     raise ConfigError(
-        f'config.optimizer.weight_decay={config.optimizer.weight_decay!r}; expected >= 0.')
+      f'config.optimizer.weight_decay={config.optimizer.weight_decay!r}; expected >= 0.'
+    )
   _choice('loss.kind', config.loss.kind, losses.LOSS_KINDS)
   _choice('loss.metric', config.loss.metric, losses.METRICS)
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
   _choice('model.conv_lowering', config.model.get('conv_lowering', 'auto'), LOWERINGS)
   if config.model.head == 'softcam' and config.model.pooling == 'ca_stream':
-    raise ConfigError('config.model.head="softcam" does not combine with '
-                      'config.model.pooling="ca_stream" (Soft-CAM pools its evidence by the '
-                      'mean); choose one.')
+    raise ConfigError(
+      'config.model.head="softcam" does not combine with '
+      'config.model.pooling="ca_stream" (Soft-CAM pools its evidence by the '
+      'mean); choose one.'
+    )
   if (config.loss.lambda_l1 or config.loss.lambda_l2) and config.model.head != 'softcam':
-    raise ConfigError('config.loss.lambda_l1 / lambda_l2 penalise Soft-CAM evidence maps: '
-                      'they need config.model.head="softcam".')
+    raise ConfigError(
+      'config.loss.lambda_l1 / lambda_l2 penalise Soft-CAM evidence maps: '
+      'they need config.model.head="softcam".'
+    )
   if config.model.ca_stream.freeze_backbone:
     if config.model.pooling != 'ca_stream':
-      raise ConfigError('config.model.ca_stream.freeze_backbone=True needs '
-                        'config.model.pooling="ca_stream".')
+      raise ConfigError(
+        'config.model.ca_stream.freeze_backbone=True needs config.model.pooling="ca_stream".'
+      )
     if not config.init_from:
-      raise ConfigError('config.model.ca_stream.freeze_backbone=True needs '
-                        'config.init_from=<workdir of a trained baseline run>.')
+      raise ConfigError(
+        'config.model.ca_stream.freeze_backbone=True needs '
+        'config.init_from=<workdir of a trained baseline run>.'
+      )
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r} is not a directory.')
   for field in ('lambda_class', 'lambda_cam', 'lambda_l1', 'lambda_l2'):
@@ -105,14 +120,18 @@ def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> No
     recorded = _flatten(json.load(f))
   requested = _flatten(json.loads(config.to_json()))
   differing = [
-      f'{key}: {recorded.get(key)!r} in the workdir, {requested.get(key)!r} now'
-      for key in sorted(set(recorded) | set(requested))
-      if key.startswith(_STRUCTURAL) and key not in _SPEED_ONLY
-      and recorded.get(key) != requested.get(key)]
+    f'{key}: {recorded.get(key)!r} in the workdir, {requested.get(key)!r} now'
+    for key in sorted(set(recorded) | set(requested))
+    if key.startswith(_STRUCTURAL)
+    and key not in _SPEED_ONLY
+    and recorded.get(key) != requested.get(key)
+  ]
   if differing:
     raise ConfigError(
-        f'{workdir} was trained with another model or data than this config ('
-        + '; '.join(differing) + '). Use the config it was trained with, or a new --workdir.')
+      f'{workdir} was trained with another model or data than this config ('
+      + '; '.join(differing)
+      + '). Use the config it was trained with, or a new --workdir.'
+    )
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

@@ -15,13 +15,17 @@ variables or the cluster's own variables whether this is such a job:
 
 On CPU, cross-process collectives use gloo. Call this before any other JAX call.
 """
+
 import os
 
 import jax
 from absl import logging
 
-ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS', 'num_processes': 'JAX_NUM_PROCESSES',
-       'process_id': 'JAX_PROCESS_ID'}
+ENV = {
+  'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
+  'num_processes': 'JAX_NUM_PROCESSES',
+  'process_id': 'JAX_PROCESS_ID',
+}
 
 
 def _cluster_detected() -> bool:
@@ -32,11 +36,17 @@ def _cluster_detected() -> bool:
   return len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
 
 
-def settings(coordinator_address: str | None = None, num_processes: int | None = None,
-             process_id: int | None = None) -> dict:
+def settings(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> dict:
   """Explicit settings, each from its argument or else its environment variable."""
-  given = {'coordinator_address': coordinator_address, 'num_processes': num_processes,
-           'process_id': process_id}
+  given = {
+    'coordinator_address': coordinator_address,
+    'num_processes': num_processes,
+    'process_id': process_id,
+  }
   for key, var in ENV.items():
     if given[key] is None and os.environ.get(var):
       value = os.environ[var]
@@ -44,15 +54,20 @@ def settings(coordinator_address: str | None = None, num_processes: int | None =
   return {k: v for k, v in given.items() if v is not None}
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Joins the job when settings or a cluster say there is one; True if it did."""
   explicit = settings(coordinator_address, num_processes, process_id)
   if explicit and set(explicit) != set(ENV):
     missing = sorted(set(ENV) - set(explicit))
-    raise ValueError(f'multi-process settings are incomplete: {explicit} given, '
-                     f'{", ".join(missing)} missing (flags --{" --".join(missing)} or '
-                     f'environment {", ".join(ENV[m] for m in missing)}).')
+    raise ValueError(
+      f'multi-process settings are incomplete: {explicit} given, '
+      f'{", ".join(missing)} missing (flags --{" --".join(missing)} or '
+      f'environment {", ".join(ENV[m] for m in missing)}).'
+    )
   if not explicit and not _cluster_detected():
     return False
   if explicit and explicit['num_processes'] < 1:
@@ -60,7 +75,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   # gloo for collectives between CPU processes (ignored by GPU/TPU backends).
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**explicit)
-  logging.info('Joined a %d-process job as process %d: %d local of %d devices.',
-               jax.process_count(), jax.process_index(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+    'Joined a %d-process job as process %d: %d local of %d devices.',
+    jax.process_count(),
+    jax.process_index(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True

@@ -7,6 +7,7 @@ the faithfulness metrics of `bcam_jax.faithfulness` and the prototype alignment,
 error_prototypes.png and overlays.png. Every per-batch computation is one jitted function
 over a batch sharded on the mesh's `data` axis, returning masked sums.
 """
+
 import dataclasses
 import os
 import time
@@ -19,8 +20,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import (cam, config_validation, data, explain, faithfulness, figures, io_utils,
-                      losses, parallel, report, train_lib, workdir_lock)
+from bcam_jax import (
+  cam,
+  config_validation,
+  data,
+  explain,
+  faithfulness,
+  figures,
+  io_utils,
+  losses,
+  parallel,
+  report,
+  train_lib,
+  workdir_lock,
+)
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.metric_logging import format_duration
 
@@ -33,14 +46,15 @@ class EvalOptions:
   """What `evaluate_and_report` measures.
 
   methods: CAM methods (`explain.METHODS`), empty for `explain.default_methods` of the
-  model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention); num_images: test images (the first ones) for
-  the per-method metrics, 0 for all; target: the class each map explains, 'label' or
+  model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention);
+  num_images: test images (the first ones) for the per-method metrics, 0 for all; target: the class each map explains, 'label' or
   'predicted'; layer: the explained layer of the features dict; n_steps: insertion and
   deletion steps; batch_size: images per jitted call of a method (Score-CAM and
   insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
   num_overlays: test images in overlays.png; num_error_pairs: confusions in
   error_prototypes.png.
   """
+
   checkpoint: str = 'best'
   methods: tuple[str, ...] = ()
   num_images: int = 1000
@@ -68,8 +82,12 @@ class EvalOptions:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
 
-def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 'best',
-            devices: Sequence[jax.Device] | None = None):
+def restore(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  checkpoint: str = 'best',
+  devices: Sequence[jax.Device] | None = None,
+):
   """(run setup, model variables, step) of the `best` (by validation accuracy) or `last`
   checkpoint of `workdir`."""
   if checkpoint not in CHECKPOINTS:
@@ -97,18 +115,32 @@ def restore(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = '
 
 def _test_metrics(run, variables, prototypes, checkpoint: str, step: int) -> dict[str, Any]:
   test, _ = train_lib.evaluate(run, run.eval_step(), variables, run.datasets.test, prototypes)
-  logging.info('%s checkpoint (step %d): test loss %.4f, accuracy %.2f%%', checkpoint,
-               step, test['loss'], 100 * test['accuracy'])
-  return {'checkpoint': checkpoint, 'step': step, 'test_loss': test['loss'],
-          'test_accuracy': test['accuracy'], 'test_count': test['count'],
-          'metric': run.config.loss.metric, 'test_proto_loss': test['proto_loss'],
-          'test_bcam_loss': test['bcam_loss']}
+  logging.info(
+    '%s checkpoint (step %d): test loss %.4f, accuracy %.2f%%',
+    checkpoint,
+    step,
+    test['loss'],
+    100 * test['accuracy'],
+  )
+  return {
+    'checkpoint': checkpoint,
+    'step': step,
+    'test_loss': test['loss'],
+    'test_accuracy': test['accuracy'],
+    'test_count': test['count'],
+    'metric': run.config.loss.metric,
+    'test_proto_loss': test['proto_loss'],
+    'test_bcam_loss': test['bcam_loss'],
+  }
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        checkpoint: str = 'best',
-                        devices: Sequence[jax.Device] | None = None,
-                        output_name: str | None = 'metrics.json') -> dict[str, Any]:
+def evaluate_checkpoint(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  checkpoint: str = 'best',
+  devices: Sequence[jax.Device] | None = None,
+  output_name: str | None = 'metrics.json',
+) -> dict[str, Any]:
   """Test loss, accuracy and prototype losses (with `config.loss.metric`) of a checkpoint.
 
   Writes `<workdir>/eval/<output_name>` (unless None) and returns the same dict.
@@ -126,8 +158,9 @@ def describe_condition(config: ml_collections.ConfigDict) -> str:
   loss = config.loss
   text = loss.kind if loss.kind == 'ce' else f'{loss.kind}-{loss.metric}'
   if config.model.head == 'softcam':
-    text += ' softcam' + ''.join(f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2')
-                                  if loss[f'lambda_{k}'])
+    text += ' softcam' + ''.join(
+      f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']
+    )
   if config.model.pooling == 'ca_stream':
     text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
   return text
@@ -135,8 +168,15 @@ def describe_condition(config: ml_collections.ConfigDict) -> str:
 
 def _explainer(run, options: EvalOptions) -> explain.Explainer:
   info = run.datasets.info
-  return explain.Explainer(run.model, info.mean, info.std, run.config.data.image_size,
-                           run.dtype, options.layer, options.score_cam_chunk)
+  return explain.Explainer(
+    run.model,
+    info.mean,
+    info.std,
+    run.config.data.image_size,
+    run.dtype,
+    options.layer,
+    options.score_cam_chunk,
+  )
 
 
 def make_summary_step(explainer: explain.Explainer, num_classes: int):
@@ -153,18 +193,18 @@ def make_summary_step(explainer: explain.Explainer, num_classes: int):
     correct = (predictions == labels).astype(jnp.float32) * mask
     pairs = labels * c + predictions
     return {
-        'confusion': jax.ops.segment_sum(mask, pairs, c * c),
-        'correct_map_sums': jax.ops.segment_sum(maps * correct[:, None, None], labels, c),
-        'correct_counts': jax.ops.segment_sum(correct, labels, c),
-        'error_map_sums': jax.ops.segment_sum(maps * (mask - correct)[:, None, None], pairs,
-                                              c * c),
+      'confusion': jax.ops.segment_sum(mask, pairs, c * c),
+      'correct_map_sums': jax.ops.segment_sum(maps * correct[:, None, None], labels, c),
+      'correct_counts': jax.ops.segment_sum(correct, labels, c),
+      'error_map_sums': jax.ops.segment_sum(maps * (mask - correct)[:, None, None], pairs, c * c),
     }
 
   return summary_step
 
 
-def make_method_step(explainer: explain.Explainer, method: str, options: EvalOptions,
-                     num_classes: int):
+def make_method_step(
+  explainer: explain.Explainer, method: str, options: EvalOptions, num_classes: int
+):
   """(variables, prototypes, images, labels, mask) -> (masked sums of the faithfulness
   and alignment terms of `method`, the batch's saliency maps)."""
 
@@ -175,17 +215,16 @@ def make_method_step(explainer: explain.Explainer, method: str, options: EvalOpt
     targets = explainer.targets(logits, labels, options.target)
     maps = explainer.maps(method, variables, pixels, targets)
     y = cam.target_probability(logits, targets)
-    o = cam.target_probability(
-        logits_fn(faithfulness.mask_with_saliency(pixels, maps)), targets)
+    o = cam.target_probability(logits_fn(faithfulness.mask_with_saliency(pixels, maps)), targets)
     terms = faithfulness.drop_gain_increase(y, o) | faithfulness.insertion_deletion(
-        logits_fn, pixels, maps, targets, options.n_steps, options.steps_per_call)
+      logits_fn, pixels, maps, targets, options.n_steps, options.steps_per_call
+    )
     terms['image_l1'] = losses.map_distance(maps, prototypes[targets], 'l1')
     terms['image_ssim'] = 1.0 - losses.map_distance(maps, prototypes[targets], 'ssim')
     mask = mask.astype(jnp.float32)
     sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
     sums['count'] = jnp.sum(mask)
-    sums['class_map_sums'] = cam.class_sums(maps * mask[:, None, None], targets,
-                                            num_classes)[0]
+    sums['class_map_sums'] = cam.class_sums(maps * mask[:, None, None], targets, num_classes)[0]
     sums['class_counts'] = cam.class_sums(mask, targets, num_classes)[0]
     return sums, maps
 
@@ -225,8 +264,14 @@ class _Progress:
       return
     self.last = now
     rate = self.rate(done, now)
-    logging.info('%s: %d/%d images, %.1f img/s, ETA %s', self.name, done, self.total, rate,
-                 format_duration((self.total - done) / rate))
+    logging.info(
+      '%s: %d/%d images, %.1f img/s, ETA %s',
+      self.name,
+      done,
+      self.total,
+      rate,
+      format_duration((self.total - done) / rate),
+    )
 
   def rate(self, done: int | None = None, now: float | None = None) -> float:
     """Images per second after the first batch (over everything for a single batch)."""
@@ -243,10 +288,10 @@ def _alignment(sums, prototypes: np.ndarray) -> dict[str, float]:
   means = sums['class_map_sums'][present] / counts[present][:, None, None]
   protos = jnp.asarray(prototypes[present])
   return {
-      'alignment_l1': float(jnp.mean(losses.map_distance(means, protos, 'l1'))),
-      'alignment_ssim': float(jnp.mean(1 - losses.map_distance(means, protos, 'ssim'))),
-      'image_l1': float(sums['image_l1'] / sums['count']),
-      'image_ssim': float(sums['image_ssim'] / sums['count']),
+    'alignment_l1': float(jnp.mean(losses.map_distance(means, protos, 'l1'))),
+    'alignment_ssim': float(jnp.mean(1 - losses.map_distance(means, protos, 'ssim'))),
+    'image_l1': float(sums['image_l1'] / sums['count']),
+    'image_ssim': float(sums['image_ssim'] / sums['count']),
   }
 
 
@@ -259,9 +304,12 @@ def _top_confusions(confusion: np.ndarray, k: int) -> list[tuple[int, int, int]]
   return [(t, p, int(errors[t, p])) for t, p in pairs if errors[t, p] > 0]
 
 
-def evaluate_and_report(config: ml_collections.ConfigDict, workdir: str,
-                        options: EvalOptions = EvalOptions(),
-                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+def evaluate_and_report(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  options: EvalOptions = EvalOptions(),
+  devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
   """Everything `eval.py` measures and draws; returns the dict written to metrics.json.
   Holds the workdir's lock (`workdir_lock`): no run or other evaluation writes there
   meanwhile."""
@@ -280,77 +328,125 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   c, n_dev = info.num_classes, run.mesh.devices.size
 
   summary_step = jax.jit(make_summary_step(explainer, c))
-  summary, _ = _accumulate(test, run.eval_batch_size, run, summary_step, variables,
-                           progress=_Progress('confusion and Grad-CAM prototypes', len(test)))
+  summary, _ = _accumulate(
+    test,
+    run.eval_batch_size,
+    run,
+    summary_step,
+    variables,
+    progress=_Progress('confusion and Grad-CAM prototypes', len(test)),
+  )
   confusion = np.asarray(summary['confusion']).reshape(c, c).astype(np.int64)
   per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
   pairs = _top_confusions(confusion, options.num_error_pairs)
   result.update(
-      per_class_accuracy={name: float(a) for name, a in zip(info.class_names, per_class)},
-      confusion=confusion.tolist(),
-      top_confusions=[{'true': info.class_names[t], 'predicted': info.class_names[p],
-                       'count': n} for t, p, n in pairs])
+    per_class_accuracy={name: float(a) for name, a in zip(info.class_names, per_class)},
+    confusion=confusion.tolist(),
+    top_confusions=[
+      {'true': info.class_names[t], 'predicted': info.class_names[p], 'count': n}
+      for t, p, n in pairs
+    ],
+  )
 
   n_images = min(options.num_images or len(test), len(test))
   subset = data.Split(test.images[:n_images], test.labels[:n_images])
   batch_size = -(-min(options.batch_size, n_images) // n_dev) * n_dev
-  result.update(methods={}, num_images=n_images, target=options.target, layer=options.layer,
-                n_steps=options.n_steps, dataset=info.name, model=config.model.name,
-                loss=config.loss.kind, condition=describe_condition(config))
+  result.update(
+    methods={},
+    num_images=n_images,
+    target=options.target,
+    layer=options.layer,
+    n_steps=options.n_steps,
+    dataset=info.name,
+    model=config.model.name,
+    loss=config.loss.kind,
+    condition=describe_condition(config),
+  )
   overlay_maps = {}
   for method in methods:
     progress = _Progress(method, n_images)
     step_fn = jax.jit(make_method_step(explainer, method, options, c))
-    sums, maps = _accumulate(subset, batch_size, run, step_fn, variables, prototypes,
-                             progress=progress)
+    sums, maps = _accumulate(
+      subset, batch_size, run, step_fn, variables, prototypes, progress=progress
+    )
     row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS}
     row.update(_alignment(sums, np.asarray(prototypes)))
     row['suite_images_per_second'] = progress.rate()
     result['methods'][method] = row
-    overlay_maps[method] = maps[:options.num_overlays]
+    overlay_maps[method] = maps[: options.num_overlays]
     logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
 
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'eval')
     os.makedirs(out, exist_ok=True)
-    _write_summary_figures(out, info, f'{config.model.name} {result["condition"]}',
-                           confusion, summary, pairs, np.asarray(prototypes))
+    _write_summary_figures(
+      out,
+      info,
+      f'{config.model.name} {result["condition"]}',
+      confusion,
+      summary,
+      pairs,
+      np.asarray(prototypes),
+    )
     _write_overlays(out, info, subset, overlay_maps, variables, explainer)
     io_utils.write_json(os.path.join(out, 'metrics.json'), result)
     text = report.render(result, info.class_names).encode()
     io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text))
-    logging.info('wrote %s/{metrics.json,report.md,confusion.png,cam_prototypes.png,'
-                 'error_prototypes.png,overlays.png}', out)
+    logging.info(
+      'wrote %s/{metrics.json,report.md,confusion.png,cam_prototypes.png,'
+      'error_prototypes.png,overlays.png}',
+      out,
+    )
   return result
 
 
-def _write_summary_figures(out: str, info, condition: str, confusion, summary, pairs,
-                           prototypes) -> None:
+def _write_summary_figures(
+  out: str, info, condition: str, confusion, summary, pairs, prototypes
+) -> None:
   """confusion.png, cam_prototypes.png (paper Figs 2-5), error_prototypes.png (Fig 6)."""
   c = info.num_classes
   figures.save_confusion(os.path.join(out, 'confusion.png'), confusion, info.class_names)
   counts = np.asarray(summary['correct_counts'])
   means = np.asarray(summary['correct_map_sums']) / np.maximum(counts, 1)[:, None, None]
   figures.save_cam_prototypes(
-      os.path.join(out, 'cam_prototypes.png'), prototypes, means, counts, info.class_names,
-      f'{condition} on {info.name}: data prototypes and mean Grad-CAM of correctly '
-      'classified test images')
+    os.path.join(out, 'cam_prototypes.png'),
+    prototypes,
+    means,
+    counts,
+    info.class_names,
+    f'{condition} on {info.name}: data prototypes and mean Grad-CAM of correctly '
+    'classified test images',
+  )
   error_sums = np.asarray(summary['error_map_sums'])
-  error_means = np.stack([error_sums[t * c + p] / n for t, p, n in pairs]) if pairs else (
-      np.zeros((0,) + prototypes.shape[1:]))
+  error_means = (
+    np.stack([error_sums[t * c + p] / n for t, p, n in pairs])
+    if pairs
+    else (np.zeros((0,) + prototypes.shape[1:]))
+  )
   figures.save_error_prototypes(
-      os.path.join(out, 'error_prototypes.png'), pairs, error_means, prototypes,
-      info.class_names, 'mean Grad-CAM (predicted class) of the most frequent confusions')
+    os.path.join(out, 'error_prototypes.png'),
+    pairs,
+    error_means,
+    prototypes,
+    info.class_names,
+    'mean Grad-CAM (predicted class) of the most frequent confusions',
+  )
 
 
-def _write_overlays(out: str, info, subset: data.Split, overlay_maps, variables,
-                    explainer: explain.Explainer) -> None:
+def _write_overlays(
+  out: str, info, subset: data.Split, overlay_maps, variables, explainer: explain.Explainer
+) -> None:
   """overlays.png: the first images of `subset` under each method's map."""
   k = min(len(v) for v in overlay_maps.values())
   if not k:
     return
   pixels = data.to_pixels(subset.images[:k], explainer.image_size)
   logits = jax.jit(explainer.logits)(variables, pixels)
-  figures.save_overlays(os.path.join(out, 'overlays.png'), np.asarray(pixels)[..., 0],
-                        {m: v[:k] for m, v in overlay_maps.items()}, subset.labels[:k],
-                        np.argmax(np.asarray(logits), -1), info.class_names)
+  figures.save_overlays(
+    os.path.join(out, 'overlays.png'),
+    np.asarray(pixels)[..., 0],
+    {m: v[:k] for m, v in overlay_maps.items()},
+    subset.labels[:k],
+    np.argmax(np.asarray(logits), -1),
+    info.class_names,
+  )

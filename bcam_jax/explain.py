@@ -6,6 +6,7 @@ every gradient method of `bcam_jax.cam` explains any layer. `Explainer` binds a 
 its input normalisation: it maps [0, 1] pixel images to logits and to saliency maps at
 image size in [0, 1], the form the faithfulness metrics and figures use.
 """
+
 import dataclasses
 from typing import Any
 
@@ -44,11 +45,15 @@ def check_applicable(model, variables, methods) -> None:
     if method == 'cam':
       model.class_weights(variables['params'])
     if method == 'evidence' and model.head_type != 'softcam':
-      raise ValueError(f'method evidence needs a Soft-CAM model ({BUILT_IN[method]}); '
-                       f'{model.label()} has the default head')
+      raise ValueError(
+        f'method evidence needs a Soft-CAM model ({BUILT_IN[method]}); '
+        f'{model.label()} has the default head'
+      )
     if method == 'raw_attention' and model.pooling != 'ca_stream':
-      raise ValueError(f'method raw_attention needs a CA-Stream model ({BUILT_IN[method]}); '
-                       f'{model.label()} pools by default')
+      raise ValueError(
+        f'method raw_attention needs a CA-Stream model ({BUILT_IN[method]}); '
+        f'{model.label()} pools by default'
+      )
 
 
 def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
@@ -66,8 +71,10 @@ def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
   zeros = traverse_util.flatten_dict(state.get('perturbations', {}))
   keys = [k for k in zeros if k[-1] == layer]
   if layer not in features or len(keys) != 1:
-    raise ValueError(f'layer {layer!r} is not a named layer of {model.label()}; valid: '
-                     f'{", ".join(sorted(features))}')
+    raise ValueError(
+      f'layer {layer!r} is not a named layer of {model.label()}; valid: '
+      f'{", ".join(sorted(features))}'
+    )
   anchor = jax.lax.stop_gradient(features[layer])
 
   def head_fn(a):
@@ -83,6 +90,7 @@ class Explainer:
 
   score_cam_chunk: channels per Score-CAM call (batch * chunk images per forward pass).
   """
+
   model: Any
   mean: float
   std: float
@@ -102,8 +110,7 @@ class Explainer:
       raise ValueError(f'target={target!r}; valid: {TARGETS}')
     return labels if target == 'label' else jnp.argmax(logits, axis=-1)
 
-  def raw_maps(self, method: str, variables, pixels: jax.Array, targets: jax.Array
-               ) -> jax.Array:
+  def raw_maps(self, method: str, variables, pixels: jax.Array, targets: jax.Array) -> jax.Array:
     """Non-negative maps `(N, h, w)` of `method` at the layer's resolution."""
     check_methods([method])
     x = data.normalize(pixels, self.mean, self.std, self.dtype)
@@ -118,8 +125,13 @@ class Explainer:
       return cam.grad_cam(head_fn, features, targets)
     if method == 'grad_cam_pp':
       return cam.grad_cam_pp(head_fn, features, targets)
-    return cam.score_cam(lambda p: self.logits(variables, p), pixels, features, targets,
-                         chunk_size=self.score_cam_chunk)
+    return cam.score_cam(
+      lambda p: self.logits(variables, p),
+      pixels,
+      features,
+      targets,
+      chunk_size=self.score_cam_chunk,
+    )
 
   def _built_in(self, method: str, variables, x: jax.Array, targets: jax.Array):
     """Soft-CAM's ReLU(E_t), or CA-Stream's class-agnostic raw attention."""
@@ -127,9 +139,11 @@ class Explainer:
     if method == 'evidence':
       evidence = self.model.apply(variables, features['cam'], method='evidence')
       return explanations.EvidenceExplanation(
-          explanations.select_class(evidence, targets)).image_maps()
-    return self.model.apply(variables, features['cam'], features.get('ca_query'),
-                            method='attention')
+        explanations.select_class(evidence, targets)
+      ).image_maps()
+    return self.model.apply(
+      variables, features['cam'], features.get('ca_query'), method='attention'
+    )
 
   def maps(self, method: str, variables, pixels: jax.Array, targets: jax.Array) -> jax.Array:
     """Saliency `(N, S, S)` in [0, 1]: `raw_maps` upsampled to the image and min-max scaled."""

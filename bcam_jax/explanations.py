@@ -6,6 +6,7 @@ give per-image maps, per-class sums over a (masked) batch and class maps from th
 so the Prototype Loss, the Batch-CAM Prototype Loss and their validation read the same
 for both.
 """
+
 import dataclasses
 
 import jax
@@ -17,6 +18,7 @@ from bcam_jax import cam, models
 @dataclasses.dataclass(frozen=True)
 class GradCamExplanation:
   """Grad-CAM of the label: A `(N, h, w, K)` and G = dS_y/dA."""
+
   features: jax.Array
   grads: jax.Array
 
@@ -26,8 +28,10 @@ class GradCamExplanation:
   def class_sums(self, labels, num_classes: int, weights) -> dict[str, jax.Array]:
     """Per-class sums of A and G, each sample weighted by `weights` `(N,)`."""
     w = weights[:, None, None, None]
-    return {'features': cam.class_sums(self.features * w, labels, num_classes)[0],
-            'grads': cam.class_sums(self.grads * w, labels, num_classes)[0]}
+    return {
+      'features': cam.class_sums(self.features * w, labels, num_classes)[0],
+      'grads': cam.class_sums(self.grads * w, labels, num_classes)[0],
+    }
 
   @staticmethod
   def maps_from_sums(sums, counts) -> jax.Array:
@@ -38,14 +42,14 @@ class GradCamExplanation:
 @dataclasses.dataclass(frozen=True)
 class EvidenceExplanation:
   """Soft-CAM's evidence map of the label, E_y `(N, h, w)`; maps are ReLU(E_y)."""
+
   maps: jax.Array
 
   def image_maps(self) -> jax.Array:
     return jax.nn.relu(cam.at_least_float32(self.maps))
 
   def class_sums(self, labels, num_classes: int, weights) -> dict[str, jax.Array]:
-    return {'evidence': cam.class_sums(self.maps * weights[:, None, None], labels,
-                                       num_classes)[0]}
+    return {'evidence': cam.class_sums(self.maps * weights[:, None, None], labels, num_classes)[0]}
 
   @staticmethod
   def maps_from_sums(sums, counts) -> jax.Array:
@@ -69,8 +73,11 @@ def logits_and_explanation(model, variables, features: dict, labels, explain: bo
   a = features['cam']
   if model.head_type == 'softcam':
     evidence = model.apply(variables, a, method='evidence')
-    return (jnp.mean(evidence, axis=(1, 2)),
-            EvidenceExplanation(select_class(evidence, labels)), evidence)
+    return (
+      jnp.mean(evidence, axis=(1, 2)),
+      EvidenceExplanation(select_class(evidence, labels)),
+      evidence,
+    )
   head = models.head_fn(model, variables, features)
   if not explain:
     return head(a), None, None

@@ -14,6 +14,7 @@ equal steps; the area under the curve of the target probability against the reve
 removed fraction, by the trapezoid rule (insertion higher is better, deletion lower).
 Every function returns per-image values so the caller can sum them over a masked batch.
 """
+
 import dm_pix
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,11 @@ def drop_gain_increase(y: jax.Array, o: jax.Array) -> dict[str, jax.Array]:
 
   Y = 1 gives gain 0 (nothing to gain), Y = 0 gives drop 0 (nothing to lose).
   """
-  return {'average_drop': 100 * _safe_ratio(jax.nn.relu(y - o), y),
-          'average_gain': 100 * _safe_ratio(jax.nn.relu(o - y), 1 - y),
-          'average_increase': 100 * (o > y).astype(y.dtype)}
+  return {
+    'average_drop': 100 * _safe_ratio(jax.nn.relu(y - o), y),
+    'average_gain': 100 * _safe_ratio(jax.nn.relu(o - y), 1 - y),
+    'average_increase': 100 * (o > y).astype(y.dtype),
+  }
 
 
 def mask_with_saliency(pixels: jax.Array, saliency: jax.Array) -> jax.Array:
@@ -63,9 +66,15 @@ def trapezoid_auc(curve: jax.Array) -> jax.Array:
   return (jnp.sum(curve, axis=-1) - 0.5 * (curve[..., 0] + curve[..., -1])) / steps
 
 
-def insertion_deletion(logits_fn: LogitsFn, pixels: jax.Array, saliency: jax.Array,
-                       targets: jax.Array, n_steps: int = 25, steps_per_call: int = 4,
-                       blurred: jax.Array | None = None) -> dict[str, jax.Array]:
+def insertion_deletion(
+  logits_fn: LogitsFn,
+  pixels: jax.Array,
+  saliency: jax.Array,
+  targets: jax.Array,
+  n_steps: int = 25,
+  steps_per_call: int = 4,
+  blurred: jax.Array | None = None,
+) -> dict[str, jax.Array]:
   """Insertion and deletion AUCs `(N,)` of saliency `(N, H, W)` for [0, 1] images
   `(N, H, W, C)` and target classes `(N,)`; `logits_fn` maps images to logits.
 
@@ -78,8 +87,9 @@ def insertion_deletion(logits_fn: LogitsFn, pixels: jax.Array, saliency: jax.Arr
   blurred = blur(pixels) if blurred is None else blurred
   counts = jnp.round(jnp.arange(n_steps + 1) * (height * width / n_steps))
   n_calls = -(-(n_steps + 1) // steps_per_call)
-  counts = jnp.pad(counts, (0, n_calls * steps_per_call - n_steps - 1),
-                   constant_values=height * width)
+  counts = jnp.pad(
+    counts, (0, n_calls * steps_per_call - n_steps - 1), constant_values=height * width
+  )
 
   def call(step_counts):  # (steps_per_call,) -> (2, steps_per_call, N)
     top = (ranks[None] < step_counts[:, None, None, None])[..., None]  # (s, N, H, W, 1)
@@ -90,5 +100,5 @@ def insertion_deletion(logits_fn: LogitsFn, pixels: jax.Array, saliency: jax.Arr
     return target_probability(logits, jnp.broadcast_to(targets, (2, steps_per_call, n)))
 
   curves = jax.lax.map(call, counts.reshape(n_calls, steps_per_call))  # (calls, 2, s, N)
-  curves = curves.transpose(1, 3, 0, 2).reshape(2, n, -1)[..., :n_steps + 1]
+  curves = curves.transpose(1, 3, 0, 2).reshape(2, n, -1)[..., : n_steps + 1]
   return {'insertion': trapezoid_auc(curves[0]), 'deletion': trapezoid_auc(curves[1])}

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-import numpy as np
 from PIL import Image
 
 from bcam_jax import io_utils
@@ -24,7 +24,8 @@ PANEL_INCHES = 1.6
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
   """Raises ValueError unless `array` has `expected` shape (None matches any size)."""
   if array.ndim != len(expected) or any(
-      e is not None and e != s for e, s in zip(expected, array.shape)):
+    e is not None and e != s for e, s in zip(expected, array.shape)
+  ):
     shown = tuple('*' if e is None else e for e in expected)
     raise ValueError(f'{name}: expected shape {shown}, got {array.shape}.')
 
@@ -32,8 +33,10 @@ def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...])
 def _check_classes(name: str, indices: np.ndarray, num_classes: int) -> None:
   """Raises ValueError unless every entry of `indices` is a class index in [0, num_classes)."""
   if indices.size and (indices.min() < 0 or indices.max() >= num_classes):
-    raise ValueError(f'{name}: class indices must lie in [0, {num_classes}), '
-                     f'got range [{indices.min()}, {indices.max()}].')
+    raise ValueError(
+      f'{name}: class indices must lie in [0, {num_classes}), '
+      f'got range [{indices.min()}, {indices.max()}].'
+    )
 
 
 def _no_ticks(ax: Axes) -> None:
@@ -68,8 +71,15 @@ def save_confusion(path: str, confusion, class_names: Sequence[str]) -> None:
   fontsize = 8 if num_classes <= 10 else 6
   for (t, p), count in np.ndenumerate(confusion):
     if count:
-      ax.text(p, t, f'{count:g}', ha='center', va='center', fontsize=fontsize,
-              color='white' if normalised[t, p] > 0.5 else 'black')
+      ax.text(
+        p,
+        t,
+        f'{count:g}',
+        ha='center',
+        va='center',
+        fontsize=fontsize,
+        color='white' if normalised[t, p] > 0.5 else 'black',
+      )
   ax.set_xticks(range(num_classes), [str(n) for n in class_names], rotation=45, ha='right')
   ax.set_yticks(range(num_classes), [str(n) for n in class_names])
   ax.set_xlabel('predicted')
@@ -78,8 +88,9 @@ def save_confusion(path: str, confusion, class_names: Sequence[str]) -> None:
   _save(path, fig)
 
 
-def save_cam_prototypes(path: str, prototypes, mean_cams, counts,
-                        class_names: Sequence[str], title: str) -> None:
+def save_cam_prototypes(
+  path: str, prototypes, mean_cams, counts, class_names: Sequence[str], title: str
+) -> None:
   """Writes each class's data prototype above its mean CAM ("reconstructed prototypes").
 
   Reproduces Figs 2-5 of the Batch-CAM paper. A class with no averaged images gets a blank
@@ -92,8 +103,9 @@ def save_cam_prototypes(path: str, prototypes, mean_cams, counts,
   _check_shape('prototypes', prototypes, (num_classes, None, None))
   _check_shape('mean_cams', mean_cams, prototypes.shape)
   _check_shape('counts', counts, (num_classes,))
-  fig = Figure(figsize=(PANEL_INCHES * num_classes + 0.6, 2 * PANEL_INCHES + 0.5),
-               layout='constrained')
+  fig = Figure(
+    figsize=(PANEL_INCHES * num_classes + 0.6, 2 * PANEL_INCHES + 0.5), layout='constrained'
+  )
   axes = fig.subplots(2, num_classes, squeeze=False)
   for c in range(num_classes):
     top, bottom = axes[0, c], axes[1, c]
@@ -110,8 +122,9 @@ def save_cam_prototypes(path: str, prototypes, mean_cams, counts,
   _save(path, fig)
 
 
-def save_error_prototypes(path: str, pairs, mean_cams, prototypes,
-                          class_names: Sequence[str], title: str) -> None:
+def save_error_prototypes(
+  path: str, pairs, mean_cams, prototypes, class_names: Sequence[str], title: str
+) -> None:
   """Writes, per frequent confusion, the true and predicted prototypes and the mean CAM.
 
   Paper Fig 6: shows what the model attends to when it mistakes one class for another.
@@ -137,8 +150,9 @@ def save_error_prototypes(path: str, pairs, mean_cams, prototypes,
     raise ValueError('pairs: expected (true, predicted, count) triples.')
   _check_classes('pairs', np.array([pair[:2] for pair in pairs]), num_classes)
   _check_shape('mean_cams', mean_cams, (len(pairs),) + prototypes.shape[1:])
-  fig = Figure(figsize=(PANEL_INCHES * len(pairs) + 0.6, 3 * PANEL_INCHES + 0.5),
-               layout='constrained')
+  fig = Figure(
+    figsize=(PANEL_INCHES * len(pairs) + 0.6, 3 * PANEL_INCHES + 0.5), layout='constrained'
+  )
   axes = fig.subplots(3, len(pairs), squeeze=False)
   for i, (true, pred, count) in enumerate(pairs):
     axes[0, i].imshow(prototypes[true], cmap='gray', vmin=0, vmax=1)
@@ -154,8 +168,9 @@ def save_error_prototypes(path: str, pairs, mean_cams, prototypes,
   _save(path, fig)
 
 
-def save_overlays(path: str, images, maps: Mapping[str, Any], labels, predictions,
-                  class_names: Sequence[str]) -> None:
+def save_overlays(
+  path: str, images, maps: Mapping[str, Any], labels, predictions, class_names: Sequence[str]
+) -> None:
   """Writes each image next to every method's saliency map overlaid on it.
 
   One row per image, one column per method, so methods compare side by side on the same
@@ -181,7 +196,8 @@ def save_overlays(path: str, images, maps: Mapping[str, Any], labels, prediction
   for i in range(n):
     axes[i, 0].imshow(images[i], cmap='gray', vmin=0, vmax=1)
     axes[i, 0].set_title(
-        f'true {class_names[labels[i]]} / pred {class_names[predictions[i]]}', fontsize=6)
+      f'true {class_names[labels[i]]} / pred {class_names[predictions[i]]}', fontsize=6
+    )
     for j, (name, m) in enumerate(maps.items(), start=1):
       axes[i, j].imshow(images[i], cmap='gray', vmin=0, vmax=1)
       axes[i, j].imshow(m[i], cmap='jet', alpha=0.5, vmin=0, vmax=1)

@@ -1,4 +1,5 @@
 """Atomic file writes: a run killed mid-write never leaves a truncated file behind."""
+
 import json
 import os
 import tempfile
@@ -27,8 +28,7 @@ def atomic_write(path: str, write) -> None:
 def remove_stale_temporaries(directory: str) -> list[str]:
   """Deletes the temp files that `atomic_write` calls killed mid-write left in `directory`
   (call it only while holding the directory, e.g. its workdir lock); returns their names."""
-  stale = [name for name in os.listdir(directory)
-           if name.startswith('.') and name.endswith('.tmp')]
+  stale = [name for name in os.listdir(directory) if name.startswith('.') and name.endswith('.tmp')]
   for name in stale:
     os.unlink(os.path.join(directory, name))
   return stale

@@ -6,6 +6,7 @@ with L_reg the per-image Prototype Loss (`proto`) or the Batch-CAM Prototype Los
 (`bcpl`), each measured by a map distance phi in {l1, l2, ssim} between [0, 1] maps; and
 Soft-CAM's ElasticNet penalty on class-evidence maps.
 """
+
 import dm_pix
 import jax
 import jax.numpy as jnp
@@ -31,20 +32,21 @@ def map_distance(maps: jax.Array, targets: jax.Array, metric: str) -> jax.Array:
     return jnp.mean(jnp.square(maps - targets), axis=(-2, -1))
   if metric == 'ssim':
     size = min(11, maps.shape[-1], maps.shape[-2])
-    return 1.0 - dm_pix.ssim(maps[..., None], targets[..., None], max_val=1.0,
-                             filter_size=size)
+    return 1.0 - dm_pix.ssim(maps[..., None], targets[..., None], max_val=1.0, filter_size=size)
   raise ValueError(f'metric={metric!r}; valid: {METRICS}')
 
 
-def prototype_loss(maps: jax.Array, labels: jax.Array, prototypes: jax.Array,
-                   metric: str) -> jax.Array:
+def prototype_loss(
+  maps: jax.Array, labels: jax.Array, prototypes: jax.Array, metric: str
+) -> jax.Array:
   """Prototype Loss: mean over the batch of phi(M_i, P_{y_i}); maps `(N, H, W)` in [0, 1]
   at the prototypes' resolution, prototypes `(C, H, W)`."""
   return jnp.mean(map_distance(maps, prototypes[labels], metric))
 
 
-def batch_cam_loss(cams: jax.Array, counts: jax.Array, prototypes: jax.Array,
-                   metric: str) -> jax.Array:
+def batch_cam_loss(
+  cams: jax.Array, counts: jax.Array, prototypes: jax.Array, metric: str
+) -> jax.Array:
   """Batch-CAM Prototype Loss (eq. 12): sum over the classes present in the batch
   (count > 0) of phi(M_c, P_c); cams `(C, H, W)` in [0, 1]."""
   present = (counts > 0).astype(cams.dtype)

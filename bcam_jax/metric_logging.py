@@ -1,4 +1,5 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and the console."""
+
 import json
 import logging as py_logging
 import os
@@ -30,14 +31,19 @@ class MetricLogger:
         _drop_records_after(path, resumed_step)
       self._jsonl = open(path, 'a', encoding='utf-8')
       self._tb = SummaryWriter(
-          os.path.join(workdir, 'tensorboard'),
-          purge_step=None if resumed_step is None else resumed_step + 1)
+        os.path.join(workdir, 'tensorboard'),
+        purge_step=None if resumed_step is None else resumed_step + 1,
+      )
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), 'split': split, 'time': time.time(),
-              **{k: float(v) for k, v in metrics.items()}}
+    record = {
+      'step': int(step),
+      'split': split,
+      'time': time.time(),
+      **{k: float(v) for k, v in metrics.items()},
+    }
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
     for k, v in metrics.items():
@@ -83,7 +89,9 @@ def format_duration(seconds: float) -> str:
 
 def quiet_library_logs() -> None:
   """Hides the INFO chatter of Orbax and TFDS on the console; warnings still show."""
+
   def keep(record: py_logging.LogRecord) -> bool:
     noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
     return record.levelno >= py_logging.WARNING or not noisy
+
   logging.get_absl_handler().addFilter(keep)

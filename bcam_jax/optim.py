@@ -1,4 +1,5 @@
 """Optimisers and learning-rate schedules built from `config.optimizer`."""
+
 import jax
 import ml_collections
 import optax
@@ -17,8 +18,12 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
   if cfg.schedule == 'warmup_cosine':
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+      init_value=0.0,
+      peak_value=lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=0.0,
+    )
   raise ValueError(f'config.optimizer.schedule={cfg.schedule!r}; valid: {SCHEDULES}')
 
 
@@ -27,17 +32,20 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  cfg: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation and its schedule (the schedule is logged per step)."""
   schedule = make_schedule(cfg, total_steps)
   if cfg.name == 'sgd':
     tx = optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
-        optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+      optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
+      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+    )
   elif cfg.name == 'adamw':
-    tx = optax.adamw(schedule, b1=cfg.momentum, b2=cfg.b2,
-                     weight_decay=cfg.weight_decay, mask=_decay_mask)
+    tx = optax.adamw(
+      schedule, b1=cfg.momentum, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask
+    )
   else:
     raise ValueError(f'config.optimizer.name={cfg.name!r}; valid: {OPTIMIZERS}')
   if cfg.grad_clip_norm > 0:
@@ -45,11 +53,16 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
   return tx, schedule
 
 
-def train_only(tx: optax.GradientTransformation, trainable: tuple[str, ...]
-               ) -> optax.GradientTransformation:
+def train_only(
+  tx: optax.GradientTransformation, trainable: tuple[str, ...]
+) -> optax.GradientTransformation:
   """`tx` on the top-level parameter subtrees named in `trainable`; every other parameter
   gets a zero update (and no optimiser state), so it stays bit-identical."""
+
   def labels(params):
-    return {name: jax.tree.map(lambda _, n=name: 'train' if n in trainable else 'frozen',
-                               subtree) for name, subtree in params.items()}
+    return {
+      name: jax.tree.map(lambda _, n=name: 'train' if n in trainable else 'frozen', subtree)
+      for name, subtree in params.items()
+    }
+
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)

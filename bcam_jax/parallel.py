@@ -6,11 +6,13 @@ multi-process job: nothing downstream depends on the device or process count, be
 reductions over the sharded batch are global. In a multi-process job each process feeds
 only its own rows of every global batch (`process_rows`).
 """
+
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 
@@ -18,8 +20,7 @@ DATA_AXIS = 'data'
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all devices of all processes)."""
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,),
-                       axis_types=(AxisType.Auto,), devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -41,8 +42,9 @@ def check_divisible(batch_size: int, mesh: Mesh, field: str) -> None:
   n = mesh.devices.size
   if batch_size <= 0 or batch_size % n:
     raise ValueError(
-        f'{field}={batch_size} must be a positive multiple of the number of devices '
-        f'({n}); e.g. {max(n, (batch_size // n) * n or n)}.')
+      f'{field}={batch_size} must be a positive multiple of the number of devices '
+      f'({n}); e.g. {max(n, (batch_size // n) * n or n)}.'
+    )
 
 
 def process_rows(mesh: Mesh, global_size: int) -> slice:
@@ -53,18 +55,20 @@ def process_rows(mesh: Mesh, global_size: int) -> slice:
   stops = [global_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
   rows = slice(min(starts), max(stops))
   if rows.stop - rows.start != sum(b - a for a, b in zip(starts, stops)):
-    raise ValueError(f'the devices of process {jax.process_index()} do not hold one '
-                     'contiguous block of the batch; build the mesh process by process.')
+    raise ValueError(
+      f'the devices of process {jax.process_index()} do not hold one '
+      'contiguous block of the batch; build the mesh process by process.'
+    )
   return rows
 
 
-def shard_local(mesh: Mesh, global_size: int, *local_arrays: np.ndarray
-                ) -> tuple[jax.Array, ...]:
+def shard_local(mesh: Mesh, global_size: int, *local_arrays: np.ndarray) -> tuple[jax.Array, ...]:
   """Global batch arrays of `global_size` rows from this process's rows of them."""
   sharding = batch_sharded(mesh)
   return tuple(
-      jax.make_array_from_process_local_data(sharding, a, (global_size,) + a.shape[1:])
-      for a in local_arrays)
+    jax.make_array_from_process_local_data(sharding, a, (global_size,) + a.shape[1:])
+    for a in local_arrays
+  )
 
 
 def shard_batch(mesh: Mesh, *global_arrays: np.ndarray) -> tuple[jax.Array, ...]:

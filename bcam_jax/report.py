@@ -1,13 +1,21 @@
 """The Markdown report of an evaluation (`<workdir>/eval/report.md`) from its metrics dict."""
+
 from collections.abc import Sequence
 from typing import Any
 
 # (metrics.json key, column title): lower is better for drop, deletion and the L1 terms.
 METHOD_COLUMNS = (
-    ('average_drop', 'AD % ↓'), ('average_gain', 'AG % ↑'), ('average_increase', 'AI % ↑'),
-    ('insertion', 'Ins ↑'), ('deletion', 'Del ↓'), ('alignment_l1', 'align L1 ↓'),
-    ('alignment_ssim', 'align SSIM ↑'), ('image_l1', 'image L1 ↓'),
-    ('image_ssim', 'image SSIM ↑'), ('suite_images_per_second', 'suite img/s'))
+  ('average_drop', 'AD % ↓'),
+  ('average_gain', 'AG % ↑'),
+  ('average_increase', 'AI % ↑'),
+  ('insertion', 'Ins ↑'),
+  ('deletion', 'Del ↓'),
+  ('alignment_l1', 'align L1 ↓'),
+  ('alignment_ssim', 'align SSIM ↑'),
+  ('image_l1', 'image L1 ↓'),
+  ('image_ssim', 'image SSIM ↑'),
+  ('suite_images_per_second', 'suite img/s'),
+)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -19,32 +27,52 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
 def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
   """The report: accuracy, per-class accuracy, the method table, the confusions, figures."""
   lines = [
-      f'# Evaluation: {result["model"]} ({result["condition"]}) on {result["dataset"]}', '',
-      f'Checkpoint `{result["checkpoint"]}` (step {result["step"]}): test accuracy '
-      f'**{100 * result["test_accuracy"]:.2f}%** on {int(result["test_count"])} images, '
-      f'test loss {result["test_loss"]:.4f}; prototype loss {result["test_proto_loss"]:.4f} '
-      f'and Batch-CAM loss {result["test_bcam_loss"]:.4f} ({result["metric"]}).', '',
-      '## Explanations', '',
-      f'On the first {result["num_images"]} test images, maps of the '
-      f'{"ground-truth" if result["target"] == "label" else "predicted"} class at layer '
-      f'`{result["layer"]}`. AD/AG/AI: Average Drop/Gain/Increase (%), Ins/Del: insertion '
-      f'and deletion AUC ({result["n_steps"]} steps); align: mean normalised map of each '
-      'class vs its prototype (L1, SSIM), image: the same per image.', '',
+    f'# Evaluation: {result["model"]} ({result["condition"]}) on {result["dataset"]}',
+    '',
+    f'Checkpoint `{result["checkpoint"]}` (step {result["step"]}): test accuracy '
+    f'**{100 * result["test_accuracy"]:.2f}%** on {int(result["test_count"])} images, '
+    f'test loss {result["test_loss"]:.4f}; prototype loss {result["test_proto_loss"]:.4f} '
+    f'and Batch-CAM loss {result["test_bcam_loss"]:.4f} ({result["metric"]}).',
+    '',
+    '## Explanations',
+    '',
+    f'On the first {result["num_images"]} test images, maps of the '
+    f'{"ground-truth" if result["target"] == "label" else "predicted"} class at layer '
+    f'`{result["layer"]}`. AD/AG/AI: Average Drop/Gain/Increase (%), Ins/Del: insertion '
+    f'and deletion AUC ({result["n_steps"]} steps); align: mean normalised map of each '
+    'class vs its prototype (L1, SSIM), image: the same per image.',
+    '',
   ]
-  rows = [[method] + [f'{values[key]:.4g}' for key, _ in METHOD_COLUMNS]
-          for method, values in result['methods'].items()]
+  rows = [
+    [method] + [f'{values[key]:.4g}' for key, _ in METHOD_COLUMNS]
+    for method, values in result['methods'].items()
+  ]
   lines += markdown_table(['method'] + [title for _, title in METHOD_COLUMNS], rows)
   lines += ['', '## Per-class test accuracy', '']
-  lines += markdown_table(['class', 'accuracy %'], [
-      [name, f'{100 * result["per_class_accuracy"][name]:.2f}'] for name in class_names])
+  lines += markdown_table(
+    ['class', 'accuracy %'],
+    [[name, f'{100 * result["per_class_accuracy"][name]:.2f}'] for name in class_names],
+  )
   lines += ['', '## Most frequent confusions', '']
-  lines += markdown_table(['true', 'predicted', 'count'], [
-      [e['true'], e['predicted'], str(e['count'])] for e in result['top_confusions']])
-  lines += ['', '## Figures', '',
-            '![confusion](confusion.png)', '',
-            'Data prototypes and mean Grad-CAM of correctly classified test images:', '',
-            '![cam prototypes](cam_prototypes.png)', '',
-            'Mean Grad-CAM (predicted class) of the most frequent confusions:', '',
-            '![error prototypes](error_prototypes.png)', '',
-            '![overlays](overlays.png)', '']
+  lines += markdown_table(
+    ['true', 'predicted', 'count'],
+    [[e['true'], e['predicted'], str(e['count'])] for e in result['top_confusions']],
+  )
+  lines += [
+    '',
+    '## Figures',
+    '',
+    '![confusion](confusion.png)',
+    '',
+    'Data prototypes and mean Grad-CAM of correctly classified test images:',
+    '',
+    '![cam prototypes](cam_prototypes.png)',
+    '',
+    'Mean Grad-CAM (predicted class) of the most frequent confusions:',
+    '',
+    '![error prototypes](error_prototypes.png)',
+    '',
+    '![overlays](overlays.png)',
+    '',
+  ]
   return '\n'.join(lines)

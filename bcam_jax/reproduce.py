@@ -9,6 +9,7 @@ on the best-validation checkpoint) and then writes ``cell.json``; a cell with a
 ``write_results`` aggregates the cells over seeds into ``results.csv`` and ``results.md``
 (next to the paper's Table 1 and 2) and draws baseline against BCPL prototype figures.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,30 +29,31 @@ import numpy as np
 from absl import logging
 
 from bcam_jax import eval_lib, figures, io_utils, train_lib
-from bcam_jax.report import markdown_table
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import format_duration
+from bcam_jax.report import markdown_table
 
-CONDITIONS = ('baseline', 'proto-l1', 'proto-l2', 'proto-ssim', 'bcpl-l1', 'bcpl-l2',
-              'bcpl-ssim')
+CONDITIONS = ('baseline', 'proto-l1', 'proto-l2', 'proto-ssim', 'bcpl-l1', 'bcpl-l2', 'bcpl-ssim')
 BLOCK_FIELDS = ('models', 'conditions', 'datasets', 'image_sizes', 'seeds', 'epochs')
 
 # Batch-CAM paper, Table 1 (28x28) and Table 2 (112x112): best condition and its test
 # accuracy (%) per (model, dataset, image size); section 4.1 also gives two baselines.
 PAPER_BEST = {
-    ('convnext_v2_tiny', 'mnist', 28): ('bcpl-l1', 99.72),
-    ('convnext_v2_tiny', 'fashion_mnist', 28): ('baseline', 94.79),
-    ('resnet18', 'mnist', 28): ('bcpl-l2', 99.65),
-    ('resnet18', 'fashion_mnist', 28): ('bcpl-l2', 94.99),
-    ('simple_cnn', 'mnist', 28): ('bcpl-l1', 99.00),
-    ('simple_cnn', 'fashion_mnist', 28): ('bcpl-l1', 91.32),
-    ('convnext_v2_tiny', 'mnist', 112): ('bcpl-l1', 99.74),
-    ('convnext_v2_tiny', 'fashion_mnist', 112): ('bcpl-l1', 95.01),
-    ('resnet18', 'mnist', 112): ('bcpl-l1', 99.71),
-    ('resnet18', 'fashion_mnist', 112): ('bcpl-l1', 94.99),
+  ('convnext_v2_tiny', 'mnist', 28): ('bcpl-l1', 99.72),
+  ('convnext_v2_tiny', 'fashion_mnist', 28): ('baseline', 94.79),
+  ('resnet18', 'mnist', 28): ('bcpl-l2', 99.65),
+  ('resnet18', 'fashion_mnist', 28): ('bcpl-l2', 94.99),
+  ('simple_cnn', 'mnist', 28): ('bcpl-l1', 99.00),
+  ('simple_cnn', 'fashion_mnist', 28): ('bcpl-l1', 91.32),
+  ('convnext_v2_tiny', 'mnist', 112): ('bcpl-l1', 99.74),
+  ('convnext_v2_tiny', 'fashion_mnist', 112): ('bcpl-l1', 95.01),
+  ('resnet18', 'mnist', 112): ('bcpl-l1', 99.71),
+  ('resnet18', 'fashion_mnist', 112): ('bcpl-l1', 94.99),
 }
-PAPER_OTHER = {('convnext_v2_tiny', 'mnist', 28, 'baseline'): 99.71,
-               ('resnet18', 'fashion_mnist', 28, 'baseline'): 94.82}
+PAPER_OTHER = {
+  ('convnext_v2_tiny', 'mnist', 28, 'baseline'): 99.71,
+  ('resnet18', 'fashion_mnist', 28, 'baseline'): 94.82,
+}
 
 
 def paper_accuracy(model: str, dataset: str, size: int, condition: str) -> float | None:
@@ -65,6 +67,7 @@ def paper_accuracy(model: str, dataset: str, size: int, condition: str) -> float
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One training run of the grid."""
+
   model: str
   condition: str
   dataset: str
@@ -75,8 +78,7 @@ class Cell:
 
   @property
   def name(self) -> str:
-    return (f'{self.model}_{self.dataset}_{self.image_size}_{self.condition}'
-            f'_seed{self.seed}')
+    return f'{self.model}_{self.dataset}_{self.image_size}_{self.condition}_seed{self.seed}'
 
   @property
   def group(self) -> tuple[str, str, int, str]:
@@ -96,15 +98,24 @@ def expand(grid: ml_collections.ConfigDict) -> list[Cell]:
   for index, block in enumerate(grid.blocks):
     missing = [f for f in BLOCK_FIELDS if f not in block]
     if missing:
-      raise ValueError(f'grid {grid.name!r}, block {index}: missing field(s) '
-                       f'{", ".join(missing)}; each block needs {", ".join(BLOCK_FIELDS)}')
+      raise ValueError(
+        f'grid {grid.name!r}, block {index}: missing field(s) '
+        f'{", ".join(missing)}; each block needs {", ".join(BLOCK_FIELDS)}'
+      )
     overrides = tuple(sorted(dict(block.get('overrides', {})).items()))
     for model, condition, dataset, size, seed in itertools.product(
-        block['models'], block['conditions'], block['datasets'], block['image_sizes'],
-        block['seeds']):
+      block['models'], block['conditions'], block['datasets'], block['image_sizes'], block['seeds']
+    ):
       _check_choice(f'block {index} condition', condition, CONDITIONS)
-      cell = Cell(model, condition, dataset, int(size), int(seed), int(block['epochs']),
-                  overrides + tuple(sorted(dict(grid.get('overrides', {})).items())))
+      cell = Cell(
+        model,
+        condition,
+        dataset,
+        int(size),
+        int(seed),
+        int(block['epochs']),
+        overrides + tuple(sorted(dict(grid.get('overrides', {})).items())),
+      )
       if cell not in cells:
         cells.append(cell)
   return sorted(cells, key=lambda c: c.seed)
@@ -145,8 +156,13 @@ def cell_config(cell: Cell) -> ml_collections.ConfigDict:
 
 def eval_options(grid: ml_collections.ConfigDict) -> eval_lib.EvalOptions:
   """Grad-CAM on the best checkpoint, with the grid's image count and step count."""
-  return eval_lib.EvalOptions(methods=('grad_cam',), num_images=grid.eval.num_images,
-                              n_steps=grid.eval.n_steps, num_overlays=4, num_error_pairs=4)
+  return eval_lib.EvalOptions(
+    methods=('grad_cam',),
+    num_images=grid.eval.num_images,
+    n_steps=grid.eval.n_steps,
+    num_overlays=4,
+    num_error_pairs=4,
+  )
 
 
 def _train_images_per_second(workdir: str) -> float | None:
@@ -155,13 +171,20 @@ def _train_images_per_second(workdir: str) -> float | None:
   if not os.path.exists(path):
     return None
   with open(path, encoding='utf-8') as f:
-    rates = [r['images_per_second'] for r in map(json.loads, f)
-             if r.get('split') == 'train' and 'images_per_second' in r]
+    rates = [
+      r['images_per_second']
+      for r in map(json.loads, f)
+      if r.get('split') == 'train' and 'images_per_second' in r
+    ]
   return float(np.median(rates)) if rates else None
 
 
-def run_cell(cell: Cell, workdir: str, options: eval_lib.EvalOptions,
-             devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+def run_cell(
+  cell: Cell,
+  workdir: str,
+  options: eval_lib.EvalOptions,
+  devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
   """Trains (or resumes) and evaluates one cell; returns and writes its ``cell.json``."""
   config = cell_config(cell)
   start = time.time()
@@ -169,12 +192,23 @@ def run_cell(cell: Cell, workdir: str, options: eval_lib.EvalOptions,
   metrics = eval_lib.evaluate_and_report(config, workdir, options, devices)
   grad_cam = metrics['methods']['grad_cam']
   record = dataclasses.asdict(cell) | {
-      'name': cell.name, 'test_accuracy': 100 * metrics['test_accuracy'],
-      'checkpoint_step': metrics['step'],
-      **{k: grad_cam[k] for k in ('alignment_l1', 'alignment_ssim', 'average_drop',
-                                  'average_increase', 'insertion', 'deletion')},
-      'train_images_per_second': _train_images_per_second(workdir),
-      'wall_seconds': time.time() - start, 'device': jax.devices()[0].device_kind,
+    'name': cell.name,
+    'test_accuracy': 100 * metrics['test_accuracy'],
+    'checkpoint_step': metrics['step'],
+    **{
+      k: grad_cam[k]
+      for k in (
+        'alignment_l1',
+        'alignment_ssim',
+        'average_drop',
+        'average_increase',
+        'insertion',
+        'deletion',
+      )
+    },
+    'train_images_per_second': _train_images_per_second(workdir),
+    'wall_seconds': time.time() - start,
+    'device': jax.devices()[0].device_kind,
   }
   record['overrides'] = [list(kv) for kv in cell.overrides]
   if jax.process_index() == 0:
@@ -182,9 +216,9 @@ def run_cell(cell: Cell, workdir: str, options: eval_lib.EvalOptions,
   return record
 
 
-def run_grid(grid: ml_collections.ConfigDict, root: str,
-             devices: Sequence[jax.Device] | None = None
-             ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def run_grid(
+  grid: ml_collections.ConfigDict, root: str, devices: Sequence[jax.Device] | None = None
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
   """Runs every cell of ``grid`` not finished yet under ``root``.
 
   Returns the records of all finished cells and, by cell name, the errors of the cells that
@@ -207,21 +241,34 @@ def run_grid(grid: ml_collections.ConfigDict, root: str,
       record = run_cell(cell, workdir, options, devices)
     except Exception as e:  # pylint: disable=broad-except
       failures[cell.name] = f'{type(e).__name__}: {e}'
-      logging.exception('[%d/%d] %s failed; going on with the next cell', i, len(cells),
-                        cell.name)
+      logging.exception('[%d/%d] %s failed; going on with the next cell', i, len(cells), cell.name)
       continue
     records.append(record)
     ran += 1
     per_cell = (time.time() - start) / ran
-    logging.info('[%d/%d] %s: test accuracy %.2f%%, Grad-CAM alignment L1 %.3f, %s; '
-                 'grid ETA %s', i, len(cells), cell.name, record['test_accuracy'],
-                 record['alignment_l1'], format_duration(record['wall_seconds']),
-                 format_duration(per_cell * (len(cells) - i)))
+    logging.info(
+      '[%d/%d] %s: test accuracy %.2f%%, Grad-CAM alignment L1 %.3f, %s; grid ETA %s',
+      i,
+      len(cells),
+      cell.name,
+      record['test_accuracy'],
+      record['alignment_l1'],
+      format_duration(record['wall_seconds']),
+      format_duration(per_cell * (len(cells) - i)),
+    )
   return records, failures
 
 
-_MEAN_FIELDS = ('alignment_l1', 'alignment_ssim', 'average_drop', 'average_increase',
-                'insertion', 'deletion', 'train_images_per_second', 'wall_seconds')
+_MEAN_FIELDS = (
+  'alignment_l1',
+  'alignment_ssim',
+  'average_drop',
+  'average_increase',
+  'insertion',
+  'deletion',
+  'train_images_per_second',
+  'wall_seconds',
+)
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -234,12 +281,18 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   for (model, dataset, size, condition), members in groups.items():
     acc = np.array([m['test_accuracy'] for m in members])
     paper = paper_accuracy(model, dataset, size, condition)
-    row = {'model': model, 'dataset': dataset, 'image_size': size, 'condition': condition,
-           'seeds': len(members), 'epochs': members[0]['epochs'],
-           'accuracy_mean': float(acc.mean()),
-           'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else None,
-           'paper_accuracy': paper,
-           'difference': None if paper is None else float(acc.mean()) - paper}
+    row = {
+      'model': model,
+      'dataset': dataset,
+      'image_size': size,
+      'condition': condition,
+      'seeds': len(members),
+      'epochs': members[0]['epochs'],
+      'accuracy_mean': float(acc.mean()),
+      'accuracy_std': float(acc.std(ddof=1)) if len(acc) > 1 else None,
+      'paper_accuracy': paper,
+      'difference': None if paper is None else float(acc.mean()) - paper,
+    }
     for field in _MEAN_FIELDS:
       values = [m[field] for m in members if m.get(field) is not None]
       row[field] = float(np.mean(values)) if values else None
@@ -256,20 +309,28 @@ def _accuracy(row) -> str:
   return _fmt(row['accuracy_mean']) + ('' if std is None else f' ± {std:.2f}')
 
 
-_TABLE = (('model', lambda r: r['model']), ('dataset', lambda r: r['dataset']),
-          ('size', lambda r: str(r['image_size'])), ('condition', lambda r: r['condition']),
-          ('seeds', lambda r: str(r['seeds'])), ('epochs', lambda r: str(r['epochs'])),
-          ('test acc. %', _accuracy), ('paper %', lambda r: _fmt(r['paper_accuracy'])),
-          ('Δ paper', lambda r: _fmt(r['difference'])),
-          ('align L1 ↓', lambda r: _fmt(r['alignment_l1'], 3)),
-          ('align SSIM ↑', lambda r: _fmt(r['alignment_ssim'], 3)),
-          ('AD % ↓', lambda r: _fmt(r['average_drop'])),
-          ('AI % ↑', lambda r: _fmt(r['average_increase'])),
-          ('Ins ↑', lambda r: _fmt(r['insertion'], 3)),
-          ('Del ↓', lambda r: _fmt(r['deletion'], 3)),
-          ('train img/s', lambda r: _fmt(r['train_images_per_second'], 0)),
-          ('wall / cell', lambda r: '–' if r['wall_seconds'] is None
-           else format_duration(r['wall_seconds'])))
+_TABLE = (
+  ('model', lambda r: r['model']),
+  ('dataset', lambda r: r['dataset']),
+  ('size', lambda r: str(r['image_size'])),
+  ('condition', lambda r: r['condition']),
+  ('seeds', lambda r: str(r['seeds'])),
+  ('epochs', lambda r: str(r['epochs'])),
+  ('test acc. %', _accuracy),
+  ('paper %', lambda r: _fmt(r['paper_accuracy'])),
+  ('Δ paper', lambda r: _fmt(r['difference'])),
+  ('align L1 ↓', lambda r: _fmt(r['alignment_l1'], 3)),
+  ('align SSIM ↑', lambda r: _fmt(r['alignment_ssim'], 3)),
+  ('AD % ↓', lambda r: _fmt(r['average_drop'])),
+  ('AI % ↑', lambda r: _fmt(r['average_increase'])),
+  ('Ins ↑', lambda r: _fmt(r['insertion'], 3)),
+  ('Del ↓', lambda r: _fmt(r['deletion'], 3)),
+  ('train img/s', lambda r: _fmt(r['train_images_per_second'], 0)),
+  (
+    'wall / cell',
+    lambda r: '–' if r['wall_seconds'] is None else format_duration(r['wall_seconds']),
+  ),
+)
 
 
 def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -280,13 +341,23 @@ def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   for (model, dataset, size, condition), base in by_key.items():
     if condition != 'baseline':
       continue
-    bcpl = next((by_key[(model, dataset, size, c)] for c in CONDITIONS[4:]
-                 if (model, dataset, size, c) in by_key), None)
+    bcpl = next(
+      (
+        by_key[(model, dataset, size, c)]
+        for c in CONDITIONS[4:]
+        if (model, dataset, size, c) in by_key
+      ),
+      None,
+    )
     if bcpl is None:
       continue
     std = base['accuracy_std'] or 0.0
-    out.append({
-        'model': model, 'dataset': dataset, 'image_size': size, 'bcpl': bcpl['condition'],
+    out.append(
+      {
+        'model': model,
+        'dataset': dataset,
+        'image_size': size,
+        'bcpl': bcpl['condition'],
         'accuracy_gap': bcpl['accuracy_mean'] - base['accuracy_mean'],
         'accuracy_within_std': bcpl['accuracy_mean'] >= base['accuracy_mean'] - std,
         'alignment_l1': (base['alignment_l1'], bcpl['alignment_l1']),
@@ -294,7 +365,8 @@ def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         'average_drop': (base['average_drop'], bcpl['average_drop']),
         'insertion': (base['insertion'], bcpl['insertion']),
         'deletion': (base['deletion'], bcpl['deletion']),
-    })
+      }
+    )
   return out
 
 
@@ -312,12 +384,22 @@ def against_paper(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     row = same or best
     tolerance = max(row['accuracy_std'] or 0.0, 0.05)
     gap = row['accuracy_mean'] - paper
-    verdict = ('matches paper' if abs(gap) <= tolerance
-               else 'beats paper' if gap > 0 else 'misses paper')
-    out.append({'model': model, 'dataset': dataset, 'image_size': size,
-                'paper_condition': condition, 'paper_accuracy': paper,
-                'ours_same_condition': same, 'ours_best': best, 'gap': gap,
-                'verdict': verdict})
+    verdict = (
+      'matches paper' if abs(gap) <= tolerance else 'beats paper' if gap > 0 else 'misses paper'
+    )
+    out.append(
+      {
+        'model': model,
+        'dataset': dataset,
+        'image_size': size,
+        'paper_condition': condition,
+        'paper_accuracy': paper,
+        'ours_same_condition': same,
+        'ours_best': best,
+        'gap': gap,
+        'verdict': verdict,
+      }
+    )
   return out
 
 
@@ -325,17 +407,32 @@ def _paper_section(rows: Sequence[dict[str, Any]]) -> list[str]:
   paper = against_paper(rows)
   if not paper:
     return []
-  lines = ['', "## Against the paper's tables", '',
-           'The paper reports, per model and dataset, its best condition. "ours" is our '
-           'mean in that condition (or our best condition where we did not run it); '
-           '"matches" = within one seed std (0.05 points with one seed).', '']
+  lines = [
+    '',
+    "## Against the paper's tables",
+    '',
+    'The paper reports, per model and dataset, its best condition. "ours" is our '
+    'mean in that condition (or our best condition where we did not run it); '
+    '"matches" = within one seed std (0.05 points with one seed).',
+    '',
+  ]
   return lines + markdown_table(
-      ['model', 'dataset', 'size', 'paper best', 'paper %', 'ours %', 'Δ', 'our best',
-       'verdict'],
-      [[p['model'], p['dataset'], str(p['image_size']), p['paper_condition'],
-        _fmt(p['paper_accuracy']), _accuracy(p['ours_same_condition'] or p['ours_best']),
-        f'{p["gap"]:+.2f}', f'{p["ours_best"]["condition"]} {_accuracy(p["ours_best"])}',
-        p['verdict']] for p in paper])
+    ['model', 'dataset', 'size', 'paper best', 'paper %', 'ours %', 'Δ', 'our best', 'verdict'],
+    [
+      [
+        p['model'],
+        p['dataset'],
+        str(p['image_size']),
+        p['paper_condition'],
+        _fmt(p['paper_accuracy']),
+        _accuracy(p['ours_same_condition'] or p['ours_best']),
+        f'{p["gap"]:+.2f}',
+        f'{p["ours_best"]["condition"]} {_accuracy(p["ours_best"])}',
+        p['verdict'],
+      ]
+      for p in paper
+    ],
+  )
 
 
 def _arrow(pair, digits=3) -> str:
@@ -350,45 +447,90 @@ def _bcpl_section(rows: Sequence[dict[str, Any]]) -> list[str]:
   for p in pairs:
     base_l1, bcpl_l1 = p['alignment_l1']
     ratio = '–' if not (base_l1 and bcpl_l1) else f'{base_l1 / bcpl_l1:.1f}x lower'
-    table.append([p['model'], p['dataset'], str(p['image_size']), p['bcpl'],
-                  f'{p["accuracy_gap"]:+.2f}' + ('' if p['accuracy_within_std'] else ' (!)'),
-                  _arrow(p['alignment_l1']), ratio, _arrow(p['alignment_ssim']),
-                  _arrow(p['average_drop'], 2), _arrow(p['insertion']),
-                  _arrow(p['deletion'])])
-  lines = ['', '## BCPL against the baseline', '',
-           'Alignment is the L1 distance / SSIM between each class\'s mean Grad-CAM and its '
-           'prototype (lower / higher is better); AD and deletion lower, insertion higher is '
-           'more faithful.', '']
-  lines += markdown_table(['model', 'dataset', 'size', 'BCPL', 'Δ acc. (pts)',
-                           'align L1 base → BCPL', 'L1', 'align SSIM', 'AD %', 'Ins', 'Del'],
-                          table)
-  return lines + ['', '(!) marks a BCPL mean more than one baseline std below the baseline '
-                  'mean.']
+    table.append(
+      [
+        p['model'],
+        p['dataset'],
+        str(p['image_size']),
+        p['bcpl'],
+        f'{p["accuracy_gap"]:+.2f}' + ('' if p['accuracy_within_std'] else ' (!)'),
+        _arrow(p['alignment_l1']),
+        ratio,
+        _arrow(p['alignment_ssim']),
+        _arrow(p['average_drop'], 2),
+        _arrow(p['insertion']),
+        _arrow(p['deletion']),
+      ]
+    )
+  lines = [
+    '',
+    '## BCPL against the baseline',
+    '',
+    "Alignment is the L1 distance / SSIM between each class's mean Grad-CAM and its "
+    'prototype (lower / higher is better); AD and deletion lower, insertion higher is '
+    'more faithful.',
+    '',
+  ]
+  lines += markdown_table(
+    [
+      'model',
+      'dataset',
+      'size',
+      'BCPL',
+      'Δ acc. (pts)',
+      'align L1 base → BCPL',
+      'L1',
+      'align SSIM',
+      'AD %',
+      'Ins',
+      'Del',
+    ],
+    table,
+  )
+  return lines + ['', '(!) marks a BCPL mean more than one baseline std below the baseline mean.']
 
 
-def render(grid: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
-           figure_names: Sequence[str], failures: dict[str, str]) -> str:
+def render(
+  grid: ml_collections.ConfigDict,
+  rows: Sequence[dict[str, Any]],
+  figure_names: Sequence[str],
+  failures: dict[str, str],
+) -> str:
   """results.md: the grid, every aggregated row next to the paper, BCPL against baseline."""
   blocks = '\n'.join(
-      f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
-      f'{", ".join(b["datasets"])} at {", ".join(map(str, b["image_sizes"]))} px, seeds '
-      f'{", ".join(map(str, b["seeds"]))}, {b["epochs"]} epoch(s)'
-      + (f'; overrides {dict(b["overrides"])}' if b.get('overrides') else '')
-      for b in grid.blocks)
+    f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
+    f'{", ".join(b["datasets"])} at {", ".join(map(str, b["image_sizes"]))} px, seeds '
+    f'{", ".join(map(str, b["seeds"]))}, {b["epochs"]} epoch(s)'
+    + (f'; overrides {dict(b["overrides"])}' if b.get('overrides') else '')
+    for b in grid.blocks
+  )
   device = jax.devices()[0]
-  lines = [f'# Reproduction grid `{grid.name}`', '', grid.description.strip(), '',
-           f'Command: `python reproduce.py --grid=configs/grids/{grid.name}.py`. '
-           f'Device: {device.platform} ({device.device_kind}), {jax.device_count()} '
-           f'device(s), {os.cpu_count()} CPU core(s), JAX {jax.__version__}. Grad-CAM metrics '
-           f'on the first {grid.eval.num_images} test images, {grid.eval.n_steps} '
-           'insertion/deletion steps, best-validation checkpoint.', '', 'Cells:', blocks, '',
-           '## Accuracy and Grad-CAM metrics (mean over seeds)', '',
-           'Test accuracy is mean ± sample std over seeds. "paper %" is the Batch-CAM '
-           "paper's Table 1 (28 px) or Table 2 (112 px) value where the paper reports this "
-           'condition (its best condition per model and dataset, and two baselines from its '
-           'section 4.1); "Δ paper" is ours minus the paper\'s.', '']
-  ordered = sorted(rows, key=lambda r: (r['image_size'], r['dataset'], r['model'],
-                                        CONDITIONS.index(r['condition'])))
+  lines = [
+    f'# Reproduction grid `{grid.name}`',
+    '',
+    grid.description.strip(),
+    '',
+    f'Command: `python reproduce.py --grid=configs/grids/{grid.name}.py`. '
+    f'Device: {device.platform} ({device.device_kind}), {jax.device_count()} '
+    f'device(s), {os.cpu_count()} CPU core(s), JAX {jax.__version__}. Grad-CAM metrics '
+    f'on the first {grid.eval.num_images} test images, {grid.eval.n_steps} '
+    'insertion/deletion steps, best-validation checkpoint.',
+    '',
+    'Cells:',
+    blocks,
+    '',
+    '## Accuracy and Grad-CAM metrics (mean over seeds)',
+    '',
+    'Test accuracy is mean ± sample std over seeds. "paper %" is the Batch-CAM '
+    "paper's Table 1 (28 px) or Table 2 (112 px) value where the paper reports this "
+    'condition (its best condition per model and dataset, and two baselines from its '
+    'section 4.1); "Δ paper" is ours minus the paper\'s.',
+    '',
+  ]
+  ordered = sorted(
+    rows,
+    key=lambda r: (r['image_size'], r['dataset'], r['model'], CONDITIONS.index(r['condition'])),
+  )
   lines += markdown_table([h for h, _ in _TABLE], [[f(r) for _, f in _TABLE] for r in ordered])
   lines += _paper_section(rows) + _bcpl_section(rows)
   if failures:
@@ -400,38 +542,63 @@ def render(grid: ml_collections.ConfigDict, rows: Sequence[dict[str, Any]],
   return '\n'.join(lines) + '\n'
 
 
-def _figure(root: str, rows: Sequence[dict[str, Any]], results_dir: str,
-            seed: int) -> list[str]:
+def _figure(root: str, rows: Sequence[dict[str, Any]], results_dir: str, seed: int) -> list[str]:
   """For each (model, dataset, size) with baseline and BCPL cells, their cam_prototypes.png
   one above the other; returns the written file names."""
   names = []
   for p in comparisons(rows):
-    paths = [os.path.join(root, Cell(p['model'], c, p['dataset'], p['image_size'], seed, 0).name,
-                          'eval', 'cam_prototypes.png') for c in ('baseline', p['bcpl'])]
+    paths = [
+      os.path.join(
+        root,
+        Cell(p['model'], c, p['dataset'], p['image_size'], seed, 0).name,
+        'eval',
+        'cam_prototypes.png',
+      )
+      for c in ('baseline', p['bcpl'])
+    ]
     if not all(os.path.exists(path) for path in paths):
       continue
     name = f'cam_prototypes_{p["model"]}_{p["dataset"]}_{p["image_size"]}.png'
-    figures.save_stacked(os.path.join(results_dir, name), paths,
-                        [f'baseline (seed {seed})', f'{p["bcpl"]} (seed {seed})'])
+    figures.save_stacked(
+      os.path.join(results_dir, name),
+      paths,
+      [f'baseline (seed {seed})', f'{p["bcpl"]} (seed {seed})'],
+    )
     names.append(name)
   return names
 
 
-def write_results(grid: ml_collections.ConfigDict, records: Sequence[dict[str, Any]],
-                  root: str, results_dir: str,
-                  failures: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def write_results(
+  grid: ml_collections.ConfigDict,
+  records: Sequence[dict[str, Any]],
+  root: str,
+  results_dir: str,
+  failures: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
   """Writes results.csv (one row per cell), results.md (listing failed cells, if any) and
   the figures; returns the rows."""
   os.makedirs(results_dir, exist_ok=True)
   rows = aggregate(records)
-  fields = ['name', 'model', 'dataset', 'image_size', 'condition', 'seed', 'epochs',
-            'test_accuracy', 'checkpoint_step', *_MEAN_FIELDS, 'device']
+  fields = [
+    'name',
+    'model',
+    'dataset',
+    'image_size',
+    'condition',
+    'seed',
+    'epochs',
+    'test_accuracy',
+    'checkpoint_step',
+    *_MEAN_FIELDS,
+    'device',
+  ]
   buffer = io.StringIO()
   writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction='ignore')
   writer.writeheader()
   writer.writerows(records)
-  io_utils.atomic_write(os.path.join(results_dir, 'results.csv'),
-                        lambda f: f.write(buffer.getvalue().encode()))
+  io_utils.atomic_write(
+    os.path.join(results_dir, 'results.csv'), lambda f: f.write(buffer.getvalue().encode())
+  )
   seed = min(r['seed'] for r in records)
   names = _figure(root, rows, results_dir, seed)
   text = render(grid, rows, names, failures or {})

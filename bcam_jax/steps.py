@@ -5,6 +5,7 @@ Images arrive as uint8 batches sharded over the `data` axis; normalisation and r
 statistics, Batch-CAM's per-class sums) are over the global batch, so results do not
 depend on the device count.
 """
+
 import dataclasses
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from bcam_jax import cam, data, explanations, losses
 
 class TrainState(struct.PyTreeNode):
   """Everything a resumed run needs; the step also seeds the per-step dropout key."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -36,8 +38,9 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
   return variables
 
 
-def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int,
-                 image_size: int) -> Callable[[], TrainState]:
+def make_init_fn(
+  model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int
+) -> Callable[[], TrainState]:
   """A function creating the initial train state, to be jitted with replicated outputs.
 
   Parameters and BatchNorm statistics are float32, or float64 for a model computing in
@@ -52,9 +55,13 @@ def make_init_fn(model: nn.Module, tx: optax.GradientTransformation, seed: int,
     variables = model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
     variables = jax.tree.map(lambda v: v.astype(variable_dtype), variables)
     params = variables['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get('batch_stats', {}),
-                      opt_state=tx.init(params))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+    )
+
   return init
 
 
@@ -71,6 +78,7 @@ class Objective:
   `image_size` (the prototypes' resolution) and min-max normalised before comparison.
   The ElasticNet term applies to Soft-CAM evidence maps E only.
   """
+
   kind: str = 'ce'
   metric: str = 'l1'
   lambda_class: float = 1.0
@@ -82,10 +90,16 @@ class Objective:
 
   @classmethod
   def from_config(cls, config, num_classes: int) -> 'Objective':
-    return cls(kind=config.loss.kind, metric=config.loss.metric,
-               lambda_class=config.loss.lambda_class, lambda_cam=config.loss.lambda_cam,
-               num_classes=num_classes, image_size=config.data.image_size,
-               lambda_l1=config.loss.lambda_l1, lambda_l2=config.loss.lambda_l2)
+    return cls(
+      kind=config.loss.kind,
+      metric=config.loss.metric,
+      lambda_class=config.loss.lambda_class,
+      lambda_cam=config.loss.lambda_cam,
+      num_classes=num_classes,
+      image_size=config.data.image_size,
+      lambda_l1=config.loss.lambda_l1,
+      lambda_l2=config.loss.lambda_l2,
+    )
 
   def compare(self, maps: jax.Array) -> jax.Array:
     """CAM maps at feature resolution -> [0, 1] maps at the prototypes' resolution."""
@@ -133,56 +147,79 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
       features = model.apply(variables, x, train=False, frozen=True, method='backbone')
       new_batch_stats = batch_stats
     else:
-      features, updates = model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                      rngs={'dropout': rng}, method='backbone')
+      features, updates = model.apply(
+        variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng}, method='backbone'
+      )
       new_batch_stats = updates.get('batch_stats', {})
     logits, explanation, evidence = explanations.logits_and_explanation(
-        model, variables, features, labels, explain=objective.kind != 'ce')
-    cam_term = (objective.cam_term(explanation, labels, prototypes)
-                if objective.kind != 'ce' else jnp.zeros((), jnp.float32))
+      model, variables, features, labels, explain=objective.kind != 'ce'
+    )
+    cam_term = (
+      objective.cam_term(explanation, labels, prototypes)
+      if objective.kind != 'ce'
+      else jnp.zeros((), jnp.float32)
+    )
     penalty = objective.penalty(evidence)
     ce = losses.cross_entropy(logits, labels).mean()
-    aux = {'logits': logits, 'batch_stats': new_batch_stats, 'ce': ce, 'cam': cam_term,
-           'penalty': penalty}
+    aux = {
+      'logits': logits,
+      'batch_stats': new_batch_stats,
+      'ce': ce,
+      'cam': cam_term,
+      'penalty': penalty,
+    }
     return objective.total(ce, cam_term, penalty), aux
 
   return loss_fn
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, objective: Objective, *, mean: float,
-                    std: float, dtype: jnp.dtype, seed: int, frozen_backbone: bool = False):
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  objective: Objective,
+  *,
+  mean: float,
+  std: float,
+  dtype: jnp.dtype,
+  seed: int,
+  frozen_backbone: bool = False,
+):
   """(state, images uint8, labels, prototypes) -> (new state, metrics); the dropout key
   is fold_in(seed, step), so a resumed run draws exactly the same randomness."""
   base_key = jax.random.key(seed + 1)
   loss_fn = make_loss_fn(model, objective, frozen_backbone)
 
-  def train_step(state: TrainState, images: jax.Array, labels: jax.Array,
-                 prototypes: jax.Array):
+  def train_step(state: TrainState, images: jax.Array, labels: jax.Array, prototypes: jax.Array):
     x = data.preprocess(images, mean, std, objective.image_size, dtype)
     rng = jax.random.fold_in(base_key, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, x, labels, prototypes, rng)
+      state.params, state.batch_stats, x, labels, prototypes, rng
+    )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = TrainState(step=state.step + 1,
-                           params=optax.apply_updates(state.params, updates),
-                           batch_stats=aux['batch_stats'], opt_state=opt_state)
+    new_state = TrainState(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      batch_stats=aux['batch_stats'],
+      opt_state=opt_state,
+    )
     metrics = {
-        'loss': loss,
-        'ce': aux['ce'],
-        'cam': aux['cam'],
-        'penalty': aux['penalty'],
-        'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == labels),
-        'grad_norm': optax.tree.norm(grads),
-        'learning_rate': schedule(state.step),
+      'loss': loss,
+      'ce': aux['ce'],
+      'cam': aux['cam'],
+      'penalty': aux['penalty'],
+      'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == labels),
+      'grad_norm': optax.tree.norm(grads),
+      'learning_rate': schedule(state.step),
     }
     return new_state, metrics
 
   return train_step
 
 
-def make_eval_step(model: nn.Module, objective: Objective, *, mean: float, std: float,
-                   dtype: jnp.dtype):
+def make_eval_step(
+  model: nn.Module, objective: Objective, *, mean: float, std: float, dtype: jnp.dtype
+):
   """(variables, images, labels, mask, prototypes) -> masked sums over the batch.
 
   Besides CE and accuracy, every evaluation measures both explanation terms against
@@ -197,18 +234,19 @@ def make_eval_step(model: nn.Module, objective: Objective, *, mean: float, std: 
     x = data.preprocess(images, mean, std, objective.image_size, dtype)
     features = model.apply(variables, x, train=False, method='backbone')
     logits, explanation, _ = explanations.logits_and_explanation(
-        model, variables, features, labels, explain=True)
+      model, variables, features, labels, explain=True
+    )
     mask = mask.astype(jnp.float32)
     maps = objective.compare(explanation.image_maps())
     proto = losses.map_distance(maps, prototypes[labels], objective.metric)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {
-        'loss_sum': jnp.sum(losses.cross_entropy(logits, labels) * mask),
-        'correct': jnp.sum(correct * mask),
-        'proto_sum': jnp.sum(proto * mask),
-        'count': jnp.sum(mask),
-        'class_count': jax.ops.segment_sum(mask, labels, objective.num_classes),
-        'class_sums': explanation.class_sums(labels, objective.num_classes, mask),
+      'loss_sum': jnp.sum(losses.cross_entropy(logits, labels) * mask),
+      'correct': jnp.sum(correct * mask),
+      'proto_sum': jnp.sum(proto * mask),
+      'count': jnp.sum(mask),
+      'class_count': jax.ops.segment_sum(mask, labels, objective.num_classes),
+      'class_sums': explanation.class_sums(labels, objective.num_classes, mask),
     }
 
   return eval_step

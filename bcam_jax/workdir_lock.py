@@ -8,6 +8,7 @@ once with the holder's PID and host. The processes of one multi-process job each
 their own index, so they share the workdir, and a second job's process i meets the first
 job's process i.
 """
+
 import contextlib
 import fcntl
 import os
@@ -36,16 +37,18 @@ def locked(workdir: str):
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except PermissionError:
-    raise WorkdirError(f'workdir {workdir} is not writable: nothing could be saved there.'
-                       ) from None
+    raise WorkdirError(
+      f'workdir {workdir} is not writable: nothing could be saved there.'
+    ) from None
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 200, 0).decode(errors='replace').strip() or 'another process'
       raise WorkdirLockedError(
-          f'{workdir} is in use by {holder} (lock {path}); wait for it to end or use '
-          'another --workdir.') from None
+        f'{workdir} is in use by {holder} (lock {path}); wait for it to end or use '
+        'another --workdir.'
+      ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'process {os.getpid()} on {socket.gethostname()}'.encode(), 0)
     yield

@@ -9,6 +9,7 @@ CAMs summed over classes; lower = closer to the class prototypes).
   BCAM_DATA_DIR=../shared/data python bench/alignment.py \
       --workdirs=runs/a,runs/b --out=bench/results/alignment.json
 """
+
 import json
 import os
 import sys
@@ -35,8 +36,13 @@ def main(argv):
     for key, value in base.get_base_config().loss.items():  # runs saved before CAM losses
       if key not in config.loss:
         config.loss[key] = value
-    row = {'workdir': workdir, 'dataset': config.data.name, 'kind': config.loss.kind,
-           'train_metric': config.loss.metric, 'lambda_cam': config.loss.lambda_cam}
+    row = {
+      'workdir': workdir,
+      'dataset': config.data.name,
+      'kind': config.loss.kind,
+      'train_metric': config.loss.metric,
+      'lambda_cam': config.loss.lambda_cam,
+    }
     for metric in losses.METRICS:
       config.loss.metric = metric
       result = eval_lib.evaluate_checkpoint(config, workdir, 'last', output_name=None)
@@ -44,11 +50,15 @@ def main(argv):
       row[f'proto_{metric}'] = result['test_proto_loss']
       row[f'bcam_{metric}'] = result['test_bcam_loss']
     rows.append(row)
-  print(f'{"workdir":48} {"acc %":>6} ' + ' '.join(
-      f'{k + "_" + m:>10}' for k in ('proto', 'bcam') for m in losses.METRICS))
+  print(
+    f'{"workdir":48} {"acc %":>6} '
+    + ' '.join(f'{k + "_" + m:>10}' for k in ('proto', 'bcam') for m in losses.METRICS)
+  )
   for r in rows:
-    print(f'{r["workdir"]:48} {100 * r["test_accuracy"]:6.2f} ' + ' '.join(
-        f'{r[k + "_" + m]:10.4f}' for k in ('proto', 'bcam') for m in losses.METRICS))
+    print(
+      f'{r["workdir"]:48} {100 * r["test_accuracy"]:6.2f} '
+      + ' '.join(f'{r[k + "_" + m]:10.4f}' for k in ('proto', 'bcam') for m in losses.METRICS)
+    )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   io_utils.write_json(_OUT.value, {'rows': rows})
 

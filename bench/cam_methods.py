@@ -25,6 +25,7 @@ For scale (the issue's figures): pytorch-grad-cam 1.5.7 on the 2-core CPU of the
 development machine runs 0.4 img/s (Score-CAM) and 51 img/s (Grad-CAM) on a small-stem
 ResNet18 at 28x28.
 """
+
 import functools
 import json
 import os
@@ -49,7 +50,8 @@ _BATCH = flags.DEFINE_integer('batch', 256, 'Images per batch.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Timed rounds (after one warm-up).')
 _METHODS = flags.DEFINE_list('methods', list(explain.METHODS), 'Methods to time.')
 _SCORE_CAM_CHANNELS = flags.DEFINE_integer(
-    'score_cam_channels', 32, 'Channels Score-CAM is timed on (0 = all); extrapolated.')
+  'score_cam_channels', 32, 'Channels Score-CAM is timed on (0 = all); extrapolated.'
+)
 _SCORE_CAM_CHUNK = flags.DEFINE_integer('score_cam_chunk', 16, 'Channels per forward call.')
 _SUITE = flags.DEFINE_list('suite', ['grad_cam'], 'Methods whose metric suite is timed.')
 _N_STEPS = flags.DEFINE_integer('n_steps', 25, 'Insertion/deletion steps of the suite.')
@@ -69,8 +71,9 @@ def _jobs(model, size: int, variables, pixels, images, labels):
   """name -> (jitted function, its arguments, channels Score-CAM ran on or None). The
   arrays are arguments, not closed-over constants, which XLA would fold away."""
   info = data.dataset_info('mnist')
-  explainer = explain.Explainer(model, info.mean, info.std, size,
-                                score_cam_chunk=_SCORE_CAM_CHUNK.value)
+  explainer = explain.Explainer(
+    model, info.mean, info.std, size, score_cam_chunk=_SCORE_CAM_CHUNK.value
+  )
   _, _, k = models.cam_shape(model, size)
   args = (variables, pixels, labels)
   jobs = {'forward': (jax.jit(lambda v, p, t: explainer.logits(v, p)), args, None)}
@@ -82,20 +85,23 @@ def _jobs(model, size: int, variables, pixels, images, labels):
 
       def score(v, p, t, channels=channels):
         features, _ = explain.layer_features(model, v, data.normalize(p, info.mean, info.std))
-        return cam.score_cam(lambda q: explainer.logits(v, q), p, features[..., :channels],
-                             t, _SCORE_CAM_CHUNK.value)
+        return cam.score_cam(
+          lambda q: explainer.logits(v, q), p, features[..., :channels], t, _SCORE_CAM_CHUNK.value
+        )
+
       jobs['score_cam'] = (jax.jit(score), args, channels)
     else:
       jobs[method] = (jax.jit(functools.partial(explainer.raw_maps, method)), args, None)
-  options = eval_lib.EvalOptions(n_steps=_N_STEPS.value,
-                                 score_cam_chunk=_SCORE_CAM_CHUNK.value)
-  prototypes = jnp.asarray(np.random.default_rng(1).random((NUM_CLASSES, size, size)),
-                           jnp.float32)
+  options = eval_lib.EvalOptions(n_steps=_N_STEPS.value, score_cam_chunk=_SCORE_CAM_CHUNK.value)
+  prototypes = jnp.asarray(np.random.default_rng(1).random((NUM_CLASSES, size, size)), jnp.float32)
   mask = jnp.ones(labels.shape, bool)
   for method in _SUITE.value:
     step = eval_lib.make_method_step(explainer, method, options, NUM_CLASSES)
-    jobs[f'suite:{method}'] = (jax.jit(step), (variables, prototypes, images, labels, mask),
-                               k if method == 'score_cam' else None)
+    jobs[f'suite:{method}'] = (
+      jax.jit(step),
+      (variables, prototypes, images, labels, mask),
+      k if method == 'score_cam' else None,
+    )
   return jobs, k
 
 
@@ -113,8 +119,7 @@ def measure(name: str, size: int) -> list[dict]:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s[job] = time.perf_counter() - start
-    print(f'  {name} {size} {job}: first call (compile + run) {compile_s[job]:.1f} s',
-          flush=True)
+    print(f'  {name} {size} {job}: first call (compile + run) {compile_s[job]:.1f} s', flush=True)
   for _ in range(_STEPS.value):
     for job, (fn, args, _) in jobs.items():
       start = time.perf_counter()
@@ -125,10 +130,18 @@ def measure(name: str, size: int) -> list[dict]:
   for job, (_, _, channels) in jobs.items():
     seconds = float(np.median(times[job]))
     full_seconds = seconds * (k / channels) if channels and job == 'score_cam' else seconds
-    row = {'model': name, 'size': size, 'batch': _BATCH.value, 'job': job,
-           'seconds': seconds, 'images_per_second': _BATCH.value / full_seconds,
-           'ratio_to_forward': seconds / forward_s, 'cam_channels': k,
-           'first_call_seconds': compile_s[job], 'extrapolated': full_seconds != seconds}
+    row = {
+      'model': name,
+      'size': size,
+      'batch': _BATCH.value,
+      'job': job,
+      'seconds': seconds,
+      'images_per_second': _BATCH.value / full_seconds,
+      'ratio_to_forward': seconds / forward_s,
+      'cam_channels': k,
+      'first_call_seconds': compile_s[job],
+      'extrapolated': full_seconds != seconds,
+    }
     if job == 'score_cam':
       row['timed_channels'] = channels
       row['per_channel_ratio'] = seconds / (channels * forward_s)
@@ -147,24 +160,41 @@ def main(argv):
   for size in map(int, _SIZES.value):
     for name in _MODELS.value:
       rows += measure(name, size)
-  print(f'{"model":12} {"size":>4} {"batch":>5} {"job":>17} {"ms":>10} {"img/s":>9} '
-        f'{"x forward":>9} {"per-ch":>7} {"target":>6}')
+  print(
+    f'{"model":12} {"size":>4} {"batch":>5} {"job":>17} {"ms":>10} {"img/s":>9} '
+    f'{"x forward":>9} {"per-ch":>7} {"target":>6}'
+  )
   for r in rows:
     per_channel = f'{r["per_channel_ratio"]:7.2f}' if 'per_channel_ratio' in r else f'{"-":>7}'
-    target = (f'{"ok" if r["meets_target"] else "MISS":>6}' if 'target' in r else f'{"":>6}')
+    target = f'{"ok" if r["meets_target"] else "MISS":>6}' if 'target' in r else f'{"":>6}'
     star = '*' if r['extrapolated'] else ' '
-    print(f'{r["model"]:12} {r["size"]:4d} {r["batch"]:5d} {r["job"]:>17} '
-          f'{1e3 * r["seconds"]:10.1f} {r["images_per_second"]:8.2f}{star} '
-          f'{r["ratio_to_forward"]:9.2f} {per_channel} {target}')
-  print('# * img/s extrapolated linearly from the timed Score-CAM channels to all K. '
-        'x forward: time / forward time; per-ch: Score-CAM time / (channels x forward); '
-        f'targets: {TARGETS}')
+    print(
+      f'{r["model"]:12} {r["size"]:4d} {r["batch"]:5d} {r["job"]:>17} '
+      f'{1e3 * r["seconds"]:10.1f} {r["images_per_second"]:8.2f}{star} '
+      f'{r["ratio_to_forward"]:9.2f} {per_channel} {target}'
+    )
+  print(
+    '# * img/s extrapolated linearly from the timed Score-CAM channels to all K. '
+    'x forward: time / forward time; per-ch: Score-CAM time / (channels x forward); '
+    f'targets: {TARGETS}'
+  )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value, 'w') as f:
-    json.dump({'machine': machine, 'flags': {
-        'batch': _BATCH.value, 'steps': _STEPS.value, 'n_steps': _N_STEPS.value,
-        'score_cam_channels': _SCORE_CAM_CHANNELS.value,
-        'score_cam_chunk': _SCORE_CAM_CHUNK.value}, 'rows': rows}, f, indent=2)
+    json.dump(
+      {
+        'machine': machine,
+        'flags': {
+          'batch': _BATCH.value,
+          'steps': _STEPS.value,
+          'n_steps': _N_STEPS.value,
+          'score_cam_channels': _SCORE_CAM_CHANNELS.value,
+          'score_cam_chunk': _SCORE_CAM_CHUNK.value,
+        },
+        'rows': rows,
+      },
+      f,
+      indent=2,
+    )
   print(f'wrote {_OUT.value}')
 
 

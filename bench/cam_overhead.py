@@ -45,6 +45,7 @@ would cost at the same batch.
   python bench/cam_overhead.py --models=simple_cnn --sizes=28 --batch_sizes=16 --steps=2
   python bench/cam_overhead.py --variants=ce,bcpl --metric=ssim
 """
+
 import json
 import os
 import sys
@@ -69,8 +70,9 @@ NUM_CLASSES = 10
 
 _MODELS = flags.DEFINE_list('models', list(models.MODEL_NAMES), 'Models to time.')
 _SIZES = flags.DEFINE_list('sizes', ['28', '112'], 'Image sizes.')
-_BATCH = flags.DEFINE_list('batch_sizes', ['128', '32'],
-                           'Global batch per image size (the targets are at 128).')
+_BATCH = flags.DEFINE_list(
+  'batch_sizes', ['128', '32'], 'Global batch per image size (the targets are at 128).'
+)
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per variant (after 2 warm-up).')
 _METRIC = flags.DEFINE_enum('metric', 'l1', ['l1', 'l2', 'ssim'], 'CAM map distance.')
 _VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Subset of {VARIANTS}.')
@@ -89,12 +91,14 @@ def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
   parameters before the update, as hooks on the training forward pass would.
   """
   objective = steps.Objective(kind='ce', num_classes=NUM_CLASSES, image_size=image_size)
-  ce_step = steps.make_train_step(model, tx, schedule, objective, mean=mean, std=std,
-                                  dtype=jnp.float32, seed=seed)
+  ce_step = steps.make_train_step(
+    model, tx, schedule, objective, mean=mean, std=std, dtype=jnp.float32, seed=seed
+  )
   cam_hwk = models.cam_shape(model, image_size)
 
   def one_image(variables, x, label):
     """Grad-CAM map of one image (H, W, 1) from its own forward and backward pass."""
+
     def forward(params, delta):
       v = dict(variables, params=params)
       features = model.apply(v, x[None], train=False, method='backbone')['cam']
@@ -104,8 +108,9 @@ def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
 
     delta = jnp.zeros((1,) + cam_hwk, jnp.float32)
     logits, vjp, features = jax.vjp(forward, variables['params'], delta, has_aux=True)
-    param_grads, feature_grads = vjp(jax.nn.one_hot(label[None], logits.shape[-1],
-                                                    dtype=logits.dtype))
+    param_grads, feature_grads = vjp(
+      jax.nn.one_hot(label[None], logits.shape[-1], dtype=logits.dtype)
+    )
     grad_map = objective.compare(cam.weighted_activation(features, feature_grads))[0]
     return grad_map, optax.tree.norm(param_grads)
 
@@ -128,11 +133,14 @@ def _static_memory(compiled) -> dict:
   if stats is None:
     return {'static_peak_mib': None}
   get = lambda name: float(getattr(stats, name, 0) or 0)
-  out = {k: get(f'{k}_size_in_bytes') / _MIB
-         for k in ('argument', 'output', 'temp', 'alias', 'generated_code')}
+  out = {
+    k: get(f'{k}_size_in_bytes') / _MIB
+    for k in ('argument', 'output', 'temp', 'alias', 'generated_code')
+  }
   out = {f'{k}_mib': v for k, v in out.items()}
-  out['static_peak_mib'] = (out['argument_mib'] + out['output_mib'] + out['temp_mib']
-                            - out['alias_mib'])
+  out['static_peak_mib'] = (
+    out['argument_mib'] + out['output_mib'] + out['temp_mib'] - out['alias_mib']
+  )
   return out
 
 
@@ -147,8 +155,7 @@ def _device_peak_mib():
   return stats['peak_bytes_in_use'] / _MIB
 
 
-def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: str
-            ) -> list[dict]:
+def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: str) -> list[dict]:
   """One row per variant for `name` at `size`, timed interleaved in one loop."""
   mesh = parallel.make_mesh()
   parallel.check_divisible(batch, mesh, 'batch')
@@ -156,35 +163,45 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
   model = models.get_model(name, NUM_CLASSES, **_OPTIONS.get((name, size), {}))
   config = base.get_base_config()
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps=1000)
-  init = jax.jit(steps.make_init_fn(model, tx, seed=0, image_size=size),
-                 out_shardings=parallel.replicated(mesh))
+  init = jax.jit(
+    steps.make_init_fn(model, tx, seed=0, image_size=size), out_shardings=parallel.replicated(mesh)
+  )
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, size=(batch, 28, 28, 1), dtype=np.uint8)
   labels = rng.integers(0, NUM_CLASSES, size=batch).astype(np.int32)
   x, y = parallel.shard_batch(mesh, images, labels)
   prototypes = jax.device_put(
-      rng.random((NUM_CLASSES, size, size), dtype=np.float32), parallel.replicated(mesh))
+    rng.random((NUM_CLASSES, size, size), dtype=np.float32), parallel.replicated(mesh)
+  )
 
   runs = {}
   for variant in variants:
     state = init()
     if variant == 'per_image':
-      fn = make_per_image_step(model, tx, schedule, mean=info.mean, std=info.std,
-                               image_size=size, seed=0)
+      fn = make_per_image_step(
+        model, tx, schedule, mean=info.mean, std=info.std, image_size=size, seed=0
+      )
     else:
-      objective = steps.Objective(kind=variant, metric=metric, num_classes=NUM_CLASSES,
-                                  image_size=size)
-      fn = steps.make_train_step(model, tx, schedule, objective, mean=info.mean,
-                                 std=info.std, dtype=jnp.float32, seed=0)
+      objective = steps.Objective(
+        kind=variant, metric=metric, num_classes=NUM_CLASSES, image_size=size
+      )
+      fn = steps.make_train_step(
+        model, tx, schedule, objective, mean=info.mean, std=info.std, dtype=jnp.float32, seed=0
+      )
     jitted = jax.jit(fn, out_shardings=parallel.replicated(mesh), donate_argnums=0)
     start = time.perf_counter()
     lowered = jitted.lower(state, x, y, prototypes)
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
-    runs[variant] = {'step': compiled, 'state': state, 'times': [],
-                     'lower_s': lowered_at - start, 'compile_s': compiled_at - start,
-                     **_static_memory(compiled)}
+    runs[variant] = {
+      'step': compiled,
+      'state': state,
+      'times': [],
+      'lower_s': lowered_at - start,
+      'compile_s': compiled_at - start,
+      **_static_memory(compiled),
+    }
 
   def step(variant):
     run = runs[variant]
@@ -211,17 +228,26 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
     step_s = float(np.median(run['times']))
     ratio = step_s / ce_s if ce_s else None
     target = TARGETS.get(variant)
-    rows.append({
-        'model': name, 'image_size': size, 'batch': batch, 'variant': variant,
-        'metric': metric if variant in ('proto', 'bcpl') else None, 'cam_shape': cam_hwk,
-        'step_ms': 1e3 * step_s, 'step_ms_all': [1e3 * t for t in run['times']],
-        'img_s': batch / step_s, 'ratio_vs_ce': ratio,
+    rows.append(
+      {
+        'model': name,
+        'image_size': size,
+        'batch': batch,
+        'variant': variant,
+        'metric': metric if variant in ('proto', 'bcpl') else None,
+        'cam_shape': cam_hwk,
+        'step_ms': 1e3 * step_s,
+        'step_ms_all': [1e3 * t for t in run['times']],
+        'img_s': batch / step_s,
+        'ratio_vs_ce': ratio,
         'target_ratio': target,
         'meets_target': None if target is None or ratio is None else ratio <= target,
-        'lower_s': run['lower_s'], 'compile_s': run['compile_s'],
+        'lower_s': run['lower_s'],
+        'compile_s': run['compile_s'],
         'device_peak_mib': run['device_peak_mib'],
         **{k: v for k, v in run.items() if k.endswith('_mib') and k != 'device_peak_mib'},
-    })
+      }
+    )
   return rows
 
 
@@ -240,32 +266,56 @@ def main(argv):
   machine = common.machine_info()
   rows = []
   print(f'# {machine}')
-  print(f'{"model":18} {"size":>4} {"batch":>5} {"variant":>9} {"step ms":>9} '
-        f'{"img/s":>8} {"vs ce":>6} {"compile s":>9} {"mem MiB":>8} {"dev MiB":>8}')
+  print(
+    f'{"model":18} {"size":>4} {"batch":>5} {"variant":>9} {"step ms":>9} '
+    f'{"img/s":>8} {"vs ce":>6} {"compile s":>9} {"mem MiB":>8} {"dev MiB":>8}'
+  )
   for size, batch in zip(map(int, _SIZES.value), map(int, _BATCH.value)):
     for name in _MODELS.value:
       for r in measure(name, size, batch, _STEPS.value, variants, _METRIC.value):
         rows.append(r)
-        print(f'{name:18} {size:4d} {batch:5d} {r["variant"]:>9} {r["step_ms"]:9.1f} '
-              f'{r["img_s"]:8.1f} {_fmt(r["ratio_vs_ce"], ".3f", 6)} '
-              f'{r["compile_s"]:9.2f} {_fmt(r["static_peak_mib"], ".1f", 8)} '
-              f'{_fmt(r["device_peak_mib"], ".1f", 8)}', flush=True)
-  print("# mem MiB: XLA's static estimate of the step (arguments + outputs + temporaries - "
-        'donated); dev MiB: the device peak after the warm-up (GPU only; a process-wide '
-        'high-water mark).')
+        print(
+          f'{name:18} {size:4d} {batch:5d} {r["variant"]:>9} {r["step_ms"]:9.1f} '
+          f'{r["img_s"]:8.1f} {_fmt(r["ratio_vs_ce"], ".3f", 6)} '
+          f'{r["compile_s"]:9.2f} {_fmt(r["static_peak_mib"], ".1f", 8)} '
+          f'{_fmt(r["device_peak_mib"], ".1f", 8)}',
+          flush=True,
+        )
+  print(
+    "# mem MiB: XLA's static estimate of the step (arguments + outputs + temporaries - "
+    'donated); dev MiB: the device peak after the warm-up (GPU only; a process-wide '
+    'high-water mark).'
+  )
   checked = [r for r in rows if r['meets_target'] is not None]
   for r in checked:
     note = '' if r['batch'] == TARGET_BATCH else f' (target is at batch {TARGET_BATCH})'
-    print(f'# target {r["variant"]}/ce <= {r["target_ratio"]:.2f}: {r["model"]} '
-          f'{r["image_size"]}: {r["ratio_vs_ce"]:.3f} '
-          f'{"ok" if r["meets_target"] else "MISSED"}{note}')
+    print(
+      f'# target {r["variant"]}/ce <= {r["target_ratio"]:.2f}: {r["model"]} '
+      f'{r["image_size"]}: {r["ratio_vs_ce"]:.3f} '
+      f'{"ok" if r["meets_target"] else "MISSED"}{note}'
+    )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  flag_values = {'models': _MODELS.value, 'sizes': _SIZES.value, 'batch_sizes': _BATCH.value,
-                 'steps': _STEPS.value, 'warmup_steps': _WARMUP, 'metric': _METRIC.value,
-                 'variants': variants}
+  flag_values = {
+    'models': _MODELS.value,
+    'sizes': _SIZES.value,
+    'batch_sizes': _BATCH.value,
+    'steps': _STEPS.value,
+    'warmup_steps': _WARMUP,
+    'metric': _METRIC.value,
+    'variants': variants,
+  }
   with open(_OUT.value, 'w', encoding='utf-8') as f:
-    json.dump({'machine': machine, 'flags': flag_values, 'targets': TARGETS,
-               'target_batch': TARGET_BATCH, 'rows': rows}, f, indent=2)
+    json.dump(
+      {
+        'machine': machine,
+        'flags': flag_values,
+        'targets': TARGETS,
+        'target_batch': TARGET_BATCH,
+        'rows': rows,
+      },
+      f,
+      indent=2,
+    )
   print(f'wrote {_OUT.value}')
 
 

@@ -1,4 +1,5 @@
 """What every benchmark records next to its figures: the machine it ran on."""
+
 import os
 import platform
 
@@ -8,11 +9,13 @@ import jax
 def machine_info() -> dict:
   """Platform, device kind and count, CPU count, processor and model, JAX version."""
   return {
-      'platform': jax.devices()[0].platform,
-      'device_kind': jax.devices()[0].device_kind,
-      'num_devices': jax.device_count(), 'cpu_count': os.cpu_count(),
-      'processor': platform.processor() or platform.machine(), 'cpu_model': cpu_model(),
-      'jax': jax.__version__,
+    'platform': jax.devices()[0].platform,
+    'device_kind': jax.devices()[0].device_kind,
+    'num_devices': jax.device_count(),
+    'cpu_count': os.cpu_count(),
+    'processor': platform.processor() or platform.machine(),
+    'cpu_model': cpu_model(),
+    'jax': jax.__version__,
   }
 
 
@@ -31,8 +34,8 @@ def cpu_model() -> str:
 
 # The models the CPU benchmarks compare: name -> (bcam_jax model name, get_model options).
 MODEL_VARIANTS = {
-    'simple_cnn': ('simple_cnn', {}),
-    'resnet18': ('resnet18', {}),
-    'resnet18_imagenet_stem': ('resnet18', {'stem': 'imagenet'}),
-    'convnext_v2_tiny': ('convnext_v2_tiny', {}),
+  'simple_cnn': ('simple_cnn', {}),
+  'resnet18': ('resnet18', {}),
+  'resnet18_imagenet_stem': ('resnet18', {'stem': 'imagenet'}),
+  'convnext_v2_tiny': ('convnext_v2_tiny', {}),
 }

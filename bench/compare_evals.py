@@ -4,6 +4,7 @@
 
 Each directory holds the metrics.json of `eval.py`; one row per (report, method).
 """
+
 import json
 import os
 
@@ -13,11 +14,17 @@ _EVALS = flags.DEFINE_list('evals', None, 'eval directories (each with metrics.j
 _OUT = flags.DEFINE_string('out', None, 'Also write the Markdown table here.')
 flags.mark_flag_as_required('evals')
 
-COLUMNS = (('average_drop', 'AD % ↓', '.2f'), ('average_gain', 'AG % ↑', '.2f'),
-           ('average_increase', 'AI % ↑', '.2f'), ('insertion', 'Ins ↑', '.4f'),
-           ('deletion', 'Del ↓', '.4f'), ('alignment_l1', 'align L1 ↓', '.4f'),
-           ('alignment_ssim', 'align SSIM ↑', '.4f'), ('image_l1', 'image L1 ↓', '.4f'),
-           ('image_ssim', 'image SSIM ↑', '.4f'))
+COLUMNS = (
+  ('average_drop', 'AD % ↓', '.2f'),
+  ('average_gain', 'AG % ↑', '.2f'),
+  ('average_increase', 'AI % ↑', '.2f'),
+  ('insertion', 'Ins ↑', '.4f'),
+  ('deletion', 'Del ↓', '.4f'),
+  ('alignment_l1', 'align L1 ↓', '.4f'),
+  ('alignment_ssim', 'align SSIM ↑', '.4f'),
+  ('image_l1', 'image L1 ↓', '.4f'),
+  ('image_ssim', 'image SSIM ↑', '.4f'),
+)
 
 
 def table(evals) -> str:

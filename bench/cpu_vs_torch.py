@@ -10,6 +10,7 @@ see the same machine load. Reports the median img/s of each and their ratio, our
   python bench/cpu_vs_torch.py                              # every model, ce and bcpl
   python bench/cpu_vs_torch.py --models=resnet18 --losses=bcpl --conv_lowering=xla
 """
+
 import json
 import os
 import sys
@@ -30,8 +31,9 @@ _BATCH = flags.DEFINE_integer('batch', 128, 'Batch size.')
 _SIZE = flags.DEFINE_integer('size', 28, 'Image side.')
 _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per timed round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds per framework.')
-_LOWERING = flags.DEFINE_enum('conv_lowering', 'auto', models.conv.LOWERINGS,
-                              'Convolution lowering of our models.')
+_LOWERING = flags.DEFINE_enum(
+  'conv_lowering', 'auto', models.conv.LOWERINGS, 'Convolution lowering of our models.'
+)
 _OUT = flags.DEFINE_string('out', 'bench/results/cpu_vs_torch.json', 'JSON output path.')
 
 
@@ -42,31 +44,39 @@ def jax_step(name, options, kind, batch, size, lowering):
   model = models.get_model(name, info.num_classes, conv_lowering=lowering, **options)
   config = base.get_base_config()
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps=1000)
-  state = jax.jit(steps.make_init_fn(model, tx, seed=0, image_size=size),
-                  out_shardings=parallel.replicated(mesh))()
+  state = jax.jit(
+    steps.make_init_fn(model, tx, seed=0, image_size=size), out_shardings=parallel.replicated(mesh)
+  )()
   objective = steps.Objective(kind=kind, metric='l1', lambda_cam=0.1, image_size=size)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, objective, mean=info.mean, std=info.std,
-                            dtype=np.float32, seed=0),
-      out_shardings=parallel.replicated(mesh), donate_argnums=0)
+    steps.make_train_step(
+      model, tx, schedule, objective, mean=info.mean, std=info.std, dtype=np.float32, seed=0
+    ),
+    out_shardings=parallel.replicated(mesh),
+    donate_argnums=0,
+  )
   rng = np.random.default_rng(0)
   images, labels = parallel.shard_batch(
-      mesh, rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
-      rng.integers(0, 10, batch).astype(np.int32))
-  prototypes = jax.device_put(rng.random((10, size, size), np.float32),
-                              parallel.replicated(mesh))
+    mesh,
+    rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
+    rng.integers(0, 10, batch).astype(np.int32),
+  )
+  prototypes = jax.device_put(rng.random((10, size, size), np.float32), parallel.replicated(mesh))
   holder = {'state': state}
 
   def run():
     holder['state'], metrics = train_step(holder['state'], images, labels, prototypes)
     jax.block_until_ready(metrics)
+
   return run
 
 
 def torch_step(variant, kind, batch, size):
   """The same for the PyTorch twin."""
   import torch  # pylint: disable=import-outside-toplevel
+
   from bench import torch_models  # pylint: disable=import-outside-toplevel
+
   torch.manual_seed(0)
   model = torch_models.MODELS[variant]()
   info = data.dataset_info('mnist')
@@ -98,31 +108,49 @@ def compare(variant, kind, batch, size, n_steps, rounds, lowering) -> dict:
     times['torch'].append(_seconds_per_step(theirs, n_steps))
   ours_ips = batch / float(np.median(times['ours']))
   torch_ips = batch / float(np.median(times['torch']))
-  return {'model': variant, 'loss': kind, 'batch': batch, 'image_size': size,
-          'conv_lowering': lowering, 'ours_img_s': ours_ips, 'torch_img_s': torch_ips,
-          'ratio': ours_ips / torch_ips, 'ours_step_s': times['ours'],
-          'torch_step_s': times['torch']}
+  return {
+    'model': variant,
+    'loss': kind,
+    'batch': batch,
+    'image_size': size,
+    'conv_lowering': lowering,
+    'ours_img_s': ours_ips,
+    'torch_img_s': torch_ips,
+    'ratio': ours_ips / torch_ips,
+    'ours_step_s': times['ours'],
+    'torch_step_s': times['torch'],
+  }
 
 
 def main(argv):
   del argv
   import torch  # pylint: disable=import-outside-toplevel
-  machine = common.machine_info() | {'torch': torch.__version__,
-                                     'torch_threads': torch.get_num_threads()}
+
+  machine = common.machine_info() | {
+    'torch': torch.__version__,
+    'torch_threads': torch.get_num_threads(),
+  }
   print(f'# {machine}')
   print(f'{"model":24} {"loss":5} {"ours img/s":>10} {"torch img/s":>11} {"ours/torch":>10}')
   rows = []
   for variant in _MODELS.value:
     for kind in _LOSSES.value:
-      r = compare(variant, kind, _BATCH.value, _SIZE.value, _STEPS.value, _ROUNDS.value,
-                  _LOWERING.value)
+      r = compare(
+        variant, kind, _BATCH.value, _SIZE.value, _STEPS.value, _ROUNDS.value, _LOWERING.value
+      )
       rows.append(r)
-      print(f'{variant:24} {kind:5} {r["ours_img_s"]:10.1f} {r["torch_img_s"]:11.1f} '
-            f'{r["ratio"]:10.2f}', flush=True)
+      print(
+        f'{variant:24} {kind:5} {r["ours_img_s"]:10.1f} {r["torch_img_s"]:11.1f} '
+        f'{r["ratio"]:10.2f}',
+        flush=True,
+      )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value, 'w', encoding='utf-8') as f:
-    json.dump({'machine': machine, 'steps': _STEPS.value, 'rounds': _ROUNDS.value,
-               'results': rows}, f, indent=2)
+    json.dump(
+      {'machine': machine, 'steps': _STEPS.value, 'rounds': _ROUNDS.value, 'results': rows},
+      f,
+      indent=2,
+    )
   print(f'wrote {_OUT.value}')
 
 

@@ -8,6 +8,7 @@ each model. The convolutions themselves are in bench/conv_lowering.py.
 
   python bench/hot_spots.py
 """
+
 import json
 import os
 import sys
@@ -39,8 +40,10 @@ def _ms(fn, *args, repeats):
 
 def _fwd_bwd(apply, params, x):
   """jit of value and gradient (params and input) of sum(apply(params, x)^2)."""
-  return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.square(apply(p, x))), argnums=(0, 1))), \
-      (params, x)
+  return jax.jit(jax.grad(lambda p, x: jnp.sum(jnp.square(apply(p, x))), argnums=(0, 1))), (
+    params,
+    x,
+  )
 
 
 def _module(module, x):
@@ -61,29 +64,52 @@ def cases():
     x = normal(*shape)
     variables = bn.init(jax.random.key(0), x)
     train_bn = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
-    out.append((f'BatchNorm (train) {shape}',
-                *_fwd_bwd(lambda p, x: train_bn.apply(p, x, mutable=['batch_stats'])[0],
-                          variables, x)))
+    out.append(
+      (
+        f'BatchNorm (train) {shape}',
+        *_fwd_bwd(lambda p, x: train_bn.apply(p, x, mutable=['batch_stats'])[0], variables, x),
+      )
+    )
   for shape in ((128, 28, 28, 32), (128, 14, 14, 64)):
     x = normal(*shape)
-    out.append((f'max pool 2x2 reduce_window {shape}',
-                *_fwd_bwd(lambda p, x: nn.max_pool(x, (2, 2), (2, 2)), {}, x)))
-    out.append((f'max pool 2x2 strided slices {shape}',
-                *_fwd_bwd(lambda p, x: max_pool(x, (2, 2), (2, 2)), {}, x)))
+    out.append(
+      (
+        f'max pool 2x2 reduce_window {shape}',
+        *_fwd_bwd(lambda p, x: nn.max_pool(x, (2, 2), (2, 2)), {}, x),
+      )
+    )
+    out.append(
+      (
+        f'max pool 2x2 strided slices {shape}',
+        *_fwd_bwd(lambda p, x: max_pool(x, (2, 2), (2, 2)), {}, x),
+      )
+    )
   x = normal(128, 28, 28, 96)
   ln = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
   out.append(('ConvNeXt LayerNorm (128, 28, 28, 96)', *_module(ln, x)))
   x4 = normal(128, 28, 28, 384)
-  out.append(('ConvNeXt GELU (128, 28, 28, 384)',
-              *_fwd_bwd(lambda p, x: nn.gelu(x, approximate=False), {}, x4)))
+  out.append(
+    (
+      'ConvNeXt GELU (128, 28, 28, 384)',
+      *_fwd_bwd(lambda p, x: nn.gelu(x, approximate=False), {}, x4),
+    )
+  )
   out.append(('ConvNeXt GRN (128, 28, 28, 384)', *_module(GRN(jnp.float32), x4)))
   cams, protos = normal(10, 4, 4), jnp.asarray(rng.random((10, 28, 28)), jnp.float32)
   counts = jnp.ones(10)
   for metric in ('l1', 'ssim'):
-    out.append((f'Batch-CAM loss tail {metric} (10 maps 4x4 -> 28x28)',
-                *_fwd_bwd(lambda p, m, metric=metric: losses.batch_cam_loss(
-                    cam.normalize_cam(cam.upsample_cam(m, 28)), counts, protos, metric),
-                    {}, cams)))
+    out.append(
+      (
+        f'Batch-CAM loss tail {metric} (10 maps 4x4 -> 28x28)',
+        *_fwd_bwd(
+          lambda p, m, metric=metric: losses.batch_cam_loss(
+            cam.normalize_cam(cam.upsample_cam(m, 28)), counts, protos, metric
+          ),
+          {},
+          cams,
+        ),
+      )
+    )
   return out
 
 

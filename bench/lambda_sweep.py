@@ -9,6 +9,7 @@ accuracy and the test explanation terms (lower = CAMs closer to the class protot
       --config=configs/simple_cnn_bcpl.py --config.train.num_epochs=2 \
       --lambdas=0.1,1,10 --workdir=runs/sweep_simple_cnn_bcpl
 """
+
 import json
 import os
 import sys
@@ -56,10 +57,13 @@ def main(argv):
     rows.append({'run': name, 'lambda_cam': lam, **result})
   print(f'{"run":28} {"test acc %":>10} {"proto loss":>10} {"bcam loss":>10} {"wall s":>8}')
   for r in rows:
-    print(f'{r["run"]:28} {100 * r["test_accuracy"]:10.2f} {r["test_proto_loss"]:10.4f} '
-          f'{r["test_bcam_loss"]:10.4f} {r.get("wall_seconds", float("nan")):8.0f}')
-  io_utils.write_json(os.path.join(_WORKDIR.value, 'sweep.json'),
-                      {'config': json.loads(base.to_json()), 'rows': rows})
+    print(
+      f'{r["run"]:28} {100 * r["test_accuracy"]:10.2f} {r["test_proto_loss"]:10.4f} '
+      f'{r["test_bcam_loss"]:10.4f} {r.get("wall_seconds", float("nan")):8.0f}'
+    )
+  io_utils.write_json(
+    os.path.join(_WORKDIR.value, 'sweep.json'), {'config': json.loads(base.to_json()), 'rows': rows}
+  )
 
 
 if __name__ == '__main__':

@@ -20,7 +20,7 @@ max|a - b| / max|b|) of the parameters of:
   python bench/mesh_drift.py --dtype=float64                  # what tests/test_train.py runs
   python bench/mesh_drift.py --model=simple_cnn --steps=24 --learning_rate=0.05
 """
-import json
+
 import os
 import sys
 import tempfile
@@ -42,13 +42,14 @@ _MODEL = flags.DEFINE_enum('model', 'resnet18', ['resnet18', 'simple_cnn'], 'Mod
 _WIDTH = flags.DEFINE_integer('width', 8, 'ResNet18 width (the tests use 8).')
 _LOSS = flags.DEFINE_enum('loss', 'bcpl', ['ce', 'proto', 'bcpl'], 'config.loss.kind.')
 _STEPS = flags.DEFINE_integer('steps', 6, 'Train steps.')
-_LR = flags.DEFINE_float('learning_rate', None, 'Peak learning rate (default: the config\'s).')
+_LR = flags.DEFINE_float('learning_rate', None, "Peak learning rate (default: the config's).")
 _WARMUP = flags.DEFINE_integer('warmup_steps', 3, 'config.optimizer.warmup_steps.')
 _BATCH = flags.DEFINE_integer('batch_size', 16, 'Global batch.')
 _PERTURBATION = flags.DEFINE_float('perturbation', 1e-7, 'Relative noise on the start.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'float64'], 'config.train.dtype.')
-_OUT = flags.DEFINE_string('out', None,
-                           'JSON path (default bench/results/mesh_drift_<model>_<dtype>.json).')
+_OUT = flags.DEFINE_string(
+  'out', None, 'JSON path (default bench/results/mesh_drift_<model>_<dtype>.json).'
+)
 
 
 def make_config(idx_dir: str):
@@ -81,8 +82,7 @@ class Runner:
 
   def step(self, host_state, step):
     train = self.run.datasets.train
-    idx = data.train_batch_indices(len(train), self.config.train.batch_size,
-                                   self.config.seed, step)
+    idx = data.train_batch_indices(len(train), self.config.train.batch_size, self.config.seed, step)
     images, labels = parallel.shard_batch(self.run.mesh, train.images[idx], train.labels[idx])
     state = jax.device_put(host_state, parallel.replicated(self.run.mesh))
     return jax.device_get(self.step_fn(state, images, labels, self.prototypes)[0])
@@ -116,38 +116,53 @@ def main(_):
     xla_config.model.conv_lowering = 'xla'
     xla = Runner(xla_config, jax.devices()[:1], tmp)
     start = one.initial_state()
-    runs = {'one': one.trajectory(start, num_steps), 'eight': eight.trajectory(start, num_steps),
-            'perturbed': one.trajectory(perturbed(start, _PERTURBATION.value), num_steps),
-            'xla': xla.trajectory(start, num_steps)}
+    runs = {
+      'one': one.trajectory(start, num_steps),
+      'eight': eight.trajectory(start, num_steps),
+      'perturbed': one.trajectory(perturbed(start, _PERTURBATION.value), num_steps),
+      'xla': xla.trajectory(start, num_steps),
+    }
   rows = []
   before = start
   for s in range(num_steps):
     after_one = runs['one'][s]
     after_eight = eight.step(before, s)  # from the one-device run's state
-    rows.append({
+    rows.append(
+      {
         'step': s + 1,
         'whole_1_vs_8': numerics.relative_difference(runs['eight'][s].params, after_one.params),
-        'perturbed_start': numerics.relative_difference(runs['perturbed'][s].params,
-                                                        after_one.params),
+        'perturbed_start': numerics.relative_difference(
+          runs['perturbed'][s].params, after_one.params
+        ),
         'xla_lowering': numerics.relative_difference(runs['xla'][s].params, after_one.params),
-        'one_step_update_1_vs_8': numerics.relative_difference(update(after_eight, before),
-                                                               update(after_one, before)),
-        'one_step_batch_stats_1_vs_8': numerics.relative_difference(after_eight.batch_stats,
-                                                                    after_one.batch_stats),
-    })
+        'one_step_update_1_vs_8': numerics.relative_difference(
+          update(after_eight, before), update(after_one, before)
+        ),
+        'one_step_batch_stats_1_vs_8': numerics.relative_difference(
+          after_eight.batch_stats, after_one.batch_stats
+        ),
+      }
+    )
     before = after_one
-  label = (f'{_MODEL.value}' + (f' width {_WIDTH.value}' if _MODEL.value == 'resnet18' else '')
-           + f', {_DTYPE.value}, {_LOSS.value}, batch {_BATCH.value}, '
-           f'lr {config.optimizer.learning_rate} '
-           f'({_WARMUP.value} warm-up steps), perturbation {_PERTURBATION.value:g}')
+  label = (
+    f'{_MODEL.value}'
+    + (f' width {_WIDTH.value}' if _MODEL.value == 'resnet18' else '')
+    + f', {_DTYPE.value}, {_LOSS.value}, batch {_BATCH.value}, '
+    f'lr {config.optimizer.learning_rate} '
+    f'({_WARMUP.value} warm-up steps), perturbation {_PERTURBATION.value:g}'
+  )
   print(f'Normwise relative parameter differences, {label}:')
-  print('| step | whole runs 1 vs 8 devices | perturbed start | xla lowering '
-        '| one step 1 vs 8: update | one step 1 vs 8: BatchNorm stats |')
+  print(
+    '| step | whole runs 1 vs 8 devices | perturbed start | xla lowering '
+    '| one step 1 vs 8: update | one step 1 vs 8: BatchNorm stats |'
+  )
   print('|---|---|---|---|---|---|')
   for r in rows:
-    print(f"| {r['step']} | {r['whole_1_vs_8']:.1e} | {r['perturbed_start']:.1e} | "
-          f"{r['xla_lowering']:.1e} | {r['one_step_update_1_vs_8']:.1e} | "
-          f"{r['one_step_batch_stats_1_vs_8']:.1e} |")
+    print(
+      f'| {r["step"]} | {r["whole_1_vs_8"]:.1e} | {r["perturbed_start"]:.1e} | '
+      f'{r["xla_lowering"]:.1e} | {r["one_step_update_1_vs_8"]:.1e} | '
+      f'{r["one_step_batch_stats_1_vs_8"]:.1e} |'
+    )
   out = _OUT.value or f'bench/results/mesh_drift_{_MODEL.value}_{_DTYPE.value}.json'
   io_utils.write_json(out, {'machine': common.machine_info(), 'config': label, 'rows': rows})
   print(f'Wrote {out}')

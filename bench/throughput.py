@@ -8,6 +8,7 @@ the step itself. Prints a table and writes JSON.
   python bench/throughput.py                       # all models, 28 and 112
   python bench/throughput.py --models=resnet18 --sizes=28 --steps=20
 """
+
 import json
 import os
 import sys
@@ -51,13 +52,16 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
   objective = steps.Objective(kind='ce', image_size=size)
   train_step = jax.jit(
-      steps.make_train_step(model, tx, schedule, objective, mean=info.mean, std=info.std,
-                            dtype=np.float32, seed=0),
-      out_shardings=parallel.replicated(mesh), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(model, objective, mean=info.mean, std=info.std,
-                                           dtype=np.float32))
-  prototypes = jax.device_put(np.zeros((10, size, size), np.float32),
-                              parallel.replicated(mesh))
+    steps.make_train_step(
+      model, tx, schedule, objective, mean=info.mean, std=info.std, dtype=np.float32, seed=0
+    ),
+    out_shardings=parallel.replicated(mesh),
+    donate_argnums=0,
+  )
+  eval_step = jax.jit(
+    steps.make_eval_step(model, objective, mean=info.mean, std=info.std, dtype=np.float32)
+  )
+  prototypes = jax.device_put(np.zeros((10, size, size), np.float32), parallel.replicated(mesh))
   rng = np.random.default_rng(0)
   n_pool = 60_000
   images = rng.integers(0, 256, size=(n_pool, 28, 28, 1), dtype=np.uint8)
@@ -93,12 +97,16 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   train_s = _time_loop(train, n_steps)
   eval_s = _time_loop(evaluate, n_steps)
   return {
-      'model': name, 'image_size': size, 'batch': batch,
-      'cam_shape': list(models.cam_shape(model, size)),
-      'params': models.param_count(state.params),
-      'train_img_s': batch / train_s, 'eval_img_s': batch / eval_s,
-      'data_ms': 1e3 * data_s, 'train_step_ms': 1e3 * train_s,
-      'data_share': data_s / (data_s + train_s),
+    'model': name,
+    'image_size': size,
+    'batch': batch,
+    'cam_shape': list(models.cam_shape(model, size)),
+    'params': models.param_count(state.params),
+    'train_img_s': batch / train_s,
+    'eval_img_s': batch / eval_s,
+    'data_ms': 1e3 * data_s,
+    'train_step_ms': 1e3 * train_s,
+    'data_share': data_s / (data_s + train_s),
   }
 
 
@@ -107,8 +115,10 @@ def main(argv):
   machine = common.machine_info()
   batch_for = dict(zip(_SIZES.value, _BATCH.value))
   rows = []
-  header = (f'{"model":18} {"size":>4} {"batch":>5} {"CAM":>10} {"train img/s":>11} '
-            f'{"eval img/s":>10} {"step ms":>8} {"data ms":>8} {"data %":>6}')
+  header = (
+    f'{"model":18} {"size":>4} {"batch":>5} {"CAM":>10} {"train img/s":>11} '
+    f'{"eval img/s":>10} {"step ms":>8} {"data ms":>8} {"data %":>6}'
+  )
   print(f'# {machine}')
   print(header)
   for size in map(int, _SIZES.value):
@@ -116,9 +126,12 @@ def main(argv):
       r = measure(name, size, int(batch_for[str(size)]), _STEPS.value)
       rows.append(r)
       cam = 'x'.join(map(str, r['cam_shape']))
-      print(f'{name:18} {size:4d} {r["batch"]:5d} {cam:>10} {r["train_img_s"]:11.1f} '
-            f'{r["eval_img_s"]:10.1f} {r["train_step_ms"]:8.1f} {r["data_ms"]:8.2f} '
-            f'{100 * r["data_share"]:6.2f}', flush=True)
+      print(
+        f'{name:18} {size:4d} {r["batch"]:5d} {cam:>10} {r["train_img_s"]:11.1f} '
+        f'{r["eval_img_s"]:10.1f} {r["train_step_ms"]:8.1f} {r["data_ms"]:8.2f} '
+        f'{100 * r["data_share"]:6.2f}',
+        flush=True,
+      )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value, 'w', encoding='utf-8') as f:
     json.dump({'machine': machine, 'steps': _STEPS.value, 'results': rows}, f, indent=2)

@@ -7,6 +7,7 @@ distance computed through the head's gradients with `create_graph=True`) and the
 optimiser (SGD, Nesterov momentum 0.9, weight decay 5e-4). PyTorch is a bench-only
 dependency (bench/requirements.txt).
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,11 +52,13 @@ class ResNet18(nn.Module):
   def __init__(self, num_classes=10, stem='small'):
     super().__init__()
     if stem == 'small':
-      self.stem = nn.Sequential(nn.Conv2d(1, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
-                                nn.ReLU())
+      self.stem = nn.Sequential(
+        nn.Conv2d(1, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+      )
     else:
-      self.stem = nn.Sequential(nn.Conv2d(1, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
-                                nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+      self.stem = nn.Sequential(
+        nn.Conv2d(1, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+      )
     blocks, cin = [], 64
     for width, stride in zip((64, 128, 256, 512), (1, 2, 2, 2)):
       blocks += [BasicBlock(cin, width, stride), BasicBlock(width, width, 1)]
@@ -132,10 +135,10 @@ class ConvNeXtV2Tiny(nn.Module):
 
 
 MODELS = {
-    'simple_cnn': SimpleCNN,
-    'resnet18': lambda: ResNet18(stem='small'),
-    'resnet18_imagenet_stem': lambda: ResNet18(stem='imagenet'),
-    'convnext_v2_tiny': ConvNeXtV2Tiny,
+  'simple_cnn': SimpleCNN,
+  'resnet18': lambda: ResNet18(stem='small'),
+  'resnet18_imagenet_stem': lambda: ResNet18(stem='imagenet'),
+  'convnext_v2_tiny': ConvNeXtV2Tiny,
 }
 
 
@@ -162,9 +165,12 @@ def make_train_step(model, kind, mean, std, lambda_cam=0.1, num_classes=10):
   """(uint8 images NHWC, int64 labels, prototypes) -> loss; one SGD step, as bcam_jax's."""
   decay = [p for n, p in model.named_parameters() if p.ndim > 1]
   no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-  optimizer = torch.optim.SGD([{'params': decay, 'weight_decay': 5e-4},
-                               {'params': no_decay, 'weight_decay': 0.0}],
-                              lr=0.05, momentum=0.9, nesterov=True)
+  optimizer = torch.optim.SGD(
+    [{'params': decay, 'weight_decay': 5e-4}, {'params': no_decay, 'weight_decay': 0.0}],
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+  )
   model.train()
 
   def step(images, labels, prototypes):

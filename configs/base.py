@@ -5,6 +5,7 @@ overridden on the command line, e.g.
 `python train.py --config=configs/simple_cnn_baseline.py --config.data.name=fashion_mnist
 --config.data.image_size=112 --config.optimizer.learning_rate=0.05`.
 """
+
 import ml_collections
 
 
@@ -17,8 +18,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.name = 'simple_cnn'
   # Model-specific keyword arguments of `bcam_jax.models.get_model` (e.g. `stem`).
   config.model.options = ml_collections.ConfigDict()
-  config.model.head = 'default'       # 'default' | 'softcam' (class-evidence maps)
-  config.model.pooling = 'default'    # 'default' | 'ca_stream' (attention pooling)
+  config.model.head = 'default'  # 'default' | 'softcam' (class-evidence maps)
+  config.model.pooling = 'default'  # 'default' | 'ca_stream' (attention pooling)
   # How convolutions lower: 'auto' (per call, from backend and shapes) | 'xla' | 'shifted_matmul'.
   # Speed only: parameters and checkpoints are the same (bcam_jax/models/conv.py).
   config.model.conv_lowering = 'auto'
@@ -30,34 +31,34 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'mnist'          # 'mnist' | 'fashion_mnist'
-  config.data.source = 'auto'         # 'auto' | 'tfds' | 'idx'
-  config.data.idx_dir = ''            # '' -> $BCAM_DATA_DIR/<name>
-  config.data.tfds_data_dir = ''      # '' -> TFDS default (~/tensorflow_datasets)
-  config.data.val_size = 5000         # taken from the official train split
+  config.data.name = 'mnist'  # 'mnist' | 'fashion_mnist'
+  config.data.source = 'auto'  # 'auto' | 'tfds' | 'idx'
+  config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
+  config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
+  config.data.val_size = 5000  # taken from the official train split
   config.data.split_seed = 0
-  config.data.image_size = 28         # resized on device inside the jitted step
+  config.data.image_size = 28  # resized on device inside the jitted step
 
   config.train = ml_collections.ConfigDict()
-  config.train.batch_size = 128       # global batch, split over all devices
+  config.train.batch_size = 128  # global batch, split over all devices
   config.train.num_epochs = 5
-  config.train.num_steps = -1         # > 0 overrides num_epochs
+  config.train.num_steps = -1  # > 0 overrides num_epochs
   # Compute dtype: 'float32' | 'bfloat16' | 'float64' (a reference precision; JAX_ENABLE_X64=1).
   config.train.dtype = 'float32'
   config.train.log_every_steps = 50
-  config.train.eval_every_steps = 0   # 0 -> once per epoch
+  config.train.eval_every_steps = 0  # 0 -> once per epoch
   config.train.checkpoint_every_steps = 500
-  config.train.keep_checkpoints = 3   # the latest K; the best one is kept separately
+  config.train.keep_checkpoints = 3  # the latest K; the best one is kept separately
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 500
 
   config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = 'sgd'       # 'sgd' | 'adamw'
+  config.optimizer.name = 'sgd'  # 'sgd' | 'adamw'
   config.optimizer.learning_rate = 0.05
-  config.optimizer.momentum = 0.9     # sgd momentum; adamw b1
+  config.optimizer.momentum = 0.9  # sgd momentum; adamw b1
   config.optimizer.nesterov = True
-  config.optimizer.b2 = 0.999         # adamw only
+  config.optimizer.b2 = 0.999  # adamw only
   config.optimizer.weight_decay = 5e-4  # kernels only (not biases or norm scales)
   config.optimizer.schedule = 'warmup_cosine'  # 'constant' | 'cosine' | 'warmup_cosine'
   config.optimizer.warmup_steps = 100
@@ -65,8 +66,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   # lambda_class * CE + lambda_cam * CAM term (Batch-CAM eqs. 11-12).
   config.loss = ml_collections.ConfigDict()
-  config.loss.kind = 'ce'             # 'ce' | 'proto' (per image) | 'bcpl' (Batch-CAM)
-  config.loss.metric = 'l1'           # 'l1' | 'l2' | 'ssim'
+  config.loss.kind = 'ce'  # 'ce' | 'proto' (per image) | 'bcpl' (Batch-CAM)
+  config.loss.metric = 'l1'  # 'l1' | 'l2' | 'ssim'
   config.loss.lambda_class = 1.0
   config.loss.lambda_cam = 1.0
   # Soft-CAM's ElasticNet on the evidence maps: lambda_l1 mean|E| + lambda_l2 mean(E^2).

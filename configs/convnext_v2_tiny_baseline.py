@@ -8,6 +8,7 @@ Expected: about 99.5% MNIST and 94% Fashion-MNIST test accuracy after 10 epochs 
 paper's best: 99.72 / 94.79). At 112x112 use the patchify stem to keep the cost of the
 ImageNet model: `--config.data.image_size=112 --config.model.options.stem_stride=4`.
 """
+
 from configs import base
 
 

@@ -6,13 +6,16 @@ L = lambda_class * CE + lambda_cam * sum_{c in batch} phi(M_c, P_c).
 
 Run:
   BCAM_DATA_DIR=../shared/data python train.py \
-      --config=configs/convnext_v2_tiny_bcpl.py --workdir=runs/convnext_v2_tiny_bcpl_l1 [--config.loss.metric=l2]
+      --config=configs/convnext_v2_tiny_bcpl.py --workdir=runs/convnext_v2_tiny_bcpl_l1 \
+      [--config.loss.metric=l2]
 
-Expected: test accuracy within a few tenths of configs/convnext_v2_tiny_baseline.py, with a much lower
+Expected: test accuracy within a few tenths of configs/convnext_v2_tiny_baseline.py, with a much
+lower
 test Batch-CAM loss (results.json) than the baseline.
 
 lambda_cam = 0.1: see configs/simple_cnn_bcpl.py for the sweep it comes from.
 """
+
 from configs import base, convnext_v2_tiny_baseline
 
 

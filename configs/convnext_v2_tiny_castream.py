@@ -14,11 +14,13 @@ Run (everything trained; for resnet18 and convnext also the frozen protocol):
   BCAM_DATA_DIR=../shared/data python train.py \
       --config=configs/convnext_v2_tiny_castream.py --workdir=runs/convnext_v2_tiny_castream
   BCAM_DATA_DIR=../shared/data python train.py \
-      --config=configs/convnext_v2_tiny_castream.py --workdir=runs/convnext_v2_tiny_castream_frozen \
+      --config=configs/convnext_v2_tiny_castream.py \
+      --workdir=runs/convnext_v2_tiny_castream_frozen \
       --config.model.ca_stream.freeze_backbone=True --config.init_from=runs/convnext_v2_tiny_mnist
 
 Expected: test accuracy within a few tenths of configs/convnext_v2_tiny_baseline.py.
 """
+
 from configs import convnext_v2_tiny_baseline
 
 

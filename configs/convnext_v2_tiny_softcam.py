@@ -8,10 +8,12 @@ Run (dense; sparse: --config.loss.lambda_l1=0.01; ridge: --config.loss.lambda_l2
   BCAM_DATA_DIR=../shared/data python train.py \
       --config=configs/convnext_v2_tiny_softcam.py --workdir=runs/convnext_v2_tiny_softcam_dense
 
-Expected: test accuracy within a few tenths of configs/convnext_v2_tiny_baseline.py. Soft-CAM combines
+Expected: test accuracy within a few tenths of configs/convnext_v2_tiny_baseline.py. Soft-CAM
+combines
 with the Batch-CAM losses (`--config.loss.kind=bcpl --config.loss.lambda_cam=0.1`), the label's
 evidence map taking Grad-CAM's place.
 """
+
 from configs import convnext_v2_tiny_baseline
 
 

@@ -8,6 +8,7 @@ Expected: >= 99.0% MNIST test accuracy after one epoch (`--config.train.num_epoc
 about 99.5% after 5; about 94% on Fashion-MNIST. The ImageNet stem (7x7/2 + max-pool) is
 `--config.model.options.stem=imagenet` (CAM map 1x1 at 28x28: not useful for Grad-CAM).
 """
+
 from configs import base
 
 

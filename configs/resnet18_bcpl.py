@@ -13,6 +13,7 @@ test Batch-CAM loss (results.json) than the baseline.
 
 lambda_cam = 0.1: see configs/simple_cnn_bcpl.py for the sweep it comes from.
 """
+
 from configs import base, resnet18_baseline
 
 

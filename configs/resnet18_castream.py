@@ -19,6 +19,7 @@ Run (everything trained; for resnet18 and convnext also the frozen protocol):
 
 Expected: test accuracy within a few tenths of configs/resnet18_baseline.py.
 """
+
 from configs import resnet18_baseline
 
 

@@ -6,11 +6,14 @@ L = lambda_class * CE + lambda_cam * mean_i phi(M_i, P_{y_i}).
 
 Run:
   BCAM_DATA_DIR=../shared/data python train.py \
-      --config=configs/resnet18_proto.py --workdir=runs/resnet18_proto_l1 [--config.loss.metric=ssim]
+      --config=configs/resnet18_proto.py --workdir=runs/resnet18_proto_l1 \
+      [--config.loss.metric=ssim]
 
 Expected: test accuracy within a few tenths of configs/resnet18_baseline.py, with a lower test
-prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in configs/base.py.
+prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in
+configs/base.py.
 """
+
 from configs import base, resnet18_baseline
 
 

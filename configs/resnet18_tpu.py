@@ -12,6 +12,7 @@ The learning rate follows the linear scaling rule from configs/resnet18_baseline
 head stay float32. Expected: the accuracy of configs/resnet18_bcpl.py within a few tenths
 (not yet run on a TPU or a GPU: none was available to this project).
 """
+
 from configs import resnet18_bcpl
 
 

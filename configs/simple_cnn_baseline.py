@@ -7,6 +7,7 @@ Run:
 Expected: >= 98.5% MNIST test accuracy after 2 epochs (about 99.0% after 5);
 about 91% on Fashion-MNIST (`--config.data.name=fashion_mnist`).
 """
+
 from configs import base
 
 

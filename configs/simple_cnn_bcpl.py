@@ -6,7 +6,8 @@ L = lambda_class * CE + lambda_cam * sum_{c in batch} phi(M_c, P_c).
 
 Run:
   BCAM_DATA_DIR=../shared/data python train.py \
-      --config=configs/simple_cnn_bcpl.py --workdir=runs/simple_cnn_bcpl_l1 [--config.loss.metric=l2]
+      --config=configs/simple_cnn_bcpl.py --workdir=runs/simple_cnn_bcpl_l1 \
+      [--config.loss.metric=l2]
 
 Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py, with a much lower
 test Batch-CAM loss (results.json) than the baseline.
@@ -18,6 +19,7 @@ and cuts the misalignment five-fold; 10 costs a point of accuracy. The term sums
 classes of the batch, so 0.1 weighs each class's map about as much as lambda_cam = 1 weighs
 the per-image Prototype Loss (a mean over images).
 """
+
 from configs import base, simple_cnn_baseline
 
 

@@ -16,6 +16,7 @@ Run (everything trained; for resnet18 and convnext also the frozen protocol):
 
 Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py.
 """
+
 from configs import simple_cnn_baseline
 
 

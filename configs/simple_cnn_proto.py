@@ -6,11 +6,14 @@ L = lambda_class * CE + lambda_cam * mean_i phi(M_i, P_{y_i}).
 
 Run:
   BCAM_DATA_DIR=../shared/data python train.py \
-      --config=configs/simple_cnn_proto.py --workdir=runs/simple_cnn_proto_l1 [--config.loss.metric=ssim]
+      --config=configs/simple_cnn_proto.py --workdir=runs/simple_cnn_proto_l1 \
+      [--config.loss.metric=ssim]
 
 Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py, with a lower test
-prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in configs/base.py.
+prototype loss (results.json) than the baseline. lambda_cam = 1: see DEFAULT_LAMBDA_CAM in
+configs/base.py.
 """
+
 from configs import base, simple_cnn_baseline
 
 

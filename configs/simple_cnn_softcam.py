@@ -12,6 +12,7 @@ Expected: test accuracy within a few tenths of configs/simple_cnn_baseline.py. S
 with the Batch-CAM losses (`--config.loss.kind=bcpl --config.loss.lambda_cam=0.1`), the label's
 evidence map taking Grad-CAM's place.
 """
+
 from configs import simple_cnn_baseline
 
 

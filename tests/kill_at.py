@@ -12,15 +12,16 @@ MOMENT is where the signal goes off (STEP picks the occurrence where it has one)
 SIGNAL is a name of the signal module, e.g. SIGKILL or SIGINT (Ctrl-C).
 Nothing of the library is changed: the moments are wrapped from here.
 """
+
 import os
 import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402  (the entry point itself, its flags and main)
 from absl import app  # noqa: E402
 
+import train  # noqa: E402  (the entry point itself, its flags and main)
 from bcam_jax import cli, train_lib  # noqa: E402
 from bcam_jax.checkpointing import Checkpoints  # noqa: E402
 
@@ -40,6 +41,7 @@ def main():
     def restore_latest(self, abstract_state):
       fire()
       return restore(self, abstract_state)
+
     Checkpoints.restore_latest = restore_latest
 
   elif moment == 'validation':
@@ -52,6 +54,7 @@ def main():
         if seen['n'] * run.config.train.eval_every_steps == step:
           fire()
       return evaluate(run, eval_step, variables, split, prototypes)
+
     train_lib.evaluate = evaluate_then_fire
 
   else:
@@ -64,6 +67,7 @@ def main():
         if moment == 'after_validation':
           self.best.wait_until_finished()
         fire()
+
     setattr(Checkpoints, method, save_then_fire)
 
   sys.argv = [sys.argv[0]] + sys.argv[4:]

@@ -9,6 +9,7 @@ element by element. Pick `rtol` from a measured rounding level (the float64 refe
 perturbation run of `bench/mesh_drift.py`) with a margin, and far below the error of the bug
 the test exists to catch.
 """
+
 import jax
 import numpy as np
 
@@ -21,23 +22,24 @@ def assert_trees_close(actual, desired, rtol: float, what: str = '') -> None:
   actual, desired = jax.device_get(actual), jax.device_get(desired)
   paths = jax.tree_util.tree_flatten_with_path(desired)[0]
   flat_actual = jax.tree.leaves(actual)
-  assert len(flat_actual) == len(paths), (
-      f'{what}: {len(flat_actual)} leaves against {len(paths)}')
+  assert len(flat_actual) == len(paths), f'{what}: {len(flat_actual)} leaves against {len(paths)}'
   for (path, want), got in zip(paths, flat_actual):
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
     where = f'{what}{jax.tree_util.keystr(path)}'
     assert got.shape == want.shape, f'{where}: shape {got.shape} != {want.shape}'
     scale = float(np.max(np.abs(want), initial=0.0))
-    np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale,
-                               err_msg=f'{where} (scale {scale:.3g})')
+    np.testing.assert_allclose(
+      got, want, rtol=0, atol=rtol * scale, err_msg=f'{where} (scale {scale:.3g})'
+    )
 
 
 def relative_difference(actual, desired) -> float:
   """The largest over leaves of max|actual - desired| / max|desired|: the figure that
   `assert_trees_close` bounds by `rtol`."""
   worst = 0.0
-  for got, want in zip(jax.tree.leaves(jax.device_get(actual)),
-                       jax.tree.leaves(jax.device_get(desired))):
+  for got, want in zip(
+    jax.tree.leaves(jax.device_get(actual)), jax.tree.leaves(jax.device_get(desired))
+  ):
     want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
     scale = float(np.max(np.abs(want), initial=0.0))
     diff = float(np.max(np.abs(got - want), initial=0.0))

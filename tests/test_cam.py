@@ -1,4 +1,5 @@
 """Grad-CAM, Batch-CAM and the prototype losses against naive references."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,8 +15,11 @@ from bcam_jax.models.simple_cnn import FlattenDenseHead
 from tests import numerics
 
 N, H, W, K, C = 6, 3, 3, 5, 4
-HEADS = {'gap_dense': PoolDenseHead, 'flatten_dense': FlattenDenseHead,
-         'layernorm': PoolNormDenseHead}
+HEADS = {
+  'gap_dense': PoolDenseHead,
+  'flatten_dense': FlattenDenseHead,
+  'layernorm': PoolNormDenseHead,
+}
 
 
 def _head_fn(head_name, seed=0):
@@ -87,13 +91,11 @@ def test_map_distances_and_losses_by_hand():
   protos = jnp.asarray(rng.uniform(size=(4, 16, 16)), jnp.float32)
   labels = jnp.array([1, 3, 3])
   expected = np.mean([np.abs(a[i] - protos[labels[i]]).mean() for i in range(3)])
-  np.testing.assert_allclose(losses.prototype_loss(a, labels, protos, 'l1'), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(losses.prototype_loss(a, labels, protos, 'l1'), expected, rtol=1e-6)
   counts = jnp.array([0.0, 2.0, 0.0, 1.0])
   cams = jnp.asarray(rng.uniform(size=(4, 16, 16)), jnp.float32)
   expected = sum(np.abs(cams[c] - protos[c]).mean() for c in (1, 3))
-  np.testing.assert_allclose(losses.batch_cam_loss(cams, counts, protos, 'l1'), expected,
-                             rtol=1e-6)
+  np.testing.assert_allclose(losses.batch_cam_loss(cams, counts, protos, 'l1'), expected, rtol=1e-6)
 
 
 class _TinyBackbone(nn.Module):
@@ -132,8 +134,9 @@ def _tiny_problem(kind, metric, size=12, n=8, dtype=jnp.float32):
   params = model.init(jax.random.key(1), x)['params']
   labels = jnp.array([0, 1, 1, 3, 0, 0, 1, 3][:n])
   prototypes = jax.random.uniform(jax.random.key(2), (C, size, size), dtype)
-  objective = steps.Objective(kind=kind, metric=metric, lambda_cam=2.0, num_classes=C,
-                              image_size=size)
+  objective = steps.Objective(
+    kind=kind, metric=metric, lambda_cam=2.0, num_classes=C, image_size=size
+  )
   loss_fn = steps.make_loss_fn(model, objective)
   return loss_fn, params, x, labels, prototypes
 
@@ -165,8 +168,7 @@ def test_loss_and_gradients_same_on_one_and_eight_devices(kind):
   meshes' different summation orders cannot move the maps' ReLU, min and max (the loss's
   kinks) to the other side of a tie (tests/numerics.py)."""
   with jax.enable_x64(True):
-    loss_fn, params, x, labels, prototypes = _tiny_problem(kind, 'ssim', n=8,
-                                                           dtype=jnp.float64)
+    loss_fn, params, x, labels, prototypes = _tiny_problem(kind, 'ssim', n=8, dtype=jnp.float64)
     grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     results = []
     for n_dev in (1, 8):

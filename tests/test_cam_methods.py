@@ -1,4 +1,5 @@
 """CAM, Grad-CAM++, Score-CAM and explained layers against per-image, per-channel loops."""
+
 import dataclasses
 
 import flax.linen as nn
@@ -24,8 +25,9 @@ def test_cam_equals_grad_cam_times_area_for_gap_dense_head():
   head_fn = lambda a: head.apply(params, a)
   got = jax.jit(cam.cam)(features, params['params']['dense']['kernel'], _targets())
   h, w = features.shape[1:3]
-  np.testing.assert_allclose(got, h * w * cam.grad_cam(head_fn, features, _targets()),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    got, h * w * cam.grad_cam(head_fn, features, _targets()), rtol=1e-5, atol=1e-5
+  )
   assert got.shape == (N, h, w) and (got >= 0).all() and got.max() > 0
 
 
@@ -34,8 +36,7 @@ def naive_grad_cam_pp(head_fn, features, targets, eps=1e-6):
   maps = []
   for i in range(features.shape[0]):
     a = np.asarray(features[i], np.float64)
-    g = np.asarray(jax.grad(lambda x: head_fn(x[None])[0, targets[i]])(features[i]),
-                   np.float64)
+    g = np.asarray(jax.grad(lambda x: head_fn(x[None])[0, targets[i]])(features[i]), np.float64)
     h, w, k = a.shape
     weights = np.zeros(k)
     for c in range(k):
@@ -44,7 +45,7 @@ def naive_grad_cam_pp(head_fn, features, targets, eps=1e-6):
         for x in range(w):
           gv = g[y, x, c]
           if gv != 0:
-            alpha = gv ** 2 / (2 * gv ** 2 + total * gv ** 3 + eps)
+            alpha = gv**2 / (2 * gv**2 + total * gv**3 + eps)
             weights[c] += alpha * max(gv, 0.0)
     maps.append(np.maximum(np.einsum('hwk,k->hw', a, weights), 0))
   return np.stack(maps)
@@ -96,8 +97,9 @@ def test_score_cam_equals_naive_loop(chunk_size):
   features = features.at[0, :, :, 2].set(0.0)  # a dead channel: constant map, zero mask
   score_cam = jax.jit(cam.score_cam, static_argnums=(0, 4))
   got = score_cam(logits_fn, images, features, _targets(), chunk_size)
-  np.testing.assert_allclose(got, naive_score_cam(logits_fn, images, features, _targets()),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got, naive_score_cam(logits_fn, images, features, _targets()), rtol=1e-5, atol=1e-6
+  )
   assert got.shape == (N, 3, 3) and got.max() > 0
 
 
@@ -115,9 +117,12 @@ def test_explainer_cam_equals_area_times_grad_cam(tiny_resnet):
   explainer, variables, pixels = tiny_resnet
   maps = jax.jit(explainer.raw_maps, static_argnums=0)
   h, w = explainer.model.cam_side(8), explainer.model.cam_side(8)
-  np.testing.assert_allclose(maps('cam', variables, pixels, _targets()),
-                             h * w * maps('grad_cam', variables, pixels, _targets()),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    maps('cam', variables, pixels, _targets()),
+    h * w * maps('grad_cam', variables, pixels, _targets()),
+    rtol=1e-4,
+    atol=1e-6,
+  )
 
 
 def test_named_layer_gradients_equal_those_through_the_head(tiny_resnet):
@@ -129,8 +134,9 @@ def test_named_layer_gradients_equal_those_through_the_head(tiny_resnet):
   a_st4, whole = explain.layer_features(explainer.model, variables, x, 'stage4')
   np.testing.assert_array_equal(a_cam, a_st4)
   for method in (cam.grad_cam, cam.grad_cam_pp):
-    np.testing.assert_allclose(method(whole, a_st4, _targets()),
-                               method(head, a_cam, _targets()), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+      method(whole, a_st4, _targets()), method(head, a_cam, _targets()), rtol=1e-4, atol=1e-6
+    )
 
 
 def test_intermediate_layer_gradients_equal_a_hand_written_rest_of_network():
@@ -148,18 +154,19 @@ def test_intermediate_layer_gradients_equal_a_hand_written_rest_of_network():
     return hidden.reshape((hidden.shape[0], -1)) @ dense['kernel'] + dense['bias']
 
   np.testing.assert_allclose(head_fn(a), model.apply(variables, x)[0], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(cam.grad_cam(head_fn, a, _targets()),
-                             cam.grad_cam(rest, a, _targets()), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    cam.grad_cam(head_fn, a, _targets()), cam.grad_cam(rest, a, _targets()), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_unknown_layer_and_inapplicable_cam_fail_clearly(tiny_resnet):
   explainer, variables, pixels = tiny_resnet
   with pytest.raises(ValueError, match="layer 'stage9'.*valid: cam, stage1"):
     dataclasses.replace(explainer, layer='stage9').raw_maps(
-        'grad_cam', variables, pixels, _targets())
+      'grad_cam', variables, pixels, _targets()
+    )
   with pytest.raises(ValueError, match='cam explains the last layer only'):
-    dataclasses.replace(explainer, layer='stage3').raw_maps(
-        'cam', variables, pixels, _targets())
+    dataclasses.replace(explainer, layer='stage3').raw_maps('cam', variables, pixels, _targets())
   simple = get_model('simple_cnn', C)
   simple_vars = init_variables(simple, jax.random.key(0), 8)
   with pytest.raises(ValueError, match='no global-average-pool'):

@@ -3,6 +3,7 @@
 References: `lax.conv_general_dilated` and `flax.linen.max_pool`, values and gradients;
 finite differences for the shifted-matmul form; whole models under either lowering.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,13 +24,28 @@ _DN = ('NHWC', 'HWIO', 'NHWC')
 # (input side, kernel, stride, padding, groups): every form the models use, on the map sizes
 # where "auto" switches (1-4), on odd sides, and larger.
 CASES = [
-    (1, 3, 1, 1, 1), (2, 3, 1, 1, 1), (3, 3, 1, 1, 1), (4, 3, 1, 1, 1), (7, 3, 1, 1, 1),
-    (2, 3, 2, 1, 1), (3, 3, 2, 1, 1), (4, 3, 2, 1, 1), (7, 3, 2, 1, 1),   # strided 3x3
-    (3, 1, 2, 0, 1), (4, 1, 2, 0, 1), (7, 1, 2, 0, 1),                    # 1x1 shortcuts
-    (9, 7, 2, 3, 1), (5, 7, 2, 3, 1),                                     # ImageNet stem
-    (6, 3, 1, 'SAME', 1), (5, 3, 2, 'SAME', 1),                           # SimpleCNN
-    (7, 2, 2, 'VALID', 1), (3, 2, 2, 'VALID', 1), (8, 4, 4, 'VALID', 1),  # patchify
-    (1, 7, 1, 3, 'depthwise'), (3, 7, 1, 3, 'depthwise'), (8, 7, 1, 3, 'depthwise'),
+  (1, 3, 1, 1, 1),
+  (2, 3, 1, 1, 1),
+  (3, 3, 1, 1, 1),
+  (4, 3, 1, 1, 1),
+  (7, 3, 1, 1, 1),
+  (2, 3, 2, 1, 1),
+  (3, 3, 2, 1, 1),
+  (4, 3, 2, 1, 1),
+  (7, 3, 2, 1, 1),  # strided 3x3
+  (3, 1, 2, 0, 1),
+  (4, 1, 2, 0, 1),
+  (7, 1, 2, 0, 1),  # 1x1 shortcuts
+  (9, 7, 2, 3, 1),
+  (5, 7, 2, 3, 1),  # ImageNet stem
+  (6, 3, 1, 'SAME', 1),
+  (5, 3, 2, 'SAME', 1),  # SimpleCNN
+  (7, 2, 2, 'VALID', 1),
+  (3, 2, 2, 'VALID', 1),
+  (8, 4, 4, 'VALID', 1),  # patchify
+  (1, 7, 1, 3, 'depthwise'),
+  (3, 7, 1, 3, 'depthwise'),
+  (8, 7, 1, 3, 'depthwise'),
 ]
 
 
@@ -52,30 +68,40 @@ def test_shifted_matmul_equals_xla_conv(side, kernel, stride, padding, groups):
   strides, pads = (stride, stride), _padding(padding)
 
   def reference(x, w):
-    return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_DN,
-                                    feature_group_count=groups)
+    return lax.conv_general_dilated(
+      x, w, strides, pads, dimension_numbers=_DN, feature_group_count=groups
+    )
 
   def shifted(x, w):
     return conv.shifted_matmul_conv(x, w, strides, pads, groups)
 
   np.testing.assert_allclose(shifted(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
-  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal(reference(x, w).shape),
-                          jnp.float32)
-  grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
-           for f in (reference, shifted)]
+  cotangent = jnp.asarray(
+    np.random.default_rng(1).standard_normal(reference(x, w).shape), jnp.float32
+  )
+  grads = [
+    jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
+    for f in (reference, shifted)
+  ]
   for got, want in zip(grads[1], grads[0]):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('side,kernel,stride,padding,groups',
-                         [(2, 3, 1, 1, 1), (3, 3, 2, 1, 1), (3, 7, 1, 3, 'depthwise')])
+@pytest.mark.parametrize(
+  'side,kernel,stride,padding,groups', [(2, 3, 1, 1, 1), (3, 3, 2, 1, 1), (3, 7, 1, 3, 'depthwise')]
+)
 def test_shifted_matmul_gradients_by_finite_differences(side, kernel, stride, padding, groups):
   x, w, groups = _operands(side, kernel, groups, channels=3, out=2, batch=2)
   with jax.enable_x64(True):
     x, w = jnp.asarray(np.asarray(x), jnp.float64), jnp.asarray(np.asarray(w), jnp.float64)
-    check_grads(lambda x, w: conv.shifted_matmul_conv(x, w, (stride, stride), _padding(padding),
-                                                      groups),
-                (x, w), order=2, modes=('rev',), atol=1e-6, rtol=1e-6)
+    check_grads(
+      lambda x, w: conv.shifted_matmul_conv(x, w, (stride, stride), _padding(padding), groups),
+      (x, w),
+      order=2,
+      modes=('rev',),
+      atol=1e-6,
+      rtol=1e-6,
+    )
 
 
 def test_skipped_taps_only_read_padding():
@@ -86,26 +112,37 @@ def test_skipped_taps_only_read_padding():
   np.testing.assert_allclose(got[:, 0, 0], x[:, 0, 0] @ w[1, 1], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('backend,side,kernel,stride,groups,want', [
-    ('cpu', 2, 3, 1, 1, 'shifted_matmul'),    # tiny map
-    ('cpu', 4, 3, 2, 1, 'shifted_matmul'),    # 2x2 output
-    ('cpu', 28, 3, 1, 1, 'xla'),              # large map
-    ('cpu', 4, 3, 1, 1, 'xla'),               # 4x4 output
+@pytest.mark.parametrize(
+  'backend,side,kernel,stride,groups,want',
+  [
+    ('cpu', 2, 3, 1, 1, 'shifted_matmul'),  # tiny map
+    ('cpu', 4, 3, 2, 1, 'shifted_matmul'),  # 2x2 output
+    ('cpu', 28, 3, 1, 1, 'xla'),  # large map
+    ('cpu', 4, 3, 1, 1, 'xla'),  # 4x4 output
     ('cpu', 28, 7, 1, 'depthwise', 'shifted_matmul'),
-    ('cpu', 28, 2, 2, 1, 'shifted_matmul'),   # non-overlapping windows
+    ('cpu', 28, 2, 2, 1, 'shifted_matmul'),  # non-overlapping windows
     ('cpu', 28, 1, 2, 1, 'shifted_matmul'),
-    ('cpu', 4, 3, 1, 2, 'xla'),               # grouped, not depthwise
+    ('cpu', 4, 3, 1, 2, 'xla'),  # grouped, not depthwise
     ('gpu', 2, 3, 1, 1, 'xla'),
     ('tpu', 28, 7, 1, 'depthwise', 'xla'),
-])
+  ],
+)
 def test_auto_lowering_rule(backend, side, kernel, stride, groups, want):
   x, w, groups = _operands(side, kernel, groups, channels=4, out=4)
   padding = 'VALID' if kernel <= stride else kernel // 2
-  assert conv.choose_lowering('auto', backend, x.shape, w.shape, (stride, stride),
-                              _padding(padding), groups) == want
+  assert (
+    conv.choose_lowering(
+      'auto', backend, x.shape, w.shape, (stride, stride), _padding(padding), groups
+    )
+    == want
+  )
   for forced in ('xla', 'shifted_matmul'):
-    assert conv.choose_lowering(forced, backend, x.shape, w.shape, (stride, stride),
-                                _padding(padding), groups) == forced
+    assert (
+      conv.choose_lowering(
+        forced, backend, x.shape, w.shape, (stride, stride), _padding(padding), groups
+      )
+      == forced
+    )
 
 
 def test_lowering_errors():
@@ -132,9 +169,12 @@ def test_forced_lowering_applies_to_flax_conv():
   assert 'conv_general_dilated' not in jaxpr and 'dot_general' in jaxpr
 
 
-MODELS = [('simple_cnn', {}, 28), ('resnet18', {'width': 4}, 16),
-          ('resnet18', {'width': 4, 'stem': 'imagenet'}, 16),
-          ('convnext_v2_tiny', {'drop_path_rate': 0.0}, 8)]
+MODELS = [
+  ('simple_cnn', {}, 28),
+  ('resnet18', {'width': 4}, 16),
+  ('resnet18', {'width': 4, 'stem': 'imagenet'}, 16),
+  ('convnext_v2_tiny', {'drop_path_rate': 0.0}, 8),
+]
 
 
 @pytest.mark.parametrize('name,options,side', MODELS)
@@ -164,8 +204,9 @@ def test_model_same_under_either_lowering(name, options, side):
   numerics.assert_trees_close(results['shifted_matmul'], results['xla'], rtol=1e-10)
 
 
-@pytest.mark.parametrize('side,window,stride,pad', [
-    (28, 2, 2, 0), (7, 2, 2, 0), (5, 3, 2, 1), (14, 3, 2, 1), (2, 3, 2, 1)])
+@pytest.mark.parametrize(
+  'side,window,stride,pad', [(28, 2, 2, 0), (7, 2, 2, 0), (5, 3, 2, 1), (14, 3, 2, 1), (2, 3, 2, 1)]
+)
 def test_max_pool_equals_flax(side, window, stride, pad):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, side, side, 3)), jnp.float32)
   padding = ((pad, pad), (pad, pad))
@@ -202,8 +243,9 @@ def test_depthwise_gradients_with_the_batch_sharded_over_devices():
     return conv.shifted_matmul_conv(x, w, (1, 1), ((3, 3), (3, 3)), groups)
 
   def reference(x, w):
-    return lax.conv_general_dilated(x, w, (1, 1), ((3, 3), (3, 3)), dimension_numbers=_DN,
-                                    feature_group_count=groups)
+    return lax.conv_general_dilated(
+      x, w, (1, 1), ((3, 3), (3, 3)), dimension_numbers=_DN, feature_group_count=groups
+    )
 
   sharded_x = jax.device_put(x, parallel.batch_sharded(mesh))
   got = jax.jit(lambda x, w: grads(x, w, shifted))(sharded_x, w)

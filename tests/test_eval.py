@@ -1,4 +1,5 @@
 """eval.py end to end on a checkpoint trained in the test: every output, every key."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,14 @@ from tests import synthetic
 from tests.test_train import REPO, tiny_config
 
 METHODS = ('grad_cam', 'grad_cam_pp', 'score_cam')
-FILES = ('metrics.json', 'report.md', 'confusion.png', 'cam_prototypes.png',
-         'error_prototypes.png', 'overlays.png')
+FILES = (
+  'metrics.json',
+  'report.md',
+  'confusion.png',
+  'cam_prototypes.png',
+  'error_prototypes.png',
+  'overlays.png',
+)
 
 
 @pytest.fixture(scope='module')
@@ -28,12 +35,28 @@ def trained(tmp_path_factory):
 
 def test_eval_py_writes_every_output(trained):
   idx_dir, workdir = trained
-  cmd = [sys.executable, 'eval.py', '--config=configs/simple_cnn_baseline.py',
-         f'--workdir={workdir}', '--config.data.source=idx', f'--config.data.idx_dir={idx_dir}',
-         '--config.data.val_size=40', '--num_images=50', '--batch_size=16', '--n_steps=4',
-         '--score_cam_chunk=24', f'--methods={",".join(METHODS)}']
-  proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        capture_output=True, text=True, timeout=600)
+  cmd = [
+    sys.executable,
+    'eval.py',
+    '--config=configs/simple_cnn_baseline.py',
+    f'--workdir={workdir}',
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={idx_dir}',
+    '--config.data.val_size=40',
+    '--num_images=50',
+    '--batch_size=16',
+    '--n_steps=4',
+    '--score_cam_chunk=24',
+    f'--methods={",".join(METHODS)}',
+  ]
+  proc = subprocess.run(
+    cmd,
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'score_cam: 50/50 images' in proc.stderr  # progress output
   out = os.path.join(workdir, 'eval')
@@ -42,9 +65,24 @@ def test_eval_py_writes_every_output(trained):
   for name in FILES[2:]:
     assert Image.open(os.path.join(out, name)).size[0] > 100, name
   metrics = json.load(open(os.path.join(out, 'metrics.json')))
-  for key in ('checkpoint', 'step', 'test_accuracy', 'test_loss', 'test_count',
-              'per_class_accuracy', 'confusion', 'top_confusions', 'methods', 'num_images',
-              'target', 'layer', 'n_steps', 'test_proto_loss', 'test_bcam_loss', 'condition'):
+  for key in (
+    'checkpoint',
+    'step',
+    'test_accuracy',
+    'test_loss',
+    'test_count',
+    'per_class_accuracy',
+    'confusion',
+    'top_confusions',
+    'methods',
+    'num_images',
+    'target',
+    'layer',
+    'n_steps',
+    'test_proto_loss',
+    'test_bcam_loss',
+    'condition',
+  ):
     assert key in metrics, key
   assert metrics['num_images'] == 50 and metrics['test_count'] == 60
   assert sorted(metrics['methods']) == sorted(METHODS)
@@ -76,8 +114,9 @@ def test_metrics_do_not_depend_on_device_count_or_batch_padding(trained):
   results = []
   with jax.enable_x64(True):
     for devices, batch_size in ((jax.devices()[:1], 17), (jax.devices(), 8)):
-      options = eval_lib.EvalOptions(methods=('grad_cam_pp',), num_images=17,
-                                     batch_size=batch_size, n_steps=3, num_overlays=0)
+      options = eval_lib.EvalOptions(
+        methods=('grad_cam_pp',), num_images=17, batch_size=batch_size, n_steps=3, num_overlays=0
+      )
       results.append(eval_lib.evaluate_and_report(config, workdir, options, devices))
   one, eight = (r['methods']['grad_cam_pp'] for r in results)
   for key in eval_lib.METHOD_METRICS + ('alignment_l1', 'image_ssim'):
@@ -94,5 +133,6 @@ def test_bad_options_fail_clearly(trained):
     eval_lib.EvalOptions(n_steps=0)
   idx_dir, workdir = trained
   with pytest.raises(ValueError, match='simple_cnn has no global-average-pool'):
-    eval_lib.evaluate_and_report(tiny_config(idx_dir), workdir,
-                                 eval_lib.EvalOptions(methods=('cam',), num_images=8))
+    eval_lib.evaluate_and_report(
+      tiny_config(idx_dir), workdir, eval_lib.EvalOptions(methods=('cam',), num_images=8)
+    )

@@ -1,4 +1,5 @@
 """Faithfulness metrics on hand-built cases with known answers and against naive loops."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,9 +35,11 @@ def test_saliency_ranks_order_pixels_by_decreasing_saliency_with_ties_by_positio
 def _region_model():
   """Class-0 logit = 10 * mean brightness of the top-left 2x2 region; class 1 logit 0.
   A saliency map on that region is the faithful explanation."""
+
   def logits_fn(images):
     region = jnp.mean(images[:, :2, :2, 0], axis=(1, 2))
     return jnp.stack([10 * region, jnp.zeros_like(region)], axis=-1)
+
   return logits_fn
 
 
@@ -67,8 +70,10 @@ def naive_insertion_deletion(logits_fn, images, saliency, targets, n_steps, blur
       top = np.zeros(S * S, bool)
       top[order[:k]] = True
       top = top.reshape(S, S, 1)
-      for name, image in (('ins', np.where(top, images[i], blurred[i])),
-                          ('del', np.where(top, 0.0, images[i]))):
+      for name, image in (
+        ('ins', np.where(top, images[i], blurred[i])),
+        ('del', np.where(top, 0.0, images[i])),
+      ):
         logits = np.asarray(logits_fn(jnp.asarray(image)[None]))[0]
         p = np.exp(logits - logits.max())
         curves[name].append(p[targets[i]] / p.sum())
@@ -88,9 +93,11 @@ def test_insertion_deletion_equal_naive_loop(n_steps, steps_per_call):
   logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
   blurred = faithfulness.blur(images)
   got = jax.jit(faithfulness.insertion_deletion, static_argnums=(0, 4, 5))(
-      logits_fn, images, saliency, targets, n_steps, steps_per_call, blurred)
-  want_ins, want_del = naive_insertion_deletion(logits_fn, images, saliency, targets,
-                                                n_steps, blurred)
+    logits_fn, images, saliency, targets, n_steps, steps_per_call, blurred
+  )
+  want_ins, want_del = naive_insertion_deletion(
+    logits_fn, images, saliency, targets, n_steps, blurred
+  )
   np.testing.assert_allclose(got['insertion'], want_ins, rtol=1e-5)
   np.testing.assert_allclose(got['deletion'], want_del, rtol=1e-5)
 
@@ -100,10 +107,8 @@ def test_faithful_map_has_lower_deletion_and_higher_insertion_than_its_reverse()
   targets = jnp.zeros(2, jnp.int32)
   good, bad = _region_saliency(2)
   blurred = jnp.zeros_like(images)
-  faithful = faithfulness.insertion_deletion(logits_fn, images, good, targets, 9,
-                                             blurred=blurred)
-  reverse = faithfulness.insertion_deletion(logits_fn, images, bad, targets, 9,
-                                            blurred=blurred)
+  faithful = faithfulness.insertion_deletion(logits_fn, images, good, targets, 9, blurred=blurred)
+  reverse = faithfulness.insertion_deletion(logits_fn, images, bad, targets, 9, blurred=blurred)
   assert float(faithful['deletion'].max()) < float(reverse['deletion'].min()) - 0.3
   assert float(faithful['insertion'].min()) > float(reverse['insertion'].max()) + 0.3
 

@@ -1,9 +1,10 @@
 """Report figures: valid PNGs written atomically, shape checks, and data that shows."""
+
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
 from bcam_jax import figures
 
@@ -51,8 +52,9 @@ def _cam_prototypes_png(tmp_path, mean_cams, counts, name: str) -> np.ndarray:
   path = tmp_path / name
   path.mkdir()
   prototypes = _rng(1).random((C, H, W))
-  figures.save_cam_prototypes(str(path / 'cams.png'), prototypes, mean_cams, counts, NAMES,
-                              'Batch-CAM')
+  figures.save_cam_prototypes(
+    str(path / 'cams.png'), prototypes, mean_cams, counts, NAMES, 'Batch-CAM'
+  )
   return _read_png(str(path / 'cams.png'))
 
 
@@ -77,36 +79,40 @@ def test_cam_prototypes_blank_panel_for_empty_class(tmp_path):
 def test_cam_prototypes_shape_mismatch(tmp_path):
   prototypes = np.zeros((C, H, W))
   with pytest.raises(ValueError, match=r'mean_cams: expected shape \(3, 8, 8\), got \(3, 8, 7\)'):
-    figures.save_cam_prototypes(str(tmp_path / 'p.png'), prototypes, np.zeros((C, H, 7)),
-                                np.ones(C), NAMES, 't')
+    figures.save_cam_prototypes(
+      str(tmp_path / 'p.png'), prototypes, np.zeros((C, H, 7)), np.ones(C), NAMES, 't'
+    )
   with pytest.raises(ValueError, match=r'counts: expected shape \(3,\)'):
-    figures.save_cam_prototypes(str(tmp_path / 'p.png'), prototypes, prototypes,
-                                np.ones(C + 1), NAMES, 't')
+    figures.save_cam_prototypes(
+      str(tmp_path / 'p.png'), prototypes, prototypes, np.ones(C + 1), NAMES, 't'
+    )
 
 
 def test_error_prototypes(tmp_path):
   names = [str(c) for c in range(10)]
   pairs = [(4, 9, 12), (3, 5, 7)]
   path = str(tmp_path / 'errors.png')
-  figures.save_error_prototypes(path, pairs, _rng(4).random((2, H, W)),
-                                _rng(5).random((10, H, W)), names, 'errors')
+  figures.save_error_prototypes(
+    path, pairs, _rng(4).random((2, H, W)), _rng(5).random((10, H, W)), names, 'errors'
+  )
   _read_png(path)
 
 
 def test_error_prototypes_without_pairs(tmp_path):
   path = str(tmp_path / 'errors.png')
-  figures.save_error_prototypes(path, [], np.zeros((0, H, W)), np.zeros((C, H, W)), NAMES,
-                                'errors')
+  figures.save_error_prototypes(path, [], np.zeros((0, H, W)), np.zeros((C, H, W)), NAMES, 'errors')
   _read_png(path)
 
 
 def test_error_prototypes_shape_mismatch(tmp_path):
   with pytest.raises(ValueError, match=r'mean_cams: expected shape \(1, 8, 8\), got \(2, 8, 8\)'):
-    figures.save_error_prototypes(str(tmp_path / 'e.png'), [(0, 1, 3)], np.zeros((2, H, W)),
-                                  np.zeros((C, H, W)), NAMES, 't')
+    figures.save_error_prototypes(
+      str(tmp_path / 'e.png'), [(0, 1, 3)], np.zeros((2, H, W)), np.zeros((C, H, W)), NAMES, 't'
+    )
   with pytest.raises(ValueError, match='pairs: class indices'):
-    figures.save_error_prototypes(str(tmp_path / 'e.png'), [(0, 3, 3)], np.zeros((1, H, W)),
-                                  np.zeros((C, H, W)), NAMES, 't')
+    figures.save_error_prototypes(
+      str(tmp_path / 'e.png'), [(0, 3, 3)], np.zeros((1, H, W)), np.zeros((C, H, W)), NAMES, 't'
+    )
 
 
 def test_overlays(tmp_path):
@@ -121,7 +127,8 @@ def test_overlays(tmp_path):
 def test_overlays_shape_mismatch(tmp_path):
   images = np.zeros((2, H, W))
   with pytest.raises(ValueError, match=r"maps\['grad_cam'\]: expected shape \(2, 8, 8\)"):
-    figures.save_overlays(str(tmp_path / 'o.png'), images, {'grad_cam': np.zeros((3, H, W))},
-                          [0, 1], [0, 1], NAMES)
+    figures.save_overlays(
+      str(tmp_path / 'o.png'), images, {'grad_cam': np.zeros((3, H, W))}, [0, 1], [0, 1], NAMES
+    )
   with pytest.raises(ValueError, match=r'predictions: expected shape \(2,\), got \(1,\)'):
     figures.save_overlays(str(tmp_path / 'o.png'), images, {}, [0, 1], [0], NAMES)

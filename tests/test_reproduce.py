@@ -1,4 +1,5 @@
 """Tests of the reproduction grid runner (bcam_jax.reproduce, reproduce.py) on a 2-cell grid."""
+
 import csv
 import importlib
 import json
@@ -22,12 +23,27 @@ def tiny_grid(idx_dir) -> ml_collections.ConfigDict:
   grid = ml_collections.ConfigDict()
   grid.name = 'tiny'
   grid.description = 'Two SimpleCNN cells on synthetic data.'
-  grid.blocks = [dict(models=('simple_cnn',), conditions=('baseline', 'bcpl-l1'),
-                      datasets=('mnist',), image_sizes=(28,), seeds=(0,), epochs=1)]
-  grid.overrides = (('data.source', 'idx'), ('data.idx_dir', idx_dir), ('data.val_size', 40),
-                    ('train.batch_size', 16), ('train.num_steps', 12),
-                    ('train.checkpoint_every_steps', 6), ('train.log_every_steps', 4),
-                    ('optimizer.warmup_steps', 2), ('eval.batch_size', 40))
+  grid.blocks = [
+    dict(
+      models=('simple_cnn',),
+      conditions=('baseline', 'bcpl-l1'),
+      datasets=('mnist',),
+      image_sizes=(28,),
+      seeds=(0,),
+      epochs=1,
+    )
+  ]
+  grid.overrides = (
+    ('data.source', 'idx'),
+    ('data.idx_dir', idx_dir),
+    ('data.val_size', 40),
+    ('train.batch_size', 16),
+    ('train.num_steps', 12),
+    ('train.checkpoint_every_steps', 6),
+    ('train.log_every_steps', 4),
+    ('optimizer.warmup_steps', 2),
+    ('eval.batch_size', 40),
+  )
   grid.eval = ml_collections.ConfigDict(dict(num_images=16, n_steps=3))
   return grid
 
@@ -70,32 +86,47 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   assert os.stat(done_cell).st_mtime_ns == before
   assert again[0] == records[0]
   assert again[1]['test_accuracy'] == pytest.approx(records[1]['test_accuracy'])
-  log = [json.loads(l) for l in open(os.path.join(root, records[1]['name'], 'metrics.jsonl'))]
+  log = [json.loads(line) for line in open(os.path.join(root, records[1]['name'], 'metrics.jsonl'))]
   assert max(r['step'] for r in log if r['split'] == 'train') == 12
 
 
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(idx_dir, tmp_path):
   grid = tiny_grid(idx_dir)
-  grid.blocks = [dict(grid.blocks[0], conditions=('baseline',),
-                      overrides=(('data.idx_dir', str(tmp_path / 'missing')),)),
-                 dict(grid.blocks[0], conditions=('bcpl-l1',))]
+  grid.blocks = [
+    dict(
+      grid.blocks[0],
+      conditions=('baseline',),
+      overrides=(('data.idx_dir', str(tmp_path / 'missing')),),
+    ),
+    dict(grid.blocks[0], conditions=('bcpl-l1',)),
+  ]
   grid.overrides = tuple(kv for kv in grid.overrides if kv[0] != 'data.idx_dir')
   grid.blocks[1]['overrides'] = (('data.idx_dir', idx_dir),)
   records, failures = reproduce.run_grid(grid, str(tmp_path / 'runs'))
   assert [r['condition'] for r in records] == ['bcpl-l1']
-  (name, error), = failures.items()
+  ((name, error),) = failures.items()
   assert name == 'simple_cnn_mnist_28_baseline_seed0' and 'missing' in error
-  reproduce.write_results(grid, records, str(tmp_path / 'runs'), str(tmp_path / 'results'),
-                          failures)
+  reproduce.write_results(
+    grid, records, str(tmp_path / 'runs'), str(tmp_path / 'results'), failures
+  )
   text = open(tmp_path / 'results' / 'results.md').read()
   assert '## Failed cells' in text and name in text
 
 
 def test_aggregate_mean_std_and_paper_difference():
-  records = [{'model': 'simple_cnn', 'dataset': 'mnist', 'image_size': 28,
-              'condition': 'bcpl-l1', 'epochs': 2, 'seed': s, 'test_accuracy': acc,
-              'alignment_l1': l1}
-             for s, acc, l1 in ((0, 99.0, 0.1), (1, 99.2, 0.2), (2, 99.4, 0.3))]
+  records = [
+    {
+      'model': 'simple_cnn',
+      'dataset': 'mnist',
+      'image_size': 28,
+      'condition': 'bcpl-l1',
+      'epochs': 2,
+      'seed': s,
+      'test_accuracy': acc,
+      'alignment_l1': l1,
+    }
+    for s, acc, l1 in ((0, 99.0, 0.1), (1, 99.2, 0.2), (2, 99.4, 0.3))
+  ]
   (row,) = reproduce.aggregate(records)
   assert row['accuracy_mean'] == pytest.approx(99.2)
   assert row['accuracy_std'] == pytest.approx(0.2)  # sample std of 99.0, 99.2, 99.4
@@ -113,8 +144,11 @@ def test_grid_configs_expand_to_valid_cells(name):
   assert [c.seed for c in cells] == sorted(c.seed for c in cells)
   for cell in cells:
     reproduce.cell_config(cell)  # validates
-  expected = {'cpu_small': 7 * 2 * 3 + 2, 'paper_table1': 3 * 7 * 2 * 3,
-              'paper_table2': 2 * 3 * 2 * 3}[name]
+  expected = {
+    'cpu_small': 7 * 2 * 3 + 2,
+    'paper_table1': 3 * 7 * 2 * 3,
+    'paper_table2': 2 * 3 * 2 * 3,
+  }[name]
   assert len(cells) == expected
 
 
@@ -125,20 +159,37 @@ def test_grid_errors_name_the_problem():
   cell = reproduce.Cell('simple_cnn', 'bcpl-l1', 'mnist', 28, 0, 1, (('train.epochs', 3),))
   with pytest.raises(ValueError, match="override 'train.epochs'.*no field 'epochs'"):
     reproduce.cell_config(cell)
-  grid.blocks = [dict(models=('simple_cnn',), conditions=('bcpl-l3',), datasets=('mnist',),
-                      image_sizes=(28,), seeds=(0,), epochs=1)]
+  grid.blocks = [
+    dict(
+      models=('simple_cnn',),
+      conditions=('bcpl-l3',),
+      datasets=('mnist',),
+      image_sizes=(28,),
+      seeds=(0,),
+      epochs=1,
+    )
+  ]
   with pytest.raises(ValueError, match="condition='bcpl-l3'"):
     reproduce.expand(grid)
 
 
 def test_verdict_against_the_paper():
   def row(model, dataset, condition, mean, std):
-    return {'model': model, 'dataset': dataset, 'image_size': 28, 'condition': condition,
-            'accuracy_mean': mean, 'accuracy_std': std}
-  rows = [row('simple_cnn', 'mnist', 'bcpl-l1', 98.9, 0.2),       # paper 99.00: within std
-          row('simple_cnn', 'fashion_mnist', 'bcpl-l1', 91.0, 0.1),  # paper 91.32: below
-          row('simple_cnn', 'fashion_mnist', 'baseline', 91.1, 0.1),
-          row('resnet18', 'mnist', 'baseline', 99.8, None)]          # paper's bcpl-l2 not run
+    return {
+      'model': model,
+      'dataset': dataset,
+      'image_size': 28,
+      'condition': condition,
+      'accuracy_mean': mean,
+      'accuracy_std': std,
+    }
+
+  rows = [
+    row('simple_cnn', 'mnist', 'bcpl-l1', 98.9, 0.2),  # paper 99.00: within std
+    row('simple_cnn', 'fashion_mnist', 'bcpl-l1', 91.0, 0.1),  # paper 91.32: below
+    row('simple_cnn', 'fashion_mnist', 'baseline', 91.1, 0.1),
+    row('resnet18', 'mnist', 'baseline', 99.8, None),
+  ]  # paper's bcpl-l2 not run
   verdicts = {(p['model'], p['dataset']): p for p in reproduce.against_paper(rows)}
   assert verdicts[('simple_cnn', 'mnist')]['verdict'] == 'matches paper'
   fashion = verdicts[('simple_cnn', 'fashion_mnist')]

@@ -1,4 +1,5 @@
 """Soft-CAM evidence heads and CA-Stream attention pooling: equivalences, shapes, training."""
+
 import json
 import os
 
@@ -7,14 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcam_jax import (config_validation, eval_lib, explain, explanations, losses, steps,
-                      train_lib)
+from bcam_jax import config_validation, eval_lib, explain, explanations, losses, steps, train_lib
 from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables
 from bcam_jax.models.heads import cross_attention
+from configs import resnet18_baseline, resnet18_castream, simple_cnn_castream, simple_cnn_softcam
 from tests import synthetic
 from tests.test_train import tiny_config
-from configs import (resnet18_baseline, resnet18_castream, simple_cnn_castream,
-                     simple_cnn_softcam)
 
 C = 10
 
@@ -28,13 +27,15 @@ def test_softcam_with_dense_weights_gives_the_logits_of_gap_dense():
   params = dict(variables['params'])
   params['head_net'] = {'evidence': params['head_net']['dense']}
   soft_vars = {'params': params, 'batch_stats': variables['batch_stats']}
-  np.testing.assert_allclose(soft.apply(soft_vars, x)[0], dense.apply(variables, x)[0],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    soft.apply(soft_vars, x)[0], dense.apply(variables, x)[0], rtol=1e-5, atol=1e-5
+  )
   features = soft.apply(soft_vars, x, method='backbone')
   evidence = soft.apply(soft_vars, features['cam'], method='evidence')
   kernel, bias = params['head_net']['evidence']['kernel'], params['head_net']['evidence']['bias']
-  np.testing.assert_allclose(evidence, np.einsum('nhwk,kc->nhwc', features['cam'], kernel) + bias,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    evidence, np.einsum('nhwk,kc->nhwc', features['cam'], kernel) + bias, rtol=1e-5, atol=1e-5
+  )
 
 
 def test_cross_attention_with_zero_query_is_global_average_pooling():
@@ -89,18 +90,25 @@ def test_evidence_and_attention_shapes(name, size):
 
 @pytest.mark.parametrize('kind', ['softcam', 'ca_stream'])
 def test_new_heads_are_per_sample(kind):
-  model = get_model('resnet18', C, width=2, **({'head': 'softcam'} if kind == 'softcam'
-                                                 else {'pooling': 'ca_stream'}))
+  model = get_model(
+    'resnet18',
+    C,
+    width=2,
+    **({'head': 'softcam'} if kind == 'softcam' else {'pooling': 'ca_stream'}),
+  )
   variables = init_variables(model, jax.random.key(0), 12)
   x = jax.random.normal(jax.random.key(1), (3, 12, 12, 1))
   features = model.apply(variables, x, method='backbone')
   head = head_fn(model, variables, features)
   together = head(features['cam'])
   for i in range(3):
-    alone = model.apply(variables, features['cam'][i:i + 1],
-                        None if kind == 'softcam' else features['ca_query'][i:i + 1],
-                        method='head')
-    np.testing.assert_allclose(together[i:i + 1], alone, rtol=1e-5, atol=1e-6)
+    alone = model.apply(
+      variables,
+      features['cam'][i : i + 1],
+      None if kind == 'softcam' else features['ca_query'][i : i + 1],
+      method='head',
+    )
+    np.testing.assert_allclose(together[i : i + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_bcpl_with_softcam_uses_the_label_evidence():
@@ -140,14 +148,15 @@ def test_frozen_backbone_trains_only_the_stream(idx_dir, tmp_path):
   config.init_from = baseline_dir
   trained = jax.device_get(train_lib.train_and_evaluate(config, ca_dir)['state'])
   for part in ('backbone_net', 'head_net'):
-    for a, b in zip(jax.tree.leaves(baseline['params'][part]),
-                    jax.tree.leaves(trained.params[part])):
+    for a, b in zip(
+      jax.tree.leaves(baseline['params'][part]), jax.tree.leaves(trained.params[part])
+    ):
       np.testing.assert_array_equal(a, b)
-  for a, b in zip(jax.tree.leaves(baseline['batch_stats']),
-                  jax.tree.leaves(trained.batch_stats)):
+  for a, b in zip(jax.tree.leaves(baseline['batch_stats']), jax.tree.leaves(trained.batch_stats)):
     np.testing.assert_array_equal(a, b)
-  initial = init_variables(get_model('resnet18', C, width=2, pooling='ca_stream'),
-                           jax.random.key(0), 28)['params']['stream']
+  initial = init_variables(
+    get_model('resnet18', C, width=2, pooling='ca_stream'), jax.random.key(0), 28
+  )['params']['stream']
   for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(trained.params['stream'])):
     assert not np.array_equal(a, b)
 
@@ -169,8 +178,11 @@ def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
   result = train_lib.train_and_evaluate(config, workdir)
   # The synthetic classes differ by position, which mean-pooled evidence sees only through
   # the borders: check that the objective falls and every term is recorded, not accuracy.
-  train = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))
-           if json.loads(line)['split'] == 'train']
+  train = [
+    json.loads(line)
+    for line in open(os.path.join(workdir, 'metrics.jsonl'))
+    if json.loads(line)['split'] == 'train'
+  ]
   assert train[-1]['loss'] < train[0]['loss']
   assert all(r['penalty'] > 0 and r['cam'] > 0 for r in train)
   run = train_lib.setup_run(config)
@@ -180,18 +192,28 @@ def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
   labels = jnp.asarray(run.datasets.test.labels[:4])
   maps = explainer.raw_maps('evidence', variables, pixels, labels)
   x = (pixels - 0.5) / 0.25
-  evidence = run.model.apply(variables, run.model.apply(variables, x, method='backbone')['cam'],
-                             method='evidence')
-  np.testing.assert_allclose(maps, np.maximum(np.take_along_axis(
-      np.asarray(evidence), np.asarray(labels)[:, None, None, None], -1)[..., 0], 0), atol=1e-5)
+  evidence = run.model.apply(
+    variables, run.model.apply(variables, x, method='backbone')['cam'], method='evidence'
+  )
+  np.testing.assert_allclose(
+    maps,
+    np.maximum(
+      np.take_along_axis(np.asarray(evidence), np.asarray(labels)[:, None, None, None], -1)[..., 0],
+      0,
+    ),
+    atol=1e-5,
+  )
 
 
-@pytest.mark.parametrize('field,value,message', [
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
     ('model.head', 'soft', "config.model.head='soft'"),
     ('model.pooling', 'attention', "config.model.pooling='attention'"),
     ('loss.lambda_l1', 0.1, 'need config.model.head="softcam"'),
     ('model.ca_stream.freeze_backbone', True, 'needs config.model.pooling="ca_stream"'),
-])
+  ],
+)
 def test_invalid_self_explaining_configs_fail_clearly(field, value, message):
   config = resnet18_baseline.get_config()
   section, key = field.rsplit('.', 1)
@@ -230,8 +252,11 @@ def test_raw_attention_is_a_distribution_and_post_hoc_methods_see_the_stream():
   features = model.apply(variables, x, method='backbone')
   got = explainer.raw_maps('grad_cam', variables, pixels, targets)
   for i in range(3):
-    g = jax.grad(lambda a: model.apply(variables, a[None], features['ca_query'][i:i + 1],
-                                       method='head')[0, targets[i]])(features['cam'][i])
+    g = jax.grad(
+      lambda a: model.apply(variables, a[None], features['ca_query'][i : i + 1], method='head')[
+        0, targets[i]
+      ]
+    )(features['cam'][i])
     want = np.maximum(np.einsum('hwk,k->hw', features['cam'][i], g.mean(axis=(0, 1))), 0)
     np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match='evidence needs a Soft-CAM model'):

@@ -1,4 +1,5 @@
 """Training end to end on tiny synthetic IDX data: outputs, devices, resume, errors."""
+
 import importlib
 import json
 import os
@@ -48,10 +49,17 @@ def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
   result = train_lib.train_and_evaluate(tiny_config(idx_dir, num_steps=40), workdir)
   assert result['step'] == 40
   assert result['test_accuracy'] > 0.5  # chance is 0.1
-  for name in ('config.json', 'results.json', 'metrics.jsonl', 'prototypes_train.npy',
-               'prototypes_val.npy', 'prototypes_train.png', 'tensorboard'):
+  for name in (
+    'config.json',
+    'results.json',
+    'metrics.jsonl',
+    'prototypes_train.npy',
+    'prototypes_val.npy',
+    'prototypes_train.png',
+    'tensorboard',
+  ):
     assert os.path.exists(os.path.join(workdir, name)), name
-  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   train_steps = [r['step'] for r in records if r['split'] == 'train']
   assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]
   assert {r['split'] for r in records} == {'train', 'val', 'test'}
@@ -77,7 +85,7 @@ def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
   config.loss.metric = metric
   config.train.log_every_steps = 10
   train_lib.train_and_evaluate(config, str(tmp_path / 'bcpl'))
-  records = [json.loads(l) for l in open(tmp_path / 'bcpl' / 'metrics.jsonl')]
+  records = [json.loads(line) for line in open(tmp_path / 'bcpl' / 'metrics.jsonl')]
   train = [r for r in records if r['split'] == 'train']
   assert train[-1]['ce'] < 0.5 * train[0]['ce']
   assert train[-1]['cam'] < 0.9 * train[0]['cam']
@@ -90,13 +98,14 @@ def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
 def _tensorboard_tags(logdir):
   """Summary tags (and whether each carries an image) of the event files in `logdir`."""
   from tensorboardX.proto import event_pb2
+
   tags = {}
   for name in os.listdir(logdir):
     raw = open(os.path.join(logdir, name), 'rb').read()
     pos = 0
     while pos < len(raw):  # TFRecord framing: length, crc, payload, crc
-      (length,) = struct.unpack('<Q', raw[pos:pos + 8])
-      event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+      (length,) = struct.unpack('<Q', raw[pos : pos + 8])
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
       for value in event.summary.value:
         tags[value.tag] = value.HasField('image')
       pos += 16 + length
@@ -108,8 +117,14 @@ def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path
   config.loss.kind = 'proto'
   train_lib.train_and_evaluate(config, str(tmp_path / 'tb'))
   tags = _tensorboard_tags(str(tmp_path / 'tb' / 'tensorboard'))
-  for tag in ('train/ce', 'train/cam', 'val/loss', 'val/proto_loss', 'val/bcam_loss',
-              'test/accuracy'):
+  for tag in (
+    'train/ce',
+    'train/cam',
+    'val/loss',
+    'val/proto_loss',
+    'val/bcam_loss',
+    'test/accuracy',
+  ):
     assert tags.get(tag) is False, tag
   assert tags['val/class_cams_vs_prototypes'] is True
 
@@ -127,16 +142,15 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
   head = lambda a: run.model.apply(variables, a, method='head')
   losses, correct, proto, feats, grads = [], [], [], [], []
   for i in range(len(split)):
-    x = data.preprocess(split.images[i:i + 1], info.mean, info.std, 28)
+    x = data.preprocess(split.images[i : i + 1], info.mean, info.std, 28)
     label = int(split.labels[i])
     logits, features = run.model.apply(variables, x, train=False)
-    losses.append(float(train_lib.losses.cross_entropy(logits, split.labels[i:i + 1])[0]))
+    losses.append(float(train_lib.losses.cross_entropy(logits, split.labels[i : i + 1])[0]))
     correct.append(int(np.argmax(logits[0]) == label))
     g = jax.grad(lambda a: head(a)[0, label])(features['cam'])
     feats.append(features['cam'][0])
     grads.append(g[0])
-    m = cam.normalize_cam(cam.upsample_cam(
-        cam.weighted_activation(features['cam'][0], g[0]), 28))
+    m = cam.normalize_cam(cam.upsample_cam(cam.weighted_activation(features['cam'][0], g[0]), 28))
     proto.append(float(np.abs(m - prototypes[label]).mean()))
   assert got['count'] == len(split) == 60
   assert got['accuracy'] == pytest.approx(np.mean(correct))
@@ -146,8 +160,9 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
   for c in range(10):
     members = np.flatnonzero(split.labels == c)
     if len(members):
-      m = cam.weighted_activation(np.mean([feats[i] for i in members], axis=0),
-                                            np.mean([grads[i] for i in members], axis=0))
+      m = cam.weighted_activation(
+        np.mean([feats[i] for i in members], axis=0), np.mean([grads[i] for i in members], axis=0)
+      )
       m = cam.normalize_cam(cam.upsample_cam(m, 28))
       np.testing.assert_allclose(class_cams[c], m, atol=1e-4)
       bcam += float(np.abs(m - prototypes[c]).mean())
@@ -180,8 +195,9 @@ def test_one_device_and_eight_devices_train_the_same_parameters(idx_dir, tmp_pat
   assert eight['num_devices'] == 8 and one['num_devices'] == 1
   assert all(p.dtype == np.float64 for p in leaves(one['state'].params))
   for part in ('params', 'batch_stats', 'opt_state'):
-    numerics.assert_trees_close(getattr(eight['state'], part), getattr(one['state'], part),
-                                rtol=1e-9, what=part)
+    numerics.assert_trees_close(
+      getattr(eight['state'], part), getattr(one['state'], part), rtol=1e-9, what=part
+    )
   for key in ('test_loss', 'test_accuracy', 'test_bcam_loss'):
     assert eight[key] == pytest.approx(one[key], rel=1e-9), key
 
@@ -195,12 +211,20 @@ def test_float64_needs_64_bit_jax(idx_dir):
 
 
 def _train_cmd(idx_dir, workdir, num_steps):
-  return [sys.executable, 'train.py', '--config=configs/simple_cnn_baseline.py',
-          f'--workdir={workdir}', '--config.data.source=idx',
-          f'--config.data.idx_dir={idx_dir}', '--config.data.val_size=43',
-          '--config.train.batch_size=8', f'--config.train.num_steps={num_steps}',
-          '--config.train.checkpoint_every_steps=50', '--config.train.log_every_steps=100',
-          '--config.eval.batch_size=40']
+  return [
+    sys.executable,
+    'train.py',
+    '--config=configs/simple_cnn_baseline.py',
+    f'--workdir={workdir}',
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={idx_dir}',
+    '--config.data.val_size=43',
+    '--config.train.batch_size=8',
+    f'--config.train.num_steps={num_steps}',
+    '--config.train.checkpoint_every_steps=50',
+    '--config.train.log_every_steps=100',
+    '--config.eval.batch_size=40',
+  ]
 
 
 def _final_params(workdir, step):
@@ -215,12 +239,23 @@ def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
   steps_per_epoch = (240 - 43) // 8  # 24: checkpoints every 50 steps fall mid-epoch
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   clean = str(tmp_path / 'clean')
-  subprocess.run(_train_cmd(idx_dir, clean, num_steps), cwd=REPO, env=env, check=True,
-                 capture_output=True, timeout=600)
+  subprocess.run(
+    _train_cmd(idx_dir, clean, num_steps),
+    cwd=REPO,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
 
   killed = str(tmp_path / 'killed')
-  proc = subprocess.Popen(_train_cmd(idx_dir, killed, num_steps), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _train_cmd(idx_dir, killed, num_steps),
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   ckpt_dir = os.path.join(killed, 'checkpoints')
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -233,8 +268,15 @@ def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
   steps_saved = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]
   assert steps_saved and max(steps_saved) < num_steps
 
-  resumed = subprocess.run(_train_cmd(idx_dir, killed, num_steps), cwd=REPO, env=env,
-                           check=True, capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    _train_cmd(idx_dir, killed, num_steps),
+    cwd=REPO,
+    env=env,
+    check=True,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert 'Resumed from' in resumed.stderr
   resumed_at = int(resumed.stderr.split('Resumed from')[1].split('at step ')[1].split('.')[0])
   assert 0 < resumed_at < num_steps and resumed_at % steps_per_epoch  # mid-epoch
@@ -242,9 +284,21 @@ def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
     np.testing.assert_array_equal(a, b)
 
   # eval.py on the resumed workdir reports the test accuracy the training run ended with.
-  subprocess.run([sys.executable, 'eval.py', *_train_cmd(idx_dir, killed, num_steps)[2:],
-                  '--checkpoint=last', '--methods=grad_cam', '--num_images=16'], cwd=REPO, env=env, check=True, capture_output=True,
-                 timeout=600)
+  subprocess.run(
+    [
+      sys.executable,
+      'eval.py',
+      *_train_cmd(idx_dir, killed, num_steps)[2:],
+      '--checkpoint=last',
+      '--methods=grad_cam',
+      '--num_images=16',
+    ],
+    cwd=REPO,
+    env=env,
+    check=True,
+    capture_output=True,
+    timeout=600,
+  )
   evaluated = json.load(open(os.path.join(killed, 'eval', 'metrics.json')))
   trained = json.load(open(os.path.join(killed, 'results.json')))
   assert evaluated['step'] == num_steps
@@ -275,9 +329,14 @@ def test_bfloat16_compute_trains(idx_dir, tmp_path):
   assert result['test_accuracy'] > 0.3 and np.isfinite(result['test_loss'])
 
 
-@pytest.mark.parametrize('name', sorted(
-    f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
-    if f.endswith('.py') and f not in ('base.py', '__init__.py')))
+@pytest.mark.parametrize(
+  'name',
+  sorted(
+    f[:-3]
+    for f in os.listdir(os.path.join(REPO, 'configs'))
+    if f.endswith('.py') and f not in ('base.py', '__init__.py')
+  ),
+)
 def test_every_config_is_valid_and_documents_its_command(name):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config()
@@ -286,7 +345,9 @@ def test_every_config_is_valid_and_documents_its_command(name):
   assert 'Expected' in module.__doc__
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('model.name', 'resnet99', "config.model.name='resnet99'.*simple_cnn"),
     ('data.name', 'cifar', "config.data.name='cifar'.*fashion_mnist"),
     ('data.source', 'web', "config.data.source='web'.*idx"),
@@ -296,7 +357,8 @@ def test_every_config_is_valid_and_documents_its_command(name):
     ('optimizer.schedule', 'step', "config.optimizer.schedule='step'.*warmup_cosine"),
     ('optimizer.learning_rate', -1.0, 'learning_rate=-1.0'),
     ('loss.kind', 'mse', "config.loss.kind='mse'"),
-])
+  ],
+)
 def test_invalid_config_fails_with_valid_choices(field, value, message):
   config = simple_cnn_baseline.get_config()
   section, key = field.split('.')
@@ -308,29 +370,37 @@ def test_invalid_config_fails_with_valid_choices(field, value, message):
 def test_impossible_sizes_fail_at_start_up(idx_dir):
   config = tiny_config(idx_dir)
   config.train.batch_size = 12  # not a multiple of 8 devices
-  with pytest.raises(config_validation.ConfigError,
-                     match='config.train.batch_size=12.*multiple.*8'):
+  with pytest.raises(
+    config_validation.ConfigError, match='config.train.batch_size=12.*multiple.*8'
+  ):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.data.image_size = 2  # pooled away before the CAM layer
-  with pytest.raises(config_validation.ConfigError,
-                     match='image_size=2 is too small for simple_cnn: it needs image_size >= 4'):
+  with pytest.raises(
+    config_validation.ConfigError,
+    match='image_size=2 is too small for simple_cnn: it needs image_size >= 4',
+  ):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.model.options.depth = 3
-  with pytest.raises(config_validation.ConfigError,
-                     match=r"config.model.options=\{'depth': 3\}: unknown option.*depth"):
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"config.model.options=\{'depth': 3\}: unknown option.*depth",
+  ):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.train.batch_size = 256
-  with pytest.raises(config_validation.ConfigError,
-                     match=r'config.train.batch_size=256 .*train split \(200 images'):
+  with pytest.raises(
+    config_validation.ConfigError, match=r'config.train.batch_size=256 .*train split \(200 images'
+  ):
     train_lib.setup_run(config)
   config = tiny_config(idx_dir)
   config.loss.kind = 'bcpl'
   config.data.image_size = 7  # a 1x1 CAM map: its Batch-CAM loss would end in NaN
-  with pytest.raises(config_validation.ConfigError,
-                     match=r'image_size=7 gives simple_cnn a 1x1 CAM map; .*image_size >= 8'):
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r'image_size=7 gives simple_cnn a 1x1 CAM map; .*image_size >= 8',
+  ):
     train_lib.setup_run(config)
   config.loss.kind = 'ce'
   assert train_lib.setup_run(config).model.cam_side(7) == 1  # fine without a CAM loss

@@ -1,9 +1,10 @@
 """A workdir survives what interrupted runs leave: a best checkpoint newer than the latest
 train state, an unreadable newest checkpoint, a second process on the same workdir."""
+
 import glob
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,7 @@ def _records(workdir):
 
 
 def _truncate_data(step_dir):
-  path = max(glob.glob(os.path.join(step_dir, '**', 'd', '*'), recursive=True),
-             key=os.path.getsize)
+  path = max(glob.glob(os.path.join(step_dir, '**', 'd', '*'), recursive=True), key=os.path.getsize)
   with open(path, 'r+b') as f:
     f.truncate(os.path.getsize(path) // 2)
 
@@ -93,8 +93,9 @@ def _delete_metadata(step_dir):
 
 
 @pytest.mark.parametrize('damage', [_truncate_data, _truncate_manifest, _delete_metadata])
-def test_unreadable_newest_checkpoint_falls_back_to_the_previous(idx_dir, finished, tmp_path,
-                                                                damage, caplog):
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(
+  idx_dir, finished, tmp_path, damage, caplog
+):
   workdir = _copy(finished[0], tmp_path)
   damage(os.path.join(workdir, 'checkpoints', '12'))
   result = train_lib.train_and_evaluate(_config(idx_dir), workdir)
@@ -102,17 +103,21 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(idx_dir, finish
   moved = os.listdir(os.path.join(workdir, checkpointing.UNREADABLE_DIR))
   assert len(moved) == 1 and moved[0].startswith('12-')
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '12']
-  assert any('/12 cannot be restored' in r.getMessage() and 'Resuming from step 10' in
-             r.getMessage() for r in caplog.records)
+  assert any(
+    '/12 cannot be restored' in r.getMessage() and 'Resuming from step 10' in r.getMessage()
+    for r in caplog.records
+  )
 
 
 def test_no_restorable_checkpoint_is_a_clear_error(idx_dir, finished, tmp_path):
   workdir = _copy(finished[0], tmp_path)
   for step in ('10', '12'):
     _delete_metadata(os.path.join(workdir, 'checkpoints', step))
-  with pytest.raises(checkpointing.NoUsableCheckpointError,
-                     match=rf'No train-state checkpoint in {workdir} .*step 12: .*step 10: '
-                           '.*Nothing was moved'):
+  with pytest.raises(
+    checkpointing.NoUsableCheckpointError,
+    match=rf'No train-state checkpoint in {workdir} .*step 12: .*step 10: '
+    '.*Nothing was moved',
+  ):
     train_lib.train_and_evaluate(_config(idx_dir), workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['10', '12']
   assert not os.path.exists(os.path.join(workdir, checkpointing.UNREADABLE_DIR))
@@ -122,15 +127,23 @@ def test_a_second_process_on_a_workdir_fails_at_once_naming_the_first(idx_dir, t
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   holder = subprocess.Popen(
-      [sys.executable, '-c', 'import sys, time; from bcam_jax import workdir_lock\n'
-       'with workdir_lock.locked(sys.argv[1]):\n  print("locked", flush=True); time.sleep(600)',
-       workdir], stdout=subprocess.PIPE, text=True,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    [
+      sys.executable,
+      '-c',
+      'import sys, time; from bcam_jax import workdir_lock\n'
+      'with workdir_lock.locked(sys.argv[1]):\n  print("locked", flush=True); time.sleep(600)',
+      workdir,
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   try:
     assert holder.stdout.readline().strip() == 'locked'
     start = time.time()
-    with pytest.raises(workdir_lock.WorkdirLockedError,
-                       match=rf'{workdir} is in use by process {holder.pid} on '):
+    with pytest.raises(
+      workdir_lock.WorkdirLockedError, match=rf'{workdir} is in use by process {holder.pid} on '
+    ):
       train_lib.train_and_evaluate(tiny_config(idx_dir, num_steps=2), workdir)
     assert time.time() - start < 30
     assert not os.path.exists(os.path.join(workdir, 'config.json'))  # nothing written
@@ -150,9 +163,11 @@ def test_another_model_on_a_workdir_fails_before_writing(idx_dir, finished, tmp_
   config.model.name = 'resnet18'
   config.data.image_size = 32
   config.model.conv_lowering = 'xla'  # speed only: not a difference
-  expected = (r"was trained with another model or data than this config \(data.image_size: "
-              r"28 in the workdir, 32 now; model.name: 'simple_cnn' in the workdir, "
-              r"'resnet18' now\)\. Use the config it was trained with, or a new --workdir\.")
+  expected = (
+    r'was trained with another model or data than this config \(data.image_size: '
+    r"28 in the workdir, 32 now; model.name: 'simple_cnn' in the workdir, "
+    r"'resnet18' now\)\. Use the config it was trained with, or a new --workdir\."
+  )
   with pytest.raises(config_validation.ConfigError, match=expected):
     train_lib.train_and_evaluate(config, workdir)
   assert open(os.path.join(workdir, 'config.json')).read() == recorded
@@ -162,29 +177,42 @@ def test_another_model_on_a_workdir_fails_before_writing(idx_dir, finished, tmp_
     eval_lib.restore(_config(idx_dir), os.path.join(workdir, 'config.json'), 'last')
   fewer_steps = _config(idx_dir)
   fewer_steps.train.num_steps = 10  # the workdir's latest checkpoint is at step 12
-  with pytest.raises(config_validation.ConfigError,
-                     match=r'is at step 12, beyond this config\'s 10 steps'):
+  with pytest.raises(
+    config_validation.ConfigError, match=r'is at step 12, beyond this config\'s 10 steps'
+  ):
     train_lib.train_and_evaluate(fewer_steps, workdir)
 
 
 def test_entry_points_report_user_errors_without_a_traceback(idx_dir, finished):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  common = ['--config=configs/simple_cnn_baseline.py', f'--workdir={finished[0]}',
-            '--config.data.source=idx', f'--config.data.idx_dir={idx_dir}']
+  common = [
+    '--config=configs/simple_cnn_baseline.py',
+    f'--workdir={finished[0]}',
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={idx_dir}',
+  ]
   for script, extra, message in (
-      ('train.py', ['--config.data.name=cifar'], "error: config.data.name='cifar' is not valid"),
-      ('eval.py', ['--config.model.name=resnet18'], 'error: .* was trained with another model')):
-    proc = subprocess.run([sys.executable, script, *common, *extra], cwd=repo,
-                          capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    ('train.py', ['--config.data.name=cifar'], "error: config.data.name='cifar' is not valid"),
+    ('eval.py', ['--config.model.name=resnet18'], 'error: .* was trained with another model'),
+  ):
+    proc = subprocess.run(
+      [sys.executable, script, *common, *extra],
+      cwd=repo,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert 'Traceback' not in proc.stderr
 
 
 def test_resumed_logger_drops_what_it_will_replay(tmp_path):
-  from bcam_jax.metric_logging import MetricLogger
   from tensorboardX.proto import event_pb2
+
+  from bcam_jax.metric_logging import MetricLogger
+
   workdir = str(tmp_path)
   logger = MetricLogger(workdir)
   for step in (5, 10, 15):
@@ -202,8 +230,8 @@ def test_resumed_logger_drops_what_it_will_replay(tmp_path):
     raw = open(os.path.join(workdir, 'tensorboard', name), 'rb').read()
     pos = 0
     while pos < len(raw):  # TFRecord framing: length, crc, payload, crc
-      length = int.from_bytes(raw[pos:pos + 8], 'little')
-      event = event_pb2.Event.FromString(raw[pos + 12:pos + 12 + length])
+      length = int.from_bytes(raw[pos : pos + 8], 'little')
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
       if event.HasField('session_log') and event.session_log.status == event.session_log.START:
         purges.append(event.step)
       pos += 16 + length
@@ -218,35 +246,56 @@ def test_unwritable_or_missing_workdir_is_named(tmp_path, monkeypatch):
 
   def refuse(*args, **kwargs):
     raise PermissionError(13, 'Permission denied')
+
   monkeypatch.setattr(workdir_lock.os, 'open', refuse)  # as root, chmod would not stop us
   with pytest.raises(workdir_lock.WorkdirError, match=f'workdir {tmp_path} is not writable'):
     with workdir_lock.locked(str(tmp_path)):
       pass
 
 
-KILL_MOMENTS = [('startup', 0), ('validation', 12), ('save', 16), ('save_best', 12),
-                ('after_validation', 12)]
+KILL_MOMENTS = [
+  ('startup', 0),
+  ('validation', 12),
+  ('save', 16),
+  ('save_best', 12),
+  ('after_validation', 12),
+]
 
 
 def _train_args(idx_dir, workdir):
   """24 steps of 8; train states at 8, 16, 24; validations (best checkpoints) at 12, 24."""
-  return ['--config=configs/simple_cnn_baseline.py', f'--workdir={workdir}',
-          '--config.data.source=idx', f'--config.data.idx_dir={idx_dir}',
-          '--config.data.val_size=40', '--config.train.batch_size=8',
-          '--config.train.num_steps=24', '--config.train.checkpoint_every_steps=8',
-          '--config.train.eval_every_steps=12', '--config.train.log_every_steps=4',
-          '--config.eval.batch_size=40']
+  return [
+    '--config=configs/simple_cnn_baseline.py',
+    f'--workdir={workdir}',
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={idx_dir}',
+    '--config.data.val_size=40',
+    '--config.train.batch_size=8',
+    '--config.train.num_steps=24',
+    '--config.train.checkpoint_every_steps=8',
+    '--config.train.eval_every_steps=12',
+    '--config.train.log_every_steps=4',
+    '--config.eval.batch_size=40',
+  ]
 
 
 def _run(args, **kwargs):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  return subprocess.run([sys.executable, *args], cwd=repo, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'), **kwargs)
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=repo,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    **kwargs,
+  )
 
 
 def _final(workdir):
   """(final parameters, (step, split) of every metrics.jsonl line)."""
   import orbax.checkpoint as ocp
+
   with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as manager:
     assert manager.latest_step() == 24
     params = manager.restore(24)['params']
@@ -265,13 +314,15 @@ def uninterrupted(idx_dir, tmp_path_factory):
 
 @pytest.mark.parametrize('signal_name', ['SIGKILL', 'SIGINT'])
 @pytest.mark.parametrize('moment,step', KILL_MOMENTS)
-def test_killed_train_py_restarts_to_the_uninterrupted_run(idx_dir, tmp_path, uninterrupted,
-                                                            moment, step, signal_name):
+def test_killed_train_py_restarts_to_the_uninterrupted_run(
+  idx_dir, tmp_path, uninterrupted, moment, step, signal_name
+):
   """A real train.py killed at `moment`, then restarted: the restart completes, ends
   bitwise where an uninterrupted run ends, and metrics.jsonl holds each step once."""
   workdir = str(tmp_path / 'run')
-  killed = _run(['tests/kill_at.py', moment, str(step), signal_name,
-                 *_train_args(idx_dir, workdir)])
+  killed = _run(
+    ['tests/kill_at.py', moment, str(step), signal_name, *_train_args(idx_dir, workdir)]
+  )
   assert killed.returncode != 0, killed.stderr[-3000:]
   assert not os.path.exists(os.path.join(workdir, 'results.json'))  # it did not finish
   restarted = _run(['train.py', *_train_args(idx_dir, workdir)])

@@ -18,6 +18,7 @@ CAM map sizes (default options)::
 
 The model modules document the other options' sizes and parameter counts.
 """
+
 import dataclasses
 import math
 
@@ -30,9 +31,9 @@ from bcam_jax.models.resnet import ResNet18
 from bcam_jax.models.simple_cnn import SimpleCNN
 
 _MODELS = {
-    'simple_cnn': SimpleCNN,
-    'resnet18': ResNet18,
-    'convnext_v2_tiny': ConvNeXtV2Tiny,
+  'simple_cnn': SimpleCNN,
+  'resnet18': ResNet18,
+  'convnext_v2_tiny': ConvNeXtV2Tiny,
 }
 MODEL_NAMES = tuple(_MODELS)
 
@@ -41,73 +42,82 @@ _NOT_OPTIONS = ('num_classes', 'parent', 'name', 'head_type', 'pooling', 'conv_l
 
 
 def _model_class(name: str) -> type[CamClassifier]:
-    if name not in _MODELS:
-        raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
-    return _MODELS[name]
+  if name not in _MODELS:
+    raise ValueError(f'unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}')
+  return _MODELS[name]
 
 
 def model_options(name: str) -> tuple[str, ...]:
-    """Names of the options ``get_model`` accepts for model ``name``."""
-    fields = dataclasses.fields(_model_class(name))
-    return tuple(f.name for f in fields if f.name not in _NOT_OPTIONS)
+  """Names of the options ``get_model`` accepts for model ``name``."""
+  fields = dataclasses.fields(_model_class(name))
+  return tuple(f.name for f in fields if f.name not in _NOT_OPTIONS)
 
 
-def get_model(name: str, num_classes: int, *, head: str = 'default',
-              pooling: str = 'default', conv_lowering: str = 'auto',
-              **options) -> CamClassifier:
-    """Build model ``name`` with ``num_classes`` outputs and its options.
+def get_model(
+  name: str,
+  num_classes: int,
+  *,
+  head: str = 'default',
+  pooling: str = 'default',
+  conv_lowering: str = 'auto',
+  **options,
+) -> CamClassifier:
+  """Build model ``name`` with ``num_classes`` outputs and its options.
 
-    ``head="softcam"`` gives the Soft-CAM evidence head, ``pooling="ca_stream"`` the
-    CA-Stream attention pooling (``bcam_jax.models.heads``); both work on every backbone.
-    ``conv_lowering`` ("auto", "xla", "shifted_matmul") picks how convolutions lower
-    (``bcam_jax.models.conv``); it changes speed only, never the parameters.
+  ``head="softcam"`` gives the Soft-CAM evidence head, ``pooling="ca_stream"`` the
+  CA-Stream attention pooling (``bcam_jax.models.heads``); both work on every backbone.
+  ``conv_lowering`` ("auto", "xla", "shifted_matmul") picks how convolutions lower
+  (``bcam_jax.models.conv``); it changes speed only, never the parameters.
 
-    ``dtype`` may be given as a string (e.g. ``"bfloat16"``).  Unknown names
-    and options raise ValueError listing the valid ones.
-    """
-    cls = _model_class(name)
-    valid = model_options(name)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ValueError(f'unknown option(s) {", ".join(unknown)} for model {name!r}; '
-                         f'valid options: {", ".join(valid)}')
-    if isinstance(options.get('dtype'), str):
-        options['dtype'] = jnp.dtype(options['dtype'])
-    return cls(num_classes, head_type=head, pooling=pooling, conv_lowering=conv_lowering,
-               **options)
+  ``dtype`` may be given as a string (e.g. ``"bfloat16"``).  Unknown names
+  and options raise ValueError listing the valid ones.
+  """
+  cls = _model_class(name)
+  valid = model_options(name)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(
+      f'unknown option(s) {", ".join(unknown)} for model {name!r}; '
+      f'valid options: {", ".join(valid)}'
+    )
+  if isinstance(options.get('dtype'), str):
+    options['dtype'] = jnp.dtype(options['dtype'])
+  return cls(num_classes, head_type=head, pooling=pooling, conv_lowering=conv_lowering, **options)
 
 
 def head_fn(model: CamClassifier, variables, features: dict):
-    """The per-sample head as a pure function of the CAM features: a -> logits, with
-    CA-Stream's query (a per-sample input of the head) taken from ``features``."""
-    query = features.get('ca_query')
-    return lambda a: model.apply(variables, a, query, method='head')
+  """The per-sample head as a pure function of the CAM features: a -> logits, with
+  CA-Stream's query (a per-sample input of the head) taken from ``features``."""
+  query = features.get('ca_query')
+  return lambda a: model.apply(variables, a, query, method='head')
 
 
 def _image(image_size: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32)
+  return jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32)
 
 
 def cam_shape(model: CamClassifier, image_size: int) -> tuple[int, int, int]:
-    """(h, w, k) of the CAM map for square images of side ``image_size``; shape inference only."""
-    def init_features(x):
-        (_, features), _ = model.init_with_output(jax.random.key(0), x, train=False)
-        return features
-    return tuple(jax.eval_shape(init_features, _image(image_size))['cam'].shape[1:])
+  """(h, w, k) of the CAM map for square images of side ``image_size``; shape inference only."""
+
+  def init_features(x):
+    (_, features), _ = model.init_with_output(jax.random.key(0), x, train=False)
+    return features
+
+  return tuple(jax.eval_shape(init_features, _image(image_size))['cam'].shape[1:])
 
 
 def init_variables(model: CamClassifier, rng: jax.Array, image_size: int) -> dict:
-    """Initial variables ({'params', 'batch_stats'?}) for square images of side ``image_size``
-    (without the zero ``perturbations`` that ``init`` also creates).
+  """Initial variables ({'params', 'batch_stats'?}) for square images of side ``image_size``
+  (without the zero ``perturbations`` that ``init`` also creates).
 
-    Jitted, so XLA drops the forward pass that ``init`` traces: only the
-    initialisers run.
-    """
-    images = jnp.zeros(_image(image_size).shape, jnp.float32)
-    variables = jax.jit(lambda key: model.init(key, images, train=False))(rng)
-    return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+  Jitted, so XLA drops the forward pass that ``init`` traces: only the
+  initialisers run.
+  """
+  images = jnp.zeros(_image(image_size).shape, jnp.float32)
+  variables = jax.jit(lambda key: model.init(key, images, train=False))(rng)
+  return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
 
 
 def param_count(params) -> int:
-    """Number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+  """Number of scalars in a pytree of arrays (or ShapeDtypeStructs)."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))

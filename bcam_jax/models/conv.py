@@ -20,6 +20,7 @@ Taps of the kernel that only ever read padding are skipped (a 3x3 kernel on a 1x
 padding 1 is a plain dense layer), and depthwise convolutions (ConvNeXt's 7x7) become a sum
 of the taps' slices times their per-channel weights instead of a dot.
 """
+
 import functools
 
 import flax.linen as nn
@@ -50,14 +51,15 @@ def explicit_padding(in_spatial, kernel_spatial, strides, padding) -> tuple:
 
 def output_spatial(in_spatial, kernel_spatial, strides, pads) -> tuple[int, ...]:
   """Output side per spatial axis of a convolution with explicit ``pads``."""
-  return tuple((size + lo + hi - k) // s + 1
-               for size, k, s, (lo, hi) in zip(in_spatial, kernel_spatial, strides, pads))
+  return tuple(
+    (size + lo + hi - k) // s + 1
+    for size, k, s, (lo, hi) in zip(in_spatial, kernel_spatial, strides, pads)
+  )
 
 
 def _useful_taps(size: int, k: int, stride: int, pad_lo: int, out: int) -> list[int]:
   """Kernel offsets along one axis that read at least one real (non-padding) input pixel."""
-  return [i for i in range(k)
-          if any(0 <= i + o * stride - pad_lo < size for o in range(out))]
+  return [i for i in range(k) if any(0 <= i + o * stride - pad_lo < size for o in range(out))]
 
 
 def _is_depthwise(lhs_shape, rhs_shape, feature_group_count: int) -> bool:
@@ -65,9 +67,15 @@ def _is_depthwise(lhs_shape, rhs_shape, feature_group_count: int) -> bool:
   return feature_group_count == channels == out_channels and in_per_group == 1
 
 
-def shifted_matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
-                        feature_group_count: int = 1, precision=None,
-                        preferred_element_type=None) -> jax.Array:
+def shifted_matmul_conv(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  window_strides,
+  padding,
+  feature_group_count: int = 1,
+  precision=None,
+  preferred_element_type=None,
+) -> jax.Array:
   """2-D convolution of NHWC ``lhs`` with an HWIO ``rhs`` as im2col by concatenation + one dot.
 
   Equals ``lax.conv_general_dilated`` with NHWC/HWIO/NHWC dimension numbers and no dilation.
@@ -76,9 +84,11 @@ def shifted_matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
   n, h, w, c = lhs.shape
   kh, kw, in_per_group, out_channels = rhs.shape
   if feature_group_count != 1 and not _is_depthwise(lhs.shape, rhs.shape, feature_group_count):
-    raise ValueError(f'shifted_matmul_conv supports feature_group_count 1 or depthwise '
-                     f'(= {c} channels in and out); got {feature_group_count} with kernel '
-                     f'{rhs.shape}')
+    raise ValueError(
+      f'shifted_matmul_conv supports feature_group_count 1 or depthwise '
+      f'(= {c} channels in and out); got {feature_group_count} with kernel '
+      f'{rhs.shape}'
+    )
   if feature_group_count == 1 and in_per_group != c:
     raise ValueError(f'kernel {rhs.shape} expects {in_per_group} input channels, input has {c}')
   strides = tuple(window_strides)
@@ -91,8 +101,13 @@ def shifted_matmul_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding,
     return _depthwise_sum(slices, taps, rhs).astype(dtype)
   columns = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
   weights = jnp.concatenate([rhs[i, j] for i, j in taps], axis=0)
-  return lax.dot_general(columns, weights, (((3,), (0,)), ((), ())), precision=precision,
-                         preferred_element_type=preferred_element_type).astype(dtype)
+  return lax.dot_general(
+    columns,
+    weights,
+    (((3,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  ).astype(dtype)
 
 
 def _depthwise_sum(slices, taps, rhs) -> jax.Array:
@@ -108,12 +123,21 @@ def _tap_slices(x, kernel, strides, pads) -> tuple[list, list]:
   slice of the padded x that it multiplies."""
   n, h, w, c = x.shape
   ho, wo = output_spatial((h, w), kernel, strides, pads)
-  taps = [(i, j) for i in _useful_taps(h, kernel[0], strides[0], pads[0][0], ho)
-          for j in _useful_taps(w, kernel[1], strides[1], pads[1][0], wo)]
+  taps = [
+    (i, j)
+    for i in _useful_taps(h, kernel[0], strides[0], pads[0][0], ho)
+    for j in _useful_taps(w, kernel[1], strides[1], pads[1][0], wo)
+  ]
   xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  slices = [lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * strides[0] + 1,
-                                         j + (wo - 1) * strides[1] + 1, c), (1, *strides, 1))
-            for i, j in taps]
+  slices = [
+    lax.slice(
+      xp,
+      (0, i, j, 0),
+      (n, i + (ho - 1) * strides[0] + 1, j + (wo - 1) * strides[1] + 1, c),
+      (1, *strides, 1),
+    )
+    for i, j in taps
+  ]
   return taps, slices
 
 
@@ -143,8 +167,10 @@ def _depthwise_kernel_grad(x, cotangent, kernel_shape, pads):
       total = total.at[i, j, 0].add(jnp.sum(piece * cc, axis=(0, 1, 2), dtype=accumulate))
     return total, None
 
-  pairs = (x.reshape(n // chunk, chunk, *x.shape[1:]),
-           cotangent.reshape(n // chunk, chunk, *cotangent.shape[1:]))
+  pairs = (
+    x.reshape(n // chunk, chunk, *x.shape[1:]),
+    cotangent.reshape(n // chunk, chunk, *cotangent.shape[1:]),
+  )
   return lax.scan(chunk_grad, jnp.zeros(kernel_shape, accumulate), pairs)[0]
 
 
@@ -171,8 +197,15 @@ def _depthwise_bwd(pads, residuals, cotangent):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def choose_lowering(lowering: str, backend: str, lhs_shape, rhs_shape, window_strides, padding,
-                    feature_group_count: int = 1) -> str:
+def choose_lowering(
+  lowering: str,
+  backend: str,
+  lhs_shape,
+  rhs_shape,
+  window_strides,
+  padding,
+  feature_group_count: int = 1,
+) -> str:
   """The lowering ("xla" or "shifted_matmul") that ``lowering`` means for these static shapes.
 
   "auto" is XLA's convolution except on CPU, where the shifted-matmul form is taken for
@@ -197,37 +230,72 @@ def choose_lowering(lowering: str, backend: str, lhs_shape, rhs_shape, window_st
   if feature_group_count != 1 and not depthwise:
     return 'xla'
   spatial, kernel = tuple(lhs_shape[1:3]), tuple(rhs_shape[:2])
-  out = output_spatial(spatial, kernel, window_strides,
-                       explicit_padding(spatial, kernel, window_strides, padding))
+  out = output_spatial(
+    spatial, kernel, window_strides, explicit_padding(spatial, kernel, window_strides, padding)
+  )
   non_overlapping = all(k <= s for k, s in zip(kernel, window_strides))
   tiny = max(out) <= SHIFTED_MATMUL_MAX_SIDE
   return 'shifted_matmul' if depthwise or non_overlapping or tiny else 'xla'
 
 
-def _conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
-          preferred_element_type=None, *, lowering: str):
+def _conv(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  *,
+  lowering: str,
+):
   """``lax.conv_general_dilated``'s signature; dispatches on ``choose_lowering``."""
   xla_conv = functools.partial(
-      lax.conv_general_dilated, lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-      rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count, batch_group_count=batch_group_count,
-      precision=precision, preferred_element_type=preferred_element_type)
-  plain = (lhs.ndim == 4 and batch_group_count == 1
-           and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-           and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-           == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST))
+    lax.conv_general_dilated,
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=lhs_dilation,
+    rhs_dilation=rhs_dilation,
+    dimension_numbers=dimension_numbers,
+    feature_group_count=feature_group_count,
+    batch_group_count=batch_group_count,
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+  plain = (
+    lhs.ndim == 4
+    and batch_group_count == 1
+    and all(d == 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
+    and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST)
+  )
   if not plain:
     if lowering == 'shifted_matmul':
-      raise ValueError('conv_lowering="shifted_matmul" needs a 2-D NHWC/HWIO convolution '
-                       'without dilation or batch groups')
+      raise ValueError(
+        'conv_lowering="shifted_matmul" needs a 2-D NHWC/HWIO convolution '
+        'without dilation or batch groups'
+      )
     return xla_conv()
-  choice = choose_lowering(lowering, jax.default_backend(), lhs.shape, rhs.shape,
-                           window_strides, padding, feature_group_count)
+  choice = choose_lowering(
+    lowering,
+    jax.default_backend(),
+    lhs.shape,
+    rhs.shape,
+    window_strides,
+    padding,
+    feature_group_count,
+  )
   if choice == 'xla':
     return xla_conv()
-  return shifted_matmul_conv(lhs, rhs, window_strides, padding, feature_group_count,
-                             precision, preferred_element_type)
+  return shifted_matmul_conv(
+    lhs, rhs, window_strides, padding, feature_group_count, precision, preferred_element_type
+  )
 
 
 @functools.cache

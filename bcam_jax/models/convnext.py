@@ -28,6 +28,7 @@ stem (stride 1 or 2) and 27,871,114 with the patchify stem; each block has
 8d^2 + 65d.  With RGB input and 1000 classes the patchify model has
 28,635,496, the published 28.6M of ConvNeXt V2-T.
 """
+
 from functools import partial
 
 import flax.linen as nn
@@ -49,138 +50,146 @@ _WEIGHT_INIT = nn.initializers.truncated_normal(0.02)
 
 
 class GRN(nn.Module):
-    """Global Response Normalisation, per sample, in at least float32.
+  """Global Response Normalisation, per sample, in at least float32.
 
-    Gx = L2 norm over (H, W) per channel, Nx = Gx / (mean over channels of Gx
-    + 1e-6), out = gamma * (x * Nx) + beta + x, with gamma and beta of shape
-    (1, 1, 1, C) starting at zero (so the layer starts as the identity).
-    """
+  Gx = L2 norm over (H, W) per channel, Nx = Gx / (mean over channels of Gx
+  + 1e-6), out = gamma * (x * Nx) + beta + x, with gamma and beta of shape
+  (1, 1, 1, C) starting at zero (so the layer starts as the identity).
+  """
 
-    dtype: jnp.dtype
+  dtype: jnp.dtype
 
-    @nn.compact
-    def __call__(self, x):
-        channels = x.shape[-1]
-        gamma = self.param('gamma', nn.initializers.zeros, (1, 1, 1, channels))
-        beta = self.param('beta', nn.initializers.zeros, (1, 1, 1, channels))
-        x = at_least_float32(x)
-        sum_sq = jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)
-        # sqrt with gradient 0 (as torch.norm) rather than NaN at an all-zero channel.
-        positive = sum_sq > 0
-        gx = jnp.where(positive, jnp.sqrt(jnp.where(positive, sum_sq, 1.0)), 0.0)
-        nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
-        return jnp.asarray(gamma * (x * nx) + beta + x, self.dtype)
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    gamma = self.param('gamma', nn.initializers.zeros, (1, 1, 1, channels))
+    beta = self.param('beta', nn.initializers.zeros, (1, 1, 1, channels))
+    x = at_least_float32(x)
+    sum_sq = jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True)
+    # sqrt with gradient 0 (as torch.norm) rather than NaN at an all-zero channel.
+    positive = sum_sq > 0
+    gx = jnp.where(positive, jnp.sqrt(jnp.where(positive, sum_sq, 1.0)), 0.0)
+    nx = gx / (jnp.mean(gx, axis=-1, keepdims=True) + 1e-6)
+    return jnp.asarray(gamma * (x * nx) + beta + x, self.dtype)
 
 
 class ConvNeXtV2Block(nn.Module):
-    """ConvNeXt V2 block with stochastic depth ``drop_path`` on its residual branch."""
+  """ConvNeXt V2 block with stochastic depth ``drop_path`` on its residual branch."""
 
-    dim: int
-    drop_path: float
-    dtype: jnp.dtype
-    conv_lowering: str = 'auto'
+  dim: int
+  drop_path: float
+  dtype: jnp.dtype
+  conv_lowering: str = 'auto'
 
-    @nn.compact
-    def __call__(self, x, train: bool):
-        y = conv_module(self.conv_lowering)(self.dim, (7, 7), padding=3,
-                                            feature_group_count=self.dim, dtype=self.dtype,
-                                            kernel_init=_WEIGHT_INIT, name='dwconv')(x)
-        y = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype, name='norm')(y)
-        y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv1')(y)
-        y = nn.gelu(y, approximate=False)
-        y = GRN(self.dtype, name='grn')(y)
-        y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv2')(y)
-        # Drop path: one Bernoulli draw per sample (mask broadcast over H, W, C), scaled by 1/keep.
-        y = nn.Dropout(self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train,
-                       name='drop_path')(y)
-        return x + y
+  @nn.compact
+  def __call__(self, x, train: bool):
+    y = conv_module(self.conv_lowering)(
+      self.dim,
+      (7, 7),
+      padding=3,
+      feature_group_count=self.dim,
+      dtype=self.dtype,
+      kernel_init=_WEIGHT_INIT,
+      name='dwconv',
+    )(x)
+    y = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype, name='norm')(y)
+    y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv1')(y)
+    y = nn.gelu(y, approximate=False)
+    y = GRN(self.dtype, name='grn')(y)
+    y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv2')(y)
+    # Drop path: one Bernoulli draw per sample (mask broadcast over H, W, C), scaled by 1/keep.
+    y = nn.Dropout(
+      self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train, name='drop_path'
+    )(y)
+    return x + y
 
 
 class ConvNeXtV2Backbone(nn.Module):
-    """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
+  """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
 
-    stem_stride: int
-    drop_path_rate: float
-    dtype: jnp.dtype
-    conv_lowering: str = 'auto'
+  stem_stride: int
+  drop_path_rate: float
+  dtype: jnp.dtype
+  conv_lowering: str = 'auto'
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        conv = partial(conv_module(self.conv_lowering), dtype=self.dtype, kernel_init=_WEIGHT_INIT)
-        norm = partial(nn.LayerNorm, epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype)
-        if self.stem_stride == 4:
-            x = conv(DIMS[0], (4, 4), strides=4, padding='VALID', name='stem_conv')(x)
-        else:
-            x = conv(DIMS[0], (3, 3), strides=self.stem_stride, padding=1, name='stem_conv')(x)
-        x = self.perturb('stem', norm(name='stem_norm')(x))
-        features = {'stem': x}
-        rates = np.linspace(0.0, self.drop_path_rate, sum(DEPTHS))
-        block = 0
-        for i, (depth, dim) in enumerate(zip(DEPTHS, DIMS), start=1):
-            if i > 1:
-                x = norm(name=f'downsample{i}_norm')(x)
-                x = conv(dim, (2, 2), strides=2, padding='VALID', name=f'downsample{i}_conv')(x)
-            for j in range(depth):
-                x = ConvNeXtV2Block(dim, float(rates[block]), self.dtype, self.conv_lowering,
-                                    name=f'stage{i}_block{j + 1}')(x, train)
-                block += 1
-            x = self.perturb(f'stage{i}', x)
-            features[f'stage{i}'] = x
-        features['cam'] = x
-        return features
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = partial(conv_module(self.conv_lowering), dtype=self.dtype, kernel_init=_WEIGHT_INIT)
+    norm = partial(nn.LayerNorm, epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype)
+    if self.stem_stride == 4:
+      x = conv(DIMS[0], (4, 4), strides=4, padding='VALID', name='stem_conv')(x)
+    else:
+      x = conv(DIMS[0], (3, 3), strides=self.stem_stride, padding=1, name='stem_conv')(x)
+    x = self.perturb('stem', norm(name='stem_norm')(x))
+    features = {'stem': x}
+    rates = np.linspace(0.0, self.drop_path_rate, sum(DEPTHS))
+    block = 0
+    for i, (depth, dim) in enumerate(zip(DEPTHS, DIMS), start=1):
+      if i > 1:
+        x = norm(name=f'downsample{i}_norm')(x)
+        x = conv(dim, (2, 2), strides=2, padding='VALID', name=f'downsample{i}_conv')(x)
+      for j in range(depth):
+        x = ConvNeXtV2Block(
+          dim, float(rates[block]), self.dtype, self.conv_lowering, name=f'stage{i}_block{j + 1}'
+        )(x, train)
+        block += 1
+      x = self.perturb(f'stage{i}', x)
+      features[f'stage{i}'] = x
+    features['cam'] = x
+    return features
 
 
 class PoolNormDenseHead(nn.Module):
-    """Global average pool (or CA pooling given a query), LayerNorm, Dense, all in at least
-    float32."""
+  """Global average pool (or CA pooling given a query), LayerNorm, Dense, all in at least
+  float32."""
 
-    num_classes: int
+  num_classes: int
 
-    @nn.compact
-    def __call__(self, cam, query=None):
-        x = pool(cam, query)
-        x = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, name='norm')(x)
-        return nn.Dense(self.num_classes, kernel_init=_WEIGHT_INIT,
-                        name='dense')(x)
+  @nn.compact
+  def __call__(self, cam, query=None):
+    x = pool(cam, query)
+    x = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, name='norm')(x)
+    return nn.Dense(self.num_classes, kernel_init=_WEIGHT_INIT, name='dense')(x)
 
 
 class ConvNeXtV2Tiny(CamClassifier):
-    """ConvNeXt V2-Tiny classifier.
+  """ConvNeXt V2-Tiny classifier.
 
-    Options: ``stem_stride`` (1, 2 or 4), ``drop_path_rate``, ``dtype``.
-    """
+  Options: ``stem_stride`` (1, 2 or 4), ``drop_path_rate``, ``dtype``.
+  """
 
-    stem_stride: int = 1
-    drop_path_rate: float = 0.1
+  stem_stride: int = 1
+  drop_path_rate: float = 0.1
 
-    def __post_init__(self):
-        if self.stem_stride not in STEM_STRIDES:
-            raise ValueError(f'convnext_v2_tiny: stem_stride must be one of {STEM_STRIDES}, '
-                             f'got {self.stem_stride!r}')
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f'convnext_v2_tiny: drop_path_rate must be in [0, 1), '
-                             f'got {self.drop_path_rate!r}')
-        super().__post_init__()
+  def __post_init__(self):
+    if self.stem_stride not in STEM_STRIDES:
+      raise ValueError(
+        f'convnext_v2_tiny: stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride!r}'
+      )
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(
+        f'convnext_v2_tiny: drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}'
+      )
+    super().__post_init__()
 
-    stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
+  stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
 
-    @nn.nowrap
-    def make_backbone(self):
-        return ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype,
-                                  self.conv_lowering)
+  @nn.nowrap
+  def make_backbone(self):
+    return ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype, self.conv_lowering)
 
-    @nn.nowrap
-    def make_head(self):
-        return PoolNormDenseHead(self.num_classes)
+  @nn.nowrap
+  def make_head(self):
+    return PoolNormDenseHead(self.num_classes)
 
-    @nn.nowrap
-    def cam_side(self, image_side: int) -> int:
-        if self.stem_stride == 4:
-            side = image_side // 4
-        else:
-            side = -(-image_side // self.stem_stride)
-        return side // 2 // 2 // 2
+  @nn.nowrap
+  def cam_side(self, image_side: int) -> int:
+    if self.stem_stride == 4:
+      side = image_side // 4
+    else:
+      side = -(-image_side // self.stem_stride)
+    return side // 2 // 2 // 2
 
-    @nn.nowrap
-    def label(self) -> str:
-        return f'convnext_v2_tiny(stem_stride={self.stem_stride})'
+  @nn.nowrap
+  def label(self) -> str:
+    return f'convnext_v2_tiny(stem_stride={self.stem_stride})'

@@ -50,133 +50,154 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(dtype, lowering, features, kernel, stride, name):
-    """Bias-free conv with symmetric padding kernel // 2."""
-    return conv_module(lowering)(features, (kernel, kernel), strides=(stride, stride),
-                                 padding=kernel // 2, use_bias=False, dtype=dtype,
-                                 kernel_init=_CONV_INIT, name=name)
+  """Bias-free conv with symmetric padding kernel // 2."""
+  return conv_module(lowering)(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=kernel // 2,
+    use_bias=False,
+    dtype=dtype,
+    kernel_init=_CONV_INIT,
+    name=name,
+  )
 
 
 def _batch_norm(dtype, train, name, scale_init=nn.initializers.ones):
-    """BatchNorm with the library's settings; statistics and normalisation in float32.
+  """BatchNorm with the library's settings; statistics and normalisation in float32.
 
-    Two-pass variance (``use_fast_variance=False``): E[x^2] - E[x]^2 cancels
-    catastrophically when a channel's mean dwarfs its spread, and then depends on
-    the reduction order, i.e. on how the batch is sharded.
-    """
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        use_fast_variance=False,
-                                        dtype=dtype, scale_init=scale_init, name=name)
+  Two-pass variance (``use_fast_variance=False``): E[x^2] - E[x]^2 cancels
+  catastrophically when a channel's mean dwarfs its spread, and then depends on
+  the reduction order, i.e. on how the batch is sharded.
+  """
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=0.9,
+    epsilon=1e-5,
+    use_fast_variance=False,
+    dtype=dtype,
+    scale_init=scale_init,
+    name=name,
+  )
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus the (projected where needed) input, then ReLU."""
+  """Two 3x3 conv-BN layers plus the (projected where needed) input, then ReLU."""
 
-    features: int
-    stride: int
-    zero_init_residual: bool
-    dtype: jnp.dtype
-    conv_lowering: str = 'auto'
+  features: int
+  stride: int
+  zero_init_residual: bool
+  dtype: jnp.dtype
+  conv_lowering: str = 'auto'
 
-    @nn.compact
-    def __call__(self, x, train: bool):
-        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = _conv(self.dtype, self.conv_lowering, self.features, 3, self.stride, 'conv1')(x)
-        y = nn.relu(_batch_norm(self.dtype, train, 'bn1')(y))
-        y = _conv(self.dtype, self.conv_lowering, self.features, 3, 1, 'conv2')(y)
-        y = _batch_norm(self.dtype, train, 'bn2', last_scale)(y)
-        shortcut = x
-        if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = _conv(self.dtype, self.conv_lowering, self.features, 1, self.stride,
-                             'proj_conv')(x)
-            shortcut = _batch_norm(self.dtype, train, 'proj_bn')(shortcut)
-        return nn.relu(y + shortcut)
+  @nn.compact
+  def __call__(self, x, train: bool):
+    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+    y = _conv(self.dtype, self.conv_lowering, self.features, 3, self.stride, 'conv1')(x)
+    y = nn.relu(_batch_norm(self.dtype, train, 'bn1')(y))
+    y = _conv(self.dtype, self.conv_lowering, self.features, 3, 1, 'conv2')(y)
+    y = _batch_norm(self.dtype, train, 'bn2', last_scale)(y)
+    shortcut = x
+    if self.stride != 1 or x.shape[-1] != self.features:
+      shortcut = _conv(self.dtype, self.conv_lowering, self.features, 1, self.stride, 'proj_conv')(
+        x
+      )
+      shortcut = _batch_norm(self.dtype, train, 'proj_bn')(shortcut)
+    return nn.relu(y + shortcut)
 
 
 class ResNet18Backbone(nn.Module):
-    """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
+  """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
 
-    stem: str
-    width: int
-    zero_init_residual: bool
-    dtype: jnp.dtype
-    conv_lowering: str = 'auto'
+  stem: str
+  width: int
+  zero_init_residual: bool
+  dtype: jnp.dtype
+  conv_lowering: str = 'auto'
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        widths = [self.width * m for m in WIDTH_MULTIPLIERS]
-        if self.stem == 'small':
-            x = _conv(self.dtype, self.conv_lowering, widths[0], 3, 1, 'stem_conv')(x)
-            x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
-        else:
-            x = _conv(self.dtype, self.conv_lowering, widths[0], 7, 2, 'stem_conv')(x)
-            x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
-            x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
-        x = self.perturb('stem', x)
-        features = {'stem': x}
-        for i, (width, stride) in enumerate(zip(widths, STRIDES), start=1):
-            for j in range(BLOCKS_PER_STAGE):
-                x = BasicBlock(width, stride if j == 0 else 1, self.zero_init_residual, self.dtype,
-                               self.conv_lowering, name=f'stage{i}_block{j + 1}')(x, train)
-            x = self.perturb(f'stage{i}', x)
-            features[f'stage{i}'] = x
-        features['cam'] = x
-        return features
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    widths = [self.width * m for m in WIDTH_MULTIPLIERS]
+    if self.stem == 'small':
+      x = _conv(self.dtype, self.conv_lowering, widths[0], 3, 1, 'stem_conv')(x)
+      x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
+    else:
+      x = _conv(self.dtype, self.conv_lowering, widths[0], 7, 2, 'stem_conv')(x)
+      x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
+      x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = self.perturb('stem', x)
+    features = {'stem': x}
+    for i, (width, stride) in enumerate(zip(widths, STRIDES), start=1):
+      for j in range(BLOCKS_PER_STAGE):
+        x = BasicBlock(
+          width,
+          stride if j == 0 else 1,
+          self.zero_init_residual,
+          self.dtype,
+          self.conv_lowering,
+          name=f'stage{i}_block{j + 1}',
+        )(x, train)
+      x = self.perturb(f'stage{i}', x)
+      features[f'stage{i}'] = x
+    features['cam'] = x
+    return features
 
 
 class PoolDenseHead(nn.Module):
-    """Global average pool (or CA pooling given a query) + Dense in at least float32."""
+  """Global average pool (or CA pooling given a query) + Dense in at least float32."""
 
-    num_classes: int
+  num_classes: int
 
-    @nn.compact
-    def __call__(self, cam, query=None):
-        return nn.Dense(self.num_classes, name='dense')(pool(cam, query))
+  @nn.compact
+  def __call__(self, cam, query=None):
+    return nn.Dense(self.num_classes, name='dense')(pool(cam, query))
 
 
 class ResNet18(CamClassifier):
-    """ResNet-18 classifier.
+  """ResNet-18 classifier.
 
-    Options: ``stem`` ("small" or "imagenet"), ``width`` (channels of the stem
-    and first stage, 64 in ResNet-18; smaller for quick tests), ``zero_init_residual``
-    (start the last BatchNorm scale of each block at zero, so blocks start as
-    identities), ``dtype``.
-    """
+  Options: ``stem`` ("small" or "imagenet"), ``width`` (channels of the stem
+  and first stage, 64 in ResNet-18; smaller for quick tests), ``zero_init_residual``
+  (start the last BatchNorm scale of each block at zero, so blocks start as
+  identities), ``dtype``.
+  """
 
-    stem: str = 'small'
-    width: int = 64
-    zero_init_residual: bool = False
+  stem: str = 'small'
+  width: int = 64
+  zero_init_residual: bool = False
 
-    def __post_init__(self):
-        if self.stem not in STEMS:
-            raise ValueError(f'resnet18: stem must be one of {STEMS}, got {self.stem!r}')
-        if not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f'resnet18: width must be a positive int, got {self.width!r}')
-        super().__post_init__()
+  def __post_init__(self):
+    if self.stem not in STEMS:
+      raise ValueError(f'resnet18: stem must be one of {STEMS}, got {self.stem!r}')
+    if not isinstance(self.width, int) or self.width < 1:
+      raise ValueError(f'resnet18: width must be a positive int, got {self.width!r}')
+    super().__post_init__()
 
-    stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
+  stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
 
-    @nn.nowrap
-    def make_backbone(self):
-        return ResNet18Backbone(self.stem, self.width, self.zero_init_residual, self.dtype,
-                                self.conv_lowering)
+  @nn.nowrap
+  def make_backbone(self):
+    return ResNet18Backbone(
+      self.stem, self.width, self.zero_init_residual, self.dtype, self.conv_lowering
+    )
 
-    @nn.nowrap
-    def make_head(self):
-        return PoolDenseHead(self.num_classes)
+  @nn.nowrap
+  def make_head(self):
+    return PoolDenseHead(self.num_classes)
 
-    @nn.nowrap
-    def class_weights(self, params):
-        if self.head_type == 'default' and self.pooling == 'default':
-            return params['head_net']['dense']['kernel']
-        return super().class_weights(params)
+  @nn.nowrap
+  def class_weights(self, params):
+    if self.head_type == 'default' and self.pooling == 'default':
+      return params['head_net']['dense']['kernel']
+    return super().class_weights(params)
 
-    @nn.nowrap
-    def cam_side(self, image_side: int) -> int:
-        halvings = len(STRIDES) - 1 + (2 if self.stem == 'imagenet' else 0)
-        for _ in range(halvings):
-            image_side = -(-image_side // 2)
-        return image_side
+  @nn.nowrap
+  def cam_side(self, image_side: int) -> int:
+    halvings = len(STRIDES) - 1 + (2 if self.stem == 'imagenet' else 0)
+    for _ in range(halvings):
+      image_side = -(-image_side // 2)
+    return image_side
 
-    @nn.nowrap
-    def label(self) -> str:
-        return f'resnet18(stem={self.stem!r})'
+  @nn.nowrap
+  def label(self) -> str:
+    return f'resnet18(stem={self.stem!r})'

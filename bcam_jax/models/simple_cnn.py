@@ -14,6 +14,7 @@ Sizes (SAME convs, 2x2 max-pools with floor; the minimum image side is 4)::
 Parameters (10 classes): 55,744 in the convs plus 64*h*w*10 + 10 in the head,
 so 87,114 at 28x28 and 557,514 at 112x112.
 """
+
 from functools import partial
 
 import flax.linen as nn
@@ -27,54 +28,55 @@ from bcam_jax.models.heads import pool
 
 
 class SimpleCNNBackbone(nn.Module):
-    """Conv stack up to the CAM layer; without BatchNorm or dropout, ``train`` changes nothing."""
+  """Conv stack up to the CAM layer; without BatchNorm or dropout, ``train`` changes nothing."""
 
-    dtype: jnp.dtype
-    conv_lowering: str = 'auto'
+  dtype: jnp.dtype
+  conv_lowering: str = 'auto'
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        del train  # Same computation in training and evaluation.
-        conv = partial(conv_module(self.conv_lowering), kernel_size=(3, 3), padding='SAME',
-                       dtype=self.dtype)
-        max_pool = partial(pooling.max_pool, window=(2, 2), strides=(2, 2))
-        stage1 = self.perturb('stage1', max_pool(nn.relu(conv(32, name='conv1')(x))))
-        stage2 = self.perturb('stage2', max_pool(nn.relu(conv(64, name='conv2')(stage1))))
-        cam = nn.relu(conv(64, name='conv3')(stage2))
-        return {'stage1': stage1, 'stage2': stage2, 'cam': cam}
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train  # Same computation in training and evaluation.
+    conv = partial(
+      conv_module(self.conv_lowering), kernel_size=(3, 3), padding='SAME', dtype=self.dtype
+    )
+    max_pool = partial(pooling.max_pool, window=(2, 2), strides=(2, 2))
+    stage1 = self.perturb('stage1', max_pool(nn.relu(conv(32, name='conv1')(x))))
+    stage2 = self.perturb('stage2', max_pool(nn.relu(conv(64, name='conv2')(stage1))))
+    cam = nn.relu(conv(64, name='conv3')(stage2))
+    return {'stage1': stage1, 'stage2': stage2, 'cam': cam}
 
 
 class FlattenDenseHead(nn.Module):
-    """Flatten (or CA pooling given a query) + Dense in at least float32."""
+  """Flatten (or CA pooling given a query) + Dense in at least float32."""
 
-    num_classes: int
+  num_classes: int
 
-    @nn.compact
-    def __call__(self, cam, query=None):
-        if query is None:
-            x = at_least_float32(cam).reshape((cam.shape[0], -1))
-        else:
-            x = pool(cam, query)
-        return nn.Dense(self.num_classes, name='dense')(x)
+  @nn.compact
+  def __call__(self, cam, query=None):
+    if query is None:
+      x = at_least_float32(cam).reshape((cam.shape[0], -1))
+    else:
+      x = pool(cam, query)
+    return nn.Dense(self.num_classes, name='dense')(x)
 
 
 class SimpleCNN(CamClassifier):
-    """The paper's baseline classifier; options: ``dtype``."""
+  """The paper's baseline classifier; options: ``dtype``."""
 
-    stream_stages = ('stage1', 'stage2')
+  stream_stages = ('stage1', 'stage2')
 
-    @nn.nowrap
-    def make_backbone(self):
-        return SimpleCNNBackbone(self.dtype, self.conv_lowering)
+  @nn.nowrap
+  def make_backbone(self):
+    return SimpleCNNBackbone(self.dtype, self.conv_lowering)
 
-    @nn.nowrap
-    def make_head(self):
-        return FlattenDenseHead(self.num_classes)
+  @nn.nowrap
+  def make_head(self):
+    return FlattenDenseHead(self.num_classes)
 
-    @nn.nowrap
-    def cam_side(self, image_side: int) -> int:
-        return image_side // 2 // 2
+  @nn.nowrap
+  def cam_side(self, image_side: int) -> int:
+    return image_side // 2 // 2
 
-    @nn.nowrap
-    def label(self) -> str:
-        return 'simple_cnn'
+  @nn.nowrap
+  def label(self) -> str:
+    return 'simple_cnn'

@@ -10,22 +10,43 @@ Fashion-MNIST, 1 seed, 1 epoch (about 15 min a cell on CPU). Grad-CAM metrics on
 Fashion-MNIST, which the paper trained longer), BCPL within a seed std of the baseline, and
 BCPL's prototype alignment L1 about 3x lower than the baseline's.
 """
+
 import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = 'cpu_small'
-  config.description = ('SimpleCNN, all seven training conditions of the Batch-CAM paper on '
-                        'both datasets with 3 seeds, and ResNet18 baseline against BCPL-L1 '
-                        'on Fashion-MNIST, at CPU-sized epoch counts.')
+  config.description = (
+    'SimpleCNN, all seven training conditions of the Batch-CAM paper on '
+    'both datasets with 3 seeds, and ResNet18 baseline against BCPL-L1 '
+    'on Fashion-MNIST, at CPU-sized epoch counts.'
+  )
   config.blocks = [
-      dict(models=('simple_cnn',),
-           conditions=('baseline', 'proto-l1', 'proto-l2', 'proto-ssim', 'bcpl-l1', 'bcpl-l2',
-                       'bcpl-ssim'),
-           datasets=('mnist', 'fashion_mnist'), image_sizes=(28,), seeds=(0, 1, 2), epochs=2),
-      dict(models=('resnet18',), conditions=('baseline', 'bcpl-l1'),
-           datasets=('fashion_mnist',), image_sizes=(28,), seeds=(0,), epochs=1),
+    dict(
+      models=('simple_cnn',),
+      conditions=(
+        'baseline',
+        'proto-l1',
+        'proto-l2',
+        'proto-ssim',
+        'bcpl-l1',
+        'bcpl-l2',
+        'bcpl-ssim',
+      ),
+      datasets=('mnist', 'fashion_mnist'),
+      image_sizes=(28,),
+      seeds=(0, 1, 2),
+      epochs=2,
+    ),
+    dict(
+      models=('resnet18',),
+      conditions=('baseline', 'bcpl-l1'),
+      datasets=('fashion_mnist',),
+      image_sizes=(28,),
+      seeds=(0,),
+      epochs=1,
+    ),
   ]
   config.overrides = ()  # (('dotted.field', value), ...) applied to every cell
   config.eval = ml_collections.ConfigDict(dict(num_images=1000, n_steps=10))
