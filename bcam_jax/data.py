@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
-from matplotlib.figure import Figure
 
 from bcam_jax import io_utils
+from bcam_jax.report import figures
 
 DATA_DIR_ENV = 'BCAM_DATA_DIR'
 IMAGE_SIZE = 28  # Native resolution of both datasets.
@@ -544,30 +544,6 @@ def class_prototypes(split: Split, num_classes: int, image_size: int) -> np.ndar
   return ((protos - low) / np.maximum(high - low, _MINMAX_EPS)).astype(np.float32)
 
 
-def save_image_grid(path: str, images, titles) -> None:
-  """Writes a PNG grid (up to 5 columns), one grey panel per image with its title.
-
-  `images` is (K, H, W) or (K, H, W, 1); each panel is scaled to its own range.
-  The file is written atomically.
-  """
-  images = np.asarray(images)
-  if images.ndim == 4:
-    images = images[..., 0]
-  if len(images) != len(titles):
-    raise ValueError(f'{len(images)} images but {len(titles)} titles.')
-  cols = min(len(images), 5)
-  rows = math.ceil(len(images) / cols)
-  fig = Figure(figsize=(2 * cols, 2.2 * rows))
-  axes = fig.subplots(rows, cols, squeeze=False)
-  for ax in axes.flat:
-    ax.axis('off')
-  for ax, image, title in zip(axes.flat, images, titles):
-    ax.imshow(image, cmap='gray')
-    ax.set_title(str(title), fontsize=9)
-  fig.tight_layout()
-  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
-
-
 def load_or_compute_prototypes(
   workdir: str, datasets: Datasets, image_size: int, write: bool = True
 ) -> dict[str, np.ndarray]:
@@ -606,6 +582,6 @@ def load_or_compute_prototypes(
         io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
         logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
     if write and not os.path.exists(png):
-      save_image_grid(png, protos, titles)
+      figures.save_image_grid(png, protos, titles)
     result[split_name] = protos
   return result

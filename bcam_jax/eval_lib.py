@@ -26,16 +26,15 @@ from bcam_jax import (
   data,
   explain,
   faithfulness,
-  figures,
   io_utils,
   losses,
   parallel,
-  report,
   train_lib,
   workdir_lock,
 )
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.metric_logging import format_duration
+from bcam_jax.report import figures, markdown
 
 CHECKPOINTS = ('best', 'last')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
@@ -47,12 +46,12 @@ class EvalOptions:
 
   methods: CAM methods (`explain.METHODS`), empty for `explain.default_methods` of the
   model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention);
-  num_images: test images (the first ones) for the per-method metrics, 0 for all; target: the class each map explains, 'label' or
-  'predicted'; layer: the explained layer of the features dict; n_steps: insertion and
-  deletion steps; batch_size: images per jitted call of a method (Score-CAM and
-  insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
-  num_overlays: test images in overlays.png; num_error_pairs: confusions in
-  error_prototypes.png.
+  num_images: test images (the first ones) for the per-method metrics, 0 for all;
+  target: the class each map explains, 'label' or 'predicted'; layer: the explained
+  layer of the features dict; n_steps: insertion and deletion steps; batch_size: images
+  per jitted call of a method (Score-CAM and insertion/deletion multiply it by
+  score_cam_chunk and 2 * steps_per_call); num_overlays: test images in overlays.png;
+  num_error_pairs: confusions in error_prototypes.png.
   """
 
   checkpoint: str = 'best'
@@ -390,7 +389,7 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
     )
     _write_overlays(out, info, subset, overlay_maps, variables, explainer)
     io_utils.write_json(os.path.join(out, 'metrics.json'), result)
-    text = report.render(result, info.class_names).encode()
+    text = markdown.render(result, info.class_names).encode()
     io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text))
     logging.info(
       'wrote %s/{metrics.json,report.md,confusion.png,cam_prototypes.png,'

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from bcam_jax import cam, data, explanations, models
+from bcam_jax import cam, data, models
+from bcam_jax.models import heads
 
 METHODS = ('cam', 'grad_cam', 'grad_cam_pp', 'score_cam', 'evidence', 'raw_attention')
 # Explanations the model computes in its forward pass, at the CAM layer only.
@@ -138,9 +139,7 @@ class Explainer:
     features = self.model.apply(variables, x, method='backbone')
     if method == 'evidence':
       evidence = self.model.apply(variables, features['cam'], method='evidence')
-      return explanations.EvidenceExplanation(
-        explanations.select_class(evidence, targets)
-      ).image_maps()
+      return jax.nn.relu(cam.at_least_float32(heads.select_class(evidence, targets)))
     return self.model.apply(
       variables, features['cam'], features.get('ca_query'), method='attention'
     )

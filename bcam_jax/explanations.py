@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bcam_jax import cam, models
+from bcam_jax.models import heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +59,6 @@ class EvidenceExplanation:
     return jax.nn.relu(sums['evidence'] * scale[:, None, None])
 
 
-def select_class(evidence: jax.Array, classes: jax.Array) -> jax.Array:
-  """Each sample's evidence map `(N, h, w)` of its class, from `(N, h, w, C)`."""
-  return jnp.take_along_axis(evidence, classes[:, None, None, None], axis=-1)[..., 0]
-
-
 def explanation_type(model) -> type:
   return EvidenceExplanation if model.head_type == 'softcam' else GradCamExplanation
 
@@ -75,7 +71,7 @@ def logits_and_explanation(model, variables, features: dict, labels, explain: bo
     evidence = model.apply(variables, a, method='evidence')
     return (
       jnp.mean(evidence, axis=(1, 2)),
-      EvidenceExplanation(select_class(evidence, labels)),
+      EvidenceExplanation(heads.select_class(evidence, labels)),
       evidence,
     )
   head = models.head_fn(model, variables, features)

@@ -28,10 +28,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import eval_lib, figures, io_utils, train_lib
+from bcam_jax import eval_lib, io_utils, train_lib
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import format_duration
-from bcam_jax.report import markdown_table
+from bcam_jax.report import figures
+from bcam_jax.report.markdown import markdown_table
 
 CONDITIONS = ('baseline', 'proto-l1', 'proto-l2', 'proto-ssim', 'bcpl-l1', 'bcpl-l2', 'bcpl-ssim')
 BLOCK_FIELDS = ('models', 'conditions', 'datasets', 'image_sizes', 'seeds', 'epochs')

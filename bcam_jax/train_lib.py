@@ -35,6 +35,7 @@ from bcam_jax import (
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, check_matches_workdir, validate_config
 from bcam_jax.metric_logging import MetricLogger, format_duration
+from bcam_jax.report import figures
 
 
 def conv_lowering(config: ml_collections.ConfigDict) -> str:
@@ -396,7 +397,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
         logger.write_image(
           done,
           'val/class_cams_vs_prototypes',
-          cams_next_to_prototypes(class_cams, prototypes['val']),
+          figures.cams_next_to_prototypes(class_cams, prototypes['val']),
         )
         logger.info(
           f'step {done} validation: loss {val["loss"]:.4f} '
@@ -464,10 +465,3 @@ def _describe(objective: steps.Objective) -> str:
   return (
     f'{objective.lambda_class} * ce + {objective.lambda_cam} * {objective.kind}-{objective.metric}'
   )
-
-
-def cams_next_to_prototypes(class_cams: np.ndarray, prototypes) -> np.ndarray:
-  """An (2S, C*S) grey image: prototypes on top, the class CAMs below them."""
-  top = np.concatenate(list(np.asarray(prototypes)), axis=1)
-  bottom = np.concatenate(list(np.asarray(class_cams)), axis=1)
-  return np.clip(np.concatenate([top, bottom], axis=0), 0.0, 1.0)

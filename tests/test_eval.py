@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcam_jax import eval_lib, report, train_lib
+from bcam_jax import eval_lib, train_lib
+from bcam_jax.report import markdown
 from tests import synthetic
 from tests.test_train import REPO, tiny_config
 
@@ -87,7 +88,7 @@ def test_eval_py_writes_every_output(trained):
   assert metrics['num_images'] == 50 and metrics['test_count'] == 60
   assert sorted(metrics['methods']) == sorted(METHODS)
   for values in metrics['methods'].values():
-    assert sorted(values) == sorted(key for key, _ in report.METHOD_COLUMNS)
+    assert sorted(values) == sorted(key for key, _ in markdown.METHOD_COLUMNS)
     assert 0 <= values['average_drop'] <= 100 and 0 <= values['average_increase'] <= 100
     assert 0 <= values['deletion'] <= 1 and 0 <= values['insertion'] <= 1
     assert 0 <= values['alignment_l1'] <= 1

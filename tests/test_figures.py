@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcam_jax import figures
+from bcam_jax.report import figures
 
 C, H, W = 3, 8, 8
 NAMES = ['zero', 'one', 'two']

@@ -80,3 +80,8 @@ class SoftCamHead(nn.Module):
   def __call__(self, cam, query=None):
     del query  # Soft-CAM pools by the mean (validated: no CA-Stream with Soft-CAM).
     return jnp.mean(self.evidence(cam), axis=(1, 2))
+
+
+def select_class(evidence: jax.Array, classes: jax.Array) -> jax.Array:
+  """Each sample's evidence map `(N, h, w)` of its class, from `(N, h, w, C)`."""
+  return jnp.take_along_axis(evidence, classes[:, None, None, None], axis=-1)[..., 0]

@@ -8,6 +8,7 @@ shape mismatches raise ValueError naming the argument and the expected vs given 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -226,3 +227,34 @@ def save_stacked(path: str, image_paths: Sequence[str], titles: Sequence[str]) -
     ax.set_axis_off()
     ax.set_title(title, fontsize=13, fontweight='bold')
   _save(path, fig)
+
+
+def save_image_grid(path: str, images, titles) -> None:
+  """Writes a PNG grid (up to 5 columns), one grey panel per image with its title.
+
+  `images` is (K, H, W) or (K, H, W, 1); each panel is scaled to its own range.
+  The file is written atomically.
+  """
+  images = np.asarray(images)
+  if images.ndim == 4:
+    images = images[..., 0]
+  if len(images) != len(titles):
+    raise ValueError(f'{len(images)} images but {len(titles)} titles.')
+  cols = min(len(images), 5)
+  rows = math.ceil(len(images) / cols)
+  fig = Figure(figsize=(2 * cols, 2.2 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  for ax in axes.flat:
+    ax.axis('off')
+  for ax, image, title in zip(axes.flat, images, titles):
+    ax.imshow(image, cmap='gray')
+    ax.set_title(str(title), fontsize=9)
+  fig.tight_layout()
+  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+
+
+def cams_next_to_prototypes(class_cams: np.ndarray, prototypes) -> np.ndarray:
+  """An (2S, C*S) grey image: prototypes on top, the class CAMs below them."""
+  top = np.concatenate(list(np.asarray(prototypes)), axis=1)
+  bottom = np.concatenate(list(np.asarray(class_cams)), axis=1)
+  return np.clip(np.concatenate([top, bottom], axis=0), 0.0, 1.0)

@@ -1,0 +1,3 @@
+"""Everything a reader looks at: PNG figures (`figures`), Markdown tables and the
+evaluation report (`markdown`). Nothing here computes a metric; inputs are numpy arrays
+and metric dicts."""
