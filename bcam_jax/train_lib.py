@@ -29,6 +29,7 @@ from bcam_jax import (
   models,
   optim,
   parallel,
+  prototypes,
   steps,
   workdir_lock,
 )
@@ -90,7 +91,7 @@ class RunSetup:
 
   def prototypes(self, workdir: str) -> dict[str, jax.Array]:
     """Train and validation class prototypes (cached in `workdir`), replicated."""
-    protos = data.load_or_compute_prototypes(
+    protos = prototypes.load_or_compute_prototypes(
       workdir, self.datasets, self.config.data.image_size, write=jax.process_index() == 0
     )
     return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}

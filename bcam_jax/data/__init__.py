@@ -1,0 +1,54 @@
+"""Data: datasets held in memory, their splits, batches and on-device preprocessing.
+
+The datasets are small (70,000 28x28 uint8 images), so they are held in memory as numpy
+arrays and fed to the jitted step batch by batch:
+
+* `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
+* `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;
+* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``) and the
+  validation split;
+* `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
+* `preprocess`: scaling, resizing and normalisation on device.
+
+The names below are the package's API; the submodules are its implementation.
+"""
+
+from bcam_jax.data.batching import eval_batches, steps_per_epoch, train_batch_indices
+from bcam_jax.data.dataset import (
+  DATA_DIR_ENV,
+  DATASETS,
+  IMAGE_SIZE,
+  DataError,
+  DatasetInfo,
+  Datasets,
+  Split,
+  dataset_info,
+)
+from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
+from bcam_jax.data.loading import load_datasets, split_train_val
+from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
+from bcam_jax.data.tfds_source import load_tfds
+
+__all__ = [
+  'DATASETS',
+  'DATA_DIR_ENV',
+  'IDX_FILES',
+  'IMAGE_SIZE',
+  'DataError',
+  'DatasetInfo',
+  'Datasets',
+  'Split',
+  'dataset_info',
+  'eval_batches',
+  'load_datasets',
+  'load_idx',
+  'load_tfds',
+  'normalize',
+  'preprocess',
+  'read_idx_images',
+  'read_idx_labels',
+  'split_train_val',
+  'steps_per_epoch',
+  'to_pixels',
+  'train_batch_indices',
+]

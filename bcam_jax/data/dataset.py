@@ -1,0 +1,100 @@
+"""What a loaded dataset is: its static facts (`DatasetInfo`, the `DATASETS` catalogue),
+its splits held in memory (`Split`, `Datasets`) and the error every loader raises."""
+
+import dataclasses
+
+import numpy as np
+
+DATA_DIR_ENV = 'BCAM_DATA_DIR'
+IMAGE_SIZE = 28  # Native resolution of both datasets.
+
+
+class DataError(ValueError):
+  """Data cannot be found, read or used as asked; the message says what and where."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Static facts about a dataset: classes and the literature normalisation constants."""
+
+  name: str
+  num_classes: int
+  mean: float
+  std: float
+  class_names: tuple[str, ...]
+
+
+DATASETS: dict[str, DatasetInfo] = {
+  'mnist': DatasetInfo(
+    name='mnist',
+    num_classes=10,
+    mean=0.1307,
+    std=0.3081,
+    class_names=tuple(str(d) for d in range(10)),
+  ),
+  'fashion_mnist': DatasetInfo(
+    name='fashion_mnist',
+    num_classes=10,
+    mean=0.2860,
+    std=0.3530,
+    class_names=(
+      'T-shirt/top',
+      'Trouser',
+      'Pullover',
+      'Dress',
+      'Coat',
+      'Sandal',
+      'Shirt',
+      'Sneaker',
+      'Bag',
+      'Ankle boot',
+    ),
+  ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+  """Returns the `DatasetInfo` of `name`, or a DataError listing the valid names."""
+  try:
+    return DATASETS[name]
+  except KeyError:
+    raise DataError(
+      f'Unknown dataset {name!r}; valid names: {", ".join(sorted(DATASETS))}.'
+    ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split in memory: images (N, 28, 28, 1) uint8 and labels (N,) int32."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __post_init__(self):
+    if self.images.shape[0] != self.labels.shape[0]:
+      raise DataError(f'Split has {self.images.shape[0]} images but {self.labels.shape[0]} labels.')
+
+  def __len__(self) -> int:
+    return int(self.labels.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Datasets:
+  """The three splits of one dataset, and a human-readable note of where they came from."""
+
+  info: DatasetInfo
+  train: Split
+  val: Split
+  test: Split
+  source: str
+
+
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+  """Raises a DataError when a label lies outside [0, num_classes)."""
+  bad = (labels < 0) | (labels >= num_classes)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise DataError(
+      f'{where}: label out of range: expected values in [0, {num_classes}), '
+      f'found {int(labels[i])} at index {i} ({int(bad.sum())} bad labels).'
+    )

@@ -1,0 +1,121 @@
+"""`load_datasets`: the train, validation and test splits of a config's dataset.
+
+``data.source`` picks ``tfds``, ``idx`` or ``auto`` (a prepared TFDS copy, then IDX files,
+then a TFDS download, reporting every attempt when all fail); the validation split is a
+seeded subset of the official train split.
+"""
+
+import os
+
+import numpy as np
+from absl import logging
+
+from bcam_jax.data.dataset import (
+  DATA_DIR_ENV,
+  DataError,
+  DatasetInfo,
+  Datasets,
+  Split,
+  dataset_info,
+)
+from bcam_jax.data.idx import load_idx
+from bcam_jax.data.tfds_source import (
+  load_tfds_noted,
+  load_tfds_with_alternatives,
+  tfds_alternatives,
+)
+
+
+def _idx_directory(data_config) -> str | None:
+  """The IDX directory: data.idx_dir, else $BCAM_DATA_DIR/<name>, else None."""
+  if data_config.idx_dir:
+    return os.path.expanduser(data_config.idx_dir)
+  root = os.environ.get(DATA_DIR_ENV)
+  if root:
+    return os.path.join(os.path.expanduser(root), data_config.name)
+  return None
+
+
+def _load_idx_source(data_config, info: DatasetInfo) -> tuple[Split, Split, str]:
+  """Loads the IDX source named by the config, or raises a DataError saying why not."""
+  directory = _idx_directory(data_config)
+  if directory is None:
+    raise DataError(
+      f'No IDX directory: data.idx_dir is empty and ${DATA_DIR_ENV} is not set (set '
+      f'data.idx_dir=<dir>, or ${DATA_DIR_ENV}=<root> with the files in <root>/{info.name}/).'
+    )
+  train, test = load_idx(directory, info)
+  return train, test, f'IDX files in {directory}'
+
+
+def _load_auto(data_config, info: DatasetInfo, tfds_dir: str | None) -> tuple[Split, Split, str]:
+  """Prepared TFDS, then IDX files, then a TFDS download; one DataError if all fail."""
+  attempts = (
+    ('prepared TFDS', lambda: load_tfds_noted(info.name, tfds_dir, download=False)),
+    ('IDX files', lambda: _load_idx_source(data_config, info)),
+    ('TFDS download', lambda: load_tfds_noted(info.name, tfds_dir, download=True)),
+  )
+  failures = []
+  for label, attempt in attempts:
+    try:
+      return attempt()
+    except DataError as e:
+      logging.info('Data source %s for %r unavailable: %s', label, info.name, e)
+      failures.append(f'  - {label}: {e}')
+  raise DataError(
+    f'Could not load dataset {info.name!r} (data.source=auto). Tried, in order:\n'
+    + '\n'.join(failures)
+    + '\n'
+    + tfds_alternatives(info.name)
+  )
+
+
+def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+  """Deterministically moves `val_size` examples of `train` (seeded permutation) to validation.
+
+  Both parts keep the original order of their examples.
+  """
+  n = len(train)
+  if (
+    isinstance(val_size, bool)
+    or not isinstance(val_size, (int, np.integer))
+    or not (1 <= val_size < n)
+  ):
+    raise DataError(
+      f'val_size must be an integer in [1, {n}) for a train set of {n} examples, got {val_size!r}.'
+    )
+  order = np.random.default_rng(seed).permutation(n)
+  val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
+  return (
+    Split(train.images[train_idx], train.labels[train_idx]),
+    Split(train.images[val_idx], train.labels[val_idx]),
+  )
+
+
+def load_datasets(data_config) -> Datasets:
+  """Loads train/val/test of `data_config.name` from `data_config.source` (auto/tfds/idx).
+
+  `data_config` needs the attributes name, source, idx_dir, tfds_data_dir, val_size and
+  split_seed (an ml_collections ConfigDict or any attribute object).
+  """
+  info = dataset_info(data_config.name)
+  tfds_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
+  if data_config.source == 'tfds':
+    train, test, source = load_tfds_with_alternatives(info.name, tfds_dir, download=True)
+  elif data_config.source == 'idx':
+    train, test, source = _load_idx_source(data_config, info)
+  elif data_config.source == 'auto':
+    train, test, source = _load_auto(data_config, info, tfds_dir)
+  else:
+    raise DataError(f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx.')
+  train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
+  logging.info(
+    'Loaded %s from %s: train %d, val %d (split_seed %d), test %d.',
+    info.name,
+    source,
+    len(train),
+    len(val),
+    data_config.split_seed,
+    len(test),
+  )
+  return Datasets(info=info, train=train, val=val, test=test, source=source)

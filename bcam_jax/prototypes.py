@@ -1,0 +1,87 @@
+"""Class prototypes: the per-class mean image of a split, min-max scaled to [0, 1], which
+the CAM losses compare explanations with. Computed once per workdir and reused on resume."""
+
+import functools
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from bcam_jax import io_utils
+from bcam_jax.data import DataError, Datasets, Split
+from bcam_jax.report import figures
+
+_MINMAX_EPS = 1e-8
+
+
+def class_prototypes(split: Split, num_classes: int, image_size: int) -> np.ndarray:
+  """Per-class mean image of `split` at `image_size`, min-max scaled per class to [0, 1].
+
+  The mean is taken at 28x28 in float64 and then resized with the bilinear
+  `jax.image.resize` of `preprocess` (resizing is linear, so this equals the mean of the
+  resized images). Returns (num_classes, image_size, image_size) float32; a constant
+  image scales to zeros.
+  """
+  images = split.images[..., 0]
+  means = np.empty((num_classes,) + images.shape[1:], np.float64)
+  empty = []
+  for c in range(num_classes):
+    members = images[split.labels == c]
+    if len(members) == 0:
+      empty.append(c)
+    else:
+      means[c] = members.mean(axis=0, dtype=np.float64) / 255.0
+  if empty:
+    raise DataError(f'No examples of class(es) {empty} in the split: cannot build prototypes.')
+  protos = means.astype(np.float32)
+  if protos.shape[1:] != (image_size, image_size):
+    protos = np.asarray(
+      jax.image.resize(protos, (num_classes, image_size, image_size), method='bilinear')
+    )
+  low = protos.min(axis=(1, 2), keepdims=True)
+  high = protos.max(axis=(1, 2), keepdims=True)
+  return ((protos - low) / np.maximum(high - low, _MINMAX_EPS)).astype(np.float32)
+
+
+def load_or_compute_prototypes(
+  workdir: str, datasets: Datasets, image_size: int, write: bool = True
+) -> dict[str, np.ndarray]:
+  """Class prototypes of the train and val splits, cached in `workdir` for resume.
+
+  Saves `prototypes_{train,val}.npy` (atomically) and `.png` grids unless `write` is
+  False (the other processes of a multi-process job: every process computes the same
+  prototypes, process 0 writes them). Saved arrays are
+  reused when their shape matches; a mismatch (e.g. image_size changed) is a DataError
+  rather than a silent overwrite.
+  """
+  info = datasets.info
+  expected = (info.num_classes, image_size, image_size)
+  os.makedirs(workdir, exist_ok=True)
+  titles = [f'{c}: {name}' if name != str(c) else name for c, name in enumerate(info.class_names)]
+  result = {}
+  for split_name in ('train', 'val'):
+    npy = os.path.join(workdir, f'prototypes_{split_name}.npy')
+    png = os.path.join(workdir, f'prototypes_{split_name}.png')
+    if os.path.exists(npy):
+      try:
+        protos = np.load(npy)
+      except (OSError, ValueError) as e:
+        raise DataError(f'{npy}: cannot be read ({e}); delete it to recompute.') from e
+      if protos.shape != expected:
+        raise DataError(
+          f'{npy}: saved prototypes have shape {protos.shape}, expected {expected} '
+          f'(num_classes, image_size, image_size); was image_size changed? Use a new '
+          f'workdir or delete the file to recompute.'
+        )
+      protos = protos.astype(np.float32)
+      logging.info('Reusing %s prototypes from %s.', split_name, npy)
+    else:
+      protos = class_prototypes(getattr(datasets, split_name), info.num_classes, image_size)
+      if write:
+        io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
+        logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
+    if write and not os.path.exists(png):
+      figures.save_image_grid(png, protos, titles)
+    result[split_name] = protos
+  return result
