@@ -131,6 +131,19 @@ class Checkpoints:
       ocp.multihost.sync_global_processes(f'bcam_move_aside_{step}')
     return target
 
+  def restore_latest_variables(self, abstract_vars: Any) -> tuple[Any, int]:
+    """The model variables (`params`, `batch_stats`) of the newest train state, and its
+    step, read without its optimiser state: no optimiser needs to be built to evaluate."""
+    step = self.latest.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {self.latest.directory}.')
+    args = ocp.args.PyTreeRestore(
+      abstract_vars,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_vars),
+      partial_restore=True,
+    )
+    return self.latest.restore(step, args=args), step
+
   def restore_best(self, abstract_vars: Any) -> tuple[Any, int]:
     """Model variables with the best validation accuracy, and their step."""
     step = self.best.best_step()

@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from bcam_jax import data, losses, optim
+from bcam_jax import data, objective, optim
 from bcam_jax.models import MODEL_NAMES
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
@@ -70,8 +70,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f'config.optimizer.weight_decay={config.optimizer.weight_decay!r}; expected >= 0.'
     )
-  _choice('loss.kind', config.loss.kind, losses.LOSS_KINDS)
-  _choice('loss.metric', config.loss.metric, losses.METRICS)
+  _choice('loss.kind', config.loss.kind, objective.LOSS_KINDS)
+  _choice('loss.metric', config.loss.metric, objective.METRICS)
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
   _choice('model.conv_lowering', config.model.get('conv_lowering', 'auto'), LOWERINGS)

@@ -10,7 +10,6 @@ over a batch sharded on the mesh's `data` axis, returning masked sums.
 
 import dataclasses
 import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,19 +23,17 @@ from bcam_jax import (
   cam,
   config_validation,
   data,
+  evaluation,
   explain,
   faithfulness,
   io_utils,
-  losses,
-  parallel,
-  train_lib,
+  objective,
+  run_setup,
   workdir_lock,
 )
-from bcam_jax.checkpointing import Checkpoints
-from bcam_jax.metric_logging import format_duration
 from bcam_jax.report import figures, markdown
+from bcam_jax.run_setup import CHECKPOINTS
 
-CHECKPOINTS = ('best', 'last')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 
 
@@ -95,25 +92,15 @@ def restore(
     what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
     raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
   config_validation.check_matches_workdir(config, workdir)
-  run = train_lib.setup_run(config, devices)
-  tx, _ = run.optimizer(total_steps=1)
-  abstract_state = run.abstract_state(tx)
-  ckpts = Checkpoints(workdir)
-  try:
-    if checkpoint == 'best':
-      variables, step = ckpts.restore_best(abstract_state.model_variables())
-    else:
-      step = ckpts.latest_step()
-      if step is None:
-        raise FileNotFoundError(f'no checkpoint in {ckpts.latest.directory}.')
-      variables = ckpts.restore_latest(abstract_state).model_variables()
-  finally:
-    ckpts.close()
+  run = run_setup.setup_run(config, devices)
+  variables, step = run.restore_variables(workdir, checkpoint)
   return run, variables, int(step)
 
 
 def _test_metrics(run, variables, prototypes, checkpoint: str, step: int) -> dict[str, Any]:
-  test, _ = train_lib.evaluate(run, run.eval_step(), variables, run.datasets.test, prototypes)
+  test, _ = evaluation.evaluate_split(
+    run, run.eval_step(), variables, run.datasets.test, prototypes
+  )
   logging.info(
     '%s checkpoint (step %d): test loss %.4f, accuracy %.2f%%',
     checkpoint,
@@ -218,8 +205,8 @@ def make_method_step(
     terms = faithfulness.drop_gain_increase(y, o) | faithfulness.insertion_deletion(
       logits_fn, pixels, maps, targets, options.n_steps, options.steps_per_call
     )
-    terms['image_l1'] = losses.map_distance(maps, prototypes[targets], 'l1')
-    terms['image_ssim'] = 1.0 - losses.map_distance(maps, prototypes[targets], 'ssim')
+    terms['image_l1'] = objective.map_distance(maps, prototypes[targets], 'l1')
+    terms['image_ssim'] = 1.0 - objective.map_distance(maps, prototypes[targets], 'ssim')
     mask = mask.astype(jnp.float32)
     sums = {k: jnp.sum(v * mask) for k, v in terms.items()}
     sums['count'] = jnp.sum(mask)
@@ -230,56 +217,6 @@ def make_method_step(
   return method_step
 
 
-def _accumulate(split: data.Split, batch_size: int, run, step_fn, *args, progress=None):
-  """Sums of `step_fn` over `split` in padded batches; also the maps of the first batch
-  when step_fn returns (sums, maps). progress(done) is called after each batch."""
-  totals, first_maps, done = None, None, 0
-  for images, labels, mask in data.eval_batches(split, batch_size):
-    out = step_fn(*args, *parallel.shard_batch(run.mesh, images, labels, mask))
-    sums, maps = out if isinstance(out, tuple) else (out, None)
-    if first_maps is None and maps is not None:
-      first_maps = np.asarray(maps)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    done = min(done + batch_size, len(split))
-    if progress:
-      progress(done)
-  return jax.device_get(totals), first_maps
-
-
-class _Progress:
-  """Logs `name: done/total images, rate, ETA` at most every 10 s and at the end; the
-  rate leaves out the first batch, which includes compilation."""
-
-  def __init__(self, name: str, total: int):
-    self.name, self.total = name, total
-    self.start = self.last = time.time()
-    self.first = None  # (images, time) after the first batch
-
-  def __call__(self, done: int) -> None:
-    now = time.time()
-    if self.first is None:
-      self.first = (done, now)
-    if done < self.total and now - self.last < 10:
-      return
-    self.last = now
-    rate = self.rate(done, now)
-    logging.info(
-      '%s: %d/%d images, %.1f img/s, ETA %s',
-      self.name,
-      done,
-      self.total,
-      rate,
-      format_duration((self.total - done) / rate),
-    )
-
-  def rate(self, done: int | None = None, now: float | None = None) -> float:
-    """Images per second after the first batch (over everything for a single batch)."""
-    done, now = done or self.total, now or time.time()
-    if self.first and done > self.first[0]:
-      return (done - self.first[0]) / max(now - self.first[1], 1e-9)
-    return done / max(now - self.start, 1e-9)
-
-
 def _alignment(sums, prototypes: np.ndarray) -> dict[str, float]:
   """Class-mean map vs prototype (mean over the classes present) and per-image means."""
   counts = sums['class_counts']
@@ -287,8 +224,8 @@ def _alignment(sums, prototypes: np.ndarray) -> dict[str, float]:
   means = sums['class_map_sums'][present] / counts[present][:, None, None]
   protos = jnp.asarray(prototypes[present])
   return {
-    'alignment_l1': float(jnp.mean(losses.map_distance(means, protos, 'l1'))),
-    'alignment_ssim': float(jnp.mean(1 - losses.map_distance(means, protos, 'ssim'))),
+    'alignment_l1': float(jnp.mean(objective.map_distance(means, protos, 'l1'))),
+    'alignment_ssim': float(jnp.mean(1 - objective.map_distance(means, protos, 'ssim'))),
     'image_l1': float(sums['image_l1'] / sums['count']),
     'image_ssim': float(sums['image_ssim'] / sums['count']),
   }
@@ -324,20 +261,10 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   prototypes = run.prototypes(workdir)['train']
   result = _test_metrics(run, variables, prototypes, options.checkpoint, step)
   explainer = _explainer(run, options)
-  c, n_dev = info.num_classes, run.mesh.devices.size
-
-  summary_step = jax.jit(make_summary_step(explainer, c))
-  summary, _ = _accumulate(
-    test,
-    run.eval_batch_size,
-    run,
-    summary_step,
-    variables,
-    progress=_Progress('confusion and Grad-CAM prototypes', len(test)),
-  )
-  confusion = np.asarray(summary['confusion']).reshape(c, c).astype(np.int64)
+  summary, confusion, pairs = _confusions(run, variables, explainer, options.num_error_pairs)
   per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
-  pairs = _top_confusions(confusion, options.num_error_pairs)
+  n_images = min(options.num_images or len(test), len(test))
+  subset = data.Split(test.images[:n_images], test.labels[:n_images])
   result.update(
     per_class_accuracy={name: float(a) for name, a in zip(info.class_names, per_class)},
     confusion=confusion.tolist(),
@@ -345,12 +272,6 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
       {'true': info.class_names[t], 'predicted': info.class_names[p], 'count': n}
       for t, p, n in pairs
     ],
-  )
-
-  n_images = min(options.num_images or len(test), len(test))
-  subset = data.Split(test.images[:n_images], test.labels[:n_images])
-  batch_size = -(-min(options.batch_size, n_images) // n_dev) * n_dev
-  result.update(
     methods={},
     num_images=n_images,
     target=options.target,
@@ -363,17 +284,9 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   )
   overlay_maps = {}
   for method in methods:
-    progress = _Progress(method, n_images)
-    step_fn = jax.jit(make_method_step(explainer, method, options, c))
-    sums, maps = _accumulate(
-      subset, batch_size, run, step_fn, variables, prototypes, progress=progress
-    )
-    row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS}
-    row.update(_alignment(sums, np.asarray(prototypes)))
-    row['suite_images_per_second'] = progress.rate()
+    row, maps = _method_row(run, variables, explainer, method, options, subset, prototypes)
     result['methods'][method] = row
     overlay_maps[method] = maps[: options.num_overlays]
-    logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
 
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'eval')
@@ -397,6 +310,40 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
       out,
     )
   return result
+
+
+def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
+  """(summary sums, confusion matrix `(C, C)`, the `num_pairs` most frequent confusions) of
+  the test split (`make_summary_step`)."""
+  c, test = run.datasets.info.num_classes, run.datasets.test
+  summary, _ = evaluation.sum_over_split(
+    run.mesh,
+    test,
+    run.eval_batch_size,
+    jax.jit(make_summary_step(explainer, c)),
+    variables,
+    progress=evaluation.Progress('confusion and Grad-CAM prototypes', len(test)),
+  )
+  confusion = np.asarray(summary['confusion']).reshape(c, c).astype(np.int64)
+  return summary, confusion, _top_confusions(confusion, num_pairs)
+
+
+def _method_row(run, variables, explainer, method: str, options, subset, prototypes):
+  """(faithfulness and alignment metrics of `method` over `subset`, the maps of its first
+  batch)."""
+  batch_size = evaluation.batch_for_devices(
+    min(options.batch_size, len(subset)), run.mesh.devices.size
+  )
+  progress = evaluation.Progress(method, len(subset))
+  step_fn = jax.jit(make_method_step(explainer, method, options, run.datasets.info.num_classes))
+  sums, maps = evaluation.sum_over_split(
+    run.mesh, subset, batch_size, step_fn, variables, prototypes, progress=progress
+  )
+  row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS}
+  row.update(_alignment(sums, np.asarray(prototypes)))
+  row['suite_images_per_second'] = progress.rate()
+  logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
+  return row, maps
 
 
 def _write_summary_figures(

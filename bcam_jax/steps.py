@@ -6,7 +6,6 @@ statistics, Batch-CAM's per-class sums) are over the global batch, so results do
 depend on the device count.
 """
 
-import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -15,7 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from bcam_jax import cam, data, explanations, losses
+from bcam_jax import data
+from bcam_jax.objective import Objective, cross_entropy, logits_and_explanation, map_distance
 
 
 class TrainState(struct.PyTreeNode):
@@ -38,22 +38,34 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
   return variables
 
 
-def make_init_fn(
-  model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int
-) -> Callable[[], TrainState]:
-  """A function creating the initial train state, to be jitted with replicated outputs.
+def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[[], dict]:
+  """A function creating the model's initial variables: `params`, and `batch_stats` for a
+  model with BatchNorm (not the zero `perturbations` that only explanations use).
 
-  Parameters and BatchNorm statistics are float32, or float64 for a model computing in
-  float64 (64-bit JAX): the same values, so a float64 run is the float32 run without its
-  rounding.
+  They are float32, or float64 for a model computing in float64 (64-bit JAX): the same
+  values, so a float64 run is the float32 run without its rounding.
   """
   variable_dtype = jnp.promote_types(model.dtype, jnp.float32)
 
-  def init() -> TrainState:
+  def init_variables() -> dict:
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
     x = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
     variables = model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
-    variables = jax.tree.map(lambda v: v.astype(variable_dtype), variables)
+    variables = model_variables(variables['params'], variables.get('batch_stats', {}))
+    return jax.tree.map(lambda v: v.astype(variable_dtype), variables)
+
+  return init_variables
+
+
+def make_init_fn(
+  model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int
+) -> Callable[[], TrainState]:
+  """A function creating the initial train state (`make_variables_fn` and the optimiser
+  state), to be jitted with replicated outputs."""
+  init_variables = make_variables_fn(model, seed, image_size)
+
+  def init() -> TrainState:
+    variables = init_variables()
     params = variables['params']
     return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -63,71 +75,6 @@ def make_init_fn(
     )
 
   return init
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """What a train step minimises:
-
-      lambda_class * CE + lambda_cam * CAM term (eqs. 11-12)
-                        + lambda_l1 * mean|E| + lambda_l2 * mean(E^2)  (Soft-CAM ElasticNet)
-
-  kind: 'ce' (no CAM term), 'proto' (per-image Prototype Loss) or 'bcpl' (Batch-CAM
-  Prototype Loss); metric: the map distance ('l1', 'l2', 'ssim'). The explanation is
-  Grad-CAM, or for a Soft-CAM model its evidence map of the label; maps are upsampled to
-  `image_size` (the prototypes' resolution) and min-max normalised before comparison.
-  The ElasticNet term applies to Soft-CAM evidence maps E only.
-  """
-
-  kind: str = 'ce'
-  metric: str = 'l1'
-  lambda_class: float = 1.0
-  lambda_cam: float = 1.0
-  num_classes: int = 10
-  image_size: int = 28
-  lambda_l1: float = 0.0
-  lambda_l2: float = 0.0
-
-  @classmethod
-  def from_config(cls, config, num_classes: int) -> 'Objective':
-    return cls(
-      kind=config.loss.kind,
-      metric=config.loss.metric,
-      lambda_class=config.loss.lambda_class,
-      lambda_cam=config.loss.lambda_cam,
-      num_classes=num_classes,
-      image_size=config.data.image_size,
-      lambda_l1=config.loss.lambda_l1,
-      lambda_l2=config.loss.lambda_l2,
-    )
-
-  def compare(self, maps: jax.Array) -> jax.Array:
-    """CAM maps at feature resolution -> [0, 1] maps at the prototypes' resolution."""
-    return cam.normalize_cam(cam.upsample_cam(maps, self.image_size))
-
-  def cam_term(self, explanation, labels, prototypes) -> jax.Array:
-    """The explanation regulariser of `kind` for a batch (0 for 'ce')."""
-    if self.kind == 'proto':
-      maps = self.compare(explanation.image_maps())
-      return losses.prototype_loss(maps, labels, prototypes, self.metric)
-    if self.kind == 'bcpl':
-      ones = jnp.ones(labels.shape, jnp.float32)
-      sums = explanation.class_sums(labels, self.num_classes, ones)
-      counts = cam.class_sums(ones, labels, self.num_classes)[0]
-      cams = explanation.maps_from_sums(sums, counts)
-      return losses.batch_cam_loss(self.compare(cams), counts, prototypes, self.metric)
-    return jnp.zeros((), jnp.float32)
-
-  def penalty(self, evidence) -> jax.Array:
-    """Soft-CAM's ElasticNet on the evidence maps (0 without them)."""
-    if evidence is None:
-      return jnp.zeros((), jnp.float32)
-    return losses.elastic_net(evidence, self.lambda_l1, self.lambda_l2)
-
-  def total(self, ce: jax.Array, cam_term: jax.Array, penalty=0.0) -> jax.Array:
-    if self.kind == 'ce':
-      return ce + penalty
-    return self.lambda_class * ce + self.lambda_cam * cam_term + penalty
 
 
 def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool = False):
@@ -151,7 +98,7 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
         variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng}, method='backbone'
       )
       new_batch_stats = updates.get('batch_stats', {})
-    logits, explanation, evidence = explanations.logits_and_explanation(
+    logits, explanation, evidence = logits_and_explanation(
       model, variables, features, labels, explain=objective.kind != 'ce'
     )
     cam_term = (
@@ -160,7 +107,7 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
       else jnp.zeros((), jnp.float32)
     )
     penalty = objective.penalty(evidence)
-    ce = losses.cross_entropy(logits, labels).mean()
+    ce = cross_entropy(logits, labels).mean()
     aux = {
       'logits': logits,
       'batch_stats': new_batch_stats,
@@ -182,16 +129,18 @@ def make_train_step(
   mean: float,
   std: float,
   dtype: jnp.dtype,
+  image_size: int,
   seed: int,
   frozen_backbone: bool = False,
 ):
-  """(state, images uint8, labels, prototypes) -> (new state, metrics); the dropout key
-  is fold_in(seed, step), so a resumed run draws exactly the same randomness."""
+  """(state, images uint8, labels, prototypes) -> (new state, metrics); images are
+  preprocessed to `image_size` on device; the dropout key is fold_in(seed, step), so a
+  resumed run draws exactly the same randomness."""
   base_key = jax.random.key(seed + 1)
   loss_fn = make_loss_fn(model, objective, frozen_backbone)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array, prototypes: jax.Array):
-    x = data.preprocess(images, mean, std, objective.image_size, dtype)
+    x = data.preprocess(images, mean, std, image_size, dtype)
     rng = jax.random.fold_in(base_key, state.step)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, x, labels, prototypes, rng
@@ -218,34 +167,40 @@ def make_train_step(
 
 
 def make_eval_step(
-  model: nn.Module, objective: Objective, *, mean: float, std: float, dtype: jnp.dtype
+  model: nn.Module,
+  objective: Objective,
+  *,
+  mean: float,
+  std: float,
+  dtype: jnp.dtype,
+  image_size: int,
 ):
-  """(variables, images, labels, mask, prototypes) -> masked sums over the batch.
+  """(variables, prototypes, images, labels, mask) -> masked sums over the batch.
 
   Besides CE and accuracy, every evaluation measures both explanation terms against
   `prototypes` (whatever the training objective): the per-image Prototype Loss as a sum,
   and the per-class sums of the explanation (A and G for Grad-CAM, the label's evidence
   for Soft-CAM), from which the caller forms the class maps of the whole split
-  (`explanations.explanation_type(model).maps_from_sums`). Padding (mask False) is never
+  (`Objective.split_metrics`). Padding (mask False) is never
   counted.
   """
 
-  def eval_step(variables, images, labels, mask, prototypes):
-    x = data.preprocess(images, mean, std, objective.image_size, dtype)
+  def eval_step(variables, prototypes, images, labels, mask):
+    x = data.preprocess(images, mean, std, image_size, dtype)
     features = model.apply(variables, x, train=False, method='backbone')
-    logits, explanation, _ = explanations.logits_and_explanation(
+    logits, explanation, _ = logits_and_explanation(
       model, variables, features, labels, explain=True
     )
     mask = mask.astype(jnp.float32)
-    maps = objective.compare(explanation.image_maps())
-    proto = losses.map_distance(maps, prototypes[labels], objective.metric)
+    maps = objective.prototype_space(explanation.image_maps())
+    proto = map_distance(maps, prototypes[labels], objective.metric)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return {
-      'loss_sum': jnp.sum(losses.cross_entropy(logits, labels) * mask),
-      'correct': jnp.sum(correct * mask),
+      'loss_sum': jnp.sum(cross_entropy(logits, labels) * mask),
+      'correct_sum': jnp.sum(correct * mask),
       'proto_sum': jnp.sum(proto * mask),
       'count': jnp.sum(mask),
-      'class_count': jax.ops.segment_sum(mask, labels, objective.num_classes),
+      'class_counts': jax.ops.segment_sum(mask, labels, objective.num_classes),
       'class_sums': explanation.class_sums(labels, objective.num_classes, mask),
     }
 

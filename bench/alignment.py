@@ -18,7 +18,8 @@ import ml_collections
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bcam_jax import eval_lib, io_utils, losses  # noqa: E402
+from bcam_jax import eval_lib, io_utils  # noqa: E402
+from bcam_jax import objective as objective_lib  # noqa: E402
 from bcam_jax.metric_logging import quiet_library_logs  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -43,7 +44,7 @@ def main(argv):
       'train_metric': config.loss.metric,
       'lambda_cam': config.loss.lambda_cam,
     }
-    for metric in losses.METRICS:
+    for metric in objective_lib.METRICS:
       config.loss.metric = metric
       result = eval_lib.evaluate_checkpoint(config, workdir, 'last', output_name=None)
       row['test_accuracy'] = result['test_accuracy']
@@ -52,12 +53,14 @@ def main(argv):
     rows.append(row)
   print(
     f'{"workdir":48} {"acc %":>6} '
-    + ' '.join(f'{k + "_" + m:>10}' for k in ('proto', 'bcam') for m in losses.METRICS)
+    + ' '.join(f'{k + "_" + m:>10}' for k in ('proto', 'bcam') for m in objective_lib.METRICS)
   )
   for r in rows:
     print(
       f'{r["workdir"]:48} {100 * r["test_accuracy"]:6.2f} '
-      + ' '.join(f'{r[k + "_" + m]:10.4f}' for k in ('proto', 'bcam') for m in losses.METRICS)
+      + ' '.join(
+        f'{r[k + "_" + m]:10.4f}' for k in ('proto', 'bcam') for m in objective_lib.METRICS
+      )
     )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   io_utils.write_json(_OUT.value, {'rows': rows})

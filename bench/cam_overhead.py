@@ -59,6 +59,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import cam, data, models, optim, parallel, steps  # noqa: E402
+from bcam_jax import objective as objective_lib  # noqa: E402
 from bench import common  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -90,9 +91,17 @@ def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
   Returns (new state, metrics, {'maps': (B, S, S), 'grad_norms': (B,)}); the maps use the
   parameters before the update, as hooks on the training forward pass would.
   """
-  objective = steps.Objective(kind='ce', num_classes=NUM_CLASSES, image_size=image_size)
+  objective = objective_lib.Objective(kind='ce', num_classes=NUM_CLASSES, prototype_size=image_size)
   ce_step = steps.make_train_step(
-    model, tx, schedule, objective, mean=mean, std=std, dtype=jnp.float32, seed=seed
+    model,
+    tx,
+    schedule,
+    objective,
+    mean=mean,
+    std=std,
+    dtype=jnp.float32,
+    image_size=image_size,
+    seed=seed,
   )
   cam_hwk = models.cam_shape(model, image_size)
 
@@ -111,7 +120,7 @@ def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
     param_grads, feature_grads = vjp(
       jax.nn.one_hot(label[None], logits.shape[-1], dtype=logits.dtype)
     )
-    grad_map = objective.compare(cam.weighted_activation(features, feature_grads))[0]
+    grad_map = objective.prototype_space(cam.weighted_activation(features, feature_grads))[0]
     return grad_map, optax.tree.norm(param_grads)
 
   def per_image_step(state, images, labels, prototypes):
@@ -182,11 +191,19 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
         model, tx, schedule, mean=info.mean, std=info.std, image_size=size, seed=0
       )
     else:
-      objective = steps.Objective(
-        kind=variant, metric=metric, num_classes=NUM_CLASSES, image_size=size
+      objective = objective_lib.Objective(
+        kind=variant, metric=metric, num_classes=NUM_CLASSES, prototype_size=size
       )
       fn = steps.make_train_step(
-        model, tx, schedule, objective, mean=info.mean, std=info.std, dtype=jnp.float32, seed=0
+        model,
+        tx,
+        schedule,
+        objective,
+        mean=info.mean,
+        std=info.std,
+        dtype=jnp.float32,
+        image_size=size,
+        seed=0,
       )
     jitted = jax.jit(fn, out_shardings=parallel.replicated(mesh), donate_argnums=0)
     start = time.perf_counter()

@@ -22,6 +22,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, models, optim, parallel, steps  # noqa: E402
+from bcam_jax import objective as objective_lib  # noqa: E402
 from bench import common  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -47,10 +48,18 @@ def jax_step(name, options, kind, batch, size, lowering):
   state = jax.jit(
     steps.make_init_fn(model, tx, seed=0, image_size=size), out_shardings=parallel.replicated(mesh)
   )()
-  objective = steps.Objective(kind=kind, metric='l1', lambda_cam=0.1, image_size=size)
+  objective = objective_lib.Objective(kind=kind, metric='l1', lambda_cam=0.1, prototype_size=size)
   train_step = jax.jit(
     steps.make_train_step(
-      model, tx, schedule, objective, mean=info.mean, std=info.std, dtype=np.float32, seed=0
+      model,
+      tx,
+      schedule,
+      objective,
+      mean=info.mean,
+      std=info.std,
+      dtype=np.float32,
+      image_size=size,
+      seed=0,
     ),
     out_shardings=parallel.replicated(mesh),
     donate_argnums=0,

@@ -21,7 +21,8 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bcam_jax import cam, losses  # noqa: E402
+from bcam_jax import cam  # noqa: E402
+from bcam_jax import objective as objective_lib  # noqa: E402
 from bcam_jax.models.convnext import GRN  # noqa: E402
 from bcam_jax.models.pooling import max_pool  # noqa: E402
 from bench import common  # noqa: E402
@@ -102,7 +103,7 @@ def cases():
       (
         f'Batch-CAM loss tail {metric} (10 maps 4x4 -> 28x28)',
         *_fwd_bwd(
-          lambda p, m, metric=metric: losses.batch_cam_loss(
+          lambda p, m, metric=metric: objective_lib.batch_cam_loss(
             cam.normalize_cam(cam.upsample_cam(m, 28)), counts, protos, metric
           ),
           {},

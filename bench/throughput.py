@@ -21,6 +21,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, models, optim, parallel, steps  # noqa: E402
+from bcam_jax import objective as objective_lib  # noqa: E402
 from bench import common  # noqa: E402
 from configs import base  # noqa: E402
 
@@ -50,16 +51,26 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   tx, schedule = optim.make_optimizer(config.optimizer, total_steps=1000)
   init = steps.make_init_fn(model, tx, seed=0, image_size=size)
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
-  objective = steps.Objective(kind='ce', image_size=size)
+  objective = objective_lib.Objective(kind='ce', prototype_size=size)
   train_step = jax.jit(
     steps.make_train_step(
-      model, tx, schedule, objective, mean=info.mean, std=info.std, dtype=np.float32, seed=0
+      model,
+      tx,
+      schedule,
+      objective,
+      mean=info.mean,
+      std=info.std,
+      dtype=np.float32,
+      image_size=size,
+      seed=0,
     ),
     out_shardings=parallel.replicated(mesh),
     donate_argnums=0,
   )
   eval_step = jax.jit(
-    steps.make_eval_step(model, objective, mean=info.mean, std=info.std, dtype=np.float32)
+    steps.make_eval_step(
+      model, objective, mean=info.mean, std=info.std, dtype=np.float32, image_size=size
+    )
   )
   prototypes = jax.device_put(np.zeros((10, size, size), np.float32), parallel.replicated(mesh))
   rng = np.random.default_rng(0)
@@ -90,7 +101,7 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   variables = jax.tree.map(jnp.copy, holder['state'].model_variables())
 
   def evaluate():
-    jax.block_until_ready(eval_step(variables, x, y, m, prototypes))
+    jax.block_until_ready(eval_step(variables, prototypes, x, y, m))
 
   evaluate()
   data_s = _time_loop(next_batch, n_steps)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app  # noqa: E402
 
 import train  # noqa: E402  (the entry point itself, its flags and main)
-from bcam_jax import cli, train_lib  # noqa: E402
+from bcam_jax import cli, evaluation  # noqa: E402
 from bcam_jax.checkpointing import Checkpoints  # noqa: E402
 
 MOMENTS = ('startup', 'validation', 'save', 'save_best', 'after_validation')
@@ -45,7 +45,7 @@ def main():
     Checkpoints.restore_latest = restore_latest
 
   elif moment == 'validation':
-    evaluate = train_lib.evaluate
+    evaluate = evaluation.evaluate_split
     seen = {'n': 0}  # validations so far: the run validates every eval_every_steps
 
     def evaluate_then_fire(run, eval_step, variables, split, prototypes):
@@ -55,7 +55,7 @@ def main():
           fire()
       return evaluate(run, eval_step, variables, split, prototypes)
 
-    train_lib.evaluate = evaluate_then_fire
+    evaluation.evaluate_split = evaluate_then_fire
 
   else:
     method = 'save' if moment == 'save' else 'save_best'

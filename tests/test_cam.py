@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from bcam_jax import cam, losses, parallel, steps
+from bcam_jax import cam, parallel, steps
+from bcam_jax import objective as objective_lib
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import PoolNormDenseHead
 from bcam_jax.models.resnet import PoolDenseHead
@@ -82,20 +83,24 @@ def test_normalize_and_upsample():
 def test_map_distances_and_losses_by_hand():
   m = jnp.array([[[0.0, 1.0], [1.0, 0.0]]])
   p = jnp.array([[[0.5, 0.5], [1.0, 1.0]]])
-  np.testing.assert_allclose(losses.map_distance(m, p, 'l1'), [0.5])
-  np.testing.assert_allclose(losses.map_distance(m, p, 'l2'), [(0.25 + 0.25 + 0 + 1) / 4])
+  np.testing.assert_allclose(objective_lib.map_distance(m, p, 'l1'), [0.5])
+  np.testing.assert_allclose(objective_lib.map_distance(m, p, 'l2'), [(0.25 + 0.25 + 0 + 1) / 4])
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.uniform(size=(3, 16, 16)), jnp.float32)
-  np.testing.assert_allclose(losses.map_distance(a, a, 'ssim'), 0.0, atol=1e-5)
-  assert (losses.map_distance(a, 1 - a, 'ssim') > 0.5).all()
+  np.testing.assert_allclose(objective_lib.map_distance(a, a, 'ssim'), 0.0, atol=1e-5)
+  assert (objective_lib.map_distance(a, 1 - a, 'ssim') > 0.5).all()
   protos = jnp.asarray(rng.uniform(size=(4, 16, 16)), jnp.float32)
   labels = jnp.array([1, 3, 3])
   expected = np.mean([np.abs(a[i] - protos[labels[i]]).mean() for i in range(3)])
-  np.testing.assert_allclose(losses.prototype_loss(a, labels, protos, 'l1'), expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    objective_lib.prototype_loss(a, labels, protos, 'l1'), expected, rtol=1e-6
+  )
   counts = jnp.array([0.0, 2.0, 0.0, 1.0])
   cams = jnp.asarray(rng.uniform(size=(4, 16, 16)), jnp.float32)
   expected = sum(np.abs(cams[c] - protos[c]).mean() for c in (1, 3))
-  np.testing.assert_allclose(losses.batch_cam_loss(cams, counts, protos, 'l1'), expected, rtol=1e-6)
+  np.testing.assert_allclose(
+    objective_lib.batch_cam_loss(cams, counts, protos, 'l1'), expected, rtol=1e-6
+  )
 
 
 class _TinyBackbone(nn.Module):
@@ -134,15 +139,15 @@ def _tiny_problem(kind, metric, size=12, n=8, dtype=jnp.float32):
   params = model.init(jax.random.key(1), x)['params']
   labels = jnp.array([0, 1, 1, 3, 0, 0, 1, 3][:n])
   prototypes = jax.random.uniform(jax.random.key(2), (C, size, size), dtype)
-  objective = steps.Objective(
-    kind=kind, metric=metric, lambda_cam=2.0, num_classes=C, image_size=size
+  objective = objective_lib.Objective(
+    kind=kind, metric=metric, lambda_cam=2.0, num_classes=C, prototype_size=size
   )
   loss_fn = steps.make_loss_fn(model, objective)
   return loss_fn, params, x, labels, prototypes
 
 
 @pytest.mark.parametrize('kind', ['proto', 'bcpl'])
-@pytest.mark.parametrize('metric', list(losses.METRICS))
+@pytest.mark.parametrize('metric', list(objective_lib.METRICS))
 def test_total_loss_gradients_match_finite_differences(kind, metric):
   """check_grads through features, head gradients and the map distance (second order)."""
   with jax.enable_x64(True):

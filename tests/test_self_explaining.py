@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcam_jax import config_validation, eval_lib, explain, explanations, losses, steps, train_lib
+from bcam_jax import config_validation, eval_lib, explain, run_setup, train_lib
+from bcam_jax import objective as objective_lib
 from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables
 from bcam_jax.models.heads import cross_attention
 from configs import resnet18_baseline, resnet18_castream, simple_cnn_castream, simple_cnn_softcam
@@ -58,8 +59,8 @@ def test_cross_attention_equals_a_per_sample_softmax_loop():
 
 def test_elastic_net_matches_hand_computation():
   e = jnp.array([[[[1.0, -2.0]], [[3.0, 0.0]]]])  # 4 values: |.| sum 6, squares sum 14
-  np.testing.assert_allclose(losses.elastic_net(e, 0.5, 0.25), 0.5 * 6 / 4 + 0.25 * 14 / 4)
-  assert float(losses.elastic_net(e, 0.0, 0.0)) == 0.0
+  np.testing.assert_allclose(objective_lib.elastic_net(e, 0.5, 0.25), 0.5 * 6 / 4 + 0.25 * 14 / 4)
+  assert float(objective_lib.elastic_net(e, 0.0, 0.0)) == 0.0
 
 
 _OPTIONS = {('convnext_v2_tiny', 112): {'stem_stride': 4}}
@@ -116,13 +117,13 @@ def test_bcpl_with_softcam_uses_the_label_evidence():
   evidence = jax.random.normal(jax.random.key(0), (6, 3, 3, 4))
   labels = jnp.array([0, 2, 2, 1, 0, 2])
   prototypes = jax.random.uniform(jax.random.key(1), (4, 8, 8))
-  objective = steps.Objective(kind='bcpl', metric='l1', num_classes=4, image_size=8)
+  objective = objective_lib.Objective(kind='bcpl', metric='l1', num_classes=4, prototype_size=8)
   maps = jnp.take_along_axis(evidence, labels[:, None, None, None], axis=-1)[..., 0]
-  got = objective.cam_term(explanations.EvidenceExplanation(maps), labels, prototypes)
+  got = objective.cam_term(objective_lib.EvidenceExplanation(maps), labels, prototypes)
   want = 0.0
   for c in range(3):  # class 3 is absent
     mean = np.asarray(evidence)[np.asarray(labels) == c, :, :, c].mean(axis=0)
-    m = objective.compare(jnp.maximum(jnp.asarray(mean), 0.0))
+    m = objective.prototype_space(jnp.maximum(jnp.asarray(mean), 0.0))
     want += float(jnp.mean(jnp.abs(m - prototypes[c])))
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
@@ -185,7 +186,7 @@ def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
   ]
   assert train[-1]['loss'] < train[0]['loss']
   assert all(r['penalty'] > 0 and r['cam'] > 0 for r in train)
-  run = train_lib.setup_run(config)
+  run = run_setup.setup_run(config)
   variables = result['state'].model_variables()
   explainer = explain.Explainer(run.model, 0.5, 0.25, 28)
   pixels = jnp.asarray(run.datasets.test.images[:4], jnp.float32) / 255.0

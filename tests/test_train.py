@@ -14,7 +14,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bcam_jax import cam, config_validation, data, eval_lib, train_lib
+from bcam_jax import (
+  cam,
+  config_validation,
+  data,
+  eval_lib,
+  evaluation,
+  run_setup,
+  steps,
+  train_lib,
+)
+from bcam_jax import objective as objective_lib
 from configs import resnet18_baseline, simple_cnn_baseline
 from tests import numerics, synthetic
 
@@ -131,12 +141,11 @@ def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path
 
 def test_masked_evaluation_counts_every_example_once(idx_dir):
   config = tiny_config(idx_dir)
-  run = train_lib.setup_run(config)
-  tx, _ = train_lib.optim.make_optimizer(config.optimizer, 10)
-  variables = run.init_state(tx).model_variables()
+  run = run_setup.setup_run(config)
+  variables = jax.jit(steps.make_variables_fn(run.model, config.seed, 28))()
   split = run.datasets.test
   prototypes = jax.random.uniform(jax.random.key(0), (10, 28, 28))
-  got, class_cams = train_lib.evaluate(run, run.eval_step(), variables, split, prototypes)
+  got, class_cams = evaluation.evaluate_split(run, run.eval_step(), variables, split, prototypes)
   # Naive reference: one example at a time, no padding, no sharding.
   info = run.datasets.info
   head = lambda a: run.model.apply(variables, a, method='head')
@@ -145,7 +154,7 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
     x = data.preprocess(split.images[i : i + 1], info.mean, info.std, 28)
     label = int(split.labels[i])
     logits, features = run.model.apply(variables, x, train=False)
-    losses.append(float(train_lib.losses.cross_entropy(logits, split.labels[i : i + 1])[0]))
+    losses.append(float(objective_lib.cross_entropy(logits, split.labels[i : i + 1])[0]))
     correct.append(int(np.argmax(logits[0]) == label))
     g = jax.grad(lambda a: head(a)[0, label])(features['cam'])
     feats.append(features['cam'][0])
@@ -373,27 +382,27 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
   with pytest.raises(
     config_validation.ConfigError, match='config.train.batch_size=12.*multiple.*8'
   ):
-    train_lib.setup_run(config)
+    run_setup.setup_run(config)
   config = tiny_config(idx_dir)
   config.data.image_size = 2  # pooled away before the CAM layer
   with pytest.raises(
     config_validation.ConfigError,
     match='image_size=2 is too small for simple_cnn: it needs image_size >= 4',
   ):
-    train_lib.setup_run(config)
+    run_setup.setup_run(config)
   config = tiny_config(idx_dir)
   config.model.options.depth = 3
   with pytest.raises(
     config_validation.ConfigError,
     match=r"config.model.options=\{'depth': 3\}: unknown option.*depth",
   ):
-    train_lib.setup_run(config)
+    run_setup.setup_run(config)
   config = tiny_config(idx_dir)
   config.train.batch_size = 256
   with pytest.raises(
     config_validation.ConfigError, match=r'config.train.batch_size=256 .*train split \(200 images'
   ):
-    train_lib.setup_run(config)
+    run_setup.setup_run(config)
   config = tiny_config(idx_dir)
   config.loss.kind = 'bcpl'
   config.data.image_size = 7  # a 1x1 CAM map: its Batch-CAM loss would end in NaN
@@ -401,12 +410,12 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
     config_validation.ConfigError,
     match=r'image_size=7 gives simple_cnn a 1x1 CAM map; .*image_size >= 8',
   ):
-    train_lib.setup_run(config)
+    run_setup.setup_run(config)
   config.loss.kind = 'ce'
-  assert train_lib.setup_run(config).model.cam_side(7) == 1  # fine without a CAM loss
+  assert run_setup.setup_run(config).model.cam_side(7) == 1  # fine without a CAM loss
 
 
 def test_eval_batch_is_clamped_to_the_largest_split(idx_dir):
   config = tiny_config(idx_dir)
   config.eval.batch_size = 10**6  # would pad 40 images to a million
-  assert train_lib.setup_run(config).eval_batch_size == 64  # 60 test images, 8 devices
+  assert run_setup.setup_run(config).eval_batch_size == 64  # 60 test images, 8 devices

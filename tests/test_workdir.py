@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bcam_jax import checkpointing, config_validation, eval_lib, train_lib, workdir_lock
+from bcam_jax import checkpointing, config_validation, eval_lib, optim, train_lib, workdir_lock
 from tests import synthetic
 from tests.test_train import tiny_config
 
@@ -330,3 +330,18 @@ def test_killed_train_py_restarts_to_the_uninterrupted_run(
   params, lines = _final(workdir)
   _assert_bitwise(params, uninterrupted[0])
   assert lines == uninterrupted[1]
+
+
+def test_evaluation_restores_the_last_variables_without_an_optimizer(
+  idx_dir, finished, monkeypatch
+):
+  workdir, final_params = finished
+
+  def no_optimizer(*args, **kwargs):
+    raise AssertionError('restoring model variables must not build an optimizer')
+
+  monkeypatch.setattr(optim, 'make_optimizer', no_optimizer)
+  _, variables, step = eval_lib.restore(_config(idx_dir), workdir, 'last')
+  assert step == 12
+  assert set(variables) == {'params'}  # simple_cnn has no BatchNorm statistics
+  _assert_bitwise(variables['params'], final_params)

@@ -1,7 +1,7 @@
 """Convolutions lowered per call as XLA's convolution or as one matmul over shifted copies.
 
-XLA:CPU runs a 3x3 convolution on a tiny feature map (1x1 to 3x3) at a few GFLOP/s, while
-the same convolution written as im2col by concatenation (the kernel taps' shifted, strided
+XLA:CPU runs a 3x3 convolution on a tiny feature map (1x1 to 3x3) far below matmul speed,
+while the same convolution written as im2col by concatenation (the kernel taps' shifted, strided
 slices of the padded input, concatenated on the channel axis) followed by one dot runs at
 matmul speed, forward and backward. On larger maps XLA's own convolution is faster. So
 ``conv_general_dilated(lowering)`` returns a drop-in replacement of
@@ -146,9 +146,9 @@ def _depthwise_forward(x, w, pads):
   return _depthwise_sum(*reversed(_tap_slices(x, w.shape[:2], (1, 1), pads)), w)
 
 
-# Samples per step of the kernel gradient's loop: two chunks of 4 samples of a 28x28x96 map
-# stay in cache across the 49 taps' reductions, where the whole batch at once streams
-# every tap from memory (3x slower).
+# Samples per step of the kernel gradient's loop: a chunk of a 28x28x96 map stays in cache
+# across the 49 taps' reductions, where the whole batch at once streams every tap from
+# memory.
 _KERNEL_GRAD_CHUNK = 4
 
 
@@ -208,14 +208,14 @@ def choose_lowering(
 ) -> str:
   """The lowering ("xla" or "shifted_matmul") that ``lowering`` means for these static shapes.
 
-  "auto" is XLA's convolution except on CPU, where the shifted-matmul form is taken for
-  (bench/conv_lowering.py, forward + backward, batch 128):
+  "auto" is XLA's convolution except on CPU, where the shifted-matmul form is taken where
+  it is faster forward + backward (bench/conv_lowering.py measures each case):
 
-  * depthwise convolutions (ConvNeXt's 7x7: 3-11x faster at every map size);
+  * depthwise convolutions (ConvNeXt's 7x7), at every map size;
   * non-overlapping windows, kernel <= stride (strided 1x1 shortcuts, 2x2 patchify
-    downsampling: 1.5-2.5x);
-  * output maps of at most SHIFTED_MATMUL_MAX_SIDE a side (3x3 kernels on 1x1 to 3x3 maps:
-    10-70x). From 4x4 up, XLA's convolution is as fast or faster (0.6-1.3x).
+    downsampling);
+  * output maps of at most SHIFTED_MATMUL_MAX_SIDE a side (3x3 kernels on 1x1 to 3x3
+    maps). From 4x4 up, XLA's convolution is as fast or faster.
 
   Either lowering sums in its own order, so float32 results differ by rounding (and float32
   training runs then drift apart like runs on different meshes, bench/mesh_drift.py); in

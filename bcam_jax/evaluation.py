@@ -1,0 +1,80 @@
+"""The evaluation loop: a jitted step's masked sums over a whole split.
+
+Validation, the final test and every measurement of `eval.py` run the same loop: padded
+batches of one shape (`data.eval_batches`), sharded over the mesh's `data` axis, summed on
+device, each example counted once.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from bcam_jax import data, parallel
+from bcam_jax.metric_logging import format_duration
+
+
+def batch_for_devices(batch_size: int, num_devices: int) -> int:
+  """`batch_size` rounded up to a multiple of the device count (every device gets the same
+  share; padding is masked out)."""
+  return -(-batch_size // num_devices) * num_devices
+
+
+def sum_over_split(mesh, split: data.Split, batch_size: int, step_fn, *args, progress=None):
+  """Sums of `step_fn(*args, images, labels, mask)` over `split` in padded batches; when
+  step_fn returns (sums, maps), also the maps of the first batch. `progress(done)` is
+  called after each batch. Returns (host sums, first maps or None)."""
+  totals, first_maps, done = None, None, 0
+  for images, labels, mask in data.eval_batches(split, batch_size):
+    out = step_fn(*args, *parallel.shard_batch(mesh, images, labels, mask))
+    sums, maps = out if isinstance(out, tuple) else (out, None)
+    if first_maps is None and maps is not None:
+      first_maps = np.asarray(maps)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    done = min(done + batch_size, len(split))
+    if progress:
+      progress(done)
+  return jax.device_get(totals), first_maps
+
+
+def evaluate_split(run, eval_step, variables, split: data.Split, prototypes: jax.Array):
+  """(metrics, class maps `(C, S, S)`) of `split` under `run`'s objective
+  (`Objective.split_metrics`), from the sums of the jitted `run.eval_step()`."""
+  totals, _ = sum_over_split(run.mesh, split, run.eval_batch_size, eval_step, variables, prototypes)
+  return run.objective.split_metrics(run.model, totals, prototypes)
+
+
+class Progress:
+  """Logs `name: done/total images, rate, ETA` at most every 10 s and at the end; the
+  rate leaves out the first batch, which includes compilation."""
+
+  def __init__(self, name: str, total: int):
+    self.name, self.total = name, total
+    self.start = self.last = time.time()
+    self.first = None  # (images, time) after the first batch
+
+  def __call__(self, done: int) -> None:
+    now = time.time()
+    if self.first is None:
+      self.first = (done, now)
+    if done < self.total and now - self.last < 10:
+      return
+    self.last = now
+    rate = self.rate(done, now)
+    logging.info(
+      '%s: %d/%d images, %.1f img/s, ETA %s',
+      self.name,
+      done,
+      self.total,
+      rate,
+      format_duration((self.total - done) / rate),
+    )
+
+  def rate(self, done: int | None = None, now: float | None = None) -> float:
+    """Images per second after the first batch (over everything for a single batch)."""
+    done, now = done or self.total, now or time.time()
+    if self.first and done > self.first[0]:
+      return (done - self.first[0]) / max(now - self.first[1], 1e-9)
+    return done / max(now - self.start, 1e-9)

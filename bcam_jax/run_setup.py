@@ -1,0 +1,248 @@
+"""What training and evaluation of one config share: `setup_run` validates the config,
+builds the mesh, loads the data and builds the model and its objective; the `RunSetup` it
+returns makes the jitted steps, the initial or restored variables and the prototypes."""
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from bcam_jax import data, evaluation, models, optim, parallel, prototypes, steps
+from bcam_jax.checkpointing import Checkpoints
+from bcam_jax.config_validation import ConfigError, validate_config
+from bcam_jax.objective import Objective
+
+CHECKPOINTS = ('best', 'last')
+
+
+def conv_lowering(config: ml_collections.ConfigDict) -> str:
+  """config.model.conv_lowering, "auto" for configs written before it existed."""
+  return config.model.get('conv_lowering', 'auto')
+
+
+@dataclasses.dataclass
+class RunSetup:
+  """What training and evaluation of one config share."""
+
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  datasets: data.Datasets
+  model: Any
+  dtype: Any
+  eval_batch_size: int
+  objective: Objective
+
+  def eval_step(self):
+    """The jitted eval step (`steps.make_eval_step`) with a replicated output."""
+    info = self.datasets.info
+    return jax.jit(
+      steps.make_eval_step(
+        self.model,
+        self.objective,
+        mean=info.mean,
+        std=info.std,
+        dtype=self.dtype,
+        image_size=self.config.data.image_size,
+      ),
+      out_shardings=parallel.replicated(self.mesh),
+    )
+
+  def train_step(self, tx, schedule):
+    """The jitted train step (`steps.make_train_step`) with a replicated output; it donates
+    the state it is given."""
+    info = self.datasets.info
+    return jax.jit(
+      steps.make_train_step(
+        self.model,
+        tx,
+        schedule,
+        self.objective,
+        mean=info.mean,
+        std=info.std,
+        dtype=self.dtype,
+        image_size=self.config.data.image_size,
+        seed=self.config.seed,
+        frozen_backbone=self.frozen_backbone,
+      ),
+      out_shardings=parallel.replicated(self.mesh),
+      donate_argnums=0,
+    )
+
+  def prototypes(self, workdir: str) -> dict[str, jax.Array]:
+    """Train and validation class prototypes (cached in `workdir`), replicated."""
+    protos = prototypes.load_or_compute_prototypes(
+      workdir, self.datasets, self.config.data.image_size, write=jax.process_index() == 0
+    )
+    return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
+
+  @property
+  def frozen_backbone(self) -> bool:
+    """CA-Stream's protocol: only the stream trains."""
+    return bool(self.config.model.ca_stream.freeze_backbone)
+
+  def optimizer(self, total_steps: int):
+    """(tx, schedule) of `config.optimizer`; with a frozen backbone, tx updates the
+    CA-Stream parameters only."""
+    tx, schedule = optim.make_optimizer(self.config.optimizer, total_steps)
+    if self.frozen_backbone:
+      tx = optim.train_only(tx, ('stream',))
+    return tx, schedule
+
+  def init_from_baseline(self, state: steps.TrainState) -> steps.TrainState:
+    """`state` with backbone, classifier and BatchNorm statistics of the best checkpoint
+    of `config.init_from` (a run of the same model with the default head and pooling)."""
+    cfg = self.config
+    baseline = models.get_model(
+      cfg.model.name,
+      self.datasets.info.num_classes,
+      dtype=self.dtype,
+      conv_lowering=conv_lowering(cfg),
+      **cfg.model.options,
+    )
+    abstract = self._replicated_shapes(
+      steps.make_variables_fn(baseline, cfg.seed, cfg.data.image_size)
+    )
+    ckpts = Checkpoints(cfg.init_from)
+    try:
+      restored, step = ckpts.restore_best(abstract)
+    finally:
+      ckpts.close()
+    params = dict(state.params)
+    for name in ('backbone_net', 'head_net'):
+      want = jax.tree.map(lambda p: p.shape, params[name])
+      got = jax.tree.map(lambda p: p.shape, restored['params'][name])
+      if want != got:
+        raise ConfigError(
+          f'config.init_from={cfg.init_from!r}: its {name} parameters do not '
+          f'fit this model ({cfg.model.name}, head={cfg.model.head!r}, '
+          f"pooling={cfg.model.pooling!r}); e.g. simple_cnn's flatten + dense "
+          'classifier cannot take pooled features.'
+        )
+      params[name] = restored['params'][name]
+    logging.info(
+      'Initialised backbone and classifier from %s (best checkpoint, step %d).',
+      cfg.init_from,
+      step,
+    )
+    return state.replace(params=params, batch_stats=restored.get('batch_stats', {}))
+
+  def init_state(self, tx) -> steps.TrainState:
+    """The initial train state, replicated over the mesh."""
+    init = steps.make_init_fn(self.model, tx, self.config.seed, self.config.data.image_size)
+    return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
+
+  def abstract_state(self, tx) -> steps.TrainState:
+    """Shapes, dtypes and shardings of the train state, without computing it: the
+    target layout of a checkpoint restore."""
+    return self._replicated_shapes(lambda: self.init_state(tx))
+
+  def abstract_variables(self) -> dict:
+    """Shapes, dtypes and shardings of the model variables: the target layout of a
+    restore that needs no optimiser."""
+    cfg = self.config
+    return self._replicated_shapes(
+      steps.make_variables_fn(self.model, cfg.seed, cfg.data.image_size)
+    )
+
+  def restore_variables(self, workdir: str, checkpoint: str = 'best') -> tuple[dict, int]:
+    """(model variables, step) of the `best` (by validation accuracy) or `last` checkpoint
+    of `workdir`, without building an optimiser."""
+    if checkpoint not in CHECKPOINTS:
+      raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
+    ckpts = Checkpoints(workdir)
+    try:
+      if checkpoint == 'best':
+        return ckpts.restore_best(self.abstract_variables())
+      return ckpts.restore_latest_variables(self.abstract_variables())
+    finally:
+      ckpts.close()
+
+  def _replicated_shapes(self, fn):
+    """ShapeDtypeStructs, replicated over the mesh, of what `fn()` would return."""
+    sharding = parallel.replicated(self.mesh)
+    return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), jax.eval_shape(fn)
+    )
+
+
+def setup_run(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> RunSetup:
+  """Validates the config, builds the mesh, loads the data and builds the model."""
+  validate_config(config)
+  mesh = parallel.make_mesh(devices)
+  try:
+    parallel.check_divisible(config.train.batch_size, mesh, 'config.train.batch_size')
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  n_dev = mesh.devices.size
+  datasets = data.load_datasets(config.data)
+  if config.train.batch_size > len(datasets.train):
+    raise ConfigError(
+      f'config.train.batch_size={config.train.batch_size} is larger than the '
+      f'train split ({len(datasets.train)} images).'
+    )
+  # No larger than the largest split to evaluate (padding beyond it is wasted memory), and
+  # a multiple of the device count.
+  largest = max(len(datasets.val), len(datasets.test))
+  eval_batch_size = min(config.eval.batch_size, largest)
+  eval_batch_size = evaluation.batch_for_devices(eval_batch_size, n_dev)
+  if eval_batch_size != config.eval.batch_size:
+    logging.info(
+      'Evaluating in batches of %d (config.eval.batch_size=%d, %d device(s), largest split %d).',
+      eval_batch_size,
+      config.eval.batch_size,
+      n_dev,
+      largest,
+    )
+  dtype = jnp.dtype(config.train.dtype)
+  try:
+    model = models.get_model(
+      config.model.name,
+      datasets.info.num_classes,
+      dtype=dtype,
+      head=config.model.head,
+      pooling=config.model.pooling,
+      conv_lowering=conv_lowering(config),
+      **config.model.options,
+    )
+  except ValueError as error:  # an unknown or invalid config.model.options entry
+    raise ConfigError(f'config.model.options={dict(config.model.options)!r}: {error}') from None
+  _check_cam_side(config, model)
+  cam = models.cam_shape(model, config.data.image_size)
+  logging.info(
+    'Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
+    config.model.name,
+    config.data.image_size,
+    config.data.image_size,
+    cam,
+    n_dev,
+    jax.devices()[0].platform,
+    datasets.source,
+  )
+  objective = Objective.from_config(config, datasets.info.num_classes)
+  return RunSetup(config, mesh, datasets, model, dtype, eval_batch_size, objective)
+
+
+def _check_cam_side(config: ml_collections.ConfigDict, model) -> None:
+  """Every model needs at least a 1x1 CAM map. A CAM loss compares maps with the class
+  prototypes: a 1x1 map has nothing to compare (min-max scaling makes it 0) and its loss
+  ends in NaN, so it needs at least 2x2."""
+  side = model.cam_side(config.data.image_size)
+  if side < 1:
+    raise ConfigError(
+      f'config.data.image_size={config.data.image_size} is too small for '
+      f'{model.label()}: it needs image_size >= {model.min_image_side()}.'
+    )
+  if config.loss.kind != 'ce' and 1 <= side < 2:
+    need = next(s for s in itertools.count(config.data.image_size) if model.cam_side(s) >= 2)
+    raise ConfigError(
+      f'config.data.image_size={config.data.image_size} gives {model.label()} a {side}x'
+      f'{side} CAM map; config.loss.kind={config.loss.kind!r} compares CAM maps with the '
+      f'class prototypes and needs at least 2x2: image_size >= {need}.'
+    )
