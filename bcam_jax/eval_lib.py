@@ -2,7 +2,7 @@
 
 `evaluate_checkpoint` restores a checkpoint and measures test loss, accuracy and the
 prototype losses. `evaluate_and_report` (what `eval.py` runs) adds, for each CAM method,
-the faithfulness metrics of `bcam_jax.faithfulness` and the prototype alignment, and writes
+the faithfulness metrics of `bcam_jax.explain.faithfulness` and the prototype alignment, and writes
 `<workdir>/eval/`: metrics.json, report.md, confusion.png, cam_prototypes.png,
 error_prototypes.png and overlays.png. Every per-batch computation is one jitted function
 over a batch sharded on the mesh's `data` axis, returning masked sums.
@@ -25,7 +25,6 @@ from bcam_jax import (
   config_validation,
   data,
   explain,
-  faithfulness,
   io_utils,
   losses,
   parallel,
@@ -33,6 +32,7 @@ from bcam_jax import (
   workdir_lock,
 )
 from bcam_jax.checkpointing import Checkpoints
+from bcam_jax.explain import faithfulness
 from bcam_jax.metric_logging import format_duration
 from bcam_jax.report import figures, markdown
 
