@@ -127,7 +127,7 @@ def check_methods(methods) -> tuple[str, ...]:
   methods = tuple(methods)
   unknown = [m for m in methods if m not in REGISTRY]
   if unknown or not methods:
-    raise ValueError(f'unknown CAM method(s) {unknown or methods}; valid: {", ".join(METHODS)}')
+    raise ValueError(f'unknown CAM method(s) {unknown or methods}; valid: {", ".join(REGISTRY)}')
   return methods
 
 
