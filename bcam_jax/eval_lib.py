@@ -2,7 +2,7 @@
 
 `evaluate_checkpoint` restores a checkpoint and measures test loss, accuracy and the
 prototype losses. `evaluate_and_report` (what `eval.py` runs) adds, for each CAM method,
-the faithfulness metrics of `bcam_jax.faithfulness` and the prototype alignment, and writes
+the faithfulness metrics of `bcam_jax.explain.faithfulness` and the prototype alignment, and writes
 `<workdir>/eval/`: metrics.json, report.md, confusion.png, cam_prototypes.png,
 error_prototypes.png and overlays.png. Every per-batch computation is one jitted function
 over a batch sharded on the mesh's `data` axis, returning masked sums.
@@ -25,12 +25,12 @@ from bcam_jax import (
   data,
   evaluation,
   explain,
-  faithfulness,
   io_utils,
   objective,
   run_setup,
   workdir_lock,
 )
+from bcam_jax.explain import faithfulness
 from bcam_jax.report import figures, markdown
 from bcam_jax.run_setup import CHECKPOINTS
 

@@ -1,6 +1,9 @@
 """CAM, Grad-CAM++, Score-CAM and explained layers against per-image, per-channel loops."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -181,3 +184,33 @@ def test_maps_are_normalised_at_image_size(tiny_resnet):
     maps = explainer.maps(method, variables, pixels, _targets())
     assert maps.shape == (N, 8, 8)
     assert float(maps.min()) >= 0 and float(maps.max()) <= 1 + 1e-6
+
+
+def test_registry_defines_the_methods_and_unknown_ones_list_them():
+  assert explain.METHODS == tuple(explain.REGISTRY)
+  assert set(explain.default_methods(get_model('simple_cnn', C))) < set(explain.METHODS)
+  for name, method in explain.REGISTRY.items():
+    assert isinstance(method, explain.Method) and callable(method.maps), name
+  with pytest.raises(ValueError, match='valid: ' + ', '.join(explain.METHODS) + '$'):
+    explain.check_methods(['grad_cam', 'eigen_cam'])
+  with pytest.raises(ValueError, match="unknown CAM method.*'eigen_cam'.*valid: cam, grad_cam"):
+    explain.Explainer(get_model('simple_cnn', C), 0.5, 0.25, 8).raw_maps(
+      'eigen_cam', {}, None, None
+    )
+
+
+def test_explain_never_imports_the_training_code():
+  """A trained model is explained without losses, steps or the training and eval loops."""
+  training = ('train_lib', 'steps', 'explanations', 'objective', 'losses', 'eval_lib')
+  training += ('reproduce', 'checkpointing')
+  code = (
+    'import sys; import bcam_jax.explain; '
+    'print(" ".join(m for m in sys.modules if m.startswith("bcam_jax")))'
+  )
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=root, capture_output=True, text=True, check=True
+  )
+  loaded = set(out.stdout.split())
+  assert 'bcam_jax.explain.faithfulness' in loaded
+  assert not {f'bcam_jax.{m}' for m in training} & loaded, loaded

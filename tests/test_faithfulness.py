@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcam_jax import faithfulness
+from bcam_jax.explain import faithfulness
 
 S = 6  # image side
 
