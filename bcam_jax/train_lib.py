@@ -22,6 +22,7 @@ import optax
 from absl import logging
 
 from bcam_jax import (
+  conditions,
   data,
   explanations,
   io_utils,
@@ -344,7 +345,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     eval_step = run.eval_step()
     logger.info(
       f'Training {config.model.name} on {info.name} with loss '
-      f'{_describe(run.objective)}: {total_steps} steps ({steps_per_epoch} per '
+      f'{conditions.loss_formula(config.loss)}: {total_steps} steps ({steps_per_epoch} per '
       f'epoch, global batch {batch}) from step {start_step}.'
     )
 
@@ -457,11 +458,3 @@ def _accumulate(window: dict, metrics: dict[str, float]) -> None:
   for k in _WINDOWED:
     window[k] += metrics[k]
   window['n'] += 1
-
-
-def _describe(objective: steps.Objective) -> str:
-  if objective.kind == 'ce':
-    return 'ce'
-  return (
-    f'{objective.lambda_class} * ce + {objective.lambda_cam} * {objective.kind}-{objective.metric}'
-  )
