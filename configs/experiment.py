@@ -96,6 +96,7 @@ def parse(arg: str | None) -> dict[str, str]:
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The base config with the model, condition, head and pooling that `arg` names."""
   values = parse(arg)
   config = base.get_base_config()
   MODELS[values['model']](config)
