@@ -13,8 +13,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bcam_jax import reproduce
+from bcam_jax import grids
 from bcam_jax.metric_logging import quiet_library_logs
+from configs import experiment
 
 _GRID = config_flags.DEFINE_config_file(
   'grid', None, 'Grid config file (configs/grids/*.py).', lock_config=True
@@ -36,14 +37,14 @@ def main(argv):
   grid = _GRID.value
   root = os.path.join(_WORKDIR.value, grid.name)
   if _LIST.value:
-    for cell in reproduce.expand(grid):
+    for cell in grids.expand(grid):
       done = os.path.exists(os.path.join(root, cell.name, 'cell.json'))
       print(f'{"done" if done else "todo"}  {cell.name}  ({cell.epochs} epoch(s))')
     return
-  records, failures = reproduce.run_grid(grid, root)
+  records, failures = grids.run_grid(grid, root, experiment.get_config)
   if jax.process_index() == 0 and records:
     results_dir = _RESULTS.value or os.path.join('results', grid.name)
-    reproduce.write_results(grid, records, root, results_dir, failures)
+    grids.write_results(grid, records, root, results_dir, failures)
     logging.info('wrote %s', os.path.join(results_dir, 'results.md'))
   if failures:
     raise SystemExit(

@@ -21,6 +21,7 @@ from absl import logging
 
 from bcam_jax import (
   cam,
+  conditions,
   config_validation,
   data,
   evaluation,
@@ -137,19 +138,6 @@ def evaluate_checkpoint(
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
     io_utils.write_json(os.path.join(workdir, 'eval', output_name), result)
   return result
-
-
-def describe_condition(config: ml_collections.ConfigDict) -> str:
-  """A run's training condition in a few words, e.g. 'bcpl-l1', 'ce softcam l1=0.01'."""
-  loss = config.loss
-  text = loss.kind if loss.kind == 'ce' else f'{loss.kind}-{loss.metric}'
-  if config.model.head == 'softcam':
-    text += ' softcam' + ''.join(
-      f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']
-    )
-  if config.model.pooling == 'ca_stream':
-    text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
-  return text
 
 
 def _explainer(run, options: EvalOptions) -> explain.Explainer:
@@ -280,7 +268,7 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
     dataset=info.name,
     model=config.model.name,
     loss=config.loss.kind,
-    condition=describe_condition(config),
+    condition=conditions.describe(config),
   )
   overlay_maps = {}
   for method in methods:

@@ -227,9 +227,3 @@ class Objective:
     ]
     metrics['total'] = float(self.total(metrics['loss'], metrics['cam']))
     return metrics, np.asarray(class_maps)
-
-  def describe(self) -> str:
-    """The objective as a formula of its terms, e.g. '1.0 * ce + 0.1 * bcpl-l1'."""
-    if self.kind == 'ce':
-      return 'ce'
-    return f'{self.lambda_class} * ce + {self.lambda_cam} * {self.kind}-{self.metric}'

@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from bcam_jax import data, evaluation, io_utils, parallel, workdir_lock
+from bcam_jax import conditions, data, evaluation, io_utils, parallel, workdir_lock
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, check_matches_workdir
 from bcam_jax.metric_logging import MetricLogger, format_duration
@@ -151,8 +151,8 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     eval_step = run.eval_step()
     logger.info(
       f'Training {config.model.name} on {ds.info.name} with loss '
-      f'{run.objective.describe()}: {schedule.total_steps} steps ({schedule.steps_per_epoch} '
-      f'per epoch, global batch {batch}) from step {start_step}.'
+      f'{conditions.loss_formula(config.loss)}: {schedule.total_steps} steps '
+      f'({schedule.steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.'
     )
 
     window = _Window(batch)

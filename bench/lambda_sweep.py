@@ -6,7 +6,7 @@ one workdir per value (finished ones are reused, interrupted ones resume), and p
 accuracy and the test explanation terms (lower = CAMs closer to the class prototypes).
 
   BCAM_DATA_DIR=../shared/data python bench/lambda_sweep.py \
-      --config=configs/simple_cnn_bcpl.py --config.train.num_epochs=2 \
+      --config=configs/experiment.py:model=simple_cnn,loss=bcpl --config.train.num_epochs=2 \
       --lambdas=0.1,1,10 --workdir=runs/sweep_simple_cnn_bcpl
 """
 

@@ -35,7 +35,7 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, io_utils, parallel, run_setup  # noqa: E402
 from bench import common  # noqa: E402
-from configs import resnet18_baseline, simple_cnn_baseline  # noqa: E402
+from configs import experiment  # noqa: E402
 from tests import numerics, synthetic  # noqa: E402
 
 _MODEL = flags.DEFINE_enum('model', 'resnet18', ['resnet18', 'simple_cnn'], 'Model.')
@@ -54,7 +54,7 @@ _OUT = flags.DEFINE_string(
 
 def make_config(idx_dir: str):
   """The tiny config of tests/test_train.py's cross-mesh test, with this script's flags."""
-  config = (resnet18_baseline if _MODEL.value == 'resnet18' else simple_cnn_baseline).get_config()
+  config = experiment.get_config(f'model={_MODEL.value}')
   if _MODEL.value == 'resnet18':
     config.model.options.width = _WIDTH.value
   config.data.source, config.data.idx_dir, config.data.val_size = 'idx', idx_dir, 40

@@ -1,9 +1,10 @@
 """Shared defaults of every bcam-jax configuration.
 
-Model configs import `get_base_config()` and override a few fields. Any field can be
-overridden on the command line, e.g.
-`python train.py --config=configs/simple_cnn_baseline.py --config.data.name=fashion_mnist
---config.data.image_size=112 --config.optimizer.learning_rate=0.05`.
+`configs/experiment.py` starts from `get_base_config()` and sets the model and the
+condition. Any field can be overridden on the command line, e.g.
+`python train.py --config=configs/experiment.py:model=simple_cnn
+--config.data.name=fashion_mnist --config.data.image_size=112
+--config.optimizer.learning_rate=0.05`.
 """
 
 import ml_collections
@@ -73,18 +74,4 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Soft-CAM's ElasticNet on the evidence maps: lambda_l1 mean|E| + lambda_l2 mean(E^2).
   config.loss.lambda_l1 = 0.0
   config.loss.lambda_l2 = 0.0
-  return config
-
-
-# Default lambda_cam per CAM loss (lambda_class = 1). bcpl: from bench/lambda_sweep.py, see
-# configs/simple_cnn_bcpl.py. proto averages over images where bcpl sums over classes, so
-# lambda_cam = 1 gives each class about the weight that 0.1 gives it in bcpl.
-DEFAULT_LAMBDA_CAM = {'proto': 1.0, 'bcpl': 0.1}
-
-
-def with_cam_loss(config: ml_collections.ConfigDict, kind: str) -> ml_collections.ConfigDict:
-  """A baseline config turned into one of the paper's CAM conditions (metric l1)."""
-  config.loss.kind = kind
-  config.loss.metric = 'l1'
-  config.loss.lambda_cam = DEFAULT_LAMBDA_CAM[kind]
   return config

@@ -7,10 +7,10 @@ all devices of all hosts, so it must be a multiple of the total device count.
       BCAM_DATA_DIR=gs-fuse-or-local-copy python train.py \
       --config=configs/resnet18_tpu.py --workdir=/shared/runs/resnet18_tpu"
 
-The learning rate follows the linear scaling rule from configs/resnet18_baseline.py
-(0.1 at batch 128 -> 0.8 at 1024) with a longer warm-up; parameters, BatchNorm and the
-head stay float32. Expected: the accuracy of configs/resnet18_bcpl.py within a few tenths
-(not yet run on a TPU or a GPU: none was available to this project).
+The learning rate follows the linear scaling rule from ResNet18's 0.1 at batch 128
+(configs/experiment.py) to 0.8 at 1024, with a longer warm-up; parameters, BatchNorm and
+the head stay float32. Expected: the accuracy of configs/resnet18_bcpl.py within a few
+tenths.
 """
 
 from configs import resnet18_bcpl

@@ -39,7 +39,7 @@ def test_eval_py_writes_every_output(trained):
   cmd = [
     sys.executable,
     'eval.py',
-    '--config=configs/simple_cnn_baseline.py',
+    '--config=configs/experiment.py:model=simple_cnn',
     f'--workdir={workdir}',
     '--config.data.source=idx',
     f'--config.data.idx_dir={idx_dir}',

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from bcam_jax import eval_lib
-from configs import simple_cnn_bcpl
+from configs import experiment
 from tests import numerics, synthetic
 from tests.test_train import REPO
 
@@ -44,7 +44,7 @@ def _cmd(idx_dir, workdir, num_steps=NUM_STEPS, checkpoint_every=8):
   return [
     sys.executable,
     'train.py',
-    '--config=configs/simple_cnn_bcpl.py',
+    '--config=configs/experiment.py:model=simple_cnn,loss=bcpl',
     f'--workdir={workdir}',
     '--config.data.source=idx',
     f'--config.data.idx_dir={idx_dir}',
@@ -103,7 +103,7 @@ def _kill(procs):
 
 def _config(idx_dir):
   """The config of `_cmd`, to restore its checkpoints in this (8-device) process."""
-  config = simple_cnn_bcpl.get_config()
+  config = experiment.get_config('model=simple_cnn,loss=bcpl')
   config.data.source, config.data.idx_dir, config.data.val_size = 'idx', idx_dir, 40
   config.train.batch_size, config.eval.batch_size = 16, 24
   config.train.dtype = 'float64'

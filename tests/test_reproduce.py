@@ -1,15 +1,19 @@
-"""Tests of the reproduction grid runner (bcam_jax.reproduce, reproduce.py) on a 2-cell grid."""
+"""Tests of the reproduction grids (bcam_jax.grids, reproduce.py), on a 2-cell grid."""
 
 import csv
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import ml_collections
 import pytest
 
-from bcam_jax import reproduce
+from bcam_jax import grids
+from configs import experiment
 from tests import synthetic
+from tests.test_train import REPO
 
 GRIDS = ('cpu_small', 'paper_table1', 'paper_table2')
 
@@ -50,7 +54,7 @@ def tiny_grid(idx_dir) -> ml_collections.ConfigDict:
 
 def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   grid, root, results = tiny_grid(idx_dir), str(tmp_path / 'runs'), str(tmp_path / 'results')
-  records, failures = reproduce.run_grid(grid, root)
+  records, failures = grids.run_grid(grid, root, experiment.get_config)
   assert failures == {}
   assert [r['condition'] for r in records] == ['baseline', 'bcpl-l1']
   for r in records:
@@ -65,7 +69,7 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   bcpl = json.load(open(os.path.join(root, records[1]['name'], 'config.json')))
   assert (bcpl['loss']['kind'], bcpl['loss']['metric']) == ('bcpl', 'l1')
 
-  rows = reproduce.write_results(grid, records, root, results)
+  rows = grids.write_results(grid, records, root, results)
   assert len(rows) == 2 and rows[0]['accuracy_std'] is None  # one seed: no std
   with open(os.path.join(results, 'results.csv')) as f:
     table = list(csv.DictReader(f))
@@ -82,7 +86,7 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   done_cell = os.path.join(root, records[0]['name'], 'cell.json')
   before = os.stat(done_cell).st_mtime_ns
   os.remove(os.path.join(root, records[1]['name'], 'cell.json'))
-  again, _ = reproduce.run_grid(grid, root)
+  again, _ = grids.run_grid(grid, root, experiment.get_config)
   assert os.stat(done_cell).st_mtime_ns == before
   assert again[0] == records[0]
   assert again[1]['test_accuracy'] == pytest.approx(records[1]['test_accuracy'])
@@ -102,13 +106,11 @@ def test_a_failing_cell_is_reported_and_the_grid_goes_on(idx_dir, tmp_path):
   ]
   grid.overrides = tuple(kv for kv in grid.overrides if kv[0] != 'data.idx_dir')
   grid.blocks[1]['overrides'] = (('data.idx_dir', idx_dir),)
-  records, failures = reproduce.run_grid(grid, str(tmp_path / 'runs'))
+  records, failures = grids.run_grid(grid, str(tmp_path / 'runs'), experiment.get_config)
   assert [r['condition'] for r in records] == ['bcpl-l1']
   ((name, error),) = failures.items()
   assert name == 'simple_cnn_mnist_28_baseline_seed0' and 'missing' in error
-  reproduce.write_results(
-    grid, records, str(tmp_path / 'runs'), str(tmp_path / 'results'), failures
-  )
+  grids.write_results(grid, records, str(tmp_path / 'runs'), str(tmp_path / 'results'), failures)
   text = open(tmp_path / 'results' / 'results.md').read()
   assert '## Failed cells' in text and name in text
 
@@ -127,7 +129,7 @@ def test_aggregate_mean_std_and_paper_difference():
     }
     for s, acc, l1 in ((0, 99.0, 0.1), (1, 99.2, 0.2), (2, 99.4, 0.3))
   ]
-  (row,) = reproduce.aggregate(records)
+  (row,) = grids.aggregate(records)
   assert row['accuracy_mean'] == pytest.approx(99.2)
   assert row['accuracy_std'] == pytest.approx(0.2)  # sample std of 99.0, 99.2, 99.4
   assert row['paper_accuracy'] == 99.00 and row['difference'] == pytest.approx(0.2)
@@ -140,10 +142,10 @@ def test_grid_configs_expand_to_valid_cells(name):
   grid = module.get_config()
   assert grid.name == name
   assert f'--grid=configs/grids/{name}.py' in module.__doc__ and 'Expected' in module.__doc__
-  cells = reproduce.expand(grid)
+  cells = grids.expand(grid)
   assert [c.seed for c in cells] == sorted(c.seed for c in cells)
   for cell in cells:
-    reproduce.cell_config(cell)  # validates
+    grids.cell_config(cell, experiment.get_config)  # validates
   expected = {
     'cpu_small': 7 * 2 * 3 + 2,
     'paper_table1': 3 * 7 * 2 * 3,
@@ -152,13 +154,31 @@ def test_grid_configs_expand_to_valid_cells(name):
   assert len(cells) == expected
 
 
+def test_entry_point_lists_the_cells(tmp_path):
+  out = subprocess.run(
+    [
+      sys.executable,
+      'reproduce.py',
+      '--grid=configs/grids/cpu_small.py',
+      f'--workdir={tmp_path}',
+      '--list',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.splitlines()
+  assert len(out) == 7 * 2 * 3 + 2
+  assert out[0] == 'todo  simple_cnn_mnist_28_baseline_seed0  (2 epoch(s))'
+
+
 def test_grid_errors_name_the_problem():
   grid = ml_collections.ConfigDict(dict(name='bad', blocks=[dict(models=('simple_cnn',))]))
   with pytest.raises(ValueError, match='block 0: missing field'):
-    reproduce.expand(grid)
-  cell = reproduce.Cell('simple_cnn', 'bcpl-l1', 'mnist', 28, 0, 1, (('train.epochs', 3),))
+    grids.expand(grid)
+  cell = grids.Cell('simple_cnn', 'bcpl-l1', 'mnist', 28, 0, 1, (('train.epochs', 3),))
   with pytest.raises(ValueError, match="override 'train.epochs'.*no field 'epochs'"):
-    reproduce.cell_config(cell)
+    grids.cell_config(cell, experiment.get_config)
   grid.blocks = [
     dict(
       models=('simple_cnn',),
@@ -170,7 +190,7 @@ def test_grid_errors_name_the_problem():
     )
   ]
   with pytest.raises(ValueError, match="condition='bcpl-l3'"):
-    reproduce.expand(grid)
+    grids.expand(grid)
 
 
 def test_verdict_against_the_paper():
@@ -190,7 +210,7 @@ def test_verdict_against_the_paper():
     row('simple_cnn', 'fashion_mnist', 'baseline', 91.1, 0.1),
     row('resnet18', 'mnist', 'baseline', 99.8, None),
   ]  # paper's bcpl-l2 not run
-  verdicts = {(p['model'], p['dataset']): p for p in reproduce.against_paper(rows)}
+  verdicts = {(p['model'], p['dataset']): p for p in grids.against_paper(rows)}
   assert verdicts[('simple_cnn', 'mnist')]['verdict'] == 'matches paper'
   fashion = verdicts[('simple_cnn', 'fashion_mnist')]
   assert fashion['verdict'] == 'misses paper' and fashion['gap'] == pytest.approx(-0.32)

@@ -12,7 +12,7 @@ from bcam_jax import config_validation, eval_lib, explain, run_setup, train_lib
 from bcam_jax import objective as objective_lib
 from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables
 from bcam_jax.models.heads import cross_attention
-from configs import resnet18_baseline, resnet18_castream, simple_cnn_castream, simple_cnn_softcam
+from configs import experiment
 from tests import synthetic
 from tests.test_train import tiny_config
 
@@ -141,10 +141,10 @@ def _tiny_resnet(config):
 
 def test_frozen_backbone_trains_only_the_stream(idx_dir, tmp_path):
   baseline_dir, ca_dir = str(tmp_path / 'baseline'), str(tmp_path / 'ca')
-  baseline_config = _tiny_resnet(tiny_config(idx_dir, resnet18_baseline, 10))
+  baseline_config = _tiny_resnet(tiny_config(idx_dir, 'model=resnet18', 10))
   train_lib.train_and_evaluate(baseline_config, baseline_dir)
   _, baseline, _ = eval_lib.restore(baseline_config, baseline_dir, 'best')
-  config = _tiny_resnet(tiny_config(idx_dir, resnet18_castream, 10))
+  config = _tiny_resnet(tiny_config(idx_dir, 'model=resnet18,pooling=ca_stream', 10))
   config.model.ca_stream.freeze_backbone = True
   config.init_from = baseline_dir
   trained = jax.device_get(train_lib.train_and_evaluate(config, ca_dir)['state'])
@@ -165,7 +165,7 @@ def test_frozen_backbone_trains_only_the_stream(idx_dir, tmp_path):
 def test_frozen_simple_cnn_reports_its_incompatible_classifier(idx_dir, tmp_path):
   baseline_dir = str(tmp_path / 'baseline')
   train_lib.train_and_evaluate(tiny_config(idx_dir, num_steps=10), baseline_dir)
-  config = tiny_config(idx_dir, simple_cnn_castream, 10)
+  config = tiny_config(idx_dir, 'model=simple_cnn,pooling=ca_stream', 10)
   config.model.ca_stream.freeze_backbone = True
   config.init_from = baseline_dir
   with pytest.raises(config_validation.ConfigError, match='head_net parameters do not fit'):
@@ -173,7 +173,7 @@ def test_frozen_simple_cnn_reports_its_incompatible_classifier(idx_dir, tmp_path
 
 
 def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
-  config = tiny_config(idx_dir, simple_cnn_softcam, 30)
+  config = tiny_config(idx_dir, 'model=simple_cnn,head=softcam', 30)
   config.loss.kind, config.loss.lambda_cam, config.loss.lambda_l1 = 'bcpl', 0.1, 0.01
   workdir = str(tmp_path / 'run')
   result = train_lib.train_and_evaluate(config, workdir)
@@ -216,7 +216,7 @@ def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
   ],
 )
 def test_invalid_self_explaining_configs_fail_clearly(field, value, message):
-  config = resnet18_baseline.get_config()
+  config = experiment.get_config('model=resnet18')
   section, key = field.rsplit('.', 1)
   target = config
   for part in section.split('.'):
@@ -227,14 +227,14 @@ def test_invalid_self_explaining_configs_fail_clearly(field, value, message):
 
 
 def test_freeze_needs_init_from_and_a_compatible_classifier(idx_dir, tmp_path):
-  config = resnet18_castream.get_config()
+  config = experiment.get_config('model=resnet18,pooling=ca_stream')
   config.model.ca_stream.freeze_backbone = True
   with pytest.raises(config_validation.ConfigError, match='needs config.init_from'):
     config_validation.validate_config(config)
   config.init_from = str(tmp_path / 'missing')
   with pytest.raises(config_validation.ConfigError, match='is not a directory'):
     config_validation.validate_config(config)
-  softcam_ca = simple_cnn_softcam.get_config()
+  softcam_ca = experiment.get_config('model=simple_cnn,head=softcam')
   softcam_ca.model.pooling = 'ca_stream'
   with pytest.raises(config_validation.ConfigError, match='does not combine'):
     config_validation.validate_config(softcam_ca)

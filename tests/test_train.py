@@ -25,7 +25,7 @@ from bcam_jax import (
   train_lib,
 )
 from bcam_jax import objective as objective_lib
-from configs import resnet18_baseline, simple_cnn_baseline
+from configs import experiment
 from tests import numerics, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +36,8 @@ def idx_dir(tmp_path_factory):
   return synthetic.write_dataset(str(tmp_path_factory.mktemp('idx')))
 
 
-def tiny_config(idx_dir, base=simple_cnn_baseline, num_steps=30):
-  config = base.get_config()
+def tiny_config(idx_dir, arg='model=simple_cnn', num_steps=30):
+  config = experiment.get_config(arg)
   config.data.source = 'idx'
   config.data.idx_dir = idx_dir
   config.data.val_size = 40
@@ -193,7 +193,7 @@ def test_one_device_and_eight_devices_train_the_same_parameters(idx_dir, tmp_pat
   the training dynamics themselves do not amplify. A per-device BatchNorm (over 2 samples)
   would change the gradient by 180%.
   """
-  config = tiny_config(idx_dir, base=resnet18_baseline, num_steps=5)
+  config = tiny_config(idx_dir, 'model=resnet18', num_steps=5)
   config.model.options.width = 8
   config.loss.kind = 'bcpl'
   config.train.dtype = 'float64'
@@ -223,7 +223,7 @@ def _train_cmd(idx_dir, workdir, num_steps):
   return [
     sys.executable,
     'train.py',
-    '--config=configs/simple_cnn_baseline.py',
+    '--config=configs/experiment.py:model=simple_cnn',
     f'--workdir={workdir}',
     '--config.data.source=idx',
     f'--config.data.idx_dir={idx_dir}',
@@ -369,7 +369,7 @@ def test_every_config_is_valid_and_documents_its_command(name):
   ],
 )
 def test_invalid_config_fails_with_valid_choices(field, value, message):
-  config = simple_cnn_baseline.get_config()
+  config = experiment.get_config('model=simple_cnn')
   section, key = field.split('.')
   config[section][key] = value
   with pytest.raises(config_validation.ConfigError, match=message):

@@ -186,7 +186,7 @@ def test_another_model_on_a_workdir_fails_before_writing(idx_dir, finished, tmp_
 def test_entry_points_report_user_errors_without_a_traceback(idx_dir, finished):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   common = [
-    '--config=configs/simple_cnn_baseline.py',
+    '--config=configs/experiment.py:model=simple_cnn',
     f'--workdir={finished[0]}',
     '--config.data.source=idx',
     f'--config.data.idx_dir={idx_dir}',
@@ -265,7 +265,7 @@ KILL_MOMENTS = [
 def _train_args(idx_dir, workdir):
   """24 steps of 8; train states at 8, 16, 24; validations (best checkpoints) at 12, 24."""
   return [
-    '--config=configs/simple_cnn_baseline.py',
+    '--config=configs/experiment.py:model=simple_cnn',
     f'--workdir={workdir}',
     '--config.data.source=idx',
     f'--config.data.idx_dir={idx_dir}',

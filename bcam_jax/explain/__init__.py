@@ -10,7 +10,7 @@ layer, under jit, and their faithfulness.
   faithfulness  Average Drop / Gain / Increase, insertion and deletion of such maps.
 
 The map functions themselves live in `bcam_jax.cam`. This package never imports the
-training code (losses, steps, train_lib, evaluation), so any trained model can be explained
+training code (objective, steps, train_lib, evaluation), so any trained model can be explained
 without it.
 """
 

@@ -13,6 +13,8 @@ BCPL's prototype alignment L1 about 3x lower than the baseline's.
 
 import ml_collections
 
+from bcam_jax import conditions
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -25,15 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.blocks = [
     dict(
       models=('simple_cnn',),
-      conditions=(
-        'baseline',
-        'proto-l1',
-        'proto-l2',
-        'proto-ssim',
-        'bcpl-l1',
-        'bcpl-l2',
-        'bcpl-ssim',
-      ),
+      conditions=tuple(conditions.CONDITIONS),
       datasets=('mnist', 'fashion_mnist'),
       image_sizes=(28,),
       seeds=(0, 1, 2),

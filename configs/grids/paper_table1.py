@@ -11,7 +11,7 @@ cell it reports (ConvNeXt-V2-T 99.72 / 94.79, ResNet18 99.65 / 94.99, SimpleCNN 
 
 import ml_collections
 
-_CONDITIONS = ('baseline', 'proto-l1', 'proto-l2', 'proto-ssim', 'bcpl-l1', 'bcpl-l2', 'bcpl-ssim')
+from bcam_jax import conditions
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,7 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
     'training conditions on MNIST and Fashion-MNIST at 28x28.'
   )
   common = dict(
-    conditions=_CONDITIONS, datasets=('mnist', 'fashion_mnist'), image_sizes=(28,), seeds=(0, 1, 2)
+    conditions=tuple(conditions.CONDITIONS),
+    datasets=('mnist', 'fashion_mnist'),
+    image_sizes=(28,),
+    seeds=(0, 1, 2),
   )
   config.blocks = [
     dict(common, models=('simple_cnn',), epochs=15),

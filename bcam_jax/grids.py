@@ -1,26 +1,29 @@
-"""The paper's experiment grids: every cell through train_lib and eval_lib, against the paper.
+"""Experiment grids: expansion into cells, the runner, aggregation over seeds.
 
 A grid (``configs/grids/*.py``) is a list of blocks, each the product models x conditions x
-datasets x image sizes x seeds with its epochs and config overrides. Every cell trains in
-its own workdir ``<root>/<cell name>`` (``train_lib.train_and_evaluate``, which resumes
-from the cell's last checkpoint), is evaluated with Grad-CAM (``eval_lib.evaluate_and_report``
-on the best-validation checkpoint) and then writes ``cell.json``; a cell with a
-``cell.json`` is skipped, so an interrupted grid resumes where it stopped.
-``write_results`` aggregates the cells over seeds into ``results.csv`` and ``results.md``
-(next to the paper's Table 1 and 2) and draws baseline against BCPL prototype figures.
+datasets x image sizes x seeds with its epochs and config overrides. A cell's config is the
+experiment config of its model (a function of the argument ``model=<name>``, e.g.
+``configs/experiment.get_config``, passed in by the caller so that this package does not
+import ``configs``) under the cell's condition (``bcam_jax.conditions``). Every cell trains
+in its own workdir ``<root>/<cell name>`` (``train_lib.train_and_evaluate``, which resumes
+from the cell's last checkpoint), is evaluated with Grad-CAM
+(``eval_lib.evaluate_and_report`` on the best-validation checkpoint) and then writes
+``cell.json``; a cell with a ``cell.json`` is skipped, so an interrupted grid resumes where
+it stopped. ``write_results`` aggregates the cells over seeds into ``results.csv`` and
+``results.md`` (``report.grid_tables``, next to the paper's Table 1 and 2) and stacks
+baseline against BCPL prototype figures.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
 import io
 import itertools
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -28,41 +31,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import eval_lib, io_utils, train_lib
+from bcam_jax import conditions, eval_lib, io_utils, paper_tables, train_lib
 from bcam_jax.config_validation import validate_config
 from bcam_jax.metric_logging import format_duration
-from bcam_jax.report import figures
-from bcam_jax.report.markdown import markdown_table
+from bcam_jax.report import figures, grid_tables
 
-CONDITIONS = ('baseline', 'proto-l1', 'proto-l2', 'proto-ssim', 'bcpl-l1', 'bcpl-l2', 'bcpl-ssim')
+# The experiment config: argument 'model=<name>' -> that model's baseline config.
+ExperimentConfig = Callable[[str], ml_collections.ConfigDict]
 BLOCK_FIELDS = ('models', 'conditions', 'datasets', 'image_sizes', 'seeds', 'epochs')
-
-# Batch-CAM paper, Table 1 (28x28) and Table 2 (112x112): best condition and its test
-# accuracy (%) per (model, dataset, image size); section 4.1 also gives two baselines.
-PAPER_BEST = {
-  ('convnext_v2_tiny', 'mnist', 28): ('bcpl-l1', 99.72),
-  ('convnext_v2_tiny', 'fashion_mnist', 28): ('baseline', 94.79),
-  ('resnet18', 'mnist', 28): ('bcpl-l2', 99.65),
-  ('resnet18', 'fashion_mnist', 28): ('bcpl-l2', 94.99),
-  ('simple_cnn', 'mnist', 28): ('bcpl-l1', 99.00),
-  ('simple_cnn', 'fashion_mnist', 28): ('bcpl-l1', 91.32),
-  ('convnext_v2_tiny', 'mnist', 112): ('bcpl-l1', 99.74),
-  ('convnext_v2_tiny', 'fashion_mnist', 112): ('bcpl-l1', 95.01),
-  ('resnet18', 'mnist', 112): ('bcpl-l1', 99.71),
-  ('resnet18', 'fashion_mnist', 112): ('bcpl-l1', 94.99),
-}
-PAPER_OTHER = {
-  ('convnext_v2_tiny', 'mnist', 28, 'baseline'): 99.71,
-  ('resnet18', 'fashion_mnist', 28, 'baseline'): 94.82,
-}
-
-
-def paper_accuracy(model: str, dataset: str, size: int, condition: str) -> float | None:
-  """The paper's test accuracy (%) for this cell's condition, where the paper gives one."""
-  best = PAPER_BEST.get((model, dataset, size))
-  if best and best[0] == condition:
-    return best[1]
-  return PAPER_OTHER.get((model, dataset, size, condition))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +56,6 @@ class Cell:
   @property
   def name(self) -> str:
     return f'{self.model}_{self.dataset}_{self.image_size}_{self.condition}_seed{self.seed}'
-
-  @property
-  def group(self) -> tuple[str, str, int, str]:
-    """The cells that differ only by seed share a group."""
-    return (self.model, self.dataset, self.image_size, self.condition)
 
 
 def _check_choice(field: str, value, valid: Sequence) -> None:
@@ -107,7 +78,7 @@ def expand(grid: ml_collections.ConfigDict) -> list[Cell]:
     for model, condition, dataset, size, seed in itertools.product(
       block['models'], block['conditions'], block['datasets'], block['image_sizes'], block['seeds']
     ):
-      _check_choice(f'block {index} condition', condition, CONDITIONS)
+      _check_choice(f'block {index} condition', condition, tuple(conditions.CONDITIONS))
       cell = Cell(
         model,
         condition,
@@ -134,17 +105,10 @@ def _set_field(config: ml_collections.ConfigDict, dotted: str, value) -> None:
   node[key] = value
 
 
-def cell_config(cell: Cell) -> ml_collections.ConfigDict:
-  """The training config of a cell: ``configs/<model>_<baseline|proto|bcpl>.py`` with the
-  cell's metric, dataset, image size, seed and epochs, then the grid's overrides."""
-  kind, _, metric = cell.condition.partition('-')
-  try:
-    module = importlib.import_module(f'configs.{cell.model}_{kind}')
-  except ModuleNotFoundError as e:
-    raise ValueError(f'grid cell {cell.name}: no config configs/{cell.model}_{kind}.py') from e
-  config = module.get_config()
-  if metric:
-    config.loss.metric = metric
+def cell_config(cell: Cell, experiment: ExperimentConfig) -> ml_collections.ConfigDict:
+  """The training config of a cell: its model's experiment config under the cell's
+  condition, with its dataset, image size, seed and epochs, then the grid's overrides."""
+  config = conditions.apply(experiment(f'model={cell.model}'), conditions.get(cell.condition))
   config.data.name = cell.dataset
   config.data.image_size = cell.image_size
   config.seed = cell.seed
@@ -184,10 +148,11 @@ def run_cell(
   cell: Cell,
   workdir: str,
   options: eval_lib.EvalOptions,
+  experiment: ExperimentConfig,
   devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) and evaluates one cell; returns and writes its ``cell.json``."""
-  config = cell_config(cell)
+  config = cell_config(cell, experiment)
   start = time.time()
   train_lib.train_and_evaluate(config, workdir, devices)
   metrics = eval_lib.evaluate_and_report(config, workdir, options, devices)
@@ -218,7 +183,10 @@ def run_cell(
 
 
 def run_grid(
-  grid: ml_collections.ConfigDict, root: str, devices: Sequence[jax.Device] | None = None
+  grid: ml_collections.ConfigDict,
+  root: str,
+  experiment: ExperimentConfig,
+  devices: Sequence[jax.Device] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
   """Runs every cell of ``grid`` not finished yet under ``root``.
 
@@ -239,7 +207,7 @@ def run_grid(
       continue
     logging.info('[%d/%d] %s: training %d epoch(s)', i, len(cells), cell.name, cell.epochs)
     try:
-      record = run_cell(cell, workdir, options, devices)
+      record = run_cell(cell, workdir, options, experiment, devices)
     except Exception as e:  # pylint: disable=broad-except
       failures[cell.name] = f'{type(e).__name__}: {e}'
       logging.exception('[%d/%d] %s failed; going on with the next cell', i, len(cells), cell.name)
@@ -281,7 +249,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   rows = []
   for (model, dataset, size, condition), members in groups.items():
     acc = np.array([m['test_accuracy'] for m in members])
-    paper = paper_accuracy(model, dataset, size, condition)
+    paper = paper_tables.accuracy(model, dataset, size, condition)
     row = {
       'model': model,
       'dataset': dataset,
@@ -301,52 +269,19 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return rows
 
 
-def _fmt(value, digits: int = 2) -> str:
-  return '–' if value is None else f'{value:.{digits}f}'
-
-
-def _accuracy(row) -> str:
-  std = row['accuracy_std']
-  return _fmt(row['accuracy_mean']) + ('' if std is None else f' ± {std:.2f}')
-
-
-_TABLE = (
-  ('model', lambda r: r['model']),
-  ('dataset', lambda r: r['dataset']),
-  ('size', lambda r: str(r['image_size'])),
-  ('condition', lambda r: r['condition']),
-  ('seeds', lambda r: str(r['seeds'])),
-  ('epochs', lambda r: str(r['epochs'])),
-  ('test acc. %', _accuracy),
-  ('paper %', lambda r: _fmt(r['paper_accuracy'])),
-  ('Δ paper', lambda r: _fmt(r['difference'])),
-  ('align L1 ↓', lambda r: _fmt(r['alignment_l1'], 3)),
-  ('align SSIM ↑', lambda r: _fmt(r['alignment_ssim'], 3)),
-  ('AD % ↓', lambda r: _fmt(r['average_drop'])),
-  ('AI % ↑', lambda r: _fmt(r['average_increase'])),
-  ('Ins ↑', lambda r: _fmt(r['insertion'], 3)),
-  ('Del ↓', lambda r: _fmt(r['deletion'], 3)),
-  ('train img/s', lambda r: _fmt(r['train_images_per_second'], 0)),
-  (
-    'wall / cell',
-    lambda r: '–' if r['wall_seconds'] is None else format_duration(r['wall_seconds']),
-  ),
-)
-
-
 def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per (model, dataset, size) with a baseline and a BCPL row: BCPL (L1 where run) against
   the baseline in accuracy (within one baseline std?), alignment and faithfulness."""
   by_key = {(r['model'], r['dataset'], r['image_size'], r['condition']): r for r in rows}
   out = []
   for (model, dataset, size, condition), base in by_key.items():
-    if condition != 'baseline':
+    if condition != conditions.BASELINE:
       continue
     bcpl = next(
       (
-        by_key[(model, dataset, size, c)]
-        for c in CONDITIONS[4:]
-        if (model, dataset, size, c) in by_key
+        by_key[(model, dataset, size, c.name)]
+        for c in conditions.with_loss('bcpl')
+        if (model, dataset, size, c.name) in by_key
       ),
       None,
     )
@@ -376,7 +311,7 @@ def against_paper(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   condition and accuracy, ours in that condition, our best condition, and a verdict
   (matches = within one seed std, or 0.05 points with one seed)."""
   out = []
-  for (model, dataset, size), (condition, paper) in PAPER_BEST.items():
+  for (model, dataset, size), (condition, paper) in paper_tables.BEST.items():
     ran = [r for r in rows if (r['model'], r['dataset'], r['image_size']) == (model, dataset, size)]
     if not ran:
       continue
@@ -404,150 +339,11 @@ def against_paper(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   return out
 
 
-def _paper_section(rows: Sequence[dict[str, Any]]) -> list[str]:
-  paper = against_paper(rows)
-  if not paper:
-    return []
-  lines = [
-    '',
-    "## Against the paper's tables",
-    '',
-    'The paper reports, per model and dataset, its best condition. "ours" is our '
-    'mean in that condition (or our best condition where we did not run it); '
-    '"matches" = within one seed std (0.05 points with one seed).',
-    '',
-  ]
-  return lines + markdown_table(
-    ['model', 'dataset', 'size', 'paper best', 'paper %', 'ours %', 'Δ', 'our best', 'verdict'],
-    [
-      [
-        p['model'],
-        p['dataset'],
-        str(p['image_size']),
-        p['paper_condition'],
-        _fmt(p['paper_accuracy']),
-        _accuracy(p['ours_same_condition'] or p['ours_best']),
-        f'{p["gap"]:+.2f}',
-        f'{p["ours_best"]["condition"]} {_accuracy(p["ours_best"])}',
-        p['verdict'],
-      ]
-      for p in paper
-    ],
-  )
-
-
-def _arrow(pair, digits=3) -> str:
-  return f'{_fmt(pair[0], digits)} → {_fmt(pair[1], digits)}'
-
-
-def _bcpl_section(rows: Sequence[dict[str, Any]]) -> list[str]:
-  pairs = comparisons(rows)
-  if not pairs:
-    return []
-  table = []
-  for p in pairs:
-    base_l1, bcpl_l1 = p['alignment_l1']
-    ratio = '–' if not (base_l1 and bcpl_l1) else f'{base_l1 / bcpl_l1:.1f}x lower'
-    table.append(
-      [
-        p['model'],
-        p['dataset'],
-        str(p['image_size']),
-        p['bcpl'],
-        f'{p["accuracy_gap"]:+.2f}' + ('' if p['accuracy_within_std'] else ' (!)'),
-        _arrow(p['alignment_l1']),
-        ratio,
-        _arrow(p['alignment_ssim']),
-        _arrow(p['average_drop'], 2),
-        _arrow(p['insertion']),
-        _arrow(p['deletion']),
-      ]
-    )
-  lines = [
-    '',
-    '## BCPL against the baseline',
-    '',
-    "Alignment is the L1 distance / SSIM between each class's mean Grad-CAM and its "
-    'prototype (lower / higher is better); AD and deletion lower, insertion higher is '
-    'more faithful.',
-    '',
-  ]
-  lines += markdown_table(
-    [
-      'model',
-      'dataset',
-      'size',
-      'BCPL',
-      'Δ acc. (pts)',
-      'align L1 base → BCPL',
-      'L1',
-      'align SSIM',
-      'AD %',
-      'Ins',
-      'Del',
-    ],
-    table,
-  )
-  return lines + ['', '(!) marks a BCPL mean more than one baseline std below the baseline mean.']
-
-
-def render(
-  grid: ml_collections.ConfigDict,
-  rows: Sequence[dict[str, Any]],
-  figure_names: Sequence[str],
-  failures: dict[str, str],
-) -> str:
-  """results.md: the grid, every aggregated row next to the paper, BCPL against baseline."""
-  blocks = '\n'.join(
-    f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
-    f'{", ".join(b["datasets"])} at {", ".join(map(str, b["image_sizes"]))} px, seeds '
-    f'{", ".join(map(str, b["seeds"]))}, {b["epochs"]} epoch(s)'
-    + (f'; overrides {dict(b["overrides"])}' if b.get('overrides') else '')
-    for b in grid.blocks
-  )
-  device = jax.devices()[0]
-  lines = [
-    f'# Reproduction grid `{grid.name}`',
-    '',
-    grid.description.strip(),
-    '',
-    f'Command: `python reproduce.py --grid=configs/grids/{grid.name}.py`. '
-    f'Device: {device.platform} ({device.device_kind}), {jax.device_count()} '
-    f'device(s), {os.cpu_count()} CPU core(s), JAX {jax.__version__}. Grad-CAM metrics '
-    f'on the first {grid.eval.num_images} test images, {grid.eval.n_steps} '
-    'insertion/deletion steps, best-validation checkpoint.',
-    '',
-    'Cells:',
-    blocks,
-    '',
-    '## Accuracy and Grad-CAM metrics (mean over seeds)',
-    '',
-    'Test accuracy is mean ± sample std over seeds. "paper %" is the Batch-CAM '
-    "paper's Table 1 (28 px) or Table 2 (112 px) value where the paper reports this "
-    'condition (its best condition per model and dataset, and two baselines from its '
-    'section 4.1); "Δ paper" is ours minus the paper\'s.',
-    '',
-  ]
-  ordered = sorted(
-    rows,
-    key=lambda r: (r['image_size'], r['dataset'], r['model'], CONDITIONS.index(r['condition'])),
-  )
-  lines += markdown_table([h for h, _ in _TABLE], [[f(r) for _, f in _TABLE] for r in ordered])
-  lines += _paper_section(rows) + _bcpl_section(rows)
-  if failures:
-    lines += ['', '## Failed cells (rerun the grid to retry them)', '']
-    lines += [f'- `{name}`: {error}' for name, error in sorted(failures.items())]
-  if figure_names:
-    lines += ['', '## Class-mean Grad-CAM against the prototypes: baseline above BCPL', '']
-    lines += [f'![{name}]({name})' for name in figure_names]
-  return '\n'.join(lines) + '\n'
-
-
-def _figure(root: str, rows: Sequence[dict[str, Any]], results_dir: str, seed: int) -> list[str]:
+def _figure(root: str, pairs: Sequence[dict[str, Any]], results_dir: str, seed: int) -> list[str]:
   """For each (model, dataset, size) with baseline and BCPL cells, their cam_prototypes.png
   one above the other; returns the written file names."""
   names = []
-  for p in comparisons(rows):
+  for p in pairs:
     paths = [
       os.path.join(
         root,
@@ -555,7 +351,7 @@ def _figure(root: str, rows: Sequence[dict[str, Any]], results_dir: str, seed: i
         'eval',
         'cam_prototypes.png',
       )
-      for c in ('baseline', p['bcpl'])
+      for c in (conditions.BASELINE, p['bcpl'])
     ]
     if not all(os.path.exists(path) for path in paths):
       continue
@@ -601,7 +397,8 @@ def write_results(
     os.path.join(results_dir, 'results.csv'), lambda f: f.write(buffer.getvalue().encode())
   )
   seed = min(r['seed'] for r in records)
-  names = _figure(root, rows, results_dir, seed)
-  text = render(grid, rows, names, failures or {})
+  pairs = comparisons(rows)
+  names = _figure(root, pairs, results_dir, seed)
+  text = grid_tables.render(grid, rows, pairs, against_paper(rows), names, failures or {})
   io_utils.atomic_write(os.path.join(results_dir, 'results.md'), lambda f: f.write(text.encode()))
   return rows

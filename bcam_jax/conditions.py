@@ -1,0 +1,98 @@
+"""The training conditions of the Batch-CAM paper, defined once for configs, grids and reports.
+
+A condition fixes the loss: cross-entropy alone (``baseline``) or cross-entropy plus a CAM
+term, the per-image Prototype Loss (``proto``, eq. 11) or the Batch-CAM Prototype Loss
+(``bcpl``, eq. 12), with the map distance that compares the CAM with the prototype (``l1``,
+``l2``, ``ssim``) and the default weight of that term. Its name, e.g. ``bcpl-l1``, is the
+one grids, results tables and evaluation reports use. The model's head and pooling are not
+part of a condition; `describe` appends them to the name of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from bcam_jax import objective
+
+BASELINE = 'baseline'
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """A loss of the paper: `loss` is config.loss.kind and `metric` config.loss.metric.
+
+  The baseline's metric does not change its training, only the distance with which
+  evaluation measures its prototype losses; None leaves the config's.
+  """
+
+  loss: str
+  metric: str | None = None
+
+  @property
+  def name(self) -> str:
+    return BASELINE if self.loss == 'ce' else f'{self.loss}-{self.metric}'
+
+  @property
+  def lambda_cam(self) -> float | None:
+    """Default CAM-term weight (lambda_class = 1). proto averages over images where bcpl
+    sums over the classes of the batch, so bcpl's 0.1 gives each class about the weight
+    that proto's 1 does (the choice is measured in bench/README.md, lambda sweep)."""
+    return {'proto': 1.0, 'bcpl': 0.1}.get(self.loss)
+
+
+# In the paper's table order.
+CONDITIONS = {
+  c.name: c
+  for c in [Condition('ce')]
+  + [Condition(kind, metric) for kind in ('proto', 'bcpl') for metric in objective.METRICS]
+}
+
+
+def get(name: str) -> Condition:
+  """The condition called `name`; a clear error lists the valid names."""
+  if name not in CONDITIONS:
+    raise ValueError(f'condition {name!r} is not valid; choose one of {tuple(CONDITIONS)}.')
+  return CONDITIONS[name]
+
+
+def of_loss(loss: ml_collections.ConfigDict) -> Condition:
+  """The condition that a config's `loss` section trains."""
+  return Condition(loss.kind, None if loss.kind == 'ce' else loss.metric)
+
+
+def apply(config: ml_collections.ConfigDict, condition: Condition) -> ml_collections.ConfigDict:
+  """Sets `config.loss` to `condition`: kind, metric (unless None) and default lambda_cam."""
+  config.loss.kind = condition.loss
+  if condition.metric is not None:
+    config.loss.metric = condition.metric
+  if condition.lambda_cam is not None:
+    config.loss.lambda_cam = condition.lambda_cam
+  return config
+
+
+def with_loss(kind: str) -> tuple[Condition, ...]:
+  """The conditions whose loss is `kind` (e.g. 'bcpl'), in table order."""
+  return tuple(c for c in CONDITIONS.values() if c.loss == kind)
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """A run's condition and model variant in a few words, e.g. 'bcpl-l1',
+  'baseline softcam l1=0.01', 'baseline ca_stream frozen'."""
+  loss = config.loss
+  text = of_loss(loss).name
+  if config.model.head == 'softcam':
+    text += ' softcam' + ''.join(
+      f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']
+    )
+  if config.model.pooling == 'ca_stream':
+    text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
+  return text
+
+
+def loss_formula(loss: ml_collections.ConfigDict) -> str:
+  """The training objective of `config.loss` as a formula, e.g. '1.0 * ce + 0.1 * bcpl-l1'."""
+  if loss.kind == 'ce':
+    return 'ce'
+  return f'{loss.lambda_class} * ce + {loss.lambda_cam} * {of_loss(loss).name}'

@@ -1,0 +1,87 @@
+"""The experiment config: its argument gives each model x condition config."""
+
+import pytest
+
+from bcam_jax import conditions
+from configs import experiment, resnet18_bcpl, resnet18_tpu
+
+# Per model: name, options, optimizer name, learning rate, weight decay, epochs.
+MODELS = {
+  'simple_cnn': ('simple_cnn', {}, 'sgd', 0.05, 5e-4, 5),
+  'resnet18': ('resnet18', {'stem': 'small'}, 'sgd', 0.1, 5e-4, 5),
+  'convnext_v2_tiny': (
+    'convnext_v2_tiny',
+    {'stem_stride': 1, 'drop_path_rate': 0.1},
+    'adamw',
+    1e-3,
+    0.05,
+    10,
+  ),
+}
+# Per argument: loss kind, metric, lambda_cam, head, pooling, frozen backbone.
+VARIANTS = {
+  '': ('ce', 'l1', 1.0, 'default', 'default', False),
+  'loss=proto': ('proto', 'l1', 1.0, 'default', 'default', False),
+  'loss=bcpl': ('bcpl', 'l1', 0.1, 'default', 'default', False),
+  'loss=bcpl,metric=ssim': ('bcpl', 'ssim', 0.1, 'default', 'default', False),
+  'head=softcam': ('ce', 'l1', 1.0, 'softcam', 'default', False),
+  'pooling=ca_stream,freeze=backbone': ('ce', 'l1', 1.0, 'default', 'ca_stream', True),
+}
+
+
+def _fields(config):
+  return (
+    config.model.name,
+    config.model.options.to_dict(),
+    config.optimizer.name,
+    config.optimizer.learning_rate,
+    config.optimizer.weight_decay,
+    config.train.num_epochs,
+  ), (
+    config.loss.kind,
+    config.loss.metric,
+    config.loss.lambda_cam,
+    config.model.head,
+    config.model.pooling,
+    config.model.ca_stream.freeze_backbone,
+  )
+
+
+@pytest.mark.parametrize('model', tuple(MODELS))
+@pytest.mark.parametrize('variant', tuple(VARIANTS))
+def test_argument_sets_model_and_condition(model, variant):
+  config = experiment.get_config(f'model={model},{variant}')
+  assert _fields(config) == (MODELS[model], VARIANTS[variant])
+  assert config.data.name == 'mnist' and config.train.batch_size == 128
+
+
+def test_defaults_and_named_configs():
+  assert _fields(experiment.get_config()) == (MODELS['simple_cnn'], VARIANTS[''])
+  assert _fields(experiment.get_config('')) == (MODELS['simple_cnn'], VARIANTS[''])
+  bcpl = experiment.get_config('model=resnet18,loss=bcpl')
+  assert resnet18_bcpl.get_config().to_json() == bcpl.to_json()
+  tpu = resnet18_tpu.get_config()
+  assert _fields(tpu)[1] == VARIANTS['loss=bcpl']
+  assert (tpu.train.batch_size, tpu.optimizer.learning_rate) == (1024, 0.8)
+
+
+def test_every_condition_round_trips_through_the_config():
+  for name, condition in conditions.CONDITIONS.items():
+    arg = f'loss={condition.loss}' + (f',metric={condition.metric}' if condition.metric else '')
+    config = experiment.get_config(arg)
+    assert conditions.of_loss(config.loss) == condition and conditions.describe(config) == name
+  assert [c.name for c in conditions.with_loss('bcpl')] == ['bcpl-l1', 'bcpl-l2', 'bcpl-ssim']
+
+
+@pytest.mark.parametrize(
+  'arg, message',
+  [
+    ('model=vgg', "model='vgg' is not valid; choose one of .*'resnet18'"),
+    ('loss=baseline', "loss='baseline' is not valid; choose one of .*'bcpl'"),
+    ('lr=0.1', "'lr=0.1' is not key=value with a key among .*'metric'"),
+    ('resnet18', "'resnet18' is not key=value"),
+  ],
+)
+def test_unknown_keys_and_values_name_the_valid_choices(arg, message):
+  with pytest.raises(ValueError, match=message):
+    experiment.get_config(arg)
