@@ -58,6 +58,17 @@ class Cell:
     return f'{self.model}_{self.dataset}_{self.image_size}_{self.condition}_seed{self.seed}'
 
 
+# The eval.py metrics of Grad-CAM each cell records (and the grid averages over seeds).
+_GRAD_CAM_FIELDS = (
+  'alignment_l1',
+  'alignment_ssim',
+  'average_drop',
+  'average_increase',
+  'insertion',
+  'deletion',
+)
+
+
 def _check_choice(field: str, value, valid: Sequence) -> None:
   if value not in valid:
     raise ValueError(f'grid: {field}={value!r}; valid: {", ".join(map(str, valid))}')
@@ -161,17 +172,7 @@ def run_cell(
     'name': cell.name,
     'test_accuracy': 100 * metrics['test_accuracy'],
     'checkpoint_step': metrics['step'],
-    **{
-      k: grad_cam[k]
-      for k in (
-        'alignment_l1',
-        'alignment_ssim',
-        'average_drop',
-        'average_increase',
-        'insertion',
-        'deletion',
-      )
-    },
+    **{k: grad_cam[k] for k in _GRAD_CAM_FIELDS},
     'train_images_per_second': _train_images_per_second(workdir),
     'wall_seconds': time.time() - start,
     'device': jax.devices()[0].device_kind,
@@ -228,16 +229,7 @@ def run_grid(
   return records, failures
 
 
-_MEAN_FIELDS = (
-  'alignment_l1',
-  'alignment_ssim',
-  'average_drop',
-  'average_increase',
-  'insertion',
-  'deletion',
-  'train_images_per_second',
-  'wall_seconds',
-)
+_MEAN_FIELDS = _GRAD_CAM_FIELDS + ('train_images_per_second', 'wall_seconds')
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -194,17 +194,7 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
       objective = objective_lib.Objective(
         kind=variant, metric=metric, num_classes=NUM_CLASSES, prototype_size=size
       )
-      fn = steps.make_train_step(
-        model,
-        tx,
-        schedule,
-        objective,
-        mean=info.mean,
-        std=info.std,
-        dtype=jnp.float32,
-        image_size=size,
-        seed=0,
-      )
+      fn = common.train_step_fn(model, tx, schedule, objective, info, size)
     jitted = jax.jit(fn, out_shardings=parallel.replicated(mesh), donate_argnums=0)
     start = time.perf_counter()
     lowered = jitted.lower(state, x, y, prototypes)

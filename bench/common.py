@@ -4,6 +4,9 @@ import os
 import platform
 
 import jax
+import numpy as np
+
+from bcam_jax import steps
 
 
 def machine_info() -> dict:
@@ -39,3 +42,19 @@ MODEL_VARIANTS = {
   'resnet18_imagenet_stem': ('resnet18', {'stem': 'imagenet'}),
   'convnext_v2_tiny': ('convnext_v2_tiny', {}),
 }
+
+
+def train_step_fn(model, tx, schedule, objective, info, image_size: int, seed: int = 0):
+  """`steps.make_train_step` of `model` in float32 with the dataset's normalisation: the
+  step train.py runs, for benchmarks that build their own model and optimiser."""
+  return steps.make_train_step(
+    model,
+    tx,
+    schedule,
+    objective,
+    mean=info.mean,
+    std=info.std,
+    dtype=np.float32,
+    image_size=image_size,
+    seed=seed,
+  )

@@ -50,17 +50,7 @@ def jax_step(name, options, kind, batch, size, lowering):
   )()
   objective = objective_lib.Objective(kind=kind, metric='l1', lambda_cam=0.1, prototype_size=size)
   train_step = jax.jit(
-    steps.make_train_step(
-      model,
-      tx,
-      schedule,
-      objective,
-      mean=info.mean,
-      std=info.std,
-      dtype=np.float32,
-      image_size=size,
-      seed=0,
-    ),
+    common.train_step_fn(model, tx, schedule, objective, info, size),
     out_shardings=parallel.replicated(mesh),
     donate_argnums=0,
   )

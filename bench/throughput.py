@@ -53,17 +53,7 @@ def measure(name: str, size: int, batch: int, n_steps: int) -> dict:
   state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
   objective = objective_lib.Objective(kind='ce', prototype_size=size)
   train_step = jax.jit(
-    steps.make_train_step(
-      model,
-      tx,
-      schedule,
-      objective,
-      mean=info.mean,
-      std=info.std,
-      dtype=np.float32,
-      image_size=size,
-      seed=0,
-    ),
+    common.train_step_fn(model, tx, schedule, objective, info, size),
     out_shardings=parallel.replicated(mesh),
     donate_argnums=0,
   )
