@@ -3,7 +3,7 @@
 import pytest
 
 from bcam_jax import conditions
-from configs import experiment, resnet18_bcpl, resnet18_tpu
+from bcam_jax.configs import experiment, resnet18_bcpl, resnet18_tpu
 
 # Per model: name, options, optimizer name, learning rate, weight decay, epochs.
 MODELS = {
