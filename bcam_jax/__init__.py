@@ -7,7 +7,7 @@ The public API, imported on first use so that `import bcam_jax` stays cheap (no 
   bcam_jax.cam, models, explain, objective, data, conditions, configs  # the building blocks
 """
 
-import importlib
+import importlib as _importlib
 
 # The one place the version is written: pyproject.toml reads it (tool.setuptools.dynamic).
 __version__ = '0.1.0'
@@ -25,9 +25,9 @@ __all__ = ['__version__', *_MODULES, *_NAMES]
 def __getattr__(name: str):
   """Imports a public module or name of the package the first time it is used."""
   if name in _MODULES:
-    return importlib.import_module(f'{__name__}.{name}')
+    return _importlib.import_module(f'{__name__}.{name}')
   if name in _NAMES:
-    return getattr(importlib.import_module(f'{__name__}.{_NAMES[name]}'), name)
+    return getattr(_importlib.import_module(f'{__name__}.{_NAMES[name]}'), name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
