@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -48,10 +49,12 @@ def _served(prefix: str = '', content: dict[str, bytes] = CONTENT) -> dict[str, 
 
 class Mirror:
   """An HTTP server on 127.0.0.1 in a thread: serves `files` (URL path -> body), answers 404
-  otherwise, logs each request's path, and can cut a body short (`truncate`: path -> count)."""
+  otherwise, logs each request's path, and can cut a body short (`truncate`: path -> count)
+  or send half of it and then hang until stopped (`stall`: paths)."""
 
   def __init__(self, files: dict[str, bytes]):
-    self.files, self.requests, self.truncate = dict(files), [], {}
+    self.files, self.requests, self.truncate, self.stall = dict(files), [], {}, set()
+    self.stopped = threading.Event()
     mirror = self
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -67,6 +70,11 @@ class Mirror:
         if mirror.truncate.get(self.path, 0):
           mirror.truncate[self.path] -= 1
           body = body[: len(body) // 2]
+        if self.path in mirror.stall:
+          self.wfile.write(body[: len(body) // 2])
+          self.wfile.flush()
+          mirror.stopped.wait(60)
+          return
         self.wfile.write(body)
 
       def log_message(self, *args):
@@ -77,6 +85,7 @@ class Mirror:
     self.url = f'http://127.0.0.1:{self.server.server_port}/'
 
   def stop(self):
+    self.stopped.set()
     self.server.shutdown()
     self.server.server_close()
 
@@ -304,14 +313,17 @@ def test_data_command_downloads_into_dest(tmp_path, monkeypatch, mirror_factory,
       data_command.main(['bcam-data', 'download'])
 
 
+# `bcam-data` in a child process whose mirrors and pins are the generated ones.
+_COMMAND = (
+  'import sys; from bcam_jax.commands import data; from tests.test_download import pin;'
+  "pin(); sys.argv = ['bcam-data', *sys.argv[1:]]; data.run()"
+)
+
+
 def _command(args, env, cwd):
-  """Runs `bcam-data <args>` in a child process whose mirrors and pins are the generated ones."""
-  script = (
-    'import sys; from bcam_jax.commands import data; from tests.test_download import pin;'
-    "pin(); sys.argv = ['bcam-data', *sys.argv[1:]]; data.run()"
-  )
+  """Runs `bcam-data <args>` (see _COMMAND) to the end."""
   return subprocess.run(
-    [sys.executable, '-c', script, *args], cwd=cwd, env=env, capture_output=True, text=True
+    [sys.executable, '-c', _COMMAND, *args], cwd=cwd, env=env, capture_output=True, text=True
   )
 
 
@@ -349,3 +361,27 @@ def test_data_command_in_a_process_with_the_mirror_env(tmp_path, mirror_factory)
     text=True,
   )
   assert proc.returncode == 1 and 'Expected the command `download`' in proc.stderr
+
+
+def test_a_killed_download_leaves_no_file_that_looks_complete(tmp_path, mirror_factory):
+  mirror = mirror_factory(_served(prefix='mnist/'))
+  stalled = f'/mnist/{BASES[0]}.gz'
+  mirror.stall.add(stalled)
+  env = dict(os.environ, **{download.MIRROR_ENV: mirror.url, 'PYTHONPATH': REPO})
+  dest = tmp_path / 'dest'
+  args = ['download', '--dataset=mnist', f'--dest={dest}']
+  child = subprocess.Popen(
+    [sys.executable, '-c', _COMMAND, *args], cwd=tmp_path, env=env, stderr=subprocess.PIPE
+  )
+  deadline = time.monotonic() + 120
+  while stalled not in mirror.requests and child.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.1)
+  time.sleep(0.5)  # The child is now blocked half-way through the transfer.
+  child.kill()
+  child.communicate()
+  assert mirror.requests == [stalled]
+  assert not [name for name in os.listdir(dest / 'mnist') if not name.startswith('.')]
+  mirror.stall.clear()
+  proc = _command(args, env, tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  _assert_holds_content(dest / 'mnist')
