@@ -137,3 +137,15 @@ def test_unknown_config_name_lists_the_packaged_ones(env, outside):
 def test_reproduce_lists_a_packaged_grid(env, outside):
   out = run(env, outside, 'bcam-reproduce', '--grid=grids/cpu_small', '--list').stdout
   assert len(out.splitlines()) == 7 * 2 * 3 + 2
+
+
+def test_python_m_bcam_jax_reports_versions_devices_and_the_data_folder(env, outside, tmp_path):
+  data_dir = tmp_path / 'data'
+  env = dict(env, BCAM_DATA_DIR=str(data_dir), BCAM_DATA_MIRROR='http://127.0.0.1:9/')
+  lines = run(env, outside, 'python', '-m', 'bcam_jax').stdout.splitlines()
+  assert lines[0].startswith(f'bcam-jax {__version__} (') and REPO not in lines[0]
+  assert any(line.startswith('jax ') for line in lines), lines
+  assert 'devices: 1 x cpu (cpu)' in '\n'.join(lines)
+  assert f'data folder: {data_dir} ($BCAM_DATA_DIR overrides)' in lines
+  assert f'  mnist: {data_dir / "mnist"} (not cached: downloaded on first use)' in lines
+  assert any(line.startswith('  mnist: http://127.0.0.1:9/mnist/') for line in lines), lines
