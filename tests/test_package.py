@@ -8,6 +8,8 @@ from a directory outside the clone with PYTHONPATH unset, so only the installed 
 bcam_jax can be imported.
 """
 
+import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +21,7 @@ import venv
 import pytest
 
 from bcam_jax import __version__, configs
-from tests import synthetic
+from tests import synthetic, test_download
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,3 +151,39 @@ def test_python_m_bcam_jax_reports_versions_devices_and_the_data_folder(env, out
   assert f'data folder: {data_dir} ($BCAM_DATA_DIR overrides)' in lines
   assert f'  mnist: {data_dir / "mnist"} (not cached: downloaded on first use)' in lines
   assert any(line.startswith('  mnist: http://127.0.0.1:9/mnist/') for line in lines), lines
+
+
+def test_main_example_downloads_its_data_then_runs_offline_from_the_cache(env, outside, tmp_path):
+  """The README's main command on a fresh HOME with the data behind $BCAM_DATA_MIRROR:
+  the first run downloads (auto source) into the user cache, the second, with the mirror
+  stopped, reads that cache. The generated files' checksums replace the pinned ones."""
+  idx_dir = synthetic.write_dataset(str(tmp_path / 'served' / 'mnist'), compress=True)
+  files = {
+    f'/mnist/{name}': open(os.path.join(idx_dir, name), 'rb').read() for name in os.listdir(idx_dir)
+  }
+  pins = {}
+  for name, body in files.items():
+    pins[os.path.basename(name).removesuffix('.gz')] = hashlib.sha256(
+      gzip.decompress(body)
+    ).hexdigest()
+  train = (
+    'import sys; from bcam_jax.data import download as d; '
+    f'd.SHA256 = {{"mnist": {pins!r}}}; d.MIRRORS = {{"mnist": ()}}; '
+    'from bcam_jax.commands import train; sys.argv[0] = "bcam-train"; train.run()'
+  )
+  mirror = test_download.Mirror(files)
+  home = tmp_path / 'home'
+  env = dict(env, HOME=str(home), **{test_download.download.MIRROR_ENV: mirror.url})
+  env.pop('XDG_CACHE_HOME', None)
+  env.pop('BCAM_DATA_DIR', None)
+  flags = ['--config=resnet18_bcpl', '--config.data.val_size=40', '--config.train.batch_size=8']
+  flags += ['--config.train.num_steps=2', '--config.eval.batch_size=40']
+  try:
+    run(env, outside, 'python', '-c', train, *flags, f'--workdir={tmp_path / "first"}')
+  finally:
+    mirror.stop()
+  cache = home / '.cache' / 'bcam_jax' / 'mnist'
+  assert sorted(os.listdir(cache)) == sorted(os.path.basename(name) for name in files)
+  run(env, outside, 'python', '-c', train, *flags, f'--workdir={tmp_path / "second"}')
+  for workdir in ('first', 'second'):
+    assert json.load(open(tmp_path / workdir / 'results.json'))['step'] == 2
