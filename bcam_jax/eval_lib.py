@@ -114,7 +114,7 @@ def _test_metrics(run, variables, prototypes, checkpoint: str, step: int) -> dic
     'step': step,
     'test_loss': test['loss'],
     'test_accuracy': test['accuracy'],
-    'test_count': test['count'],
+    'test_count': len(run.datasets.test),
     'metric': run.config.loss.metric,
     'test_proto_loss': test['proto_loss'],
     'test_bcam_loss': test['bcam_loss'],

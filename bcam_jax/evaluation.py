@@ -25,7 +25,9 @@ def batch_for_devices(batch_size: int, num_devices: int) -> int:
 def sum_over_split(mesh, split: data.Split, batch_size: int, step_fn, *args, progress=None):
   """Sums of `step_fn(*args, images, labels, mask)` over `split` in padded batches; when
   step_fn returns (sums, maps), also the maps of the first batch. `progress(done)` is
-  called after each batch. Returns (host sums, first maps or None)."""
+  called after each batch, once the batch's sums are computed: JAX dispatches
+  asynchronously, so without the wait the progress would time the dispatch, not the work.
+  Returns (host sums, first maps or None)."""
   totals, first_maps, done = None, None, 0
   for images, labels, mask in data.eval_batches(split, batch_size):
     out = step_fn(*args, *parallel.shard_batch(mesh, images, labels, mask))
@@ -35,6 +37,7 @@ def sum_over_split(mesh, split: data.Split, batch_size: int, step_fn, *args, pro
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     done = min(done + batch_size, len(split))
     if progress:
+      jax.block_until_ready(totals)
       progress(done)
   return jax.device_get(totals), first_maps
 

@@ -72,6 +72,9 @@ class Schedule:
 
   @classmethod
   def from_config(cls, train_config, num_train: int) -> 'Schedule':
+    """The run's length: `train_config.num_steps` steps when > 0, else `num_epochs` passes
+    over the training split (`steps_per_epoch` = ceil(num_train / batch_size)). The
+    resolved length is written to `<workdir>/run.json` (`run_length`)."""
     per_epoch = data.steps_per_epoch(num_train, train_config.batch_size)
     total = train_config.num_steps
     return cls(
@@ -92,22 +95,45 @@ class Schedule:
     epoch = (done - 1) // self.steps_per_epoch + 1
     return f'step {done}/{self.total_steps} epoch {epoch}/{epochs}'
 
+  def run_length(self, train_config, num_train: int) -> dict[str, Any]:
+    """What run.json records: the effective length and where it came from (the config
+    holds num_steps = 0 when num_epochs decides)."""
+    return {
+      'total_steps': self.total_steps,
+      'steps_per_epoch': self.steps_per_epoch,
+      'epochs': self.total_steps / self.steps_per_epoch,
+      'set_by': 'train.num_steps' if train_config.num_steps > 0 else 'train.num_epochs',
+      'global_batch_size': train_config.batch_size,
+      'num_train_examples': num_train,
+    }
+
+
+def train_metric_keys(objective, model) -> tuple[str, ...]:
+  """The train step's metrics worth logging under `objective`: loss (the objective), ce,
+  accuracy, and only the terms that can be non-zero: cam (the CAM term, not under 'ce')
+  and penalty (Soft-CAM's ElasticNet, only with a Soft-CAM head and a non-zero lambda)."""
+  keys = ('loss', 'ce')
+  if objective.kind != 'ce':
+    keys += ('cam',)
+  if model.head_type == 'softcam' and (objective.lambda_l1 or objective.lambda_l2):
+    keys += ('penalty',)
+  return keys + ('accuracy',)
+
 
 class _Window:
-  """Training metrics averaged since the last log line, and the images per second over
-  the time spent training in that window (validation and saving are left out)."""
+  """Training metrics (`keys`) averaged since the last log line, and the images per
+  second over the time spent training in that window (validation and saving are left
+  out)."""
 
-  KEYS = ('loss', 'ce', 'cam', 'penalty', 'accuracy')
-
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
+  def __init__(self, batch_size: int, keys: tuple[str, ...]):
+    self.batch_size, self.keys = batch_size, keys
     self.reset(time.time())
 
   def reset(self, now: float) -> None:
-    self.sums, self.n, self.start = dict.fromkeys(self.KEYS, 0.0), 0, now
+    self.sums, self.n, self.start = dict.fromkeys(self.keys, 0.0), 0, now
 
   def add(self, metrics: dict[str, float]) -> None:
-    for k in self.KEYS:
+    for k in self.keys:
       self.sums[k] += metrics[k]
     self.n += 1
 
@@ -137,6 +163,9 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
   prototypes = run.prototypes(workdir)
   rows = parallel.process_rows(run.mesh, batch)  # this process's part of every batch
   schedule = Schedule.from_config(config.train, len(ds.train))
+  run_length = schedule.run_length(config.train, len(ds.train))
+  if is_writer:
+    io_utils.write_json(os.path.join(workdir, 'run.json'), run_length)
   tx, learning_rate = run.optimizer(schedule.total_steps)
 
   ckpts = Checkpoints(workdir, keep=config.train.keep_checkpoints)
@@ -145,6 +174,12 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     state, resumed = _restore_or_init(run, ckpts, tx, schedule, workdir)
     start_step = int(state.step)
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
+    logger.info(
+      f'Writing to {workdir}: checkpoints/, metrics.jsonl, results.json at the end; '
+      f'TensorBoard: tensorboard --logdir {logger.tensorboard_dir}'
+    )
+    logger.write_text(start_step, 'config', _as_markdown_code(config.to_json(indent=2)))
+    logger.write_text(start_step, 'run_length', _as_markdown_code(json.dumps(run_length, indent=2)))
     if resumed:
       logger.info(f'Resumed from {ckpts.latest.directory} at step {start_step}.')
     train_step = run.train_step(tx, learning_rate)
@@ -155,7 +190,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
       f'({schedule.steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.'
     )
 
-    window = _Window(batch)
+    window = _Window(batch, train_metric_keys(run.objective, run.model))
     t_start = time.time()
     pending = None  # (step, device metrics) of the step before, checked one step late
     for step in range(start_step, schedule.total_steps):
@@ -191,6 +226,10 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     summary['train_seconds_this_session'] = time.time() - t_start
     if is_writer:
       io_utils.write_json(os.path.join(workdir, 'results.json'), summary)
+    logger.info(
+      f'Done: {os.path.join(workdir, "results.json")}, metrics.jsonl and checkpoints/ in '
+      f'{workdir}; TensorBoard: tensorboard --logdir {logger.tensorboard_dir}'
+    )
     return summary | {'state': state}
   finally:
     ckpts.wait()
@@ -217,12 +256,18 @@ def _restore_or_init(run, ckpts: Checkpoints, tx, schedule: Schedule, workdir: s
   return state, resumed
 
 
+def _as_markdown_code(text: str) -> str:
+  """`text` as a Markdown code block (TensorBoard's Text tab renders Markdown)."""
+  return '\n'.join('    ' + line for line in text.splitlines())
+
+
 def _log_train(logger, schedule: Schedule, done: int, train: dict, steps_per_second: float):
   logger.write(done, 'train', train)
   eta = format_duration((schedule.total_steps - done) / steps_per_second)
+  terms = ' '.join(f'{k} {train[k]:.4f}' for k in ('ce', 'cam', 'penalty') if k in train)
   logger.info(
-    f'{schedule.position(done)} | loss {train["loss"]:.4f} (ce {train["ce"]:.4f} '
-    f'cam {train["cam"]:.4f}) acc {100 * train["accuracy"]:.2f}% | '
+    f'{schedule.position(done)} | loss {train["loss"]:.4f} ({terms}) '
+    f'acc {100 * train["accuracy"]:.2f}% | '
     f'lr {train["learning_rate"]:.3g} | {train["images_per_second"]:.0f} img/s | ETA {eta}'
   )
 
