@@ -33,7 +33,6 @@ class MetricLogger:
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
-    self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       if jsonl:
@@ -42,7 +41,7 @@ class MetricLogger:
           _drop_records_after(path, resumed_step)
         self._jsonl = open(path, 'a', encoding='utf-8')
       self._tb = SummaryWriter(
-        self.tensorboard_dir,
+        tensorboard_dir(workdir),
         purge_step=None if resumed_step is None else resumed_step + 1,
       )
 
@@ -82,6 +81,11 @@ class MetricLogger:
       if self._jsonl is not None:
         self._jsonl.close()
       self._tb.close()
+
+
+def tensorboard_dir(workdir: str) -> str:
+  """Where `MetricLogger(workdir)` writes its TensorBoard event files."""
+  return os.path.join(workdir, 'tensorboard')
 
 
 def _drop_records_after(path: str, step: int) -> None:

@@ -16,11 +16,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from bcam_jax import conditions, data, evaluation, io_utils, parallel, workdir_lock
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, check_matches_workdir
-from bcam_jax.metric_logging import MetricLogger, format_duration
+from bcam_jax.metric_logging import MetricLogger, format_duration, tensorboard_dir
 from bcam_jax.report import figures
 from bcam_jax.run_setup import setup_run
 
@@ -109,15 +110,16 @@ class Schedule:
 
 
 def train_metric_keys(objective, model) -> tuple[str, ...]:
-  """The train step's metrics worth logging under `objective`: loss (the objective), ce,
-  accuracy, and only the terms that can be non-zero: cam (the CAM term, not under 'ce')
-  and penalty (Soft-CAM's ElasticNet, only with a Soft-CAM head and a non-zero lambda)."""
-  keys = ('loss', 'ce')
+  """The train step's metrics worth logging under `objective`: loss (the objective) and
+  accuracy, and its terms only when there are several, each only if it can be non-zero:
+  ce, cam (the CAM term, not under 'ce') and penalty (Soft-CAM's ElasticNet, with a
+  Soft-CAM head and a non-zero lambda). Under plain 'ce' the loss is the CE: one key."""
+  terms = ()
   if objective.kind != 'ce':
-    keys += ('cam',)
+    terms += ('cam',)
   if model.head_type == 'softcam' and (objective.lambda_l1 or objective.lambda_l2):
-    keys += ('penalty',)
-  return keys + ('accuracy',)
+    terms += ('penalty',)
+  return ('loss',) + (('ce',) + terms if terms else ()) + ('accuracy',)
 
 
 class _Window:
@@ -157,6 +159,12 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
   check_matches_workdir(config, workdir)  # before anything is written there
   is_writer = jax.process_index() == 0
   if is_writer:
+    logging.info(
+      'Writing to %s: config.json, run.json, checkpoints/, metrics.jsonl, results.json at '
+      'the end; TensorBoard: tensorboard --logdir %s',
+      workdir,
+      tensorboard_dir(workdir),
+    )
     io_utils.remove_stale_temporaries(workdir)
     io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
   ds, batch = run.datasets, config.train.batch_size
@@ -174,10 +182,6 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     state, resumed = _restore_or_init(run, ckpts, tx, schedule, workdir)
     start_step = int(state.step)
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
-    logger.info(
-      f'Writing to {workdir}: checkpoints/, metrics.jsonl, results.json at the end; '
-      f'TensorBoard: tensorboard --logdir {logger.tensorboard_dir}'
-    )
     logger.write_text(start_step, 'config', _as_markdown_code(config.to_json(indent=2)))
     logger.write_text(start_step, 'run_length', _as_markdown_code(json.dumps(run_length, indent=2)))
     if resumed:
@@ -228,7 +232,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
       io_utils.write_json(os.path.join(workdir, 'results.json'), summary)
     logger.info(
       f'Done: {os.path.join(workdir, "results.json")}, metrics.jsonl and checkpoints/ in '
-      f'{workdir}; TensorBoard: tensorboard --logdir {logger.tensorboard_dir}'
+      f'{workdir}; TensorBoard: tensorboard --logdir {tensorboard_dir(workdir)}'
     )
     return summary | {'state': state}
   finally:
@@ -264,10 +268,12 @@ def _as_markdown_code(text: str) -> str:
 def _log_train(logger, schedule: Schedule, done: int, train: dict, steps_per_second: float):
   logger.write(done, 'train', train)
   eta = format_duration((schedule.total_steps - done) / steps_per_second)
-  terms = ' '.join(f'{k} {train[k]:.4f}' for k in ('ce', 'cam', 'penalty') if k in train)
+  loss = f'loss {train["loss"]:.4f}'
+  terms = [f'{k} {train[k]:.4f}' for k in ('ce', 'cam', 'penalty') if k in train]
+  if terms:
+    loss += f' ({" ".join(terms)})'
   logger.info(
-    f'{schedule.position(done)} | loss {train["loss"]:.4f} ({terms}) '
-    f'acc {100 * train["accuracy"]:.2f}% | '
+    f'{schedule.position(done)} | {loss} acc {100 * train["accuracy"]:.2f}% | '
     f'lr {train["learning_rate"]:.3g} | {train["images_per_second"]:.0f} img/s | ETA {eta}'
   )
 

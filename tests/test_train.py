@@ -61,6 +61,7 @@ def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
   assert result['test_accuracy'] > 0.5  # chance is 0.1
   for name in (
     'config.json',
+    'run.json',
     'results.json',
     'metrics.jsonl',
     'prototypes_train.npy',
@@ -73,7 +74,28 @@ def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
   train_steps = [r['step'] for r in records if r['split'] == 'train']
   assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]
   assert {r['split'] for r in records} == {'train', 'val', 'test'}
-  assert all(r['count'] == 40 for r in records if r['split'] == 'val')
+  # Under plain CE, no key repeats another (loss is the CE) or is always zero.
+  assert {key for r in records if r['split'] == 'train' for key in r} == {
+    'step',
+    'split',
+    'time',
+    'loss',
+    'accuracy',
+    'learning_rate',
+    'images_per_second',
+  }
+  for split in ('val', 'test'):
+    assert {key for r in records if r['split'] == split for key in r} == {
+      'step',
+      'split',
+      'time',
+      'loss',
+      'accuracy',
+      'proto_loss',
+      'bcam_loss',
+    }
+  run_length = json.load(open(os.path.join(workdir, 'run.json')))
+  assert run_length['total_steps'] == 40 and run_length['set_by'] == 'train.num_steps'
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40']
 
   # eval.py's library function restores the last checkpoint and reproduces the test score.
@@ -99,10 +121,13 @@ def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
   train = [r for r in records if r['split'] == 'train']
   assert train[-1]['ce'] < 0.5 * train[0]['ce']
   assert train[-1]['cam'] < 0.9 * train[0]['cam']
-  assert train[0]['loss'] == pytest.approx(train[0]['ce'] + train[0]['cam'], rel=1e-5)
+  cam_weight = config.loss.lambda_cam
+  assert train[0]['loss'] == pytest.approx(train[0]['ce'] + cam_weight * train[0]['cam'], rel=1e-5)
   val = [r for r in records if r['split'] == 'val']
   assert val[-1]['bcam_loss'] < val[0]['bcam_loss']
-  assert val[-1]['cam'] == val[-1]['bcam_loss']
+  assert 'cam' not in val[-1]  # the CAM term is bcam_loss
+  total = config.loss.lambda_class * val[-1]['loss'] + config.loss.lambda_cam * val[-1]['bcam_loss']
+  assert val[-1]['total'] == pytest.approx(total, rel=1e-5)
 
 
 def _tensorboard_tags(logdir):
@@ -137,6 +162,7 @@ def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path
   ):
     assert tags.get(tag) is False, tag
   assert tags['val/class_cams_vs_prototypes'] is True
+  assert 'config/text_summary' in tags and 'run_length/text_summary' in tags
 
 
 def test_masked_evaluation_counts_every_example_once(idx_dir):
