@@ -286,9 +286,13 @@ def _validate(run, eval_step, state, prototypes, logger, ckpts: Checkpoints, don
     run, eval_step, variables, run.datasets.val, prototypes
   )
   logger.write(done, 'val', val)
-  logger.write_image(
-    done, 'val/class_cams_vs_prototypes', figures.cams_next_to_prototypes(class_maps, prototypes)
+  image = figures.cams_next_to_prototypes(
+    class_maps,
+    prototypes,
+    run.datasets.info.class_names,
+    f'step {done}: validation prototypes and class-mean maps of the objective',
   )
+  logger.write_image(done, 'val/class_cams_vs_prototypes', image)
   logger.info(
     f'step {done} validation: loss {val["loss"]:.4f} '
     f'accuracy {100 * val["accuracy"]:.2f}% | prototype loss '

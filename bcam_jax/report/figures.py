@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
@@ -22,6 +23,7 @@ from PIL import Image
 from bcam_jax import io_utils
 
 PANEL_INCHES = 1.6
+DPI = 100
 # Points at the saved 100 dpi: 9 pt is about 12 px, the smallest text a reader of the PNG
 # reads without zooming. Every panel title and label uses it.
 LABEL_FONTSIZE = 9
@@ -64,7 +66,7 @@ def _cam_colorbar(fig: Figure, axes: np.ndarray) -> None:
 
 def _save(path: str, fig: Figure) -> None:
   """Writes `fig` to `path` as a PNG, atomically."""
-  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
 
 
 def save_confusion(path: str, confusion, class_names: Sequence[str]) -> None:
@@ -113,31 +115,53 @@ def save_cam_prototypes(
   Reproduces Figs 2-5 of the Batch-CAM paper. A class with no averaged images gets a blank
   CAM panel titled "n=0", since its mean CAM is undefined.
   """
+  _save(path, _cam_prototypes_figure(prototypes, mean_cams, counts, class_names, title))
+
+
+def cams_next_to_prototypes(
+  class_cams, prototypes, class_names: Sequence[str], title: str
+) -> np.ndarray:
+  """The figure of `save_cam_prototypes` (class names, row labels, colorbar; no counts) as
+  an RGB (H, W, 3) image in [0, 1], for TensorBoard."""
+  fig = _cam_prototypes_figure(prototypes, class_cams, None, class_names, title)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3] / 255.0
+
+
+def _cam_prototypes_figure(
+  prototypes, mean_cams, counts, class_names: Sequence[str], title: str
+) -> Figure:
+  """Prototypes on top, mean CAMs below (titled n=count unless `counts` is None)."""
   prototypes = np.asarray(prototypes)
   mean_cams = np.asarray(mean_cams)
-  counts = np.asarray(counts)
   num_classes = len(class_names)
   _check_shape('prototypes', prototypes, (num_classes, None, None))
   _check_shape('mean_cams', mean_cams, prototypes.shape)
-  _check_shape('counts', counts, (num_classes,))
+  if counts is not None:
+    counts = np.asarray(counts)
+    _check_shape('counts', counts, (num_classes,))
   fig = Figure(
-    figsize=(PANEL_INCHES * num_classes + 1.4, 2 * PANEL_INCHES + 0.5), layout='constrained'
+    figsize=(PANEL_INCHES * num_classes + 1.4, 2 * PANEL_INCHES + 0.5),
+    dpi=DPI,
+    layout='constrained',
   )
   axes = fig.subplots(2, num_classes, squeeze=False)
   for c in range(num_classes):
     top, bottom = axes[0, c], axes[1, c]
     top.imshow(prototypes[c], cmap='gray', vmin=0, vmax=1)
     top.set_title(str(class_names[c]), fontsize=LABEL_FONTSIZE)
-    if counts[c] > 0:
+    if counts is None or counts[c] > 0:
       bottom.imshow(mean_cams[c], cmap='jet', vmin=0, vmax=1)
-    bottom.set_title(f'n={counts[c]:g}', fontsize=LABEL_FONTSIZE)
+    if counts is not None:
+      bottom.set_title(f'n={counts[c]:g}', fontsize=LABEL_FONTSIZE)
     _no_ticks(top)
     _no_ticks(bottom)
   axes[0, 0].set_ylabel('prototype')
   axes[1, 0].set_ylabel('mean CAM')
   _cam_colorbar(fig, axes[1, :])
   fig.suptitle(title)
-  _save(path, fig)
+  return fig
 
 
 def save_error_prototypes(
@@ -287,10 +311,3 @@ def save_image_grid(path: str, images, titles, title: str = '') -> None:
   if title:
     fig.suptitle(title)
   _save(path, fig)
-
-
-def cams_next_to_prototypes(class_cams: np.ndarray, prototypes) -> np.ndarray:
-  """An (2S, C*S) grey image: prototypes on top, the class CAMs below them."""
-  top = np.concatenate(list(np.asarray(prototypes)), axis=1)
-  bottom = np.concatenate(list(np.asarray(class_cams)), axis=1)
-  return np.clip(np.concatenate([top, bottom], axis=0), 0.0, 1.0)
