@@ -306,7 +306,9 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
       pairs,
       np.asarray(prototypes),
     )
-    if overlays is not None:
+    if overlays is None:  # none to show: no stale overlays.png of an earlier evaluation
+      _remove_if_present(os.path.join(out, 'overlays.png'))
+    else:
       figures.save_overlays(
         os.path.join(out, 'overlays.png'),
         *overlays,
@@ -426,6 +428,13 @@ def _overlays(explainer, variables, test: data.Split, shown, methods, target: st
   return np.asarray(pixels)[..., 0], maps, labels, np.argmax(np.asarray(logits), -1)
 
 
+def _remove_if_present(path: str) -> None:
+  try:
+    os.remove(path)
+  except FileNotFoundError:
+    pass
+
+
 def _write_tensorboard(out: str, result: dict[str, Any], report: str) -> str:
   """The evaluation's scalars, figures and report.md in TensorBoard at `<out>/tensorboard`
   (replacing an earlier evaluation's, as the other files of `out` are), at the
@@ -434,9 +443,9 @@ def _write_tensorboard(out: str, result: dict[str, Any], report: str) -> str:
   logger = metric_logging.MetricLogger(out, jsonl=False)
   step = result['step']
   test = {k.removeprefix('test_'): result[k] for k in TEST_SCALARS}
-  logger.write(step, f'test ({result["checkpoint"]} checkpoint)', test)
+  logger.write(step, f'test_{result["checkpoint"]}_checkpoint', test)
   for method, row in result['methods'].items():
-    logger.write(step, f'{method}', row)
+    logger.write(step, method, row)
   for name in FIGURES:
     path = os.path.join(out, name)
     if os.path.exists(path):

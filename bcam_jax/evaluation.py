@@ -52,16 +52,16 @@ class Progress:
 
   def __init__(self, name: str, total: int):
     self.name, self.total = name, total
-    self.start = self.last = time.time()
+    self.start = self.last_log = self.latest = time.time()
     self.first = None  # (images, time) after the first batch
 
   def __call__(self, done: int) -> None:
-    now = time.time()
+    now = self.latest = time.time()
     if self.first is None:
       self.first = (done, now)
-    if done < self.total and now - self.last < 10:
+    if done < self.total and now - self.last_log < 10:
       return
-    self.last = now
+    self.last_log = now
     rate = self.rate(done, now)
     logging.info(
       '%s: %d/%d images, %.1f img/s, ETA %s',
@@ -73,8 +73,11 @@ class Progress:
     )
 
   def rate(self, done: int | None = None, now: float | None = None) -> float:
-    """Images per second after the first batch (over everything for a single batch)."""
-    done, now = done or self.total, now or time.time()
+    """Images per second after the first batch (over everything for a single batch), at
+    `done` images and time `now`; by default at the last call, so that work done after the
+    loop (e.g. compiling the metrics' reduction) does not count."""
+    done = self.total if done is None else done
+    now = self.latest if now is None else now
     if self.first and done > self.first[0]:
       return (done - self.first[0]) / max(now - self.first[1], 1e-9)
     return done / max(now - self.start, 1e-9)
