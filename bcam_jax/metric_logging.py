@@ -111,7 +111,18 @@ def format_duration(seconds: float) -> str:
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
 
-_NOISY_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/jax/', '/jaxlib/', '/optax/')
+# Path part of a library -> the lowest level of its records that the console shows.
+# TFDS's warnings go too: they come from probing for a prepared copy (e.g. "Variant folder
+# ... has no dataset_info.json" when IDX files are used), whose outcome bcam_jax.data
+# reports itself.
+_LIBRARY_LEVELS = {
+  '/tensorflow_datasets/': py_logging.ERROR,
+  '/orbax/': py_logging.WARNING,
+  '/jax/': py_logging.WARNING,
+  '/jaxlib/': py_logging.WARNING,
+  '/optax/': py_logging.WARNING,
+  '/tensorboardX/': py_logging.WARNING,
+}
 
 
 class _ConsoleFormatter(py_logging.Formatter):
@@ -131,13 +142,15 @@ class _ConsoleFormatter(py_logging.Formatter):
 
 
 def quiet_library_logs() -> None:
-  """Console set-up of the entry points: hides the INFO chatter of Orbax, TFDS, JAX (its
-  backend probing, e.g. 'Unable to initialize backend tpu') and optax, whose warnings
-  still show; bcam-jax's own progress lines lose absl's 60-character prefix."""
+  """Console set-up of the entry points: hides the chatter of TFDS, and the INFO lines of
+  Orbax, JAX (its backend probing, e.g. 'Unable to initialize backend tpu') and optax,
+  whose warnings still show; bcam-jax's own lines lose absl's 60-character prefix."""
 
   def keep(record: py_logging.LogRecord) -> bool:
-    noisy = any(part in record.pathname for part in _NOISY_LIBRARIES)
-    return record.levelno >= py_logging.WARNING or not noisy
+    for part, level in _LIBRARY_LEVELS.items():
+      if part in record.pathname:
+        return record.levelno >= level
+    return True
 
   handler = logging.get_absl_handler()
   handler.addFilter(keep)

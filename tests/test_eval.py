@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -61,7 +62,9 @@ def test_eval_py_writes_every_output(trained):
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'score_cam: 50/50 images' in proc.stderr  # progress output
+  # Progress lines: a short time stamp, not absl's 60-character prefix.
+  assert re.search(r'^\d\d:\d\d:\d\d score_cam: 50/50 images, [\d.]+ img/s', proc.stderr, re.M)
+  assert not re.search(r'^I\d{4} .* (evaluation|eval_lib|run_setup)\.py:\d+\]', proc.stderr, re.M)
   out = os.path.join(workdir, 'eval')
   for name in FILES:
     assert os.path.getsize(os.path.join(out, name)) > 0, name
