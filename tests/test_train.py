@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -145,6 +146,25 @@ def _tensorboard_tags(logdir):
         tags[value.tag] = value.HasField('image')
       pos += 16 + length
   return tags
+
+
+def test_train_metrics_leave_out_duplicates_and_zeros():
+  """Under plain CE the loss is the CE (one key); the CAM term and Soft-CAM's ElasticNet
+  are logged only where they can be non-zero."""
+  keys = lambda head, **kw: train_lib.train_metric_keys(
+    objective_lib.Objective(**kw), types.SimpleNamespace(head_type=head)
+  )
+  assert keys('gap', kind='ce') == ('loss', 'accuracy')
+  assert keys('gap', kind='bcpl') == ('loss', 'ce', 'cam', 'accuracy')
+  assert keys('softcam', kind='ce') == ('loss', 'accuracy')
+  assert keys('softcam', kind='ce', lambda_l1=0.1) == ('loss', 'ce', 'penalty', 'accuracy')
+  assert keys('softcam', kind='proto', lambda_l2=0.1) == (
+    'loss',
+    'ce',
+    'cam',
+    'penalty',
+    'accuracy',
+  )
 
 
 def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path):
