@@ -8,6 +8,7 @@ error_prototypes.png and overlays.png. Every per-batch computation is one jitted
 over a batch sharded on the mesh's `data` axis, returning masked sums.
 """
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -307,7 +308,8 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
       np.asarray(prototypes),
     )
     if overlays is None:  # none to show: no stale overlays.png of an earlier evaluation
-      _remove_if_present(os.path.join(out, 'overlays.png'))
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, 'overlays.png'))
     else:
       figures.save_overlays(
         os.path.join(out, 'overlays.png'),
@@ -426,13 +428,6 @@ def _overlays(explainer, variables, test: data.Split, shown, methods, target: st
   maps_fn = jax.jit(explainer.maps, static_argnums=0)
   maps = {m: np.asarray(maps_fn(m, variables, pixels, targets)) for m in methods}
   return np.asarray(pixels)[..., 0], maps, labels, np.argmax(np.asarray(logits), -1)
-
-
-def _remove_if_present(path: str) -> None:
-  try:
-    os.remove(path)
-  except FileNotFoundError:
-    pass
 
 
 def _write_tensorboard(out: str, result: dict[str, Any], report: str) -> str:

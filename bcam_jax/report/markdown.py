@@ -83,7 +83,7 @@ def _overlays_section(result: dict[str, Any]) -> list[str]:
   shown = result.get('overlay_images', [])
   selection = result.get('overlay_selection', 'first')
   if not shown:
-    return [f'No overlays: no {selection} test images to show.', '']
+    return ['No overlays.png: `num_overlays` is 0, or no test image is misclassified.', '']
   indices = ', '.join(str(i) for i in shown)
   return [
     f'Saliency maps of the {selection} test images (indices {indices}); a red title marks a '
