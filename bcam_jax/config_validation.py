@@ -16,7 +16,7 @@ from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
 DTYPES = ('float32', 'bfloat16', 'float64')
-DATA_SOURCES = ('auto', 'tfds', 'idx')
+DATA_SOURCES = ('auto', 'tfds', 'idx', 'download')
 
 
 class ConfigError(ValueError):

@@ -20,8 +20,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import eval_lib, io_utils  # noqa: E402
 from bcam_jax import objective as objective_lib  # noqa: E402
+from bcam_jax.configs import base  # noqa: E402
 from bcam_jax.metric_logging import quiet_library_logs  # noqa: E402
-from configs import base  # noqa: E402
 
 _WORKDIRS = flags.DEFINE_list('workdirs', None, 'Trained workdirs (with config.json).')
 _OUT = flags.DEFINE_string('out', 'bench/results/alignment.json', 'JSON output path.')

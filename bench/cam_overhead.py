@@ -60,8 +60,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import cam, data, models, optim, parallel, steps  # noqa: E402
 from bcam_jax import objective as objective_lib  # noqa: E402
+from bcam_jax.configs import base  # noqa: E402
 from bench import common  # noqa: E402
-from configs import base  # noqa: E402
 
 VARIANTS = ('ce', 'proto', 'bcpl', 'per_image')
 # The targets for the step-time ratio to `ce`, at batch 128.

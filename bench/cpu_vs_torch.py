@@ -23,8 +23,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, models, optim, parallel, steps  # noqa: E402
 from bcam_jax import objective as objective_lib  # noqa: E402
+from bcam_jax.configs import base  # noqa: E402
 from bench import common  # noqa: E402
-from configs import base  # noqa: E402
 
 _MODELS = flags.DEFINE_list('models', list(common.MODEL_VARIANTS), 'Models to time.')
 _LOSSES = flags.DEFINE_list('losses', ['ce', 'bcpl'], 'Losses to time.')

@@ -34,8 +34,8 @@ from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, io_utils, parallel, run_setup  # noqa: E402
+from bcam_jax.configs import experiment  # noqa: E402
 from bench import common  # noqa: E402
-from configs import experiment  # noqa: E402
 from tests import numerics, synthetic  # noqa: E402
 
 _MODEL = flags.DEFINE_enum('model', 'resnet18', ['resnet18', 'simple_cnn'], 'Model.')

@@ -1,9 +1,12 @@
-"""The experiment config: its argument gives each model x condition config."""
+"""The experiment config: its argument gives each model x condition config; packaged configs
+found by name, and config files by path."""
+
+import os
 
 import pytest
 
-from bcam_jax import conditions
-from configs import experiment, resnet18_bcpl, resnet18_tpu
+from bcam_jax import conditions, configs
+from bcam_jax.configs import experiment, resnet18_bcpl, resnet18_tpu
 
 # Per model: name, options, optimizer name, learning rate, weight decay, epochs.
 MODELS = {
@@ -85,3 +88,34 @@ def test_every_condition_round_trips_through_the_config():
 def test_unknown_keys_and_values_name_the_valid_choices(arg, message):
   with pytest.raises(ValueError, match=message):
     experiment.get_config(arg)
+
+
+def test_packaged_configs_by_name():
+  assert configs.names() == [
+    'experiment',
+    'resnet18_bcpl',
+    'resnet18_tpu',
+    'grids/cpu_small',
+    'grids/paper_table1',
+    'grids/paper_table2',
+  ]
+  path = os.path.join(configs.DIRECTORY, 'experiment.py')
+  assert configs.resolve('experiment') == path
+  assert configs.resolve('experiment.py:model=resnet18') == path + ':model=resnet18'
+  assert configs.resolve('grids/cpu_small') == os.path.join(
+    configs.DIRECTORY, 'grids', 'cpu_small.py'
+  )
+
+
+def test_an_existing_file_wins_over_a_packaged_name(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'experiment.py').write_text('def get_config():\n  return None\n')
+  assert configs.resolve('experiment.py:model=resnet18') == 'experiment.py:model=resnet18'
+  assert configs.resolve(str(tmp_path / 'experiment.py')) == str(tmp_path / 'experiment.py')
+
+
+def test_unknown_config_lists_the_packaged_ones():
+  with pytest.raises(
+    ValueError, match="'configs/nope.py' is neither .*resnet18_bcpl.*grids/cpu_small"
+  ):
+    configs.resolve('configs/nope.py:model=resnet18')

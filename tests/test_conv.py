@@ -14,9 +14,9 @@ from jax.test_util import check_grads
 
 from bcam_jax import parallel
 from bcam_jax.config_validation import ConfigError, validate_config
+from bcam_jax.configs import base
 from bcam_jax.models import conv, get_model, init_variables
 from bcam_jax.models.pooling import max_pool
-from configs import base
 from tests import numerics
 
 _DN = ('NHWC', 'HWIO', 'NHWC')

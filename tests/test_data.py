@@ -11,7 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bcam_jax import data
-from bcam_jax.data import batching
+from bcam_jax.data import batching, download
 from tests.synthetic import idx_bytes
 
 N_TRAIN, N_TEST = 30, 10
@@ -188,6 +188,7 @@ def test_tfds_unprepared_and_preparation_fails(tmp_path, no_tfds_download):
     'data.source=idx',
     'BCAM_DATA_DIR',
     'install tensorflow',
+    'data.source=download',
   ):
     assert part in message
 
@@ -218,30 +219,58 @@ def test_auto_prefers_prepared_tfds(tmp_path, monkeypatch, no_tfds_download):
   assert len(datasets.train) + len(datasets.val) == 16
 
 
-def test_auto_all_sources_fail_lists_every_attempt(tmp_path, monkeypatch, no_tfds_download):
+@pytest.fixture
+def no_network(monkeypatch):
+  """Makes every IDX download fail at once, as without network."""
+
+  def fail(*args, **kwargs):
+    raise OSError('no network (test)')
+
+  monkeypatch.setattr(download.urllib.request, 'urlopen', fail)
+  monkeypatch.delenv(download.MIRROR_ENV, raising=False)
+
+
+def test_auto_all_sources_fail_lists_every_attempt(
+  tmp_path, monkeypatch, no_tfds_download, no_network
+):
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
   with pytest.raises(data.DataError) as err:
     data.load_datasets(config(tfds_data_dir=str(tmp_path)))
   message = str(err.value)
+  cache = tmp_path / 'cache' / 'bcam_jax' / 'mnist'
   for part in (
-    'prepared TFDS: ',
+    "Could not load dataset 'mnist' (data.source=auto). Tried, in order:\n",
+    '\n  - prepared TFDS: ',
     'is not prepared in',
-    'IDX files: No IDX directory',
-    'TFDS download: ',
-    'no network (test)',
-    'Options:',
+    f'\n  - IDX files: Missing IDX files in {cache} (the directory does not exist)',
+    f'\n  - download: Could not download mnist/train-images-idx3-ubyte.gz into {cache}',
+    *(
+      f'\n    - {mirror}train-images-idx3-ubyte.gz: OSError: no network (test)\n'
+      for mirror in download.MIRRORS['mnist']
+    ),
+    '\n  - TFDS download: ',
+    'ConnectionError: no network (test)',
+    '\nTo fix: where there is network access run `bcam-data download --dataset=mnist --dest=DIR`',
   ):
     assert part in message
   # With a directory that lacks the files, the IDX attempt says which files were missing.
   monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / 'empty'))
   with pytest.raises(data.DataError, match=r'IDX files: Missing IDX files in .*empty.mnist'):
     data.load_datasets(config(tfds_data_dir=str(tmp_path)))
+  # data.source=idx reads only data.idx_dir or $BCAM_DATA_DIR.
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  with pytest.raises(data.DataError, match=r'^No IDX directory: data.idx_dir is empty and \$BCAM'):
+    data.load_datasets(config(source='idx'))
+  # data.source=download adds the fix to the download's error.
+  with pytest.raises(data.DataError, match=r'(?s)^Could not download mnist/.*\nTo fix: '):
+    data.load_datasets(config(source='download'))
 
 
 def test_bad_names():
   with pytest.raises(data.DataError, match='fashion_mnist, mnist'):
     data.dataset_info('cifar10')
-  with pytest.raises(data.DataError, match='auto, tfds, idx'):
+  with pytest.raises(data.DataError, match='auto, tfds, idx, download'):
     data.load_datasets(config(source='http'))
 
 

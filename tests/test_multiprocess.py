@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from bcam_jax import eval_lib
-from configs import experiment
+from bcam_jax.configs import experiment
 from tests import numerics, synthetic
 from tests.test_train import REPO
 

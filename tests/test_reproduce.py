@@ -11,7 +11,7 @@ import ml_collections
 import pytest
 
 from bcam_jax import grids
-from configs import experiment
+from bcam_jax.configs import experiment
 from tests import synthetic
 from tests.test_train import REPO
 
@@ -138,7 +138,7 @@ def test_aggregate_mean_std_and_paper_difference():
 
 @pytest.mark.parametrize('name', GRIDS)
 def test_grid_configs_expand_to_valid_cells(name):
-  module = importlib.import_module(f'configs.grids.{name}')
+  module = importlib.import_module(f'bcam_jax.configs.grids.{name}')
   grid = module.get_config()
   assert grid.name == name
   assert f'--grid=configs/grids/{name}.py' in module.__doc__ and 'Expected' in module.__doc__

@@ -10,9 +10,9 @@ import pytest
 
 from bcam_jax import config_validation, eval_lib, explain, run_setup, train_lib
 from bcam_jax import objective as objective_lib
+from bcam_jax.configs import experiment
 from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables
 from bcam_jax.models.heads import cross_attention
-from configs import experiment
 from tests import synthetic
 from tests.test_train import tiny_config
 

@@ -18,6 +18,7 @@ import pytest
 from bcam_jax import (
   cam,
   config_validation,
+  configs,
   data,
   eval_lib,
   evaluation,
@@ -26,7 +27,7 @@ from bcam_jax import (
   train_lib,
 )
 from bcam_jax import objective as objective_lib
-from configs import experiment
+from bcam_jax.configs import experiment
 from tests import numerics, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -389,14 +390,10 @@ def test_bfloat16_compute_trains(idx_dir, tmp_path):
 
 @pytest.mark.parametrize(
   'name',
-  sorted(
-    f[:-3]
-    for f in os.listdir(os.path.join(REPO, 'configs'))
-    if f.endswith('.py') and f not in ('base.py', '__init__.py')
-  ),
+  [name for name in configs.names() if '/' not in name],
 )
 def test_every_config_is_valid_and_documents_its_command(name):
-  module = importlib.import_module(f'configs.{name}')
+  module = importlib.import_module(f'bcam_jax.configs.{name}')
   config = module.get_config()
   config_validation.validate_config(config)
   assert f'--config=configs/{name}.py' in module.__doc__

@@ -5,8 +5,9 @@ arrays and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
 * `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;
-* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``) and the
-  validation split;
+* `download`: the IDX files fetched from mirrors, verified, into the cache (`default_root`);
+* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``)
+  and the validation split;
 * `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
 * `preprocess`: scaling, resizing and normalisation on device.
 
@@ -24,6 +25,13 @@ from bcam_jax.data.dataset import (
   Split,
   dataset_info,
 )
+from bcam_jax.data.download import (
+  MIRROR_ENV,
+  dataset_dir,
+  default_root,
+  download_dataset,
+  is_cached,
+)
 from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
 from bcam_jax.data.loading import load_datasets, split_train_val
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
@@ -34,12 +42,17 @@ __all__ = [
   'DATA_DIR_ENV',
   'IDX_FILES',
   'IMAGE_SIZE',
+  'MIRROR_ENV',
   'DataError',
   'DatasetInfo',
   'Datasets',
   'Split',
+  'dataset_dir',
   'dataset_info',
+  'default_root',
+  'download_dataset',
   'eval_batches',
+  'is_cached',
   'load_datasets',
   'load_idx',
   'load_tfds',

@@ -79,7 +79,7 @@ def read_idx_labels(path: str) -> np.ndarray:
   return np.frombuffer(payload, dtype=np.uint8).astype(np.int32)
 
 
-def _find_idx_file(directory: str, base: str) -> str | None:
+def find_idx_file(directory: str, base: str) -> str | None:
   """Returns the path of `base` or `base.gz` in `directory` (plain file preferred)."""
   for name in (base, base + '.gz'):
     path = os.path.join(directory, name)
@@ -90,7 +90,7 @@ def _find_idx_file(directory: str, base: str) -> str | None:
 
 def load_idx(directory: str, info: DatasetInfo) -> tuple[Split, Split]:
   """Loads (official train, official test) from the four IDX files in `directory`."""
-  paths = {key: _find_idx_file(directory, base) for key, base in IDX_FILES.items()}
+  paths = {key: find_idx_file(directory, base) for key, base in IDX_FILES.items()}
   missing = [IDX_FILES[key] for key, path in paths.items() if path is None]
   if missing:
     looked_for = ', '.join(f'{base} or {base}.gz' for base in missing)

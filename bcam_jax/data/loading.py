@@ -1,8 +1,9 @@
 """`load_datasets`: the train, validation and test splits of a config's dataset.
 
-``data.source`` picks ``tfds``, ``idx`` or ``auto`` (a prepared TFDS copy, then IDX files,
-then a TFDS download, reporting every attempt when all fail); the validation split is a
-seeded subset of the official train split.
+``data.source`` picks ``tfds``, ``idx``, ``download`` (IDX files fetched into the cache) or
+``auto`` (a prepared TFDS copy, then IDX files in the data folder or cache, then a download
+of the IDX files, then a TFDS preparation, reporting every attempt when all fail); the
+validation split is a seeded subset of the official train split.
 """
 
 import os
@@ -18,11 +19,11 @@ from bcam_jax.data.dataset import (
   Split,
   dataset_info,
 )
+from bcam_jax.data.download import dataset_dir, download_dataset, offline_fix
 from bcam_jax.data.idx import load_idx
 from bcam_jax.data.tfds_source import (
   load_tfds_noted,
   load_tfds_with_alternatives,
-  tfds_alternatives,
 )
 
 
@@ -30,9 +31,8 @@ def _idx_directory(data_config) -> str | None:
   """The IDX directory: data.idx_dir, else $BCAM_DATA_DIR/<name>, else None."""
   if data_config.idx_dir:
     return os.path.expanduser(data_config.idx_dir)
-  root = os.environ.get(DATA_DIR_ENV)
-  if root:
-    return os.path.join(os.path.expanduser(root), data_config.name)
+  if os.environ.get(DATA_DIR_ENV):
+    return dataset_dir(data_config.name)
   return None
 
 
@@ -44,15 +44,30 @@ def _load_idx_source(data_config, info: DatasetInfo) -> tuple[Split, Split, str]
       f'No IDX directory: data.idx_dir is empty and ${DATA_DIR_ENV} is not set (set '
       f'data.idx_dir=<dir>, or ${DATA_DIR_ENV}=<root> with the files in <root>/{info.name}/).'
     )
+  return _load_idx_dir(directory, info)
+
+
+def _load_idx_dir(directory: str, info: DatasetInfo) -> tuple[Split, Split, str]:
+  """The IDX files in `directory`, with a note of where they came from."""
   train, test = load_idx(directory, info)
   return train, test, f'IDX files in {directory}'
 
 
+def _load_downloaded(info: DatasetInfo) -> tuple[Split, Split, str]:
+  """The IDX files in the cache (`dataset_dir`), verified and fetched where missing."""
+  directory = download_dataset(info.name)
+  train, test, _ = _load_idx_dir(directory, info)
+  return train, test, f'IDX files in {directory} (SHA-256 verified)'
+
+
 def _load_auto(data_config, info: DatasetInfo, tfds_dir: str | None) -> tuple[Split, Split, str]:
-  """Prepared TFDS, then IDX files, then a TFDS download; one DataError if all fail."""
+  """Prepared TFDS, IDX files (data.idx_dir, else the data folder or cache), a download of
+  the IDX files, then a TFDS preparation; one DataError listing every attempt if all fail."""
+  idx_dir = _idx_directory(data_config) or dataset_dir(info.name)
   attempts = (
     ('prepared TFDS', lambda: load_tfds_noted(info.name, tfds_dir, download=False)),
-    ('IDX files', lambda: _load_idx_source(data_config, info)),
+    ('IDX files', lambda: _load_idx_dir(idx_dir, info)),
+    ('download', lambda: _load_downloaded(info)),
     ('TFDS download', lambda: load_tfds_noted(info.name, tfds_dir, download=True)),
   )
   failures = []
@@ -66,7 +81,7 @@ def _load_auto(data_config, info: DatasetInfo, tfds_dir: str | None) -> tuple[Sp
     f'Could not load dataset {info.name!r} (data.source=auto). Tried, in order:\n'
     + '\n'.join(failures)
     + '\n'
-    + tfds_alternatives(info.name)
+    + offline_fix(info.name)
   )
 
 
@@ -93,7 +108,8 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
 
 
 def load_datasets(data_config) -> Datasets:
-  """Loads train/val/test of `data_config.name` from `data_config.source` (auto/tfds/idx).
+  """Loads train/val/test of `data_config.name` from `data_config.source`
+  (auto/tfds/idx/download).
 
   `data_config` needs the attributes name, source, idx_dir, tfds_data_dir, val_size and
   split_seed (an ml_collections ConfigDict or any attribute object).
@@ -104,10 +120,17 @@ def load_datasets(data_config) -> Datasets:
     train, test, source = load_tfds_with_alternatives(info.name, tfds_dir, download=True)
   elif data_config.source == 'idx':
     train, test, source = _load_idx_source(data_config, info)
+  elif data_config.source == 'download':
+    try:
+      train, test, source = _load_downloaded(info)
+    except DataError as e:
+      raise DataError(f'{e}\n{offline_fix(info.name)}') from e
   elif data_config.source == 'auto':
     train, test, source = _load_auto(data_config, info, tfds_dir)
   else:
-    raise DataError(f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx.')
+    raise DataError(
+      f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx, download.'
+    )
   train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
   logging.info(
     'Loaded %s from %s: train %d, val %d (split_seed %d), test %d.',

@@ -24,7 +24,8 @@ def tfds_alternatives(name: str) -> str:
     f'with the files in <root>/{name}/) holding {files} (each optionally .gz); '
     f'(b) install tensorflow and, with network access, run '
     f"tfds.builder('{name}', data_dir=...).download_and_prepare(file_format='array_record') "
-    f'once, then use data.source=tfds with data.tfds_data_dir.'
+    f'once, then use data.source=tfds with data.tfds_data_dir; '
+    f'(c) set data.source=download to fetch the IDX files without TensorFlow.'
   )
 
 

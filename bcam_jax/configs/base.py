@@ -33,7 +33,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   config.data = ml_collections.ConfigDict()
   config.data.name = 'mnist'  # 'mnist' | 'fashion_mnist'
-  config.data.source = 'auto'  # 'auto' | 'tfds' | 'idx'
+  config.data.source = 'auto'  # 'auto' | 'tfds' | 'idx' | 'download' (README, Data)
   config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
   config.data.val_size = 5000  # taken from the official train split

@@ -14,7 +14,7 @@ Expected: test accuracy within a few tenths of the ResNet18 baseline
 (results.json).
 """
 
-from configs import experiment
+from bcam_jax.configs import experiment
 
 
 def get_config():

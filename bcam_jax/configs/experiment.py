@@ -34,8 +34,8 @@ proto and bcpl with a much lower test prototype / Batch-CAM loss (results.json).
 import ml_collections
 
 from bcam_jax import conditions, objective
+from bcam_jax.configs import base
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
-from configs import base
 
 
 def _simple_cnn(config: ml_collections.ConfigDict) -> None:

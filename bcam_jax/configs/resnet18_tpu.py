@@ -13,7 +13,7 @@ the head stay float32. Expected: the accuracy of configs/resnet18_bcpl.py within
 tenths.
 """
 
-from configs import resnet18_bcpl
+from bcam_jax.configs import resnet18_bcpl
 
 
 def get_config():
