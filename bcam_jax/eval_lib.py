@@ -8,8 +8,10 @@ error_prototypes.png and overlays.png. Every per-batch computation is one jitted
 over a batch sharded on the mesh's `data` axis, returning masked sums.
 """
 
+import contextlib
 import dataclasses
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from PIL import Image
 
 from bcam_jax import (
   cam,
@@ -27,6 +30,7 @@ from bcam_jax import (
   evaluation,
   explain,
   io_utils,
+  metric_logging,
   objective,
   run_setup,
   workdir_lock,
@@ -35,6 +39,14 @@ from bcam_jax.explain import faithfulness
 from bcam_jax.report import figures, markdown
 from bcam_jax.run_setup import CHECKPOINTS
 
+TEST_SCALARS = ('test_loss', 'test_accuracy', 'test_proto_loss', 'test_bcam_loss')
+FIGURES = (
+  'confusion.png',
+  'cam_prototypes.png',
+  'error_prototypes.png',
+  'overlays.png',
+)
+OVERLAY_SELECTIONS = ('first', 'misclassified')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 
 
@@ -49,6 +61,8 @@ class EvalOptions:
   layer of the features dict; n_steps: insertion and deletion steps; batch_size: images
   per jitted call of a method (Score-CAM and insertion/deletion multiply it by
   score_cam_chunk and 2 * steps_per_call); num_overlays: test images in overlays.png;
+  overlay_selection: which ones, the 'first' of the test split or its first
+  'misclassified' ones (where the maps show what misled the model);
   num_error_pairs: confusions in error_prototypes.png.
   """
 
@@ -62,6 +76,7 @@ class EvalOptions:
   score_cam_chunk: int = 16
   steps_per_call: int = 4
   num_overlays: int = 6
+  overlay_selection: str = 'first'
   num_error_pairs: int = 8
 
   def __post_init__(self):
@@ -69,6 +84,8 @@ class EvalOptions:
       raise ValueError(f'checkpoint={self.checkpoint!r}; valid: {CHECKPOINTS}')
     if self.methods:
       explain.check_methods(self.methods)
+    if self.overlay_selection not in OVERLAY_SELECTIONS:
+      raise ValueError(f'overlay_selection={self.overlay_selection!r}; valid: {OVERLAY_SELECTIONS}')
     if self.target not in explain.TARGETS:
       raise ValueError(f'target={self.target!r}; valid: {explain.TARGETS}')
     for name in ('n_steps', 'batch_size', 'score_cam_chunk', 'steps_per_call'):
@@ -114,7 +131,7 @@ def _test_metrics(run, variables, prototypes, checkpoint: str, step: int) -> dic
     'step': step,
     'test_loss': test['loss'],
     'test_accuracy': test['accuracy'],
-    'test_count': test['count'],
+    'test_count': len(run.datasets.test),
     'metric': run.config.loss.metric,
     'test_proto_loss': test['proto_loss'],
     'test_bcam_loss': test['bcam_loss'],
@@ -179,8 +196,8 @@ def make_summary_step(explainer: explain.Explainer, num_classes: int):
 def make_method_step(
   explainer: explain.Explainer, method: str, options: EvalOptions, num_classes: int
 ):
-  """(variables, prototypes, images, labels, mask) -> (masked sums of the faithfulness
-  and alignment terms of `method`, the batch's saliency maps)."""
+  """(variables, prototypes, images, labels, mask) -> masked sums of the faithfulness and
+  alignment terms of `method`."""
 
   def method_step(variables, prototypes, images, labels, mask):
     pixels = data.to_pixels(images, explainer.image_size)
@@ -200,7 +217,7 @@ def make_method_step(
     sums['count'] = jnp.sum(mask)
     sums['class_map_sums'] = cam.class_sums(maps * mask[:, None, None], targets, num_classes)[0]
     sums['class_counts'] = cam.class_sums(mask, targets, num_classes)[0]
-    return sums, maps
+    return sums
 
   return method_step
 
@@ -270,11 +287,13 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
     loss=config.loss.kind,
     condition=conditions.describe(config),
   )
-  overlay_maps = {}
   for method in methods:
-    row, maps = _method_row(run, variables, explainer, method, options, subset, prototypes)
-    result['methods'][method] = row
-    overlay_maps[method] = maps[: options.num_overlays]
+    result['methods'][method] = _method_row(
+      run, variables, explainer, method, options, subset, prototypes
+    )
+  shown = _overlay_indices(explainer, variables, test, options, run.eval_batch_size)
+  result.update(overlay_selection=options.overlay_selection, overlay_images=shown.tolist())
+  overlays = _overlays(explainer, variables, test, shown, methods, options.target)
 
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'eval')
@@ -288,14 +307,26 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
       pairs,
       np.asarray(prototypes),
     )
-    _write_overlays(out, info, subset, overlay_maps, variables, explainer)
+    if overlays is None:  # none to show: no stale overlays.png of an earlier evaluation
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, 'overlays.png'))
+    else:
+      figures.save_overlays(
+        os.path.join(out, 'overlays.png'),
+        *overlays,
+        info.class_names,
+        f'the {options.overlay_selection} test images ({options.target} class explained)',
+      )
     io_utils.write_json(os.path.join(out, 'metrics.json'), result)
-    text = markdown.render(result, info.class_names).encode()
-    io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text))
+    text = markdown.render(result, info.class_names)
+    io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text.encode()))
+    tensorboard = _write_tensorboard(out, result, text)
     logging.info(
-      'wrote %s/{metrics.json,report.md,confusion.png,cam_prototypes.png,'
-      'error_prototypes.png,overlays.png}',
+      'Evaluation report in %s: report.md, metrics.json, confusion.png, cam_prototypes.png, '
+      'error_prototypes.png%s; TensorBoard: tensorboard --logdir %s',
       out,
+      ', overlays.png' if overlays is not None else '',
+      tensorboard,
     )
   return result
 
@@ -304,7 +335,7 @@ def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
   """(summary sums, confusion matrix `(C, C)`, the `num_pairs` most frequent confusions) of
   the test split (`make_summary_step`)."""
   c, test = run.datasets.info.num_classes, run.datasets.test
-  summary, _ = evaluation.sum_over_split(
+  summary = evaluation.sum_over_split(
     run.mesh,
     test,
     run.eval_batch_size,
@@ -317,21 +348,20 @@ def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
 
 
 def _method_row(run, variables, explainer, method: str, options, subset, prototypes):
-  """(faithfulness and alignment metrics of `method` over `subset`, the maps of its first
-  batch)."""
+  """The faithfulness and alignment metrics of `method` over `subset`."""
   batch_size = evaluation.batch_for_devices(
     min(options.batch_size, len(subset)), run.mesh.devices.size
   )
   progress = evaluation.Progress(method, len(subset))
   step_fn = jax.jit(make_method_step(explainer, method, options, run.datasets.info.num_classes))
-  sums, maps = evaluation.sum_over_split(
+  sums = evaluation.sum_over_split(
     run.mesh, subset, batch_size, step_fn, variables, prototypes, progress=progress
   )
   row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS}
   row.update(_alignment(sums, np.asarray(prototypes)))
   row['suite_images_per_second'] = progress.rate()
   logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
-  return row, maps
+  return row
 
 
 def _write_summary_figures(
@@ -367,20 +397,55 @@ def _write_summary_figures(
   )
 
 
-def _write_overlays(
-  out: str, info, subset: data.Split, overlay_maps, variables, explainer: explain.Explainer
-) -> None:
-  """overlays.png: the first images of `subset` under each method's map."""
-  k = min(len(v) for v in overlay_maps.values())
-  if not k:
-    return
-  pixels = data.to_pixels(subset.images[:k], explainer.image_size)
+def _overlay_indices(explainer, variables, test: data.Split, options, batch_size: int):
+  """Indices into `test` of overlays.png's images: its first `num_overlays`, or its first
+  `num_overlays` misclassified ones (fewer when the split has fewer errors; the scan
+  stops once it has them)."""
+  k = min(options.num_overlays, len(test))
+  if options.overlay_selection == 'first':
+    return np.arange(k)
+  logits = jax.jit(explainer.logits)
+  found = []
+  for start in range(0, len(test), batch_size):
+    if len(found) >= k:
+      break
+    rows = slice(start, start + batch_size)
+    pixels = data.to_pixels(test.images[rows], explainer.image_size)
+    predictions = np.argmax(np.asarray(logits(variables, pixels)), axis=-1)
+    found.extend(start + np.flatnonzero(predictions != test.labels[rows]))
+  return np.asarray(found[:k], np.int64)
+
+
+def _overlays(explainer, variables, test: data.Split, shown, methods, target: str):
+  """(images, {method: maps}, labels, predictions) of the test images `shown`, the
+  arguments of `figures.save_overlays`; None when there are none."""
+  if not len(shown):
+    return None
+  pixels = data.to_pixels(test.images[shown], explainer.image_size)
+  labels = test.labels[shown]
   logits = jax.jit(explainer.logits)(variables, pixels)
-  figures.save_overlays(
-    os.path.join(out, 'overlays.png'),
-    np.asarray(pixels)[..., 0],
-    {m: v[:k] for m, v in overlay_maps.items()},
-    subset.labels[:k],
-    np.argmax(np.asarray(logits), -1),
-    info.class_names,
-  )
+  targets = explainer.targets(logits, labels, target)
+  maps_fn = jax.jit(explainer.maps, static_argnums=0)
+  maps = {m: np.asarray(maps_fn(m, variables, pixels, targets)) for m in methods}
+  return np.asarray(pixels)[..., 0], maps, labels, np.argmax(np.asarray(logits), -1)
+
+
+def _write_tensorboard(out: str, result: dict[str, Any], report: str) -> str:
+  """The evaluation's scalars, figures and report.md in TensorBoard at `<out>/tensorboard`
+  (replacing an earlier evaluation's, as the other files of `out` are), at the
+  checkpoint's step; returns that directory."""
+  shutil.rmtree(metric_logging.tensorboard_dir(out), ignore_errors=True)
+  logger = metric_logging.MetricLogger(out, jsonl=False)
+  step = result['step']
+  test = {k.removeprefix('test_'): result[k] for k in TEST_SCALARS}
+  logger.write(step, f'test_{result["checkpoint"]}_checkpoint', test)
+  for method, row in result['methods'].items():
+    logger.write(step, method, row)
+  for name in FIGURES:
+    path = os.path.join(out, name)
+    if os.path.exists(path):
+      image = np.asarray(Image.open(path).convert('RGB')) / 255.0
+      logger.write_image(step, f'figures/{name.removesuffix(".png")}', image)
+  logger.write_text(step, 'report', report)
+  logger.close()
+  return metric_logging.tensorboard_dir(out)

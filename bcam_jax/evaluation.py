@@ -9,7 +9,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from bcam_jax import data, parallel
@@ -23,26 +22,27 @@ def batch_for_devices(batch_size: int, num_devices: int) -> int:
 
 
 def sum_over_split(mesh, split: data.Split, batch_size: int, step_fn, *args, progress=None):
-  """Sums of `step_fn(*args, images, labels, mask)` over `split` in padded batches; when
-  step_fn returns (sums, maps), also the maps of the first batch. `progress(done)` is
-  called after each batch. Returns (host sums, first maps or None)."""
-  totals, first_maps, done = None, None, 0
+  """Host sums of `step_fn(*args, images, labels, mask)` over `split` in padded batches.
+
+  `progress(done)` is called after each batch, once the batch's sums are computed: JAX
+  dispatches asynchronously, so without the wait the progress would time the dispatch,
+  not the work.
+  """
+  totals, done = None, 0
   for images, labels, mask in data.eval_batches(split, batch_size):
-    out = step_fn(*args, *parallel.shard_batch(mesh, images, labels, mask))
-    sums, maps = out if isinstance(out, tuple) else (out, None)
-    if first_maps is None and maps is not None:
-      first_maps = np.asarray(maps)
+    sums = step_fn(*args, *parallel.shard_batch(mesh, images, labels, mask))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     done = min(done + batch_size, len(split))
     if progress:
+      jax.block_until_ready(totals)
       progress(done)
-  return jax.device_get(totals), first_maps
+  return jax.device_get(totals)
 
 
 def evaluate_split(run, eval_step, variables, split: data.Split, prototypes: jax.Array):
   """(metrics, class maps `(C, S, S)`) of `split` under `run`'s objective
   (`Objective.split_metrics`), from the sums of the jitted `run.eval_step()`."""
-  totals, _ = sum_over_split(run.mesh, split, run.eval_batch_size, eval_step, variables, prototypes)
+  totals = sum_over_split(run.mesh, split, run.eval_batch_size, eval_step, variables, prototypes)
   return run.objective.split_metrics(run.model, totals, prototypes)
 
 
@@ -52,16 +52,16 @@ class Progress:
 
   def __init__(self, name: str, total: int):
     self.name, self.total = name, total
-    self.start = self.last = time.time()
+    self.start = self.last_log = self.latest = time.time()
     self.first = None  # (images, time) after the first batch
 
   def __call__(self, done: int) -> None:
-    now = time.time()
+    now = self.latest = time.time()
     if self.first is None:
       self.first = (done, now)
-    if done < self.total and now - self.last < 10:
+    if done < self.total and now - self.last_log < 10:
       return
-    self.last = now
+    self.last_log = now
     rate = self.rate(done, now)
     logging.info(
       '%s: %d/%d images, %.1f img/s, ETA %s',
@@ -73,8 +73,11 @@ class Progress:
     )
 
   def rate(self, done: int | None = None, now: float | None = None) -> float:
-    """Images per second after the first batch (over everything for a single batch)."""
-    done, now = done or self.total, now or time.time()
+    """Images per second after the first batch (over everything for a single batch), at
+    `done` images and time `now`; by default at the last call, so that work done after the
+    loop (e.g. compiling the metrics' reduction) does not count."""
+    done = self.total if done is None else done
+    now = self.latest if now is None else now
     if self.first and done > self.first[0]:
       return (done - self.first[0]) / max(now - self.first[1], 1e-9)
     return done / max(now - self.start, 1e-9)

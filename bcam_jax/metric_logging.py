@@ -5,6 +5,7 @@ import logging as py_logging
 import os
 import time
 
+import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
 
@@ -12,47 +13,64 @@ from bcam_jax import io_utils
 
 
 class MetricLogger:
-  """Writes one JSON line per (step, split) and the same scalars to TensorBoard.
+  """Writes one JSON line per (step, split) to `<workdir>/metrics.jsonl` and the same
+  scalars, plus images and text, to TensorBoard in `<workdir>/tensorboard`.
 
   Only the writing process (process 0 of a multi-process job) writes; the others no-op.
   `resumed_step`: the step a resumed run restarts from. What an earlier session logged past
   it (steps it will replay, and its final test) is dropped from metrics.jsonl and purged
-  from TensorBoard, so every step appears once.
+  from TensorBoard, so every step appears once. `jsonl=False` writes TensorBoard only
+  (eval.py, whose numbers are in its metrics.json).
   """
 
-  def __init__(self, workdir: str, enabled: bool = True, resumed_step: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    enabled: bool = True,
+    resumed_step: int | None = None,
+    jsonl: bool = True,
+  ):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if resumed_step is not None and os.path.exists(path):
-        _drop_records_after(path, resumed_step)
-      self._jsonl = open(path, 'a', encoding='utf-8')
+      if jsonl:
+        path = os.path.join(workdir, 'metrics.jsonl')
+        if resumed_step is not None and os.path.exists(path):
+          _drop_records_after(path, resumed_step)
+        self._jsonl = open(path, 'a', encoding='utf-8')
       self._tb = SummaryWriter(
-        os.path.join(workdir, 'tensorboard'),
+        tensorboard_dir(workdir),
         purge_step=None if resumed_step is None else resumed_step + 1,
       )
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self.enabled:
       return
-    record = {
-      'step': int(step),
-      'split': split,
-      'time': time.time(),
-      **{k: float(v) for k, v in metrics.items()},
-    }
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      record = {
+        'step': int(step),
+        'split': split,
+        'time': time.time(),
+        **{k: float(v) for k, v in metrics.items()},
+      }
+      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.flush()
     for k, v in metrics.items():
       self._tb.add_scalar(f'{split}/{k}', float(v), int(step))
 
   def write_image(self, step: int, tag: str, image) -> None:
-    """A grey (H, W) image in [0, 1] to TensorBoard."""
+    """An image in [0, 1] to TensorBoard: grey (H, W) or RGB (H, W, 3)."""
     if self.enabled:
-      self._tb.add_image(tag, image[None], int(step), dataformats='CHW')
+      image = np.asarray(image)
+      chw = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+      self._tb.add_image(tag, chw, int(step), dataformats='CHW')
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    """Markdown text to TensorBoard's Text tab (e.g. the run's config)."""
+    if self.enabled:
+      self._tb.add_text(tag, text, int(step))
 
   def info(self, message: str) -> None:
     if self.enabled:
@@ -60,8 +78,14 @@ class MetricLogger:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      if self._jsonl is not None:
+        self._jsonl.close()
       self._tb.close()
+
+
+def tensorboard_dir(workdir: str) -> str:
+  """Where `MetricLogger(workdir)` writes its TensorBoard event files."""
+  return os.path.join(workdir, 'tensorboard')
 
 
 def _drop_records_after(path: str, step: int) -> None:
@@ -87,11 +111,47 @@ def format_duration(seconds: float) -> str:
   return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
 
 
+# Path part of a library -> the lowest level of its records that the console shows.
+# TFDS's warnings go too: they come from probing for a prepared copy (e.g. "Variant folder
+# ... has no dataset_info.json" when IDX files are used), whose outcome bcam_jax.data
+# reports itself.
+_LIBRARY_LEVELS = {
+  '/tensorflow_datasets/': py_logging.ERROR,
+  '/orbax/': py_logging.WARNING,
+  '/jax/': py_logging.WARNING,
+  '/jaxlib/': py_logging.WARNING,
+  '/optax/': py_logging.WARNING,
+  '/tensorboardX/': py_logging.WARNING,
+}
+
+
+class _ConsoleFormatter(py_logging.Formatter):
+  """`08:01:12 message` for bcam-jax's own INFO lines; absl's full prefix (level, time,
+  thread, file:line) for everything else, so that warnings and errors say where they
+  come from."""
+
+  def __init__(self, fallback: py_logging.Formatter):
+    super().__init__('%(asctime)s %(message)s', datefmt='%H:%M:%S')
+    self._fallback = fallback
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    own = f'{os.sep}bcam_jax{os.sep}' in record.pathname
+    if own and record.levelno == py_logging.INFO:
+      return super().format(record)
+    return self._fallback.format(record)
+
+
 def quiet_library_logs() -> None:
-  """Hides the INFO chatter of Orbax and TFDS on the console; warnings still show."""
+  """Console set-up of the entry points: hides the chatter of TFDS, and the INFO lines of
+  Orbax, JAX (its backend probing, e.g. 'Unable to initialize backend tpu') and optax,
+  whose warnings still show; bcam-jax's own lines lose absl's 60-character prefix."""
 
   def keep(record: py_logging.LogRecord) -> bool:
-    noisy = any(part in record.pathname for part in ('/orbax/', '/tensorflow_datasets/'))
-    return record.levelno >= py_logging.WARNING or not noisy
+    for part, level in _LIBRARY_LEVELS.items():
+      if part in record.pathname:
+        return record.levelno >= level
+    return True
 
-  logging.get_absl_handler().addFilter(keep)
+  handler = logging.get_absl_handler()
+  handler.addFilter(keep)
+  handler.setFormatter(_ConsoleFormatter(logging.PythonFormatter()))

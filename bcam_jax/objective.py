@@ -208,8 +208,9 @@ class Objective:
     split's class maps `(C, S, S)` in [0, 1].
 
     loss (CE) and accuracy; proto_loss, the mean per-image Prototype Loss; bcam_loss, the
-    Batch-CAM Prototype Loss of the class-averaged maps of the whole split; cam, the term of
-    this objective (one of those two, 0 for 'ce'); total, the objective.
+    Batch-CAM Prototype Loss of the class-averaged maps of the whole split; total, the
+    objective (left out under 'ce', where it equals loss). The CAM term of the objective is
+    proto_loss or bcam_loss, so it has no key of its own.
     """
     counts = totals['class_counts']
     maps_from_sums = explanation_type(model).maps_from_sums
@@ -218,12 +219,10 @@ class Objective:
     metrics = {
       'loss': float(totals['loss_sum']) / count,
       'accuracy': float(totals['correct_sum']) / count,
-      'count': count,
       'proto_loss': float(totals['proto_sum']) / count,
       'bcam_loss': float(batch_cam_loss(class_maps, counts, prototypes, self.metric)),
     }
-    metrics['cam'] = {'ce': 0.0, 'proto': metrics['proto_loss'], 'bcpl': metrics['bcam_loss']}[
-      self.kind
-    ]
-    metrics['total'] = float(self.total(metrics['loss'], metrics['cam']))
+    if self.kind != 'ce':
+      cam_term = metrics['proto_loss' if self.kind == 'proto' else 'bcam_loss']
+      metrics['total'] = float(self.total(metrics['loss'], cam_term))
     return metrics, np.asarray(class_maps)

@@ -16,11 +16,12 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from bcam_jax import conditions, data, evaluation, io_utils, parallel, workdir_lock
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, check_matches_workdir
-from bcam_jax.metric_logging import MetricLogger, format_duration
+from bcam_jax.metric_logging import MetricLogger, format_duration, tensorboard_dir
 from bcam_jax.report import figures
 from bcam_jax.run_setup import setup_run
 
@@ -72,6 +73,9 @@ class Schedule:
 
   @classmethod
   def from_config(cls, train_config, num_train: int) -> 'Schedule':
+    """The run's length: `train_config.num_steps` steps when > 0, else `num_epochs` passes
+    over the training split (`steps_per_epoch` = ceil(num_train / batch_size)). The
+    resolved length is written to `<workdir>/run.json` (`run_length`)."""
     per_epoch = data.steps_per_epoch(num_train, train_config.batch_size)
     total = train_config.num_steps
     return cls(
@@ -92,22 +96,46 @@ class Schedule:
     epoch = (done - 1) // self.steps_per_epoch + 1
     return f'step {done}/{self.total_steps} epoch {epoch}/{epochs}'
 
+  def run_length(self, train_config, num_train: int) -> dict[str, Any]:
+    """What run.json records: the effective length and where it came from (the config
+    holds num_steps = 0 when num_epochs decides)."""
+    return {
+      'total_steps': self.total_steps,
+      'steps_per_epoch': self.steps_per_epoch,
+      'epochs': self.total_steps / self.steps_per_epoch,
+      'set_by': 'train.num_steps' if train_config.num_steps > 0 else 'train.num_epochs',
+      'global_batch_size': train_config.batch_size,
+      'num_train_examples': num_train,
+    }
+
+
+def train_metric_keys(objective, model) -> tuple[str, ...]:
+  """The train step's metrics worth logging under `objective`: loss (the objective) and
+  accuracy, and its terms only when there are several, each only if it can be non-zero:
+  ce, cam (the CAM term, not under 'ce') and penalty (Soft-CAM's ElasticNet, with a
+  Soft-CAM head and a non-zero lambda). Under plain 'ce' the loss is the CE: one key."""
+  terms = ()
+  if objective.kind != 'ce':
+    terms += ('cam',)
+  if model.head_type == 'softcam' and (objective.lambda_l1 or objective.lambda_l2):
+    terms += ('penalty',)
+  return ('loss',) + (('ce',) + terms if terms else ()) + ('accuracy',)
+
 
 class _Window:
-  """Training metrics averaged since the last log line, and the images per second over
-  the time spent training in that window (validation and saving are left out)."""
+  """Training metrics (`keys`) averaged since the last log line, and the images per
+  second over the time spent training in that window (validation and saving are left
+  out)."""
 
-  KEYS = ('loss', 'ce', 'cam', 'penalty', 'accuracy')
-
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
+  def __init__(self, batch_size: int, keys: tuple[str, ...]):
+    self.batch_size, self.keys = batch_size, keys
     self.reset(time.time())
 
   def reset(self, now: float) -> None:
-    self.sums, self.n, self.start = dict.fromkeys(self.KEYS, 0.0), 0, now
+    self.sums, self.n, self.start = dict.fromkeys(self.keys, 0.0), 0, now
 
   def add(self, metrics: dict[str, float]) -> None:
-    for k in self.KEYS:
+    for k in self.keys:
       self.sums[k] += metrics[k]
     self.n += 1
 
@@ -131,12 +159,21 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
   check_matches_workdir(config, workdir)  # before anything is written there
   is_writer = jax.process_index() == 0
   if is_writer:
+    logging.info(
+      'Writing to %s: config.json, run.json, checkpoints/, metrics.jsonl, results.json at '
+      'the end; TensorBoard: tensorboard --logdir %s',
+      workdir,
+      tensorboard_dir(workdir),
+    )
     io_utils.remove_stale_temporaries(workdir)
     io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
   ds, batch = run.datasets, config.train.batch_size
   prototypes = run.prototypes(workdir)
   rows = parallel.process_rows(run.mesh, batch)  # this process's part of every batch
   schedule = Schedule.from_config(config.train, len(ds.train))
+  run_length = schedule.run_length(config.train, len(ds.train))
+  if is_writer:
+    io_utils.write_json(os.path.join(workdir, 'run.json'), run_length)
   tx, learning_rate = run.optimizer(schedule.total_steps)
 
   ckpts = Checkpoints(workdir, keep=config.train.keep_checkpoints)
@@ -145,6 +182,8 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     state, resumed = _restore_or_init(run, ckpts, tx, schedule, workdir)
     start_step = int(state.step)
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
+    logger.write_text(start_step, 'config', _as_markdown_code(config.to_json(indent=2)))
+    logger.write_text(start_step, 'run_length', _as_markdown_code(json.dumps(run_length, indent=2)))
     if resumed:
       logger.info(f'Resumed from {ckpts.latest.directory} at step {start_step}.')
     train_step = run.train_step(tx, learning_rate)
@@ -155,7 +194,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
       f'({schedule.steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.'
     )
 
-    window = _Window(batch)
+    window = _Window(batch, train_metric_keys(run.objective, run.model))
     t_start = time.time()
     pending = None  # (step, device metrics) of the step before, checked one step late
     for step in range(start_step, schedule.total_steps):
@@ -191,6 +230,10 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     summary['train_seconds_this_session'] = time.time() - t_start
     if is_writer:
       io_utils.write_json(os.path.join(workdir, 'results.json'), summary)
+    logger.info(
+      f'Done: {os.path.join(workdir, "results.json")}, metrics.jsonl and checkpoints/ in '
+      f'{workdir}; TensorBoard: tensorboard --logdir {tensorboard_dir(workdir)}'
+    )
     return summary | {'state': state}
   finally:
     ckpts.wait()
@@ -217,12 +260,20 @@ def _restore_or_init(run, ckpts: Checkpoints, tx, schedule: Schedule, workdir: s
   return state, resumed
 
 
+def _as_markdown_code(text: str) -> str:
+  """`text` as a Markdown code block (TensorBoard's Text tab renders Markdown)."""
+  return '\n'.join('    ' + line for line in text.splitlines())
+
+
 def _log_train(logger, schedule: Schedule, done: int, train: dict, steps_per_second: float):
   logger.write(done, 'train', train)
   eta = format_duration((schedule.total_steps - done) / steps_per_second)
+  loss = f'loss {train["loss"]:.4f}'
+  terms = [f'{k} {train[k]:.4f}' for k in ('ce', 'cam', 'penalty') if k in train]
+  if terms:
+    loss += f' ({" ".join(terms)})'
   logger.info(
-    f'{schedule.position(done)} | loss {train["loss"]:.4f} (ce {train["ce"]:.4f} '
-    f'cam {train["cam"]:.4f}) acc {100 * train["accuracy"]:.2f}% | '
+    f'{schedule.position(done)} | {loss} acc {100 * train["accuracy"]:.2f}% | '
     f'lr {train["learning_rate"]:.3g} | {train["images_per_second"]:.0f} img/s | ETA {eta}'
   )
 
@@ -235,9 +286,13 @@ def _validate(run, eval_step, state, prototypes, logger, ckpts: Checkpoints, don
     run, eval_step, variables, run.datasets.val, prototypes
   )
   logger.write(done, 'val', val)
-  logger.write_image(
-    done, 'val/class_cams_vs_prototypes', figures.cams_next_to_prototypes(class_maps, prototypes)
+  image = figures.cams_next_to_prototypes(
+    class_maps,
+    prototypes,
+    run.datasets.info.class_names,
+    f'step {done}: validation prototypes and class-mean maps of the objective',
   )
+  logger.write_image(done, 'val/class_cams_vs_prototypes', image)
   logger.info(
     f'step {done} validation: loss {val["loss"]:.4f} '
     f'accuracy {100 * val["accuracy"]:.2f}% | prototype loss '

@@ -2,18 +2,21 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from bcam_jax import eval_lib, train_lib
+from bcam_jax import data, eval_lib, evaluation, parallel, train_lib
 from bcam_jax.report import markdown
 from tests import synthetic
-from tests.test_train import REPO, tiny_config
+from tests.test_train import REPO, _tensorboard_tags, tiny_config
 
 METHODS = ('grad_cam', 'grad_cam_pp', 'score_cam')
 FILES = (
@@ -59,7 +62,9 @@ def test_eval_py_writes_every_output(trained):
     timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'score_cam: 50/50 images' in proc.stderr  # progress output
+  # Progress lines: a short time stamp, not absl's 60-character prefix.
+  assert re.search(r'^\d\d:\d\d:\d\d score_cam: 50/50 images, [\d.]+ img/s', proc.stderr, re.M)
+  assert not re.search(r'^I\d{4} .* (evaluation|eval_lib|run_setup)\.py:\d+\]', proc.stderr, re.M)
   out = os.path.join(workdir, 'eval')
   for name in FILES:
     assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -98,6 +103,13 @@ def test_eval_py_writes_every_output(trained):
   text = open(os.path.join(out, 'report.md')).read()
   for method in METHODS:
     assert f'| {method} |' in text
+  assert 'Evaluation report in' in proc.stderr and 'eval/tensorboard' in proc.stderr
+  tags = _tensorboard_tags(os.path.join(out, 'tensorboard'))
+  for tag in ('test_best_checkpoint/accuracy', 'score_cam/insertion', 'grad_cam/alignment_l1'):
+    assert tags.get(tag) is False, tag
+  for name in FILES[2:]:
+    assert tags[f'figures/{name.removesuffix(".png")}'] is True, name
+  assert 'report/text_summary' in tags
 
 
 def test_metrics_do_not_depend_on_device_count_or_batch_padding(trained):
@@ -137,3 +149,51 @@ def test_bad_options_fail_clearly(trained):
     eval_lib.evaluate_and_report(
       tiny_config(idx_dir), workdir, eval_lib.EvalOptions(methods=('cam',), num_images=8)
     )
+
+
+def test_progress_times_the_computation_not_the_dispatch():
+  """The progress rate is the rate of the computation: it waits for each batch's sums
+  before it reads the clock (a jitted call returns as soon as it is dispatched)."""
+
+  @jax.jit
+  def step_fn(images, labels, mask):  # about 0.1 s of matrix products per batch
+    x = jnp.full((256, 256), 1e-3) * jnp.sum(mask)
+    x = jax.lax.fori_loop(0, 300, lambda i, x: jnp.tanh(x @ x), x)
+    return {'count': jnp.sum(mask) + 0 * jnp.sum(x)}
+
+  split = data.Split(np.zeros((24, 28, 28, 1), np.uint8), np.zeros((24,), np.int32))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  step_fn(*parallel.shard_batch(mesh, *next(data.eval_batches(split, 4))))  # compiled
+  progress = evaluation.Progress('slow', len(split))
+  start = time.time()
+  sums = evaluation.sum_over_split(mesh, split, 4, step_fn, progress=progress)
+  true_rate = len(split) / (time.time() - start)
+  assert sums['count'] == 24
+  print('RATES', progress.rate(), true_rate)
+  assert progress.rate() == pytest.approx(true_rate, rel=0.5)
+
+
+def test_overlays_show_the_first_misclassified_images():
+  """With overlay_selection='misclassified', overlays.png shows the first test images whose
+  prediction is wrong, found batch by batch."""
+  labels = np.arange(10, dtype=np.int32) % 3
+  predicted = labels.copy()
+  predicted[[3, 7, 8]] += 1  # three errors
+
+  class Stub:  # an explainer whose logits predict `predicted`, image by image
+    image_size = 28
+
+    @staticmethod
+    def logits(variables, pixels):
+      rows = jnp.round(255 * jnp.sum(pixels, axis=(1, 2, 3))).astype(jnp.int32)  # image i: i
+      return jax.nn.one_hot(jnp.asarray(predicted)[rows], 4)
+
+  images = np.zeros((10, 28, 28, 1), np.uint8)
+  images[:, 0, 0, 0] = np.arange(10)
+  split = data.Split(images, labels)
+  pick = lambda **kw: eval_lib._overlay_indices(Stub(), None, split, eval_lib.EvalOptions(**kw), 4)
+  assert pick(num_overlays=2, overlay_selection='misclassified').tolist() == [3, 7]
+  assert pick(num_overlays=5, overlay_selection='misclassified').tolist() == [3, 7, 8]
+  assert pick(num_overlays=2).tolist() == [0, 1]
+  with pytest.raises(ValueError, match="overlay_selection='wrong'"):
+    eval_lib.EvalOptions(overlay_selection='wrong')

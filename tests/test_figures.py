@@ -132,3 +132,27 @@ def test_overlays_shape_mismatch(tmp_path):
     )
   with pytest.raises(ValueError, match=r'predictions: expected shape \(2,\), got \(1,\)'):
     figures.save_overlays(str(tmp_path / 'o.png'), images, {}, [0, 1], [0], NAMES)
+
+
+def test_cams_next_to_prototypes_is_a_labelled_colour_image():
+  """TensorBoard's CAM-vs-prototype image: the figure of save_cam_prototypes (class names,
+  row labels, a jet colorbar) as RGB in [0, 1], not bare grey tiles."""
+  rng = _rng(7)
+  image = figures.cams_next_to_prototypes(
+    rng.random((C, H, W)), rng.random((C, H, W)), NAMES, 'step 5'
+  )
+  assert image.ndim == 3 and image.shape[2] == 3
+  assert image.shape[0] > 2 * H and image.shape[1] > C * W
+  assert 0 <= image.min() and image.max() <= 1
+  assert np.abs(image[..., 0] - image[..., 2]).max() > 0.5  # the colorbar's colours
+
+
+def test_image_grid_title_adds_a_line_above(tmp_path):
+  images = _rng(8).random((C, H, W))
+  (tmp_path / 'a').mkdir()
+  (tmp_path / 'b').mkdir()
+  figures.save_image_grid(str(tmp_path / 'a' / 'g.png'), images, NAMES)
+  figures.save_image_grid(str(tmp_path / 'b' / 'g.png'), images, NAMES, 'class prototypes')
+  plain = _read_png(str(tmp_path / 'a' / 'g.png'))
+  titled = _read_png(str(tmp_path / 'b' / 'g.png'))
+  assert titled.shape[0] > plain.shape[0]

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -62,6 +63,7 @@ def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
   assert result['test_accuracy'] > 0.5  # chance is 0.1
   for name in (
     'config.json',
+    'run.json',
     'results.json',
     'metrics.jsonl',
     'prototypes_train.npy',
@@ -74,7 +76,28 @@ def test_run_learns_and_writes_its_outputs(idx_dir, tmp_path):
   train_steps = [r['step'] for r in records if r['split'] == 'train']
   assert train_steps == [5, 10, 15, 20, 25, 30, 35, 40]
   assert {r['split'] for r in records} == {'train', 'val', 'test'}
-  assert all(r['count'] == 40 for r in records if r['split'] == 'val')
+  # Under plain CE, no key repeats another (loss is the CE) or is always zero.
+  assert {key for r in records if r['split'] == 'train' for key in r} == {
+    'step',
+    'split',
+    'time',
+    'loss',
+    'accuracy',
+    'learning_rate',
+    'images_per_second',
+  }
+  for split in ('val', 'test'):
+    assert {key for r in records if r['split'] == split for key in r} == {
+      'step',
+      'split',
+      'time',
+      'loss',
+      'accuracy',
+      'proto_loss',
+      'bcam_loss',
+    }
+  run_length = json.load(open(os.path.join(workdir, 'run.json')))
+  assert run_length['total_steps'] == 40 and run_length['set_by'] == 'train.num_steps'
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['20', '30', '40']
 
   # eval.py's library function restores the last checkpoint and reproduces the test score.
@@ -100,10 +123,13 @@ def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
   train = [r for r in records if r['split'] == 'train']
   assert train[-1]['ce'] < 0.5 * train[0]['ce']
   assert train[-1]['cam'] < 0.9 * train[0]['cam']
-  assert train[0]['loss'] == pytest.approx(train[0]['ce'] + train[0]['cam'], rel=1e-5)
+  cam_weight = config.loss.lambda_cam
+  assert train[0]['loss'] == pytest.approx(train[0]['ce'] + cam_weight * train[0]['cam'], rel=1e-5)
   val = [r for r in records if r['split'] == 'val']
   assert val[-1]['bcam_loss'] < val[0]['bcam_loss']
-  assert val[-1]['cam'] == val[-1]['bcam_loss']
+  assert 'cam' not in val[-1]  # the CAM term is bcam_loss
+  total = config.loss.lambda_class * val[-1]['loss'] + config.loss.lambda_cam * val[-1]['bcam_loss']
+  assert val[-1]['total'] == pytest.approx(total, rel=1e-5)
 
 
 def _tensorboard_tags(logdir):
@@ -123,6 +149,25 @@ def _tensorboard_tags(logdir):
   return tags
 
 
+def test_train_metrics_leave_out_duplicates_and_zeros():
+  """Under plain CE the loss is the CE (one key); the CAM term and Soft-CAM's ElasticNet
+  are logged only where they can be non-zero."""
+  keys = lambda head, **kw: train_lib.train_metric_keys(
+    objective_lib.Objective(**kw), types.SimpleNamespace(head_type=head)
+  )
+  assert keys('gap', kind='ce') == ('loss', 'accuracy')
+  assert keys('gap', kind='bcpl') == ('loss', 'ce', 'cam', 'accuracy')
+  assert keys('softcam', kind='ce') == ('loss', 'accuracy')
+  assert keys('softcam', kind='ce', lambda_l1=0.1) == ('loss', 'ce', 'penalty', 'accuracy')
+  assert keys('softcam', kind='proto', lambda_l2=0.1) == (
+    'loss',
+    'ce',
+    'cam',
+    'penalty',
+    'accuracy',
+  )
+
+
 def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path):
   config = tiny_config(idx_dir, num_steps=10)
   config.loss.kind = 'proto'
@@ -138,6 +183,7 @@ def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path
   ):
     assert tags.get(tag) is False, tag
   assert tags['val/class_cams_vs_prototypes'] is True
+  assert 'config/text_summary' in tags and 'run_length/text_summary' in tags
 
 
 def test_masked_evaluation_counts_every_example_once(idx_dir):
@@ -162,7 +208,10 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
     grads.append(g[0])
     m = cam.normalize_cam(cam.upsample_cam(cam.weighted_activation(features['cam'][0], g[0]), 28))
     proto.append(float(np.abs(m - prototypes[label]).mean()))
-  assert got['count'] == len(split) == 60
+  sums = evaluation.sum_over_split(
+    run.mesh, split, run.eval_batch_size, run.eval_step(), variables, prototypes
+  )
+  assert sums['count'] == len(split) == 60
   assert got['accuracy'] == pytest.approx(np.mean(correct))
   assert got['loss'] == pytest.approx(np.mean(losses), rel=1e-5)
   assert got['proto_loss'] == pytest.approx(np.mean(proto), rel=1e-4)

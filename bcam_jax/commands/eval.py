@@ -1,8 +1,10 @@
 """Evaluates a trained workdir on the test set and writes `<workdir>/eval/`: metrics.json,
-report.md and the figures (confusion, CAM prototypes, error prototypes, overlays).
+report.md, the figures (confusion, CAM prototypes, error prototypes, overlays) and the same
+in TensorBoard (`<workdir>/eval/tensorboard`).
 
   bcam-eval --config=<config> --workdir=<dir> [--checkpoint=last]
       [--methods=grad_cam,grad_cam_pp,score_cam,evidence] [--num_images=1000]
+      [--overlay_selection=misclassified]
 
 The config is the one used for training (with the same overrides): a packaged name or a file,
 as for bcam-train. In a clone, `python eval.py` is the same command.
@@ -58,6 +60,12 @@ _SCORE_CAM_CHUNK = flags.DEFINE_integer(
 _NUM_OVERLAYS = flags.DEFINE_integer(
   'num_overlays', _DEFAULTS.num_overlays, 'Test images shown in overlays.png.'
 )
+_OVERLAY_SELECTION = flags.DEFINE_enum(
+  'overlay_selection',
+  _DEFAULTS.overlay_selection,
+  list(eval_lib.OVERLAY_SELECTIONS),
+  'Which test images overlays.png shows: the first ones or the first misclassified ones.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -75,6 +83,7 @@ def main(argv):
     batch_size=_BATCH_SIZE.value,
     score_cam_chunk=_SCORE_CAM_CHUNK.value,
     num_overlays=_NUM_OVERLAYS.value,
+    overlay_selection=_OVERLAY_SELECTION.value,
   )
   eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
 

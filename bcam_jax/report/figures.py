@@ -14,12 +14,19 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
 from bcam_jax import io_utils
 
 PANEL_INCHES = 1.6
+DPI = 100
+# Points at the saved 100 dpi: 9 pt is about 12 px, the smallest text a reader of the PNG
+# reads without zooming. Every panel title and label uses it.
+LABEL_FONTSIZE = 9
 
 
 def _check_shape(name: str, array: np.ndarray, expected: tuple[int | None, ...]) -> None:
@@ -46,9 +53,20 @@ def _no_ticks(ax: Axes) -> None:
   ax.set_yticks([])
 
 
+def _cam_colorbar(fig: Figure, axes: np.ndarray) -> None:
+  """One colorbar beside the CAM panels `axes` (a row or a block of rows, all drawn with
+  the jet colormap on [0, 1]), so a reader knows what a colour means; opaque even where
+  the panels blend the map over an image."""
+  rows = np.atleast_2d(axes).shape[0]
+  mappable = ScalarMappable(Normalize(0, 1), cmap='jet')
+  bar = fig.colorbar(mappable, ax=axes, shrink=min(0.9, 2.5 / rows), aspect=12, pad=0.01)
+  bar.set_label('CAM (0-1)', fontsize=LABEL_FONTSIZE)
+  bar.ax.tick_params(labelsize=LABEL_FONTSIZE - 1)
+
+
 def _save(path: str, fig: Figure) -> None:
   """Writes `fig` to `path` as a PNG, atomically."""
-  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
+  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=DPI))
 
 
 def save_confusion(path: str, confusion, class_names: Sequence[str]) -> None:
@@ -97,30 +115,53 @@ def save_cam_prototypes(
   Reproduces Figs 2-5 of the Batch-CAM paper. A class with no averaged images gets a blank
   CAM panel titled "n=0", since its mean CAM is undefined.
   """
+  _save(path, _cam_prototypes_figure(prototypes, mean_cams, counts, class_names, title))
+
+
+def cams_next_to_prototypes(
+  class_cams, prototypes, class_names: Sequence[str], title: str
+) -> np.ndarray:
+  """The figure of `save_cam_prototypes` (class names, row labels, colorbar; no counts) as
+  an RGB (H, W, 3) image in [0, 1], for TensorBoard."""
+  fig = _cam_prototypes_figure(prototypes, class_cams, None, class_names, title)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  return np.asarray(canvas.buffer_rgba())[..., :3] / 255.0
+
+
+def _cam_prototypes_figure(
+  prototypes, mean_cams, counts, class_names: Sequence[str], title: str
+) -> Figure:
+  """Prototypes on top, mean CAMs below (titled n=count unless `counts` is None)."""
   prototypes = np.asarray(prototypes)
   mean_cams = np.asarray(mean_cams)
-  counts = np.asarray(counts)
   num_classes = len(class_names)
   _check_shape('prototypes', prototypes, (num_classes, None, None))
   _check_shape('mean_cams', mean_cams, prototypes.shape)
-  _check_shape('counts', counts, (num_classes,))
+  if counts is not None:
+    counts = np.asarray(counts)
+    _check_shape('counts', counts, (num_classes,))
   fig = Figure(
-    figsize=(PANEL_INCHES * num_classes + 0.6, 2 * PANEL_INCHES + 0.5), layout='constrained'
+    figsize=(PANEL_INCHES * num_classes + 1.4, 2 * PANEL_INCHES + 0.5),
+    dpi=DPI,
+    layout='constrained',
   )
   axes = fig.subplots(2, num_classes, squeeze=False)
   for c in range(num_classes):
     top, bottom = axes[0, c], axes[1, c]
     top.imshow(prototypes[c], cmap='gray', vmin=0, vmax=1)
-    top.set_title(str(class_names[c]), fontsize=9)
-    if counts[c] > 0:
+    top.set_title(str(class_names[c]), fontsize=LABEL_FONTSIZE)
+    if counts is None or counts[c] > 0:
       bottom.imshow(mean_cams[c], cmap='jet', vmin=0, vmax=1)
-    bottom.set_title(f'n={counts[c]:g}', fontsize=9)
+    if counts is not None:
+      bottom.set_title(f'n={counts[c]:g}', fontsize=LABEL_FONTSIZE)
     _no_ticks(top)
     _no_ticks(bottom)
   axes[0, 0].set_ylabel('prototype')
   axes[1, 0].set_ylabel('mean CAM')
+  _cam_colorbar(fig, axes[1, :])
   fig.suptitle(title)
-  _save(path, fig)
+  return fig
 
 
 def save_error_prototypes(
@@ -152,30 +193,40 @@ def save_error_prototypes(
   _check_classes('pairs', np.array([pair[:2] for pair in pairs]), num_classes)
   _check_shape('mean_cams', mean_cams, (len(pairs),) + prototypes.shape[1:])
   fig = Figure(
-    figsize=(PANEL_INCHES * len(pairs) + 0.6, 3 * PANEL_INCHES + 0.5), layout='constrained'
+    figsize=(PANEL_INCHES * len(pairs) + 1.4, 3 * PANEL_INCHES + 1.0), layout='constrained'
   )
   axes = fig.subplots(3, len(pairs), squeeze=False)
   for i, (true, pred, count) in enumerate(pairs):
     axes[0, i].imshow(prototypes[true], cmap='gray', vmin=0, vmax=1)
     axes[1, i].imshow(prototypes[pred], cmap='gray', vmin=0, vmax=1)
     axes[2, i].imshow(mean_cams[i], cmap='jet', vmin=0, vmax=1)
-    axes[0, i].set_title(f'{class_names[true]} -> {class_names[pred]} (n={count})', fontsize=6)
+    axes[0, i].set_title(f'true {class_names[true]}', fontsize=LABEL_FONTSIZE)
+    axes[1, i].set_title(f'predicted {class_names[pred]}', fontsize=LABEL_FONTSIZE)
+    axes[2, i].set_title(f'{count} images', fontsize=LABEL_FONTSIZE)
     for ax in axes[:, i]:
       _no_ticks(ax)
   axes[0, 0].set_ylabel('true prototype')
   axes[1, 0].set_ylabel('predicted prototype')
   axes[2, 0].set_ylabel('mean CAM')
+  _cam_colorbar(fig, axes[2, :])
   fig.suptitle(title)
   _save(path, fig)
 
 
 def save_overlays(
-  path: str, images, maps: Mapping[str, Any], labels, predictions, class_names: Sequence[str]
+  path: str,
+  images,
+  maps: Mapping[str, Any],
+  labels,
+  predictions,
+  class_names: Sequence[str],
+  title: str = '',
 ) -> None:
   """Writes each image next to every method's saliency map overlaid on it.
 
   One row per image, one column per method, so methods compare side by side on the same
-  examples; the first column names the true and predicted class.
+  examples; the first column names the true and predicted class, in red when they differ.
+  `title` (optional) says which images these are, e.g. the first or the misclassified ones.
   """
   images = np.asarray(images)
   maps = {name: np.asarray(m) for name, m in maps.items()}
@@ -192,20 +243,27 @@ def save_overlays(
   _check_classes('labels', labels, len(class_names))
   _check_classes('predictions', predictions, len(class_names))
   cols = 1 + len(maps)
-  fig = Figure(figsize=(PANEL_INCHES * cols, PANEL_INCHES * n + 0.3), layout='constrained')
+  fig = Figure(figsize=(PANEL_INCHES * cols + 1.0, PANEL_INCHES * n + 0.6), layout='constrained')
   axes = fig.subplots(n, cols, squeeze=False)
   for i in range(n):
     axes[i, 0].imshow(images[i], cmap='gray', vmin=0, vmax=1)
+    wrong = labels[i] != predictions[i]
     axes[i, 0].set_title(
-      f'true {class_names[labels[i]]} / pred {class_names[predictions[i]]}', fontsize=6
+      f'true {class_names[labels[i]]}\npred {class_names[predictions[i]]}',
+      fontsize=LABEL_FONTSIZE,
+      color='tab:red' if wrong else 'black',
     )
     for j, (name, m) in enumerate(maps.items(), start=1):
       axes[i, j].imshow(images[i], cmap='gray', vmin=0, vmax=1)
       axes[i, j].imshow(m[i], cmap='jet', alpha=0.5, vmin=0, vmax=1)
       if i == 0:
-        axes[i, j].set_title(name, fontsize=9)
+        axes[i, j].set_title(name, fontsize=LABEL_FONTSIZE + 1)
     for ax in axes[i]:
       _no_ticks(ax)
+  if maps:
+    _cam_colorbar(fig, axes[:, 1:])
+  if title:
+    fig.suptitle(title)
   _save(path, fig)
 
 
@@ -229,8 +287,9 @@ def save_stacked(path: str, image_paths: Sequence[str], titles: Sequence[str]) -
   _save(path, fig)
 
 
-def save_image_grid(path: str, images, titles) -> None:
-  """Writes a PNG grid (up to 5 columns), one grey panel per image with its title.
+def save_image_grid(path: str, images, titles, title: str = '') -> None:
+  """Writes a PNG grid (up to 5 columns), one grey panel per image with its title, under
+  the figure's `title` when given (e.g. what the prototypes are the mean of).
 
   `images` is (K, H, W) or (K, H, W, 1); each panel is scaled to its own range.
   The file is written atomically.
@@ -242,19 +301,13 @@ def save_image_grid(path: str, images, titles) -> None:
     raise ValueError(f'{len(images)} images but {len(titles)} titles.')
   cols = min(len(images), 5)
   rows = math.ceil(len(images) / cols)
-  fig = Figure(figsize=(2 * cols, 2.2 * rows))
+  fig = Figure(figsize=(2 * cols, 2.2 * rows + (0.4 if title else 0)), layout='constrained')
   axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.flat:
     ax.axis('off')
-  for ax, image, title in zip(axes.flat, images, titles):
+  for ax, image, panel_title in zip(axes.flat, images, titles):
     ax.imshow(image, cmap='gray')
-    ax.set_title(str(title), fontsize=9)
-  fig.tight_layout()
-  io_utils.atomic_write(path, lambda f: fig.savefig(f, format='png', dpi=100))
-
-
-def cams_next_to_prototypes(class_cams: np.ndarray, prototypes) -> np.ndarray:
-  """An (2S, C*S) grey image: prototypes on top, the class CAMs below them."""
-  top = np.concatenate(list(np.asarray(prototypes)), axis=1)
-  bottom = np.concatenate(list(np.asarray(class_cams)), axis=1)
-  return np.clip(np.concatenate([top, bottom], axis=0), 0.0, 1.0)
+    ax.set_title(str(panel_title), fontsize=LABEL_FONTSIZE)
+  if title:
+    fig.suptitle(title)
+  _save(path, fig)

@@ -72,7 +72,23 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
     '',
     '![error prototypes](error_prototypes.png)',
     '',
+  ]
+  lines += _overlays_section(result)
+  return '\n'.join(lines)
+
+
+def _overlays_section(result: dict[str, Any]) -> list[str]:
+  """overlays.png under a caption naming its images (the first or the misclassified test
+  images, by index), or why there is none."""
+  shown = result.get('overlay_images', [])
+  selection = result.get('overlay_selection', 'first')
+  if not shown:
+    return ['No overlays.png: `num_overlays` is 0, or no test image is misclassified.', '']
+  indices = ', '.join(str(i) for i in shown)
+  return [
+    f'Saliency maps of the {selection} test images (indices {indices}); a red title marks a '
+    'misclassified image:',
+    '',
     '![overlays](overlays.png)',
     '',
   ]
-  return '\n'.join(lines)
