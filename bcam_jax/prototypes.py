@@ -82,6 +82,8 @@ def load_or_compute_prototypes(
         io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
         logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
     if write and not os.path.exists(png):
-      figures.save_image_grid(png, protos, titles)
+      figures.save_image_grid(
+        png, protos, titles, f'{info.name} {split_name} prototypes: mean image of each class'
+      )
     result[split_name] = protos
   return result
