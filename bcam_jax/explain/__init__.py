@@ -1,8 +1,9 @@
 """Post-hoc explanation of a trained classifier: saliency maps by method name for any named
 layer, under jit, and their faithfulness.
 
-  layers        `layer_features`: a named layer's features and the rest of the network
-                as a function of them, so every gradient method explains any layer.
+  layers        a layer of any model (ours, Flax linen, Flax NNX, a pair of pure functions)
+                as features plus the rest of the network as a function of them, so every
+                gradient method explains any layer of any model.
   methods       the method registry (`REGISTRY`, `METHODS`): name -> pure function giving
                 the maps, with what it needs of the model (`check_applicable`).
   explainer     `Explainer`: a model with its input normalisation, mapping [0, 1] pixels
@@ -15,8 +16,15 @@ without it.
 """
 
 from bcam_jax.explain import faithfulness
-from bcam_jax.explain.explainer import TARGETS, Explainer
-from bcam_jax.explain.layers import layer_features
+from bcam_jax.explain.explainer import TARGETS, Explainer, TargetSpec
+from bcam_jax.explain.layers import (
+  CamModel,
+  FunctionsModel,
+  LinenModel,
+  NNXModel,
+  layer_features,
+  token_grid,
+)
 from bcam_jax.explain.methods import (
   METHODS,
   REGISTRY,
@@ -30,11 +38,17 @@ __all__ = [
   'METHODS',
   'REGISTRY',
   'TARGETS',
+  'CamModel',
   'Explainer',
+  'FunctionsModel',
+  'LinenModel',
   'Method',
+  'NNXModel',
+  'TargetSpec',
   'check_applicable',
   'check_methods',
   'default_methods',
   'faithfulness',
   'layer_features',
+  'token_grid',
 ]

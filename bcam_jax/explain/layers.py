@@ -1,27 +1,228 @@
-"""A named layer of a model as features plus the rest of the network as a function of them.
+"""A named layer of any model as features plus the rest of the network as a function of them.
 
 Every gradient method of `bcam_jax.cam` takes a layer's features `A` and a per-sample
-`head_fn` mapping `A` to logits; `layer_features` builds both for the CAM layer or for any
-other key of the backbone's features dict.
+`head_fn` mapping `A` to logits. The classes here build both, with no change to the model,
+for each kind of model a JAX user has:
+
+  CamModel        our `bcam_jax.models` classifiers: the CAM layer 'cam' through the model's
+                  own backbone and head (the fast path), any stage of the features dict through
+                  Flax perturbations, any other submodule by module path as `LinenModel` does.
+  LinenModel      any Flax linen module; the layer is a submodule's path, '/'-joined
+                  (`'Conv_1'`, `'backbone/stage4'`), its `__call__` output intercepted with
+                  `nn.intercept_methods`.
+  NNXModel        any Flax NNX module; the layer is an attribute path (`'conv2'`,
+                  `'blocks.3'`, `'encoder.layers.11'`), its call wrapped on a merged copy.
+  FunctionsModel  a pair of pure functions `features_fn(variables, x)` and
+                  `head_fn(variables, a)`.
+
+Each has `logits(variables, x)`, `features(variables, x, layer) -> (A, head_fn)`, `layers`
+(the valid layer names with their output shapes), `class_weights(variables)` (for CAM) and
+`label()`. For a layer inside the model, `head_fn(a)` runs the whole model with the layer's
+output replaced by `a`, so its value at `a = A` is the model's logits and its VJP there is
+d logits / d layer; that is per sample when the model has no batch coupling (evaluation
+mode: BatchNorm with running averages, no dropout).
 """
 
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
 import jax
-from flax import traverse_util
+import jax.numpy as jnp
+from flax import nnx, traverse_util
 
 from bcam_jax import models
 
+# An array or token layer has a batch axis and at least two more: NHWC maps or (N, L, D).
+_MIN_LAYER_NDIM = 3
+
+
+def _logits_of(output) -> jax.Array:
+  """The logits in a model's output: itself, or the first element of a tuple or list
+  (big_vision's `(logits, out_dict)`, our models' `(logits, features)`)."""
+  return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _unknown_layer(layer: str, model_label: str, shapes: dict[str, tuple]) -> ValueError:
+  valid = ', '.join(f'{name} {shape}' for name, shape in shapes.items())
+  return ValueError(f'layer {layer!r} is not a layer of {model_label}; valid: {valid}')
+
+
+def _called_once(layer: str, model_label: str, outputs: list) -> jax.Array:
+  if len(outputs) != 1:
+    raise ValueError(
+      f'layer {layer!r} of {model_label} is called {len(outputs)} times in one forward '
+      'pass; explain a layer that is called once'
+    )
+  return outputs[0]
+
+
+def repeat_to(values, batch: int):
+  """`values` `(N, ...)` repeated sample-major to `batch` rows (`jnp.repeat`), for a head
+  given `batch = N * k` feature sets with sample i's k sets contiguous (Ablation-CAM); the
+  values themselves when `batch == N`."""
+  if values is None or values.shape[0] == batch:
+    return values
+  if batch % values.shape[0]:
+    raise ValueError(f'a batch of {batch} feature sets is not a multiple of {values.shape[0]}')
+  return jnp.repeat(values, batch // values.shape[0], axis=0)
+
+
+def _replaced_layer_head(run, x, layer_value: jax.Array):
+  """head_fn(a) = run(x, a - A + output): the model with the layer's output moved to `a`.
+
+  Adding `a - stop_gradient(A)` to the output (rather than substituting `a`) keeps the
+  computation identical to the plain forward pass at `a = A`. Given `N * k` feature sets
+  (sample-major), the inputs are repeated to match, so the rest of the network, skip
+  connections included, sees each sample's own earlier activations.
+  """
+  anchor = jax.lax.stop_gradient(layer_value)
+
+  def head_fn(a):
+    delta = a - repeat_to(anchor, a.shape[0])
+    return run(repeat_to(x, a.shape[0]), lambda out: out + delta.astype(out.dtype))
+
+  return head_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenModel:
+  """Any Flax linen module, explained at a submodule given by its '/'-joined path.
+
+  module: the model; `module.apply(variables, x, **apply_kwargs)` gives its output.
+  apply_kwargs: e.g. `{'train': False}` for evaluation mode.
+  output: the logits from the output (default: the output itself, or its first element
+    when it is a tuple or list).
+  default_layer: the layer explained when the explainer names none.
+  """
+
+  module: nn.Module
+  apply_kwargs: dict = dataclasses.field(default_factory=dict)
+  output: Callable | None = None
+  default_layer: str | None = None
+
+  def label(self) -> str:
+    return type(self.module).__name__
+
+  def _logits(self, output) -> jax.Array:
+    return (self.output or _logits_of)(output)
+
+  def logits(self, variables, x: jax.Array) -> jax.Array:
+    return self._logits(self.module.apply(variables, x, **self.apply_kwargs))
+
+  def _run(self, variables, x, layer: str, edit=None, seen=None) -> jax.Array:
+    """The logits with the layer's output passed through `edit`, each output recorded."""
+
+    active = []  # a module's __call__ calling its parent class's (nn.SelfAttention) is one call
+
+    def interceptor(next_fun, args, kwargs, context):
+      if context.method_name != '__call__' or '/'.join(context.module.path) != layer or active:
+        return next_fun(*args, **kwargs)
+      active.append(layer)
+      out = next_fun(*args, **kwargs)
+      active.pop()
+      if seen is not None:
+        seen.append(out)
+      return out if edit is None else edit(out)
+
+    with nn.intercept_methods(interceptor):
+      return self.logits(variables, x)
+
+  def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
+    """{path: output shape} of every submodule whose output is an NHWC or token array, in
+    call order (shape inference only)."""
+    shapes = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      path = '/'.join(context.module.path)
+      is_layer = isinstance(out, jax.Array) and out.ndim >= _MIN_LAYER_NDIM
+      if context.method_name == '__call__' and path and is_layer:
+        shapes.setdefault(path, tuple(out.shape))
+      return out
+
+    with nn.intercept_methods(interceptor):
+      jax.eval_shape(lambda v, inputs: self.logits(v, inputs), variables, x)
+    return shapes
+
+  def features(self, variables, x: jax.Array, layer: str):
+    layer = layer if layer is not None else self.default_layer
+    seen = []
+    self._run(variables, x, layer, seen=seen)
+    if not seen:
+      raise _unknown_layer(layer, self.label(), self.layers(variables, x))
+    value = _called_once(layer, self.label(), seen)
+    run = lambda inputs, edit: self._run(variables, inputs, layer, edit)
+    return value, _replaced_layer_head(run, x, value)
+
+  def class_weights(self, variables):
+    raise ValueError(
+      f'CAM needs the class weights of our models; for {self.label()} use grad_cam '
+      '(equal to CAM up to scale for a global-average-pool + dense head)'
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CamModel(LinenModel):
+  """One of our `bcam_jax.models` classifiers. Layer 'cam' (the default) goes through the
+  model's backbone and per-sample head; a stage of the features dict ('stage2', ...) through
+  the model's Flax perturbations; any other submodule path as `LinenModel`."""
+
+  default_layer: str | None = 'cam'
+
+  def label(self) -> str:
+    return self.module.label()
+
+  def logits(self, variables, x: jax.Array) -> jax.Array:
+    # A `perturbations` collection from `model.init` is sized to the init batch.
+    return self.module.apply(_without_perturbations(variables), x, **self.apply_kwargs)[0]
+
+  def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
+    stages = jax.eval_shape(
+      functools.partial(self.module.apply, method='backbone'),
+      _without_perturbations(variables),
+      x,
+    )
+    shapes = {k: tuple(v.shape) for k, v in stages.items() if v.ndim >= _MIN_LAYER_NDIM}
+    return shapes | super().layers(variables, x)
+
+  def features(self, variables, x: jax.Array, layer: str | None):
+    layer = layer if layer is not None else self.default_layer
+    if layer != 'cam':
+      stages = jax.eval_shape(
+        functools.partial(self.module.apply, method='backbone'),
+        _without_perturbations(variables),
+        x,
+      )
+      if layer not in stages:
+        return super().features(variables, x, layer)
+    return layer_features(self.module, variables, x, layer)
+
+  def class_weights(self, variables):
+    return self.module.class_weights(variables['params'])
+
+
+def _without_perturbations(variables) -> dict:
+  return {k: v for k, v in variables.items() if k != 'perturbations'}
+
 
 def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
-  """(features of `layer` `(N, h, w, K)`, head_fn mapping them to logits `(N, C)`).
+  """(features of `layer` `(N, h, w, K)`, head_fn mapping them to logits `(N, C)`) for one
+  of our models: 'cam' or a stage name of its features dict.
 
-  For 'cam' head_fn is the model's head. For another layer it runs the whole model with
-  `a - A` added at that layer through Flax perturbations, so its value is the model's
-  logits at a = A and its VJP there is d logits / d layer, per sample (evaluation mode has
-  no batch coupling).
+  For 'cam' head_fn is the model's head. For another stage it runs the whole model with
+  `a - A` added at that stage through Flax perturbations, so its value is the model's
+  logits at a = A and its VJP there is d logits / d layer, per sample.
   """
+  variables = _without_perturbations(variables)
   if layer == 'cam':
     features = model.apply(variables, x, method='backbone')
-    return features['cam'], models.head_fn(model, variables, features)
+    query = features.get('ca_query')  # CA-Stream's per-sample input of the head
+    head = lambda a: model.apply(variables, a, repeat_to(query, a.shape[0]), method='head')
+    return features['cam'], head
   features, state = model.apply(variables, x, method='backbone', mutable=['perturbations'])
   zeros = traverse_util.flatten_dict(state.get('perturbations', {}))
   keys = [k for k in zeros if k[-1] == layer]
@@ -33,7 +234,183 @@ def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
   anchor = jax.lax.stop_gradient(features[layer])
 
   def head_fn(a):
-    perturbations = traverse_util.unflatten_dict(zeros | {keys[0]: a - anchor})
-    return model.apply(variables | {'perturbations': perturbations}, x)[0]
+    batch = a.shape[0]
+    zeros_b = {k: repeat_to(v, batch) for k, v in zeros.items()}
+    perturbations = traverse_util.unflatten_dict(zeros_b | {keys[0]: a - repeat_to(anchor, batch)})
+    return model.apply(variables | {'perturbations': perturbations}, repeat_to(x, batch))[0]
 
   return features[layer], head_fn
+
+
+def _resolve(module, path: str):
+  """(parent, key) of the attribute path 'a.b.3.c' on an NNX module; None if absent."""
+  *parents, last = path.split('.')
+  node = module
+  try:
+    for part in parents:
+      node = node[int(part)] if part.isdigit() else getattr(node, part)
+    if last.isdigit():
+      node[int(last)]
+    else:
+      getattr(node, last)
+  except (AttributeError, IndexError, KeyError, TypeError):
+    return None
+  return node, last
+
+
+class _Tap:
+  """Stands in for an NNX submodule on a merged copy: calls it and passes its output to
+  `edit`."""
+
+  def __init__(self, inner, edit):
+    self.inner, self.edit = inner, edit
+
+  def __call__(self, *args, **kwargs):
+    return self.edit(self.inner(*args, **kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class NNXModel:
+  """Any Flax NNX module, explained at a submodule given by its attribute path.
+
+  Variables are the module's state: `adapter, state = NNXModel.split(model)` (call
+  `model.eval()` first for evaluation mode). Each call merges a fresh copy, so the user's
+  module is never changed.
+  """
+
+  graphdef: Any
+  output: Callable | None = None
+  default_layer: str | None = None
+  name: str = 'NNX model'
+
+  @classmethod
+  def split(cls, module, **kwargs) -> tuple['NNXModel', Any]:
+    """(adapter, state) of an NNX module; kwargs as the fields (output, default_layer)."""
+    graphdef, state = nnx.split(module)
+    return cls(graphdef, name=type(module).__name__, **kwargs), state
+
+  def label(self) -> str:
+    return self.name
+
+  def _logits(self, output) -> jax.Array:
+    return (self.output or _logits_of)(output)
+
+  def logits(self, variables, x: jax.Array) -> jax.Array:
+    return self._logits(nnx.merge(self.graphdef, variables)(x))
+
+  def _run(self, variables, x, layer: str, edit) -> jax.Array:
+    module = nnx.merge(self.graphdef, variables)
+    found = _resolve(module, layer)
+    if found is None:
+      raise _unknown_layer(layer, self.label(), self.layers(variables, x))
+    parent, key = found
+    if key.isdigit():
+      parent[int(key)] = _Tap(parent[int(key)], edit)
+    else:
+      setattr(parent, key, _Tap(getattr(parent, key), edit))
+    return self._logits(module(x))
+
+  def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
+    """{attribute path: output shape} of every submodule whose output is an NHWC or token
+    array (shape inference only)."""
+    module = nnx.merge(self.graphdef, variables)
+    paths = ['.'.join(str(p) for p in path) for path, _ in nnx.iter_modules(module) if path]
+    shapes = {}
+    for path in paths:
+      seen = []
+
+      def record(out, seen=seen):
+        seen.append(out)
+        return out
+
+      try:
+        jax.eval_shape(lambda v, inputs, p=path, r=record: self._run(v, inputs, p, r), variables, x)
+      except Exception:  # noqa: BLE001 - a container that is not called like a layer
+        continue
+      if len(seen) == 1 and isinstance(seen[0], jax.Array) and seen[0].ndim >= _MIN_LAYER_NDIM:
+        shapes[path] = tuple(seen[0].shape)
+    return shapes
+
+  def features(self, variables, x: jax.Array, layer: str | None):
+    layer = layer if layer is not None else self.default_layer
+    seen = []
+
+    def record(out):
+      seen.append(out)
+      return out
+
+    self._run(variables, x, layer, record)
+    value = _called_once(layer, self.label(), seen)
+    run = lambda inputs, edit: self._run(variables, inputs, layer, edit)
+    return value, _replaced_layer_head(run, x, value)
+
+  def class_weights(self, variables):
+    raise ValueError(f'CAM needs the class weights of our models; for {self.label()} use grad_cam')
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionsModel:
+  """A model given as two pure functions: `features_fn(variables, x)` -> the explained
+  layer's features (NHWC or tokens), `head_fn(variables, a)` -> logits, per sample."""
+
+  features_fn: Callable
+  head_fn: Callable
+  default_layer: str | None = 'features'
+
+  def label(self) -> str:
+    return f'FunctionsModel({getattr(self.features_fn, "__name__", "features_fn")})'
+
+  def logits(self, variables, x: jax.Array) -> jax.Array:
+    return self.head_fn(variables, self.features_fn(variables, x))
+
+  def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
+    return {'features': tuple(jax.eval_shape(self.features_fn, variables, x).shape)}
+
+  def features(self, variables, x: jax.Array, layer: str | None):
+    if layer not in (None, 'features'):
+      raise _unknown_layer(layer, self.label(), self.layers(variables, x))
+    return self.features_fn(variables, x), functools.partial(self.head_fn, variables)
+
+  def class_weights(self, variables):
+    raise ValueError(f'CAM needs the class weights of our models; for {self.label()} use grad_cam')
+
+
+def as_explained_model(model):
+  """The adapter for `model`: one of ours -> CamModel, a linen module -> LinenModel, an NNX
+  module -> NNXModel (its state then comes with it, see `Explainer`), an adapter as is."""
+  if isinstance(model, models.CamClassifier):
+    return CamModel(model)
+  if isinstance(model, nn.Module):
+    return LinenModel(model)
+  if isinstance(model, LinenModel | NNXModel | FunctionsModel) or hasattr(model, 'features'):
+    return model
+  raise TypeError(
+    f'cannot explain a {type(model).__name__}: give a Flax linen or NNX module, one of '
+    'bcam_jax.models, or explain.FunctionsModel(features_fn, head_fn)'
+  )
+
+
+def token_grid(tokens: jax.Array, head_fn, prefix_tokens: int = 1):
+  """ViT token features `(N, L, D)` as an NHWC map and the head on it.
+
+  The first `prefix_tokens` tokens (the class token, and any register tokens) are dropped
+  from the map and held fixed in the head; the other `L - prefix_tokens` must be a square
+  grid of patches in row-major order, as a ViT's patch embedding makes them. Returns
+  (grid `(N, s, s, D)`, head_fn on grids), the reshape pytorch-grad-cam asks its users to
+  write as `reshape_transform`.
+  """
+  n, length, dim = tokens.shape
+  side = math.isqrt(max(length - prefix_tokens, 0))
+  if side * side != length - prefix_tokens or side == 0:
+    raise ValueError(
+      f'token features of shape {tokens.shape} with prefix_tokens={prefix_tokens} leave '
+      f'{length - prefix_tokens} patch tokens, not a square grid; set prefix_tokens to the '
+      'number of class and register tokens before the patches'
+    )
+  prefix = tokens[:, :prefix_tokens]
+
+  def grid_head(a):
+    patches = a.reshape(a.shape[0], side * side, dim)
+    return head_fn(jnp.concatenate([repeat_to(prefix, a.shape[0]), patches], axis=1))
+
+  return tokens[:, prefix_tokens:].reshape(n, side, side, dim), grid_head

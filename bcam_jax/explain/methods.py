@@ -1,10 +1,11 @@
 """The saliency methods by name: a registry from name to how the method gets its maps.
 
-Each method is a pure function `maps(explainer, variables, pixels, targets)` returning
-non-negative maps `(N, h, w)` at the explained layer's resolution for [0, 1] pixels
-`(N, S, S, C)` and target classes `(N,)`. The post-hoc methods explain the explainer's
-layer through `explainer.features` (its features and the rest of the network as a
-function of them) and a map function of `bcam_jax.cam`; the built-in ones read what the
+Each method is a pure function `maps(explainer, variables, pixels, targets, layer)`
+returning non-negative maps `(N, h, w)` at the layer's resolution for [0, 1] pixels
+`(N, S, S, C)` and targets (class indices `(N,)` or a per-sample callable on the logits).
+The post-hoc methods explain the layer through `explainer.features` (its features and the
+rest of the network as a function of them) and a map function of `bcam_jax.cam` (only its
+weighting rule differs from one method to the next); the built-in ones read what the
 model computes in its forward pass (Soft-CAM's evidence, CA-Stream's attention). A new
 method is one such function plus one `REGISTRY` entry.
 """
@@ -15,13 +16,15 @@ from typing import Any
 
 import jax
 
-from bcam_jax import cam
+from bcam_jax import cam, models
+from bcam_jax.explain import layers
 from bcam_jax.models import heads
 
-# (explainer, variables, pixels, targets) -> maps (N, h, w); the explainer is an
-# `explain.Explainer` (model, input normalisation, layer, options).
-MapsFn = Callable[[Any, Any, jax.Array, jax.Array], jax.Array]
-# (model, variables) -> None; ValueError when the model cannot give the method.
+# (explainer, variables, pixels, targets, layer) -> maps (N, h, w); the explainer is an
+# `explain.Explainer` (model adapter, input normalisation, options), targets class indices
+# `(N,)` or a per-sample callable on the logits.
+MapsFn = Callable[[Any, Any, jax.Array, Any, Any], jax.Array]
+# (adapter, variables) -> None; ValueError when the model cannot give the method.
 CheckFn = Callable[[Any, Any], None]
 
 
@@ -30,8 +33,9 @@ class Method:
   """One registered method.
 
   maps: how it gets its maps (`MapsFn`).
-  check: what it needs of the model, run before any work; None for any model.
-  any_layer: whether it explains any named layer or the CAM layer only.
+  check: what it needs of the model (its `explain.layers` adapter), run before any work;
+    None for any model.
+  any_layer: whether it explains any layer or the model's default layer only.
   default: measured by `default_methods` wherever the model gives it.
   """
 
@@ -41,27 +45,46 @@ class Method:
   default: bool = True
 
 
-def _cam(explainer, variables, pixels, targets):
+def _with_head(map_fn):
+  """A method of `bcam_jax.cam` taking (head_fn, features, targets)."""
+
+  def maps(explainer, variables, pixels, targets, layer):
+    features, head_fn = explainer.features(variables, pixels, layer)
+    return map_fn(head_fn, features, targets)
+
+  maps.__doc__ = map_fn.__doc__
+  return maps
+
+
+def _class_indices(targets, method: str):
+  if callable(targets):
+    raise ValueError(f'{method} explains class indices, not a callable target')
+  return targets
+
+
+def _cam(explainer, variables, pixels, targets, layer):
   """CAM: the head's dense kernel as channel weights."""
-  features, _ = explainer.features(variables, pixels)
-  return cam.cam(features, explainer.model.class_weights(variables['params']), targets)
+  features, _ = explainer.features(variables, pixels, layer)
+  weights = explainer.adapter.class_weights(variables)
+  return cam.cam(features, weights, _class_indices(targets, 'cam'))
 
 
-def _grad_cam(explainer, variables, pixels, targets):
-  """Grad-CAM: channel weights = spatial mean of the target logit's gradient."""
-  features, head_fn = explainer.features(variables, pixels)
-  return cam.grad_cam(head_fn, features, targets)
+def _eigen_cam(explainer, variables, pixels, targets, layer):
+  """Eigen-CAM: the features' first principal component; class-agnostic."""
+  features, _ = explainer.features(variables, pixels, layer)
+  return cam.eigen_cam(features)
 
 
-def _grad_cam_pp(explainer, variables, pixels, targets):
-  """Grad-CAM++: channel weights from the gradient's higher-order terms."""
-  features, head_fn = explainer.features(variables, pixels)
-  return cam.grad_cam_pp(head_fn, features, targets)
+def _ablation_cam(explainer, variables, pixels, targets, layer):
+  """Ablation-CAM: channel weight = relative drop of the target score with the channel
+  zeroed."""
+  features, head_fn = explainer.features(variables, pixels, layer)
+  return cam.ablation_cam(head_fn, features, targets, chunk_size=explainer.ablation_chunk)
 
 
-def _score_cam(explainer, variables, pixels, targets):
+def _score_cam(explainer, variables, pixels, targets, layer):
   """Score-CAM: channel weights = target probability of the image masked by the channel."""
-  features, _ = explainer.features(variables, pixels)
+  features, _ = explainer.features(variables, pixels, layer)
   return cam.score_cam(
     lambda p: explainer.logits(variables, p),
     pixels,
@@ -71,28 +94,41 @@ def _score_cam(explainer, variables, pixels, targets):
   )
 
 
-def _evidence(explainer, variables, pixels, targets):
+def _module(explainer):
+  return explainer.adapter.module
+
+
+def _evidence(explainer, variables, pixels, targets, layer):
   """Soft-CAM's evidence map of the target class, ReLU(E_t)."""
-  model = explainer.model
+  model = _module(explainer)
   features = model.apply(variables, explainer.normalize(pixels), method='backbone')
   evidence = model.apply(variables, features['cam'], method='evidence')
+  targets = _class_indices(targets, 'evidence')
   return jax.nn.relu(cam.at_least_float32(heads.select_class(evidence, targets)))
 
 
-def _raw_attention(explainer, variables, pixels, targets):
+def _raw_attention(explainer, variables, pixels, targets, layer):
   """CA-Stream's class-agnostic attention over the CAM layer (sums to 1 per image)."""
-  model = explainer.model
+  model = _module(explainer)
   features = model.apply(variables, explainer.normalize(pixels), method='backbone')
   return model.apply(variables, features['cam'], features.get('ca_query'), method='attention')
 
 
-def _gap_dense_head(model, variables) -> None:
+def _gap_dense_head(adapter, variables) -> None:
   """CAM needs the class weights of a global-average-pool + dense head."""
-  model.class_weights(variables['params'])
+  adapter.class_weights(variables)
 
 
-def _softcam_head(model, variables) -> None:
+def _our_model(adapter, method: str, needs: str):
+  module = getattr(adapter, 'module', None)
+  if not isinstance(module, models.CamClassifier):
+    raise ValueError(f'method {method} needs one of our models with {needs}; got {adapter.label()}')
+  return module
+
+
+def _softcam_head(adapter, variables) -> None:
   """Evidence maps are the Soft-CAM head's own."""
+  model = _our_model(adapter, 'evidence', 'head="softcam"')
   if model.head_type != 'softcam':
     raise ValueError(
       'method evidence needs a Soft-CAM model (head="softcam"); '
@@ -100,8 +136,9 @@ def _softcam_head(model, variables) -> None:
     )
 
 
-def _ca_stream_pooling(model, variables) -> None:
+def _ca_stream_pooling(adapter, variables) -> None:
   """Raw attention is CA-Stream pooling's own."""
+  model = _our_model(adapter, 'raw_attention', 'pooling="ca_stream"')
   if model.pooling != 'ca_stream':
     raise ValueError(
       'method raw_attention needs a CA-Stream model (pooling="ca_stream"); '
@@ -113,9 +150,15 @@ REGISTRY: dict[str, Method] = {
   # Where it applies, CAM's normalised maps are Grad-CAM's (cam == h * w * grad_cam), so
   # measuring both by default would repeat Grad-CAM.
   'cam': Method(_cam, check=_gap_dense_head, any_layer=False, default=False),
-  'grad_cam': Method(_grad_cam),
-  'grad_cam_pp': Method(_grad_cam_pp),
+  'grad_cam': Method(_with_head(cam.grad_cam)),
+  'grad_cam_pp': Method(_with_head(cam.grad_cam_pp)),
   'score_cam': Method(_score_cam),
+  # Not measured by default: eval.py's default suite stays the paper's methods.
+  'xgrad_cam': Method(_with_head(cam.xgrad_cam), default=False),
+  'hires_cam': Method(_with_head(cam.hires_cam), default=False),
+  'layer_cam': Method(_with_head(cam.layer_cam), default=False),
+  'eigen_cam': Method(_eigen_cam, default=False),
+  'ablation_cam': Method(_ablation_cam, default=False),
   'evidence': Method(_evidence, check=_softcam_head, any_layer=False),
   'raw_attention': Method(_raw_attention, check=_ca_stream_pooling, any_layer=False),
 }
@@ -133,9 +176,10 @@ def check_methods(methods) -> tuple[str, ...]:
 
 def check_applicable(model, variables, methods) -> None:
   """ValueError, before any work, for a method the model cannot give."""
+  adapter = layers.as_explained_model(model)
   for name in check_methods(methods):
     if REGISTRY[name].check is not None:
-      REGISTRY[name].check(model, variables)
+      REGISTRY[name].check(adapter, variables)
 
 
 def default_methods(model) -> tuple[str, ...]:
@@ -151,7 +195,7 @@ def _gives(method: Method, model) -> bool:
   if method.check is None:
     return True
   try:
-    method.check(model, {})
+    method.check(layers.as_explained_model(model), {})
   except ValueError:
     return False
   return True
