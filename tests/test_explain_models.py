@@ -223,7 +223,7 @@ def test_unknown_layers_list_the_valid_paths(user_linen, tiny_resnet):
   model, resnet_vars = tiny_resnet
   with pytest.raises(
     ValueError,
-    match=r"layer 'backbone_net/stage9' is not a layer of .*valid: cam .*stage1 .*backbone_net/stem_conv",
+    match=r"'backbone_net/stage9' is not a layer of .*valid: cam .*stage1 .*backbone_net/stem_conv",
   ):
     explain.Explainer(model, layer='backbone_net/stage9').maps(
       'grad_cam', resnet_vars, _pixels(channels=1), _targets()
@@ -314,7 +314,7 @@ def test_token_features_as_a_grid():
 def test_layer_fusion_is_the_mean_of_scaled_maps(user_linen):
   net, variables = user_linen
   fused = explain.Explainer(net, MEAN, STD, layer=('conv_a', 'conv_b'))
-  parts = [explain.Explainer(net, MEAN, STD, layer=l) for l in ('conv_a', 'conv_b')]
+  parts = [explain.Explainer(net, MEAN, STD, layer=name) for name in ('conv_a', 'conv_b')]
   maps = [p.maps('layer_cam', variables, _pixels(), _targets()) for p in parts]
   np.testing.assert_allclose(
     fused.maps('layer_cam', variables, _pixels(), _targets()),

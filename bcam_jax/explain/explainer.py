@@ -176,9 +176,9 @@ class Explainer:
     size = self.image_size or pixels.shape[1:3]
     scaled = [
       cam.normalize_cam(
-        cam.upsample_cam(self.raw_maps(method, variables, pixels, targets, l), size)
+        cam.upsample_cam(self.raw_maps(method, variables, pixels, targets, name), size)
       )
-      for l in self.layers
+      for name in self.layers
     ]
     return scaled[0] if len(scaled) == 1 else cam.normalize_cam(jnp.mean(jnp.stack(scaled), 0))
 
