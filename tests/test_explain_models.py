@@ -5,6 +5,7 @@ networks evaluated one image at a time."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 import pytest
 from flax import nnx
@@ -366,3 +367,18 @@ def test_our_model_with_the_variables_of_init_explains_any_batch():
   explainer = explain.Explainer(model, 0.5, 0.25, layer='stage1')
   for method in ('score_cam', 'ablation_cam', 'grad_cam'):
     assert explainer.maps(method, variables, _pixels(channels=1), _targets()).shape == (N, S, S)
+
+
+def test_overlay_blends_the_colormap_over_the_image():
+  pixels = _pixels(2, 1)
+  maps = jax.random.uniform(jax.random.key(4), (2, S, S))
+  got = np.asarray(explain.show_cam_on_image(pixels, maps, image_weight=0.3))
+  jet = matplotlib.colormaps['jet']
+  for i, y, x in [(0, 0, 0), (1, 3, 5), (1, 7, 7)]:
+    colour = np.asarray(jet(int(round(float(maps[i, y, x]) * 255)))[:3])
+    np.testing.assert_allclose(
+      got[i, y, x], 0.3 * float(pixels[i, y, x, 0]) + 0.7 * colour, rtol=1e-5
+    )
+  assert got.shape == (2, S, S, 3) and got.min() >= 0 and got.max() <= 1
+  with pytest.raises(ValueError, match=r'images \(2, 8, 8, 1\) and maps \(2, 4, 4\)'):
+    explain.show_cam_on_image(pixels, maps[:, :4, :4])

@@ -9,6 +9,7 @@ layer, under jit, and their faithfulness.
   explainer     `Explainer`: a model with its input normalisation, mapping [0, 1] pixels
                 to logits and to maps at image size in [0, 1].
   faithfulness  Average Drop / Gain / Increase, insertion and deletion of such maps.
+  overlay       maps blended over their images as RGB arrays (`show_cam_on_image`).
 
 The map functions themselves live in `bcam_jax.cam`. This package never imports the
 training code (objective, steps, train_lib, evaluation), so any trained model can be explained
@@ -33,6 +34,7 @@ from bcam_jax.explain.methods import (
   check_methods,
   default_methods,
 )
+from bcam_jax.explain.overlay import colorize, show_cam_on_image
 
 __all__ = [
   'METHODS',
@@ -46,9 +48,11 @@ __all__ = [
   'NNXModel',
   'TargetSpec',
   'check_applicable',
+  'colorize',
   'check_methods',
   'default_methods',
   'faithfulness',
   'layer_features',
+  'show_cam_on_image',
   'token_grid',
 ]
