@@ -87,7 +87,8 @@ def cam(features: jax.Array, class_weights: jax.Array, targets: jax.Array) -> ja
 
 
 def grad_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
-  """Grad-CAM maps `(N, h, w)` of class `targets[i]` for every sample i, in one VJP."""
+  """Grad-CAM maps `(N, h, w)` of `targets` (class `targets[i]` or the callable's score) for
+  every sample i, in one VJP."""
   _, grads = head_gradients(head_fn, features, targets)
   return weighted_activation(features, grads)
 
@@ -144,7 +145,8 @@ def eigen_cam(features: jax.Array) -> jax.Array:
   onto its first right singular vector (one batched SVD). The singular vector's sign is
   arbitrary, so the projection is negated where |min| > |max| (pytorch-grad-cam's
   `get_2d_projection_with_sign_correction`, Seg-Eigen-CAM eq. 13): the map's larger-magnitude
-  side is positive, whatever the SVD routine returns. Then ReLU.
+  side is positive, whatever the SVD routine returns. Then ReLU. Differentiable where the
+  first singular value is simple.
   """
   n, h, w, k = features.shape
   a = at_least_float32(features).reshape(n, h * w, k)
@@ -168,7 +170,9 @@ def _repeat_targets(targets: Targets, times: int) -> Targets:
   return targets if callable(targets) else jnp.repeat(targets, times)
 
 
-def _per_channel(chunk_scores: Callable[[jax.Array], jax.Array], k: int, chunk_size: int):
+def _per_channel(
+  chunk_scores: Callable[[jax.Array], jax.Array], k: int, chunk_size: int
+) -> jax.Array:
   """Scores `(N, K)` of every channel from `chunk_scores(channels (chunk,)) -> (N, chunk)`,
   in a `lax.map` over chunks of `chunk_size` channel indices, so memory is bounded whatever
   K. The last chunk is padded with the out-of-range index K, whose scores are dropped."""
@@ -196,7 +200,7 @@ def score_cam(
   `channel_softmax=True` is pytorch-grad-cam's ScoreCAM: s_k is the target logit (for a
   callable, its value) and the weights are the softmax of s over the K channels.
   `chunk_size` channels of all N images go through `logits_fn` per call
-  (`N * chunk_size` images), in a `lax.map` over the chunks.
+  (`N * chunk_size` images), in a `lax.map` over the chunks, so memory is bounded whatever K.
   """
   n, k = features.shape[0], features.shape[-1]
   a = at_least_float32(features)

@@ -30,7 +30,7 @@ TARGETS = np.array([0, 3, 1, 2])
 # float32 on both sides, maps scaled to [0, 1]: rounding in different summation orders.
 TOLERANCE = 1e-5
 # pytorch-grad-cam's ScoreCAM upsamples its masks with align_corners=True, we half-pixel:
-# other masks, so other weights (7.7e-3 apart here).
+# other masks, other weights, maps 7.7e-3 apart here.
 SCORE_CAM_ALIGN_CORNERS_TOLERANCE = 0.05
 
 
