@@ -1,20 +1,25 @@
-"""Class activation maps computed inside `jit`: CAM, Grad-CAM, Grad-CAM++, Score-CAM and
-Batch-CAM, each for a whole batch at once.
+"""Class activation maps computed inside `jit`: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM,
+HiResCAM, LayerCAM, Eigen-CAM, Ablation-CAM, Score-CAM and Batch-CAM, each for a whole batch
+at once.
 
 The gradient-based methods take `head_fn`, a pure and strictly per-sample function mapping CAM-layer
 features `(N, h, w, K)` to logits `(N, C)` (e.g. `lambda a: model.apply(variables, a,
-method='head')`). Because sample i's logits depend only on sample i's features, one
-`jax.vjp` of `head_fn` with the one-hot targets as cotangent yields
+method='head')`). `targets` says what is explained (`Targets`): int class indices `(N,)`, or
+a per-sample callable `scores_fn(logits (N, C)) -> (N,)` (row i depending only on logits row
+i), e.g. `lambda l: jax.nn.softmax(l)[:, 3]`; `target_scores` gives S_i, the target logit or
+the callable's value. Because sample i's logits depend only on sample i's features, one
+`jax.vjp` of S with a cotangent of ones (for indices, the one-hot cotangent of the logits)
+yields
 
-    G_i = dS_{i, t_i} / dA_i        for every sample i at once (paper eq. 3),
+    G_i = dS_i / dA_i        for every sample i at once (paper eq. 3),
 
 with no hooks and no per-sample loop. All functions are differentiable, including through
 G (second order through the head), so they can sit inside a training loss.
 
-Every map function returns non-negative maps `(N, h, w)` at feature resolution;
-`upsample_cam` and `normalize_cam` bring them to image size and [0, 1]. A layer other than
-the CAM layer is explained through `bcam_jax.explain.layer_features`, which builds the
-matching `head_fn`.
+Every map function returns non-negative maps `(N, h, w)` at feature resolution, in at least
+float32; `upsample_cam` and `normalize_cam` bring them to image size and [0, 1]. A layer
+other than the CAM layer is explained through `bcam_jax.explain.layer_features`, which builds
+the matching `head_fn`.
 """
 
 from collections.abc import Callable
@@ -24,6 +29,8 @@ import jax.numpy as jnp
 
 HeadFn = Callable[[jax.Array], jax.Array]
 LogitsFn = Callable[[jax.Array], jax.Array]
+# Int class indices `(N,)`, or a per-sample `scores_fn(logits (N, C)) -> (N,)`.
+Targets = jax.Array | Callable[[jax.Array], jax.Array]
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:
@@ -31,12 +38,30 @@ def at_least_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
+def target_scores(logits: jax.Array, targets: Targets) -> jax.Array:
+  """S `(N,)`: the logit of class `targets[i]` for indices, the callable's value otherwise."""
+  if callable(targets):
+    return targets(logits)
+  return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 def head_gradients(
-  head_fn: HeadFn, features: jax.Array, targets: jax.Array
+  head_fn: HeadFn, features: jax.Array, targets: Targets
 ) -> tuple[jax.Array, jax.Array]:
-  """Logits `(N, C)` and G = d logit[target] / d features `(N, h, w, K)`, per sample."""
-  logits, vjp = jax.vjp(head_fn, features)
-  (grads,) = vjp(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
+  """Logits `(N, C)` and G = d target_scores / d features `(N, h, w, K)`, per sample: one
+  VJP, with the one-hot cotangent of the logits for indices and a cotangent of ones on the
+  callable's scores otherwise."""
+  if not callable(targets):
+    logits, vjp = jax.vjp(head_fn, features)
+    (grads,) = vjp(jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype))
+    return logits, grads
+
+  def scores_and_logits(a):
+    logits = head_fn(a)
+    return targets(logits), logits
+
+  scores, vjp, logits = jax.vjp(scores_and_logits, features, has_aux=True)
+  (grads,) = vjp(jnp.ones_like(scores))
   return logits, grads
 
 
@@ -61,14 +86,15 @@ def cam(features: jax.Array, class_weights: jax.Array, targets: jax.Array) -> ja
   return channel_combination(features, jnp.take(class_weights, targets, axis=1).T)
 
 
-def grad_cam(head_fn: HeadFn, features: jax.Array, targets: jax.Array) -> jax.Array:
-  """Grad-CAM maps `(N, h, w)` of class `targets[i]` for every sample i, in one VJP."""
+def grad_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """Grad-CAM maps `(N, h, w)` of `targets` (class `targets[i]` or the callable's score) for
+  every sample i, in one VJP."""
   _, grads = head_gradients(head_fn, features, targets)
   return weighted_activation(features, grads)
 
 
 def grad_cam_pp(
-  head_fn: HeadFn, features: jax.Array, targets: jax.Array, eps: float = 1e-6
+  head_fn: HeadFn, features: jax.Array, targets: Targets, eps: float = 1e-6
 ) -> jax.Array:
   """Grad-CAM++ maps `(N, h, w)` (Chattopadhay et al. 2018), in one VJP.
 
@@ -84,44 +110,144 @@ def grad_cam_pp(
   return channel_combination(a, jnp.sum(alpha * jax.nn.relu(g), axis=(-3, -2)))
 
 
+def xgrad_cam(
+  head_fn: HeadFn, features: jax.Array, targets: Targets, eps: float = 1e-7
+) -> jax.Array:
+  """XGrad-CAM maps `(N, h, w)` (Fu et al. 2020), in one VJP: channel weights
+  w_k = sum_ij G A / (sum_ij A + eps), the gradient averaged with the activations as
+  weights; pytorch-grad-cam's form and eps."""
+  _, grads = head_gradients(head_fn, features, targets)
+  a, g = at_least_float32(features), at_least_float32(grads)
+  weights = jnp.sum(g * a, axis=(-3, -2)) / (jnp.sum(a, axis=(-3, -2)) + eps)
+  return channel_combination(a, weights)
+
+
+def hires_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """HiResCAM maps `(N, h, w)` (Draelos & Carin 2020), in one VJP: ReLU(sum_k G_k * A_k)
+  position by position, the gradient not averaged over space. For a head that is linear in
+  A (flatten + dense) the map before the ReLU sums to the target logit less the bias."""
+  _, grads = head_gradients(head_fn, features, targets)
+  return jax.nn.relu(jnp.sum(at_least_float32(grads) * at_least_float32(features), axis=-1))
+
+
+def layer_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """LayerCAM maps `(N, h, w)` (Jiang et al. 2021), in one VJP: ReLU(sum_k ReLU(G_k) * A_k)
+  position by position, only the positive gradients counting."""
+  _, grads = head_gradients(head_fn, features, targets)
+  positive = jax.nn.relu(at_least_float32(grads))
+  return jax.nn.relu(jnp.sum(positive * at_least_float32(features), axis=-1))
+
+
+def eigen_cam(features: jax.Array) -> jax.Array:
+  """Eigen-CAM maps `(N, h, w)` (Muhammad & Yeasin 2020): no targets, no gradients.
+
+  Per image, A as an `(h w, K)` matrix, centred per channel over the positions, projected
+  onto its first right singular vector (one batched SVD). The singular vector's sign is
+  arbitrary, so the projection is negated where |min| > |max| (pytorch-grad-cam's
+  `get_2d_projection_with_sign_correction`, Seg-Eigen-CAM eq. 13): the map's larger-magnitude
+  side is positive, whatever the SVD routine returns. Then ReLU. Differentiable where the
+  first singular value is simple.
+  """
+  n, h, w, k = features.shape
+  a = at_least_float32(features).reshape(n, h * w, k)
+  a = a - jnp.mean(a, axis=1, keepdims=True)
+  _, _, vt = jnp.linalg.svd(a, full_matrices=False)
+  projection = jnp.einsum('npk,nk->np', a, vt[:, 0])
+  flip = jnp.abs(jnp.min(projection, axis=-1)) > jnp.abs(jnp.max(projection, axis=-1))
+  projection = jnp.where(flip[:, None], -projection, projection)
+  return jax.nn.relu(projection).reshape(n, h, w)
+
+
 def target_probability(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Softmax probability of class `targets[i]` for each row of `logits` `(..., C)`."""
   probs = jax.nn.softmax(at_least_float32(logits), axis=-1)
   return jnp.take_along_axis(probs, targets[..., None], axis=-1)[..., 0]
 
 
+def _repeat_targets(targets: Targets, times: int) -> Targets:
+  """The targets of `N * times` rows, sample i's `times` rows in a row; a per-sample
+  callable serves any rows unchanged."""
+  return targets if callable(targets) else jnp.repeat(targets, times)
+
+
+def _per_channel(
+  chunk_scores: Callable[[jax.Array], jax.Array], k: int, chunk_size: int
+) -> jax.Array:
+  """Scores `(N, K)` of every channel from `chunk_scores(channels (chunk,)) -> (N, chunk)`,
+  in a `lax.map` over chunks of `chunk_size` channel indices, so memory is bounded whatever
+  K. The last chunk is padded with the out-of-range index K, whose scores are dropped."""
+  chunk = max(1, min(chunk_size, k))
+  n_chunks = -(-k // chunk)
+  scores = jax.lax.map(chunk_scores, jnp.arange(n_chunks * chunk).reshape(n_chunks, chunk))
+  return scores.transpose(1, 0, 2).reshape(scores.shape[1], n_chunks * chunk)[:, :k]
+
+
 def score_cam(
   logits_fn: LogitsFn,
   images: jax.Array,
   features: jax.Array,
-  targets: jax.Array,
+  targets: Targets,
   chunk_size: int = 32,
+  channel_softmax: bool = False,
 ) -> jax.Array:
   """Score-CAM maps `(N, h, w)` (Wang et al. 2020): no gradients, K masked forward passes.
 
   Channel k's map, upsampled to the image size and min-max normalised to [0, 1], masks
   the images `(N, H, W, C)` (`images * mask`, so `images` should be in the space where 0
-  means "removed", e.g. [0, 1] pixels with `logits_fn` normalising); its weight is the
-  softmax probability of the target class for the masked image. `chunk_size` channels of
-  all N images go through `logits_fn` per call (`N * chunk_size` images), in a `lax.map`
-  over the chunks, so memory is bounded whatever K.
+  means "removed", e.g. [0, 1] pixels with `logits_fn` normalising), giving score s_k of the
+  masked image. By default s_k is the softmax probability of the target class (for a
+  callable, its value) and the weight is s_k, as in the official Score-CAM code.
+  `channel_softmax=True` is pytorch-grad-cam's ScoreCAM: s_k is the target logit (for a
+  callable, its value) and the weights are the softmax of s over the K channels.
+  `chunk_size` channels of all N images go through `logits_fn` per call
+  (`N * chunk_size` images), in a `lax.map` over the chunks, so memory is bounded whatever K.
   """
-  n, h, w, k = features.shape
-  chunk = max(1, min(chunk_size, k))
-  n_chunks = -(-k // chunk)
+  n, k = features.shape[0], features.shape[-1]
   a = at_least_float32(features)
-  padded = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, n_chunks * chunk - k)))
-  chunks = padded.reshape(n, h, w, n_chunks, chunk).transpose(3, 0, 4, 1, 2)
+  use_logits = callable(targets) or channel_softmax
+  score_fn = target_scores if use_logits else target_probability
 
-  def chunk_scores(maps):  # (N, chunk, h, w) -> (N, chunk)
+  def chunk_scores(channels):  # (chunk,) -> (N, chunk)
+    chunk = channels.shape[0]
+    maps = jnp.moveaxis(jnp.take(a, channels, axis=-1, mode='fill', fill_value=0), -1, 1)
     masks = normalize_cam(upsample_cam(maps, images.shape[1:3])).astype(images.dtype)
     masked = images[:, None] * masks[..., None]
     logits = logits_fn(masked.reshape((n * chunk,) + images.shape[1:]))
-    return target_probability(logits.reshape(n, chunk, -1), targets[:, None])
+    scores = score_fn(logits, _repeat_targets(targets, chunk))
+    return at_least_float32(scores).reshape(n, chunk)
 
-  scores = jax.lax.map(chunk_scores, chunks)  # (n_chunks, N, chunk)
-  weights = scores.transpose(1, 0, 2).reshape(n, n_chunks * chunk)[:, :k]
-  return channel_combination(a, weights)
+  scores = _per_channel(chunk_scores, k, chunk_size)
+  return channel_combination(a, jax.nn.softmax(scores, axis=-1) if channel_softmax else scores)
+
+
+def ablation_cam(
+  head_fn: HeadFn, features: jax.Array, targets: Targets, chunk_size: int = 32
+) -> jax.Array:
+  """Ablation-CAM maps `(N, h, w)` (Desai & Ramaswamy 2020): no gradients, K passes of the
+  features through `head_fn`, channel k zeroed in pass k.
+
+  With S the target score (`target_scores`) and S_k that with channel k ablated, channel
+  k's weight is the relative drop (S - S_k) / S (0 where S = 0), pytorch-grad-cam's rule
+  (which ablates with min(A) - 1e7 rather than 0 where the layer's minimum is not 0).
+  `chunk_size` channels of all N samples go through `head_fn` per call
+  (`N * chunk_size` feature sets), in a `lax.map` over the chunks, so memory is bounded
+  whatever K.
+  """
+  n, h, w, k = features.shape
+  scores = at_least_float32(target_scores(head_fn(features), targets))[:, None]
+
+  def chunk_scores(channels):  # (chunk,) -> (N, chunk)
+    chunk = channels.shape[0]
+    ablate = channels[:, None] == jnp.arange(k)  # (chunk, K); the padding index K: none
+    ablated = jnp.where(ablate[:, None, None, :], 0, features[:, None])  # (N, chunk, h, w, K)
+    logits = head_fn(ablated.reshape((n * chunk, h, w, k)))
+    return at_least_float32(target_scores(logits, _repeat_targets(targets, chunk))).reshape(
+      n, chunk
+    )
+
+  drops = scores - _per_channel(chunk_scores, k, chunk_size)
+  weights = jnp.where(scores != 0, drops / jnp.where(scores != 0, scores, 1), 0)
+  return channel_combination(features, weights)
 
 
 def class_sums(

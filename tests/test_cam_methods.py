@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 from bcam_jax import cam, explain
 from bcam_jax.models import get_model, init_variables
-from tests.test_cam import HEADS, C, N, _head_fn
+from tests.test_cam import HEADS, C, H, K, N, W, _head_fn, naive_grad_cam
 
 
 def _targets():
@@ -215,3 +216,228 @@ def test_explain_never_imports_the_training_code():
   loaded = set(out.stdout.split())
   assert 'bcam_jax.explain.faithfulness' in loaded
   assert not {f'bcam_jax.{m}' for m in training} & loaded, loaded
+
+
+def _score(head_fn, targets, i):
+  """S_i as a function of image i's features: its target logit, or the callable's value."""
+  if callable(targets):
+    return lambda a: targets(head_fn(a[None]))[0]
+  return lambda a: head_fn(a[None])[0, targets[i]]
+
+
+def _naive_grads(head_fn, features, targets, i):
+  """G of image i alone, in float64 numpy: jax.grad of its one score."""
+  return np.asarray(jax.grad(_score(head_fn, targets, i))(features[i]), np.float64)
+
+
+def naive_xgrad_cam(head_fn, features, targets, eps=1e-7):
+  maps = []
+  for i in range(features.shape[0]):
+    a, g = np.asarray(features[i], np.float64), _naive_grads(head_fn, features, targets, i)
+    weights = [
+      (g[:, :, c] * a[:, :, c]).sum() / (a[:, :, c].sum() + eps) for c in range(a.shape[-1])
+    ]
+    maps.append(np.maximum(np.einsum('hwk,k->hw', a, np.array(weights)), 0))
+  return np.stack(maps)
+
+
+def naive_elementwise_cam(head_fn, features, targets, positive_grads):
+  """HiResCAM (positive_grads=False) or LayerCAM, one channel at a time."""
+  maps = []
+  for i in range(features.shape[0]):
+    a, g = np.asarray(features[i], np.float64), _naive_grads(head_fn, features, targets, i)
+    total = np.zeros(a.shape[:2])
+    for c in range(a.shape[-1]):
+      total += (np.maximum(g[:, :, c], 0) if positive_grads else g[:, :, c]) * a[:, :, c]
+    maps.append(np.maximum(total, 0))
+  return np.stack(maps)
+
+
+NAIVE_GRADIENT_METHODS = {
+  'xgrad_cam': naive_xgrad_cam,
+  'hires_cam': lambda h, f, t: naive_elementwise_cam(h, f, t, positive_grads=False),
+  'layer_cam': lambda h, f, t: naive_elementwise_cam(h, f, t, positive_grads=True),
+}
+
+
+@pytest.mark.parametrize('method', sorted(NAIVE_GRADIENT_METHODS))
+@pytest.mark.parametrize('head_name', sorted(HEADS))
+def test_gradient_methods_equal_naive_loops(method, head_name):
+  head_fn, features = _head_fn(head_name, seed=7)
+  features = jax.nn.relu(features)
+  got = jax.jit(getattr(cam, method), static_argnums=0)(head_fn, features, _targets())
+  want = NAIVE_GRADIENT_METHODS[method](head_fn, features, _targets())
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert got.shape == features.shape[:3] and got.dtype == jnp.float32 and got.max() > 0
+
+
+def naive_eigen_cam(features):
+  """numpy.linalg.svd per image; the projection negated where |min| > |max|."""
+  maps = []
+  for a in np.asarray(features, np.float64):
+    x = a.reshape(-1, a.shape[-1])
+    x = x - x.mean(axis=0)
+    projection = x @ np.linalg.svd(x)[2][0]
+    if abs(projection.min()) > abs(projection.max()):
+      projection = -projection
+    maps.append(np.maximum(projection, 0).reshape(a.shape[:2]))
+  return np.stack(maps)
+
+
+def test_eigen_cam_equals_numpy_svd_per_image():
+  _, features = _head_fn('gap_dense', seed=9)
+  features = jax.nn.relu(features)
+  got = jax.jit(cam.eigen_cam)(features)
+  np.testing.assert_allclose(got, naive_eigen_cam(features), rtol=1e-4, atol=1e-5)
+  assert got.shape == features.shape[:3] and (got.max(axis=(1, 2)) > 0).all()
+  np.testing.assert_allclose(cam.eigen_cam(-features), naive_eigen_cam(-features), atol=1e-5)
+
+
+def naive_ablation_cam(head_fn, features, targets):
+  """One image with one channel zeroed at a time."""
+  maps = []
+  for i in range(features.shape[0]):
+    a = np.asarray(features[i])
+    score = float(_score(head_fn, targets, i)(jnp.asarray(a)))
+    weights = []
+    for c in range(a.shape[-1]):
+      ablated = a.copy()
+      ablated[:, :, c] = 0
+      weights.append((score - float(_score(head_fn, targets, i)(jnp.asarray(ablated)))) / score)
+    maps.append(np.maximum(np.einsum('hwk,k->hw', a, np.array(weights)), 0))
+  return np.stack(maps)
+
+
+@pytest.mark.parametrize('head_name', sorted(HEADS))
+@pytest.mark.parametrize('chunk_size', [1, 3, 5, 64])
+def test_ablation_cam_equals_naive_loop(head_name, chunk_size):
+  head_fn, features = _head_fn(head_name, seed=11)
+  features = jax.nn.relu(features)
+  got = jax.jit(cam.ablation_cam, static_argnums=(0, 3))(head_fn, features, _targets(), chunk_size)
+  want = naive_ablation_cam(head_fn, features, _targets())
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert got.shape == features.shape[:3] and got.max() > 0
+
+
+def test_ablation_cam_with_zero_score_gives_zero_weights():
+  """S = 0 (a head whose target logit is 0 everywhere): zero maps, not NaN."""
+  _, features = _head_fn('gap_dense')
+  head_fn = lambda a: jnp.zeros((a.shape[0], C)).at[:, 1].set(jnp.mean(a, axis=(1, 2, 3)))
+  np.testing.assert_array_equal(cam.ablation_cam(head_fn, features, jnp.zeros(N, int)), 0.0)
+
+
+def test_callable_target_of_one_logit_equals_integer_targets():
+  head_fn, features = _head_fn('layernorm', seed=13)
+  features = jax.nn.relu(features)
+  targets = jnp.full(N, 3)
+  pick = lambda logits: logits[:, 3]
+  for method in (cam.grad_cam, cam.grad_cam_pp, cam.xgrad_cam, cam.layer_cam, cam.ablation_cam):
+    np.testing.assert_allclose(
+      method(head_fn, features, pick), method(head_fn, features, targets), rtol=1e-6, atol=1e-7
+    )
+  np.testing.assert_array_equal(cam.target_scores(head_fn(features), pick), head_fn(features)[:, 3])
+
+
+def test_callable_targets_of_score_cam():
+  """Score-CAM's score for a callable is its value: the class probability reproduces the
+  default, the class logit reproduces `channel_softmax`, with chunks that repeat rows."""
+  model = TinyImageClassifier()
+  images = jax.random.uniform(jax.random.key(0), (N, 8, 8, 1))
+  params = model.init(jax.random.key(1), images)
+  logits_fn = lambda x: model.apply(params, x)
+  features = jax.nn.relu(jax.random.normal(jax.random.key(2), (N, 3, 3, 5)))
+  targets = jnp.full(N, 2)
+  for softmax, score in (
+    (False, lambda logits: jax.nn.softmax(logits)[:, 2]),
+    (True, lambda logits: logits[:, 2]),
+  ):
+    np.testing.assert_allclose(
+      cam.score_cam(logits_fn, images, features, score, 3, channel_softmax=softmax),
+      cam.score_cam(logits_fn, images, features, targets, 3, channel_softmax=softmax),
+      rtol=1e-6,
+      atol=1e-7,
+    )
+
+
+def test_score_cam_channel_softmax_equals_naive_loop():
+  """pytorch-grad-cam's weighting: softmax over the channels of the masked target logits."""
+  model = TinyImageClassifier()
+  images = jax.random.uniform(jax.random.key(3), (N, 8, 8, 1))
+  params = model.init(jax.random.key(4), images)
+  logits_fn = lambda x: model.apply(params, x)
+  features = jax.nn.relu(jax.random.normal(jax.random.key(5), (N, 3, 3, 5)))
+  maps = []
+  for i in range(N):
+    a = np.asarray(features[i])
+    logits = []
+    for c in range(a.shape[-1]):
+      up = np.asarray(jax.image.resize(a[:, :, c], (8, 8), 'bilinear'))
+      mask = (up - up.min()) / max(up.max() - up.min(), 1e-8)
+      logits.append(float(logits_fn(images[i : i + 1] * mask[None, :, :, None])[0, _targets()[i]]))
+    weights = np.exp(np.array(logits) - max(logits))
+    maps.append(np.maximum(np.einsum('hwk,k->hw', a, weights / weights.sum()), 0))
+  got = cam.score_cam(logits_fn, images, features, _targets(), 2, channel_softmax=True)
+  np.testing.assert_allclose(got, np.stack(maps), rtol=1e-5, atol=1e-6)
+
+
+def test_callable_probability_target_equals_naive_probability_gradient():
+  head_fn, features = _head_fn('flatten_dense', seed=17)
+  prob = lambda logits: jax.nn.softmax(logits)[:, 1]
+  want = naive_grad_cam(lambda a: jax.nn.softmax(head_fn(a))[:, None, 1], features, [0] * N)
+  np.testing.assert_allclose(cam.grad_cam(head_fn, features, prob), want, rtol=1e-4, atol=1e-7)
+  assert want.max() > 0
+
+
+def test_callable_sum_of_classes_adds_the_gradients():
+  """G is linear in the score: G(S_1 + S_2) = G(S_1) + G(S_2), and so is Grad-CAM's map
+  before its ReLU."""
+  head_fn, features = _head_fn('layernorm', seed=19)
+  both = lambda logits: logits[:, 1] + logits[:, 2]
+  _, g = cam.head_gradients(head_fn, features, both)
+  g1 = np.stack([_naive_grads(head_fn, features, [1] * N, i) for i in range(N)])
+  g2 = np.stack([_naive_grads(head_fn, features, [2] * N, i) for i in range(N)])
+  np.testing.assert_allclose(g, g1 + g2, rtol=1e-5, atol=1e-7)
+  a = np.asarray(features, np.float64)
+  before_relu = [np.einsum('nhwk,nk->nhw', a, gc.mean(axis=(1, 2))) for gc in (g1, g2)]
+  np.testing.assert_allclose(
+    cam.grad_cam(head_fn, features, both), np.maximum(sum(before_relu), 0), rtol=1e-4, atol=1e-6
+  )
+
+
+SHARDED_METHODS = {
+  'grad_cam': cam.grad_cam,
+  'xgrad_cam': cam.xgrad_cam,
+  'layer_cam': cam.layer_cam,
+  'hires_cam': cam.hires_cam,
+  'ablation_cam': lambda h, f, t: cam.ablation_cam(h, f, t, chunk_size=2),
+  'eigen_cam': lambda h, f, t: cam.eigen_cam(f),
+  'grad_cam_prob': lambda h, f, t: cam.grad_cam(h, f, lambda logits: jax.nn.softmax(logits)[:, 2]),
+}
+
+
+@pytest.mark.parametrize('method', sorted(SHARDED_METHODS))
+def test_maps_same_on_one_and_eight_devices(method):
+  """Every map is per sample: a batch sharded over 8 devices gives the 1-device maps."""
+  head_fn, _ = _head_fn('layernorm', seed=23)
+  features = jax.nn.relu(jax.random.normal(jax.random.key(24), (8, H, W, K)))
+  targets = jnp.array([0, 3, 1, 1, 2, 0, 3, 2])
+  fn = jax.jit(lambda f, t: SHARDED_METHODS[method](head_fn, f, t))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('batch',))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  sharded = fn(jax.device_put(features, batch), jax.device_put(targets, batch))
+  assert len(sharded.sharding.device_set) == 8
+  single = fn(jax.device_put(features, jax.devices()[0]), jax.device_put(targets, jax.devices()[0]))
+  np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-7)
+  assert single.max() > 0
+
+
+@pytest.mark.parametrize('method', ['xgrad_cam', 'hires_cam', 'layer_cam'])
+@pytest.mark.parametrize('head_name', sorted(HEADS))
+def test_gradient_methods_gradients_match_finite_differences(method, head_name):
+  """Differentiable w.r.t. the features, through G (second order for a non-linear head)."""
+  with jax.enable_x64(True):
+    head_fn, features = _head_fn(head_name, seed=29)
+    features = jax.nn.relu(features.astype(jnp.float64)) + 0.1
+    f = lambda a: jnp.sum(jnp.sin(getattr(cam, method)(head_fn, a, _targets())))
+    assert f(features).dtype == jnp.float64
+    check_grads(f, (features,), order=1, modes=['rev'], atol=1e-5, rtol=1e-4)
