@@ -7,14 +7,16 @@ layer, under jit, and their faithfulness.
                 the maps, with what it needs of the model (`check_applicable`).
   explainer     `Explainer`: a model with its input normalisation, mapping [0, 1] pixels
                 to logits and to maps at image size in [0, 1].
-  faithfulness  Average Drop / Gain / Increase, insertion and deletion of such maps.
+  faithfulness  Average Drop / Gain / Increase, insertion and deletion, ROAD of such maps.
+  sanity        the model-parameter randomisation test: do the maps change when the
+                model's weights are randomised, layer by layer?
 
 The map functions themselves live in `bcam_jax.cam`. This package never imports the
 training code (objective, steps, train_lib, evaluation), so any trained model can be explained
 without it.
 """
 
-from bcam_jax.explain import faithfulness
+from bcam_jax.explain import faithfulness, sanity
 from bcam_jax.explain.explainer import TARGETS, Explainer
 from bcam_jax.explain.layers import layer_features
 from bcam_jax.explain.methods import (
@@ -37,4 +39,5 @@ __all__ = [
   'default_methods',
   'faithfulness',
   'layer_features',
+  'sanity',
 ]
