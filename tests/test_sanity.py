@@ -52,25 +52,31 @@ class Tiny(nn.Module):
     return self.head(a), self.aux(jnp.mean(a, axis=(1, 2)))
 
 
-def _case(n=8):
+@pytest.fixture(scope='module')
+def case():
+  """The model, images `(8, 8, 8, 2)`, variables (sorted by jit: aux, conv0, conv1, dense),
+  targets, Grad-CAM's maps_fn, and its cascading randomisation over LAYERS with key 2."""
   model = Tiny()
-  images = jax.random.uniform(jax.random.key(0), (n, 8, 8, 2))
-  variables = model.init(jax.random.key(1), images)
-  targets = jnp.arange(n) % 3
+  images = jax.random.uniform(jax.random.key(0), (8, 8, 8, 2))
+  variables = jax.jit(model.init)(jax.random.key(1), images)
+  targets = jnp.arange(8) % 3
 
   def maps_fn(v, images=images):
     head = lambda a: model.apply(v, a, method='head')
     return cam.grad_cam(head, model.apply(v, images, method='features'), targets)
 
-  return model, images, variables, targets, maps_fn
+  cascading = sanity.cascading_randomization(maps_fn, variables, jax.random.key(2), LAYERS)
+  return model, images, variables, targets, maps_fn, cascading
 
 
-def test_default_layers_run_from_the_last_submodule_and_unknown_layers_are_named():
-  _, _, variables, _, _ = _case()
+def test_default_layers_run_from_the_last_entry_and_unknown_layers_are_named(case):
+  variables = case[2]
   assert sanity.default_layers(variables) == [
     ('params', name) for name in reversed(list(variables['params']))
   ]
-  assert sanity.default_layers(variables['params'])[-1] == ('conv0',)
+  unsorted = {'params': {'conv0': {'w': 1.0}, 'dense': {'w': 2.0}}, 'batch_stats': {}}
+  assert sanity.default_layers(unsorted) == [('params', 'dense'), ('params', 'conv0')]
+  assert sanity.default_layers(unsorted['params']) == [('dense',), ('conv0',)]
   with pytest.raises(ValueError, match="'params/conv9'.*params has aux, conv0, conv1, dense"):
     sanity.stage_table(variables, ['params/dense', 'params/conv9'])
   with pytest.raises(ValueError, match="'stats'.*top level of params has params"):
@@ -96,11 +102,11 @@ def test_random_like_matches_each_leaf_moments_and_keeps_constant_ones():
     np.testing.assert_array_equal(got[name], tree[name])
 
 
-def test_randomization_stages_mean_what_they_say():
-  _, _, variables, _, maps_fn = _case()
-  key = jax.random.key(2)
-  cascading = sanity.cascading_randomization(maps_fn, variables, key, LAYERS)
-  independent = sanity.cascading_randomization(maps_fn, variables, key, LAYERS, 'independent')
+def test_randomization_stages_mean_what_they_say(case):
+  _, _, variables, _, maps_fn, cascading = case
+  independent = sanity.cascading_randomization(
+    maps_fn, variables, jax.random.key(2), LAYERS, 'independent'
+  )
   c, i = np.asarray(cascading['spearman']), np.asarray(independent['spearman'])
   assert cascading['layers'] == LAYERS and c.shape == i.shape == (4, 8)
   np.testing.assert_array_equal(i[0], c[0])  # the same first stage
@@ -111,11 +117,9 @@ def test_randomization_stages_mean_what_they_say():
   np.testing.assert_allclose(cascading['spearman_abs'], c, atol=1e-6)  # Grad-CAM is >= 0
 
 
-def test_randomization_equals_a_naive_loop_over_stages():
-  _, _, variables, _, maps_fn = _case(n=4)
-  key = jax.random.key(3)
-  got = sanity.cascading_randomization(maps_fn, variables, key, LAYERS)
-  random = sanity.random_like(variables, key)
+def test_randomization_equals_a_naive_loop_over_stages(case):
+  _, _, variables, _, maps_fn, got = case
+  random = sanity.random_like(variables, jax.random.key(2))
   maps_fn = jax.jit(maps_fn)
   original = np.asarray(maps_fn(variables))
   for s in range(len(LAYERS)):
@@ -131,20 +135,16 @@ def test_randomization_equals_a_naive_loop_over_stages():
     np.testing.assert_allclose(got['spearman'][s], np.nan_to_num(want), atol=1e-5)
 
 
-def test_randomization_on_one_and_eight_devices_agree():
-  model, images, variables, targets, _ = _case()
-  mesh = Mesh(np.array(jax.devices()[:8]), ('batch',))
+def test_randomization_on_one_and_eight_devices_agree(case):
+  model, images, variables, targets, _, one_device = case
+  assert len(jax.devices()) == 8
+  mesh = Mesh(np.array(jax.devices()), ('batch',))
   sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec('batch')))
 
-  def maps_fn(v, images):
+  def maps_fn(v):
     head = lambda a: model.apply(v, a, method='head')
-    return cam.grad_cam(head, model.apply(v, images, method='features'), targets)
+    return cam.grad_cam(head, model.apply(v, sharded, method='features'), targets)
 
-  key = jax.random.key(4)
-  results = [
-    sanity.cascading_randomization(lambda v, x=x: maps_fn(v, x), variables, key, LAYERS)
-    for x in (images, sharded)
-  ]
-  assert len(jax.devices()) == 8
-  np.testing.assert_allclose(results[1]['spearman'], results[0]['spearman'], atol=1e-6)
-  np.testing.assert_allclose(results[1]['spearman_abs'], results[0]['spearman_abs'], atol=1e-6)
+  eight = sanity.cascading_randomization(maps_fn, variables, jax.random.key(2), LAYERS)
+  np.testing.assert_allclose(eight['spearman'], one_device['spearman'], atol=1e-6)
+  np.testing.assert_allclose(eight['spearman_abs'], one_device['spearman_abs'], atol=1e-6)

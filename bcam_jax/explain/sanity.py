@@ -59,9 +59,14 @@ def _path_names(path) -> tuple[str, ...]:
 
 def default_layers(params) -> list[tuple[str, ...]]:
   """The entries of a Flax variables dict's 'params' collection (of `params` itself when it
-  has none), from the last to the first: Flax keeps submodules in definition or call order,
-  so this runs from the output towards the input. Other collections (batch statistics) are
-  not learned weights and stay as they are."""
+  has none), from the last to the first. Other collections (batch statistics) are not learned
+  weights and stay as they are.
+
+  `Module.init` keeps submodules in call order, so straight from it this runs from the output
+  towards the input. Any tree that went through `jit` or `jax.tree.map` (a train state, a
+  restored checkpoint) has its keys sorted instead, and this order is then reverse
+  alphabetical, rarely the network's: pass `layers` explicitly for a real model.
+  """
   tree = params['params'] if isinstance(params, Mapping) and 'params' in params else params
   prefix = ('params',) if tree is not params else ()
   return [prefix + (str(name),) for name in reversed(list(tree))]
@@ -99,6 +104,7 @@ def stage_table(params, layers=None, mode: str = 'cascading') -> tuple[list[str]
   return ['/'.join(prefix) for prefix in prefixes], table
 
 
+@jax.jit
 def random_like(params, key: jax.Array):
   """A re-initialisation of every floating leaf: normal with the leaf's own mean and standard
   deviation, leaf i (in `jax.tree.leaves` order) drawn with `jax.random.split(key, L)[i]`.
