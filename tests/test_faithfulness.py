@@ -165,6 +165,7 @@ def test_noisy_linear_imputation_equals_sparse_solve_and_keeps_known_pixels():
   np.testing.assert_array_equal(got[~removed], images[~removed])
 
 
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch under numpy 2
 def test_noisy_linear_imputation_equals_pytorch_grad_cam():
   torch = pytest.importorskip('torch')
   road = pytest.importorskip('pytorch_grad_cam.metrics.road')
@@ -278,3 +279,45 @@ def test_road_morf_drops_the_score_of_a_faithful_map_and_lerf_keeps_it():
   assert float(faithful['road_morf'].max()) < 0.51 and float(faithful['road_lerf'].min()) > 0.99
   assert float(reverse['road_morf'].min()) > 0.99 and float(reverse['road_lerf'].max()) < 0.51
   assert float(faithful['road_combined'].min()) > float(reverse['road_combined'].max()) + 0.4
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch under numpy 2
+def test_road_equals_pytorch_grad_cam_road_with_its_percentiles_mirrored():
+  """pytorch-grad-cam's percentile p keeps p% of the pixels, so its curve at p is ours at
+  100 - p, and the means over 10, ..., 90 are the same (noise 0, distinct saliency values)."""
+  torch = pytest.importorskip('torch')
+  pgc = pytest.importorskip('pytorch_grad_cam.metrics.perturbation_confidence')
+  road_module = pytest.importorskip('pytorch_grad_cam.metrics.road')
+  targets_module = pytest.importorskip('pytorch_grad_cam.utils.model_targets')
+  rng = np.random.default_rng(0)
+  n, side, channels = 3, 10, 3
+  images = rng.uniform(size=(n, side, side, channels)).astype(np.float32)
+  saliency = rng.permutation(n * side * side).reshape(n, side, side).astype(np.float32) / 300
+  targets = [0, 2, 1]
+  w = rng.normal(size=(channels * side * side, 3)).astype(np.float32)
+  model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(w.shape[0], 3, bias=False))
+  model.eval()
+  with torch.no_grad():
+    model[1].weight.copy_(torch.from_numpy(w.T))  # flattens (C, H, W)
+  logits_fn = lambda x: jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1) @ w
+  percentiles = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+  got = faithfulness.road(
+    logits_fn, images, saliency, jnp.array(targets), jax.random.key(0), percentiles, noise=0.0
+  )
+  imputer = road_module.NoisyLinearImputer(noise=0.0)
+  soft = [targets_module.ClassifierOutputSoftmaxTarget(t) for t in targets]
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  for name, removal in (
+    ('morf', pgc.RemoveMostRelevantFirst),
+    ('lerf', pgc.RemoveLeastRelevantFirst),
+  ):
+    theirs = np.stack(
+      [
+        pgc.PerturbationConfidenceMetric(removal(p, imputer))(
+          x, saliency, soft, model, return_diff=False
+        )
+        for p in percentiles[::-1]
+      ],
+      axis=1,
+    )
+    np.testing.assert_allclose(got[f'road_{name}_curve'], theirs, atol=1e-5)

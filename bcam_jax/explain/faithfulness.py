@@ -122,10 +122,12 @@ NEIGHBOUR_WEIGHTS = (
   ((-1, 0), 1 / 6),
 )
 # Conjugate-gradient stopping rule of the imputation: relative residual 1e-6, at most
-# 4 * max(H, W) iterations. Measured against a float64 sparse solve: 12x12 images reach ~1e-7;
-# 224x224 with 90% removed in one blob needs 400-800 iterations and then sits at float32's floor
-# (~5e-4, the system's condition number ~ side^2 times float32's epsilon), 20x below the
-# imputation noise (0.01), so more iterations would buy nothing.
+# 4 * max(H, W) iterations. Measured against a float64 sparse solve: 12x12 images end within
+# 1e-6 to 5e-6 (the last a 7x9 blob, at float32's floor: the system's condition number, ~ the
+# removed region's side squared, times float32's epsilon); 224x224 with 90% removed in one
+# blob needs 400-800 iterations and then sits at that floor (~5e-4), 20x below the imputation
+# noise (0.01), so more iterations would buy nothing. A tolerance of 0 would not do: a system
+# solved exactly divides 0 by 0 in the next step.
 IMPUTATION_TOL = 1e-6
 IMPUTATION_ITERATIONS_PER_SIDE = 4
 
@@ -223,8 +225,8 @@ def road(
   the share of pixels kept (MoRF at p removes the top 100 - p %) and every pixel tied with the
   threshold is removed (a whole zero region at once in a ReLU map's LeRF); here p is the
   share removed, as in the paper, and exact. Over symmetric percentiles such as the default
-  the means agree. It scores with the model's raw target output by default, and reports
-  differences from the unperturbed score; here it is the target probability itself.
+  the means agree. It scores with whatever target callable it is given (often the raw logit)
+  and reports differences from the unperturbed score; here it is the target probability itself.
 
   Noise for order o and percentile index j comes from `fold_in(fold_in(key, j), o)`, so
   values depend neither on `percentiles_per_call` nor on `order`. `percentiles_per_call`
