@@ -250,15 +250,15 @@ def test_road_noise_does_not_depend_on_chunking_or_order():
   images = jax.random.uniform(keys[0], (3, S, S, 1))
   saliency = jax.random.uniform(keys[1], (3, S, S))
   targets = jnp.array([0, 1, 0])
-  logits_fn = _region_model()
-  args = (logits_fn, images, saliency, targets, jax.random.key(4), (20, 50, 80))
-  both = faithfulness.road(*args, percentiles_per_call=2)
-  one = faithfulness.road(*args, percentiles_per_call=1)
-  morf = faithfulness.road(*args, order='morf', percentiles_per_call=3)
-  for name, value in both.items():
-    np.testing.assert_allclose(one[name], value, rtol=1e-6)
+  road = jax.jit(faithfulness.road, static_argnums=(0, 5, 6, 7, 8))
+  args = (_region_model(), images, saliency, targets, jax.random.key(4), (20, 50, 80))
+  both = road(*args, 'both', 0.05, 2)  # two calls, the second padded
+  morf = road(*args, 'morf', 0.05, 1)
   np.testing.assert_allclose(morf['road_morf_curve'], both['road_morf_curve'], rtol=1e-6)
   assert set(morf) == {'road_morf', 'road_morf_curve'}
+  assert set(both) == {'road_morf', 'road_lerf', 'road_combined'} | {
+    f'road_{o}_curve' for o in ('morf', 'lerf')
+  }
   with pytest.raises(ValueError, match='order'):
     faithfulness.road(*args, order='most')
 
@@ -268,14 +268,20 @@ def test_road_morf_drops_the_score_of_a_faithful_map_and_lerf_keeps_it():
   removing the region first (MoRF) imputes it from the dark surround and drops the score;
   removing the rest first (LeRF) leaves it. The target probability is sigmoid(10 * brightness):
   1/2 for a dark region, ~1 for a bright one."""
-  logits_fn = _region_model()
-  images = jnp.zeros((2, S, S, 1)).at[:, :2, :2].set(1.0)
-  targets = jnp.zeros(2, jnp.int32)
+  images = jnp.zeros((4, S, S, 1)).at[:, :2, :2].set(1.0)
   good, bad = _region_saliency(2)
   percentiles = (10, 30, 50)  # 4, 11 and 18 of 36 pixels: the region is 4
-  key = jax.random.key(0)
-  faithful = faithfulness.road(logits_fn, images, good, targets, key, percentiles, noise=0.0)
-  reverse = faithfulness.road(logits_fn, images, bad, targets, key, percentiles, noise=0.0)
+  got = faithfulness.road(
+    _region_model(),
+    images,
+    jnp.concatenate([good, bad]),
+    jnp.zeros(4, jnp.int32),
+    jax.random.key(0),
+    percentiles,
+    noise=0.0,
+  )
+  faithful = {name: value[:2] for name, value in got.items()}
+  reverse = {name: value[2:] for name, value in got.items()}
   assert float(faithful['road_morf'].max()) < 0.51 and float(faithful['road_lerf'].min()) > 0.99
   assert float(reverse['road_morf'].min()) > 0.99 and float(reverse['road_lerf'].max()) < 0.51
   assert float(faithful['road_combined'].min()) > float(reverse['road_combined'].max()) + 0.4
