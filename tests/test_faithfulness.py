@@ -147,6 +147,9 @@ def reference_imputation(image, removed):
   return out
 
 
+impute = jax.jit(faithfulness.noisy_linear_imputation)  # one compilation per shape
+
+
 def _imputation_case(n=4, side=12, channels=3, seed=0):
   rng = np.random.default_rng(seed)
   images = rng.uniform(size=(n, side, side, channels)).astype(np.float32)
@@ -157,9 +160,7 @@ def _imputation_case(n=4, side=12, channels=3, seed=0):
 
 def test_noisy_linear_imputation_equals_sparse_solve_and_keeps_known_pixels():
   images, removed = _imputation_case()
-  got = np.asarray(
-    jax.jit(faithfulness.noisy_linear_imputation)(images, removed, jax.random.key(0), 0.0)
-  )
+  got = np.asarray(impute(images, removed, jax.random.key(0), 0.0))
   for i in range(len(images)):
     np.testing.assert_allclose(got[i], reference_imputation(images[i], removed[i]), atol=1e-5)
   np.testing.assert_array_equal(got[~removed], images[~removed])
@@ -170,7 +171,7 @@ def test_noisy_linear_imputation_equals_pytorch_grad_cam():
   torch = pytest.importorskip('torch')
   road = pytest.importorskip('pytorch_grad_cam.metrics.road')
   images, removed = _imputation_case()
-  got = np.asarray(faithfulness.noisy_linear_imputation(images, removed, jax.random.key(0), 0.0))
+  got = np.asarray(impute(images, removed, jax.random.key(0), 0.0))
   imputer = road.NoisyLinearImputer(noise=0.0)
   for i in range(len(images)):
     want = imputer(
@@ -182,10 +183,10 @@ def test_noisy_linear_imputation_equals_pytorch_grad_cam():
 def test_imputation_noise_has_the_asked_spread_on_removed_pixels_only():
   images, removed = _imputation_case(n=2, side=32, channels=2)
   key = jax.random.key(1)
-  clean = faithfulness.noisy_linear_imputation(images, removed, key, 0.0)
-  noisy = faithfulness.noisy_linear_imputation(images, removed, key, 0.05)
-  again = faithfulness.noisy_linear_imputation(images, removed, key, 0.05)
-  other = faithfulness.noisy_linear_imputation(images, removed, jax.random.key(2), 0.05)
+  clean = impute(images, removed, key, 0.0)
+  noisy = impute(images, removed, key, 0.05)
+  again = impute(images, removed, key, 0.05)
+  other = impute(images, removed, jax.random.key(2), 0.05)
   diff = np.asarray(noisy - clean)
   np.testing.assert_array_equal(diff[~removed], 0.0)
   assert abs(diff[removed].mean()) < 0.005 and abs(diff[removed].std() - 0.05) < 0.005
@@ -196,7 +197,7 @@ def test_imputation_noise_has_the_asked_spread_on_removed_pixels_only():
 def test_imputation_of_flat_and_fully_removed_images():
   images = jnp.full((2, 8, 8, 1), 0.3)
   removed = jnp.zeros((2, 8, 8), bool).at[0, 2:6, 1:8].set(True).at[1].set(True)
-  got = np.asarray(faithfulness.noisy_linear_imputation(images, removed, jax.random.key(0), 0.0))
+  got = np.asarray(impute(images, removed, jax.random.key(0), 0.0))
   np.testing.assert_allclose(got[0], 0.3, atol=1e-6)  # a flat image stays flat
   np.testing.assert_array_equal(got[1], 0.0)  # nothing known: 0, not NaN
 

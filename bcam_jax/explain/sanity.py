@@ -162,7 +162,8 @@ def cascading_randomization(
   Returns 'layers' (S names, '/'-joined), 'spearman' `(S, N)` of the maps with the trained
   model's, image by image, and 'spearman_abs' of their absolute values (the same for maps
   after a ReLU; the paper's choice for signed maps such as gradients). Call it outside jit
-  (the names are strings); it jits the stages itself, with `maps_fn` as a static argument.
+  (the names are strings); it jits the stages itself, with `maps_fn` as a static argument:
+  reuse one function object to reuse the compilation.
   """
   names, table = stage_table(params, layers, mode)
   correlations, correlations_abs = _stage_correlations(maps_fn, params, key, jnp.asarray(table))
