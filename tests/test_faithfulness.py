@@ -118,3 +118,213 @@ def test_blur_keeps_a_constant_image_inside_and_smooths_an_edge():
   blurred = faithfulness.blur(images)
   row = np.asarray(blurred[0, 10, :, 0])
   assert 0 < row[9] < row[10] < 1 and np.all(np.diff(row[4:16]) >= -1e-6)
+
+
+def reference_imputation(image, removed):
+  """ROAD's linear system for one image `(H, W, C)` built entry by entry and solved in float64
+  by scipy's sparse LU: each removed pixel minus the weighted mean of its in-image neighbours
+  is 0."""
+  from scipy.sparse import lil_matrix
+  from scipy.sparse.linalg import spsolve
+
+  height, width = removed.shape
+  index = -np.ones((height, width), int)
+  index[removed] = np.arange(removed.sum())
+  a = lil_matrix((removed.sum(), removed.sum()))
+  b = np.zeros((removed.sum(), image.shape[-1]))
+  for i, j in zip(*np.nonzero(removed)):
+    row = index[i, j]
+    for (di, dj), weight in faithfulness.NEIGHBOUR_WEIGHTS:
+      y, x = i + di, j + dj
+      if 0 <= y < height and 0 <= x < width:
+        a[row, row] += weight
+        if removed[y, x]:
+          a[row, index[y, x]] -= weight
+        else:
+          b[row] += weight * image[y, x]
+  out = np.array(image, np.float64)
+  out[removed] = spsolve(a.tocsc(), b).reshape(-1, image.shape[-1])
+  return out
+
+
+impute = jax.jit(faithfulness.noisy_linear_imputation)  # one compilation per shape
+
+
+def _imputation_case(n=4, side=12, channels=3, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.uniform(size=(n, side, side, channels)).astype(np.float32)
+  removed = rng.uniform(size=(n, side, side)) < np.linspace(0.2, 0.9, n)[:, None, None]
+  removed[-1, :7, :9] = True  # a large blob touching two borders
+  return images, removed
+
+
+def test_noisy_linear_imputation_equals_sparse_solve_and_keeps_known_pixels():
+  images, removed = _imputation_case()
+  got = np.asarray(impute(images, removed, jax.random.key(0), 0.0))
+  for i in range(len(images)):
+    np.testing.assert_allclose(got[i], reference_imputation(images[i], removed[i]), atol=1e-5)
+  np.testing.assert_array_equal(got[~removed], images[~removed])
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch under numpy 2
+def test_noisy_linear_imputation_equals_pytorch_grad_cam():
+  torch = pytest.importorskip('torch')
+  road = pytest.importorskip('pytorch_grad_cam.metrics.road')
+  images, removed = _imputation_case()
+  got = np.asarray(impute(images, removed, jax.random.key(0), 0.0))
+  imputer = road.NoisyLinearImputer(noise=0.0)
+  for i in range(len(images)):
+    want = imputer(
+      torch.from_numpy(images[i].transpose(2, 0, 1)), torch.from_numpy(1.0 - removed[i])
+    )
+    np.testing.assert_allclose(got[i], want.numpy().transpose(1, 2, 0), atol=1e-5)
+
+
+def test_imputation_noise_has_the_asked_spread_on_removed_pixels_only():
+  images, removed = _imputation_case(n=2, side=32, channels=2)
+  key = jax.random.key(1)
+  clean = impute(images, removed, key, 0.0)
+  noisy = impute(images, removed, key, 0.05)
+  again = impute(images, removed, key, 0.05)
+  other = impute(images, removed, jax.random.key(2), 0.05)
+  diff = np.asarray(noisy - clean)
+  np.testing.assert_array_equal(diff[~removed], 0.0)
+  assert abs(diff[removed].mean()) < 0.005 and abs(diff[removed].std() - 0.05) < 0.005
+  np.testing.assert_array_equal(noisy, again)
+  assert not np.allclose(noisy, other)
+
+
+def test_imputation_of_flat_and_fully_removed_images():
+  images = jnp.full((2, 8, 8, 1), 0.3)
+  removed = jnp.zeros((2, 8, 8), bool).at[0, 2:6, 1:8].set(True).at[1].set(True)
+  got = np.asarray(impute(images, removed, jax.random.key(0), 0.0))
+  np.testing.assert_allclose(got[0], 0.3, atol=1e-6)  # a flat image stays flat
+  np.testing.assert_array_equal(got[1], 0.0)  # nothing known: 0, not NaN
+
+
+def naive_road(logits_fn, images, saliency, targets, percentiles):
+  """One image and one percentile at a time: numpy's order of decreasing saliency, the
+  reference imputation, the model on one image."""
+  curves = {'morf': [], 'lerf': []}
+  side = images.shape[1]
+  for i in range(images.shape[0]):
+    order = np.argsort(-np.asarray(saliency[i]).ravel(), kind='stable')
+    for name in curves:
+      row = []
+      for p in percentiles:
+        k = int(np.round(p / 100 * side * side))
+        chosen = order[:k] if name == 'morf' else order[side * side - k :]
+        removed = np.zeros(side * side, bool)
+        removed[chosen] = True
+        image = reference_imputation(np.asarray(images[i]), removed.reshape(side, side))
+        logits = np.asarray(logits_fn(jnp.asarray(image, jnp.float32)[None]))[0]
+        p_all = np.exp(logits - logits.max())
+        row.append(p_all[targets[i]] / p_all.sum())
+      curves[name].append(row)
+  return {name: np.array(rows) for name, rows in curves.items()}
+
+
+@pytest.mark.parametrize(
+  'percentiles,per_call', [((10, 20, 30, 40, 50, 60, 70, 80, 90), 4), ((25, 75), 1)]
+)
+def test_road_equals_naive_loop(percentiles, per_call):
+  keys = jax.random.split(jax.random.key(0), 3)
+  images = jax.random.uniform(keys[0], (4, S, S, 2))
+  saliency = jax.random.uniform(keys[1], (4, S, S))
+  targets = jnp.array([0, 1, 2, 1])
+  w = jax.random.normal(keys[2], (S * S * 2, 3))
+  logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
+  got = jax.jit(faithfulness.road, static_argnums=(0, 5, 6, 7, 8))(
+    logits_fn, images, saliency, targets, jax.random.key(1), percentiles, 'both', 0.0, per_call
+  )
+  want = naive_road(logits_fn, images, saliency, targets, percentiles)
+  for name in ('morf', 'lerf'):
+    np.testing.assert_allclose(got[f'road_{name}_curve'], want[name], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got[f'road_{name}'], want[name].mean(-1), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    got['road_combined'], (want['lerf'] - want['morf']).mean(-1) / 2, rtol=1e-4, atol=1e-6
+  )
+
+
+def test_road_noise_does_not_depend_on_chunking_or_order():
+  keys = jax.random.split(jax.random.key(3), 2)
+  images = jax.random.uniform(keys[0], (3, S, S, 1))
+  saliency = jax.random.uniform(keys[1], (3, S, S))
+  targets = jnp.array([0, 1, 0])
+  road = jax.jit(faithfulness.road, static_argnums=(0, 5, 6, 7, 8))
+  args = (_region_model(), images, saliency, targets, jax.random.key(4), (20, 50, 80))
+  both = road(*args, 'both', 0.05, 2)  # two calls, the second padded
+  morf = road(*args, 'morf', 0.05, 1)
+  np.testing.assert_allclose(morf['road_morf_curve'], both['road_morf_curve'], rtol=1e-6)
+  assert set(morf) == {'road_morf', 'road_morf_curve'}
+  assert set(both) == {'road_morf', 'road_lerf', 'road_combined'} | {
+    f'road_{o}_curve' for o in ('morf', 'lerf')
+  }
+  with pytest.raises(ValueError, match='order'):
+    faithfulness.road(*args, order='most')
+
+
+def test_road_morf_drops_the_score_of_a_faithful_map_and_lerf_keeps_it():
+  """The region model's score is the region's brightness: on a bright region in a dark image,
+  removing the region first (MoRF) imputes it from the dark surround and drops the score;
+  removing the rest first (LeRF) leaves it. The target probability is sigmoid(10 * brightness):
+  1/2 for a dark region, ~1 for a bright one."""
+  images = jnp.zeros((4, S, S, 1)).at[:, :2, :2].set(1.0)
+  good, bad = _region_saliency(2)
+  percentiles = (10, 30, 50)  # 4, 11 and 18 of 36 pixels: the region is 4
+  got = faithfulness.road(
+    _region_model(),
+    images,
+    jnp.concatenate([good, bad]),
+    jnp.zeros(4, jnp.int32),
+    jax.random.key(0),
+    percentiles,
+    noise=0.0,
+  )
+  faithful = {name: value[:2] for name, value in got.items()}
+  reverse = {name: value[2:] for name, value in got.items()}
+  assert float(faithful['road_morf'].max()) < 0.51 and float(faithful['road_lerf'].min()) > 0.99
+  assert float(reverse['road_morf'].min()) > 0.99 and float(reverse['road_lerf'].max()) < 0.51
+  assert float(faithful['road_combined'].min()) > float(reverse['road_combined'].max()) + 0.4
+
+
+@pytest.mark.filterwarnings('ignore::DeprecationWarning')  # torch under numpy 2
+def test_road_equals_pytorch_grad_cam_road_with_its_percentiles_mirrored():
+  """pytorch-grad-cam's percentile p keeps p% of the pixels, so its curve at p is ours at
+  100 - p, and the means over 10, ..., 90 are the same (noise 0, distinct saliency values)."""
+  torch = pytest.importorskip('torch')
+  pgc = pytest.importorskip('pytorch_grad_cam.metrics.perturbation_confidence')
+  road_module = pytest.importorskip('pytorch_grad_cam.metrics.road')
+  targets_module = pytest.importorskip('pytorch_grad_cam.utils.model_targets')
+  rng = np.random.default_rng(0)
+  n, side, channels = 3, 10, 3
+  images = rng.uniform(size=(n, side, side, channels)).astype(np.float32)
+  saliency = rng.permutation(n * side * side).reshape(n, side, side).astype(np.float32) / 300
+  targets = [0, 2, 1]
+  w = rng.normal(size=(channels * side * side, 3)).astype(np.float32)
+  model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(w.shape[0], 3, bias=False))
+  model.eval()
+  with torch.no_grad():
+    model[1].weight.copy_(torch.from_numpy(w.T))  # flattens (C, H, W)
+  logits_fn = lambda x: jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1) @ w
+  percentiles = (10, 20, 30, 40, 50, 60, 70, 80, 90)
+  got = faithfulness.road(
+    logits_fn, images, saliency, jnp.array(targets), jax.random.key(0), percentiles, noise=0.0
+  )
+  imputer = road_module.NoisyLinearImputer(noise=0.0)
+  soft = [targets_module.ClassifierOutputSoftmaxTarget(t) for t in targets]
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  for name, removal in (
+    ('morf', pgc.RemoveMostRelevantFirst),
+    ('lerf', pgc.RemoveLeastRelevantFirst),
+  ):
+    theirs = np.stack(
+      [
+        pgc.PerturbationConfidenceMetric(removal(p, imputer))(
+          x, saliency, soft, model, return_diff=False
+        )
+        for p in percentiles[::-1]
+      ],
+      axis=1,
+    )
+    np.testing.assert_allclose(got[f'road_{name}_curve'], theirs, atol=1e-5)

@@ -8,7 +8,9 @@ layer, under jit, and their faithfulness.
                 the maps, with what it needs of the model (`check_applicable`).
   explainer     `Explainer`: a model with its input normalisation, mapping [0, 1] pixels
                 to logits and to maps at image size in [0, 1].
-  faithfulness  Average Drop / Gain / Increase, insertion and deletion of such maps.
+  faithfulness  Average Drop / Gain / Increase, insertion and deletion, ROAD of such maps.
+  sanity        the model-parameter randomisation test: do the maps change when the
+                model's weights are randomised, layer by layer?
   overlay       maps blended over their images as RGB arrays (`show_cam_on_image`).
 
 The map functions themselves live in `bcam_jax.cam`. This package never imports the
@@ -16,7 +18,7 @@ training code (objective, steps, train_lib, evaluation), so any trained model ca
 without it.
 """
 
-from bcam_jax.explain import faithfulness
+from bcam_jax.explain import faithfulness, sanity
 from bcam_jax.explain.explainer import TARGETS, Explainer, TargetSpec
 from bcam_jax.explain.layers import (
   CamModel,
@@ -48,11 +50,12 @@ __all__ = [
   'NNXModel',
   'TargetSpec',
   'check_applicable',
-  'colorize',
   'check_methods',
+  'colorize',
   'default_methods',
   'faithfulness',
   'layer_features',
+  'sanity',
   'show_cam_on_image',
   'token_grid',
 ]
