@@ -48,6 +48,7 @@ FIGURES = (
 )
 OVERLAY_SELECTIONS = ('first', 'misclassified')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
+ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,9 @@ class EvalOptions:
   score_cam_chunk and 2 * steps_per_call); num_overlays: test images in overlays.png;
   overlay_selection: which ones, the 'first' of the test split or its first
   'misclassified' ones (where the maps show what misled the model);
-  num_error_pairs: confusions in error_prototypes.png.
+  num_error_pairs: confusions in error_prototypes.png; road: also ROAD (MoRF, LeRF and
+  combined over percentiles 10-90, `faithfulness.road`, 18 forward passes per image; its
+  imputation noise from a fixed key, so a result is reproducible).
   """
 
   checkpoint: str = 'best'
@@ -78,6 +81,7 @@ class EvalOptions:
   num_overlays: int = 6
   overlay_selection: str = 'first'
   num_error_pairs: int = 8
+  road: bool = False
 
   def __post_init__(self):
     if self.checkpoint not in CHECKPOINTS:
@@ -210,6 +214,9 @@ def make_method_step(
     terms = faithfulness.drop_gain_increase(y, o) | faithfulness.insertion_deletion(
       logits_fn, pixels, maps, targets, options.n_steps, options.steps_per_call
     )
+    if options.road:
+      road = faithfulness.road(logits_fn, pixels, maps, targets, jax.random.key(0))
+      terms |= {k: road[k] for k in ROAD_METRICS}
     terms['image_l1'] = objective.map_distance(maps, prototypes[targets], 'l1')
     terms['image_ssim'] = 1.0 - objective.map_distance(maps, prototypes[targets], 'ssim')
     mask = mask.astype(jnp.float32)
@@ -357,7 +364,7 @@ def _method_row(run, variables, explainer, method: str, options, subset, prototy
   sums = evaluation.sum_over_split(
     run.mesh, subset, batch_size, step_fn, variables, prototypes, progress=progress
   )
-  row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS}
+  row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS + ROAD_METRICS if k in sums}
   row.update(_alignment(sums, np.asarray(prototypes)))
   row['suite_images_per_second'] = progress.rate()
   logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))

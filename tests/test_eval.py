@@ -52,6 +52,7 @@ def test_eval_py_writes_every_output(trained):
     '--n_steps=4',
     '--score_cam_chunk=24',
     f'--methods={",".join(METHODS)}',
+    '--road',
   ]
   proc = subprocess.run(
     cmd,
@@ -97,12 +98,16 @@ def test_eval_py_writes_every_output(trained):
     assert 0 <= values['average_drop'] <= 100 and 0 <= values['average_increase'] <= 100
     assert 0 <= values['deletion'] <= 1 and 0 <= values['insertion'] <= 1
     assert 0 <= values['alignment_l1'] <= 1
+    assert values['road_combined'] == pytest.approx(
+      (values['road_lerf'] - values['road_morf']) / 2, abs=1e-6
+    )
   confusion = np.array(metrics['confusion'])
   assert confusion.shape == (10, 10) and confusion.sum() == 60
   assert np.trace(confusion) / 60 == pytest.approx(metrics['test_accuracy'])
   text = open(os.path.join(out, 'report.md')).read()
   for method in METHODS:
     assert f'| {method} |' in text
+  assert 'ROAD LeRF ↑' in text
   assert 'Evaluation report in' in proc.stderr and 'eval/tensorboard' in proc.stderr
   tags = _tensorboard_tags(os.path.join(out, 'tensorboard'))
   for tag in ('test_best_checkpoint/accuracy', 'score_cam/insertion', 'grad_cam/alignment_l1'):

@@ -46,7 +46,10 @@ _TARGET = flags.DEFINE_enum(
   'Class explained by each map: ground truth or prediction.',
 )
 _LAYER = flags.DEFINE_string(
-  'layer', _DEFAULTS.layer, 'Explained layer, a key of the backbone features dict.'
+  'layer',
+  _DEFAULTS.layer,
+  'Explained layer: a key of the backbone features dict (cam, stage3, ...) or a module '
+  'path (backbone_net/stage3_block1/conv2); an unknown one lists the valid ones.',
 )
 _N_STEPS = flags.DEFINE_integer('n_steps', _DEFAULTS.n_steps, 'Insertion/deletion steps.')
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -66,6 +69,11 @@ _OVERLAY_SELECTION = flags.DEFINE_enum(
   list(eval_lib.OVERLAY_SELECTIONS),
   'Which test images overlays.png shows: the first ones or the first misclassified ones.',
 )
+_ROAD = flags.DEFINE_bool(
+  'road',
+  _DEFAULTS.road,
+  'Also measure ROAD (remove and debias: MoRF, LeRF, combined; 18 forward passes per image).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -84,6 +92,7 @@ def main(argv):
     score_cam_chunk=_SCORE_CAM_CHUNK.value,
     num_overlays=_NUM_OVERLAYS.value,
     overlay_selection=_OVERLAY_SELECTION.value,
+    road=_ROAD.value,
   )
   eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
 

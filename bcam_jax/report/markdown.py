@@ -10,6 +10,9 @@ METHOD_COLUMNS = (
   ('average_increase', 'AI % ↑'),
   ('insertion', 'Ins ↑'),
   ('deletion', 'Del ↓'),
+  ('road_morf', 'ROAD MoRF ↓'),
+  ('road_lerf', 'ROAD LeRF ↑'),
+  ('road_combined', 'ROAD ↑'),
   ('alignment_l1', 'align L1 ↓'),
   ('alignment_ssim', 'align SSIM ↑'),
   ('image_l1', 'image L1 ↓'),
@@ -40,14 +43,22 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
     f'{"ground-truth" if result["target"] == "label" else "predicted"} class at layer '
     f'`{result["layer"]}`. AD/AG/AI: Average Drop/Gain/Increase (%), Ins/Del: insertion '
     f'and deletion AUC ({result["n_steps"]} steps); align: mean normalised map of each '
-    'class vs its prototype (L1, SSIM), image: the same per image.',
+    'class vs its prototype (L1, SSIM), image: the same per image'
+    + (
+      '; ROAD: target probability with the most (MoRF) or least (LeRF) salient 10-90% of '
+      'pixels imputed, and (LeRF - MoRF) / 2.'
+      if any('road_combined' in v for v in result['methods'].values())
+      else '.'
+    ),
     '',
   ]
+  measured = set().union(*(values for values in result['methods'].values()))
+  columns = [(key, title) for key, title in METHOD_COLUMNS if key in measured]
   rows = [
-    [method] + [f'{values[key]:.4g}' for key, _ in METHOD_COLUMNS]
+    [method] + [f'{values[key]:.4g}' for key, _ in columns]
     for method, values in result['methods'].items()
   ]
-  lines += markdown_table(['method'] + [title for _, title in METHOD_COLUMNS], rows)
+  lines += markdown_table(['method'] + [title for _, title in columns], rows)
   lines += ['', '## Per-class test accuracy', '']
   lines += markdown_table(
     ['class', 'accuracy %'],
