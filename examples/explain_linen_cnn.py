@@ -62,7 +62,7 @@ class SmallCNN(nn.Module):
 def train(net, pixels, labels, steps, batch, key):
   """Plain optax training on normalised pixels; returns the variables."""
   x = (pixels - MEAN) / STD
-  variables = net.init(key, x[:1])
+  variables = jax.jit(net.init)(key, x[:1])
   optimizer = optax.adam(3e-3)
   opt_state = optimizer.init(variables)
 

@@ -95,7 +95,7 @@ class TinyViT(nn.Module):
 def train(net, pixels, labels, steps, batch, key):
   """Plain optax training on normalised pixels; returns the variables."""
   x = (pixels - MEAN) / STD
-  variables = net.init(key, x[:1])
+  variables = jax.jit(net.init)(key, x[:1])
   optimizer = optax.adamw(3e-3, weight_decay=1e-4)
   opt_state = optimizer.init(variables)
 
@@ -134,11 +134,12 @@ def main():
 
   # prefix_tokens=1: block1's (N, 37, D) tokens -> class token dropped, (N, 6, 6, D) grid.
   explainer = explain.Explainer(net, MEAN, STD, layer='block1', prefix_tokens=1)
-  accuracy = float(jnp.mean(jnp.argmax(explainer.logits(variables, test_x), -1) == test_y))
+  logits = jax.jit(explainer.logits)(variables, test_x)
+  accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test_y))
   print(f'test accuracy: {accuracy:.3f}')
   shapes = explainer.layer_shapes(variables, test_x[:1])
   print(f'block1 output (tokens): {shapes["block1"]}')
-  grid, _ = explainer.features(variables, test_x[:1])
+  grid = jax.eval_shape(lambda v, p: explainer.features(v, p)[0], variables, test_x[:1])
   print(f'block1 as explained (patch grid): {tuple(grid.shape)}')
 
   maps_fn = jax.jit(explainer.maps, static_argnums=0)

@@ -129,7 +129,8 @@ def main():
     print(f'training Net with lambda={lam:g} for {args.steps} steps')
     adapter, state = train(lam, train_x, train_y, prototypes, args.steps, args.batch)
     explainer = explain.Explainer(adapter, MEAN, STD, layer=LAYER)
-    accuracy = float(jnp.mean(jnp.argmax(explainer.logits(state, test_x), -1) == test_y))
+    logits = jax.jit(explainer.logits)(state, test_x)
+    accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test_y))
     maps = jax.jit(explainer.maps, static_argnums=0)('grad_cam', state, test_x, test_y)
     in_square = jnp.sum(maps * test_masks, (1, 2)) / jnp.maximum(jnp.sum(maps, (1, 2)), 1e-8)
     empty = int(jnp.sum(maps.max((1, 2)) == 0))  # Grad-CAM's ReLU removed everything
