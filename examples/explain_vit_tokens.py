@@ -19,7 +19,7 @@ Layer-CAM and Eigen-CAM. On token layers Grad-CAM's one weight per channel (the 
 averaged over all patches) is often a poor fit; the element-wise methods, HiRes-CAM and
 Layer-CAM, which weight each patch by its own gradient, usually land closer to the object.
 
-Run (about 40 s on 2 CPU cores):
+Run (about 30 s on 2 CPU cores):
 
     python examples/explain_vit_tokens.py
     python examples/explain_vit_tokens.py --steps=600 --out_dir=/tmp/vit

@@ -17,7 +17,7 @@ script trains the same model twice, with lambda = 0 (cross-entropy only) and wit
 term, and prints the fraction of each Grad-CAM map's mass inside the square: the CAM term
 puts the explanation where the class evidence is.
 
-Run (about 40 s on 2 CPU cores):
+Run (about 30 s on 2 CPU cores):
 
     python examples/nnx_batch_cam_loss.py
     python examples/nnx_batch_cam_loss.py --steps=300 --lam=2 --out_dir=/tmp/bcam
