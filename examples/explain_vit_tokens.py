@@ -19,7 +19,8 @@ Layer-CAM and Eigen-CAM. On token layers Grad-CAM's one weight per channel (the 
 averaged over all patches) is often a poor fit; the element-wise methods, HiRes-CAM and
 Layer-CAM, which weight each patch by its own gradient, usually land closer to the object.
 
-Run (about 30 s on 2 CPU cores):
+Run from the clone's root (about 30 s on 2 CPU cores), with bcam_jax installed
+(`pip install -e .`) or importable (`PYTHONPATH=.`):
 
     python examples/explain_vit_tokens.py
     python examples/explain_vit_tokens.py --steps=600 --out_dir=/tmp/vit
@@ -109,10 +110,11 @@ def train(net, pixels, labels, steps, batch, key):
     return optax.apply_updates(variables, updates), opt_state, loss
 
   rng = np.random.default_rng(0)
+  log_at = set(np.linspace(0, steps - 1, 5).astype(int).tolist())  # five loss lines
   for i in range(steps):
     idx = rng.integers(0, x.shape[0], batch)
     variables, opt_state, loss = step(variables, opt_state, x[idx], labels[idx])
-    if i % max(steps // 4, 1) == 0 or i == steps - 1:
+    if i in log_at:
       print(f'  step {i:4d}  loss {float(loss):.4f}')
   return variables
 
