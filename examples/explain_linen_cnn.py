@@ -1,0 +1,156 @@
+"""Explain your own Flax linen CNN with bcam_jax: Grad-CAM, Score-CAM, Layer-CAM and
+Ablation-CAM, jitted, with their faithfulness and a check that they point at the object.
+
+The data are synthetic: coloured noise with one square at a random position whose colour
+says the class (0 red, 1 green, 2 blue, 3 yellow). A CNN that solves the task has to look
+at the square, so a right explanation puts its mass inside the square; the script prints
+that fraction next to Average Drop / Increase and insertion / deletion.
+
+The model is an ordinary linen module (nothing from `bcam_jax.models`); the explainer
+reaches its layer by module path (`layer='conv3'`), with no change to the model.
+
+Run from the clone's root (about 30 s on 2 CPU cores), with bcam_jax installed
+(`pip install -e .`) or importable (`PYTHONPATH=.`):
+
+    python examples/explain_linen_cnn.py
+    python examples/explain_linen_cnn.py --steps=600 --out_dir=/tmp/cams
+"""
+
+import argparse
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+
+from bcam_jax import cam, explain
+from bcam_jax.explain import faithfulness
+
+NUM_CLASSES, SIZE, SQUARE = 4, 24, 6
+MEAN, STD = 0.3, 0.3  # the input normalisation the model is trained with
+METHODS = ('grad_cam', 'score_cam', 'layer_cam', 'ablation_cam')
+
+
+def make_data(seed, n):
+  """n images `(n, 24, 24, 3)` in [0, 1], their labels `(n,)` and square masks `(n, 24, 24)`."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, NUM_CLASSES, n)
+  top, left = rng.integers(0, SIZE - SQUARE + 1, (2, n, 1, 1))
+  rows, cols = np.arange(SIZE)[None, :, None], np.arange(SIZE)[None, None, :]
+  masks = (rows >= top) & (rows < top + SQUARE) & (cols >= left) & (cols < left + SQUARE)
+  noise = rng.uniform(size=(n, SIZE, SIZE, 3))
+  colours = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[labels]
+  square = 0.2 + 0.45 * colours[:, None, None, :] + 0.35 * noise
+  pixels = np.where(masks[..., None], square, 0.6 * noise).astype(np.float32)
+  return pixels, labels, masks.astype(np.float32)
+
+
+class SmallCNN(nn.Module):
+  """conv -> conv (stride 2) -> conv -> global average pool -> dense."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), name='conv1')(x))
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2, name='conv2')(x))
+    x = nn.relu(nn.Conv(16, (3, 3), name='conv3')(x))  # 12x12x16: the layer we explain
+    return nn.Dense(NUM_CLASSES, name='head')(x.mean(axis=(1, 2)))
+
+
+def train(net, pixels, labels, steps, batch, key):
+  """Plain optax training on normalised pixels; returns the variables."""
+  x = (pixels - MEAN) / STD
+  variables = jax.jit(net.init)(key, x[:1])
+  optimizer = optax.adam(3e-3)
+  opt_state = optimizer.init(variables)
+
+  @jax.jit
+  def step(variables, opt_state, xb, yb):
+    def loss_fn(v):
+      return optax.softmax_cross_entropy_with_integer_labels(net.apply(v, xb), yb).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(variables)
+    updates, opt_state = optimizer.update(grads, opt_state, variables)
+    return optax.apply_updates(variables, updates), opt_state, loss
+
+  rng = np.random.default_rng(0)
+  log_at = set(np.linspace(0, steps - 1, 5).astype(int).tolist())  # five loss lines
+  for i in range(steps):
+    idx = rng.integers(0, x.shape[0], batch)
+    variables, opt_state, loss = step(variables, opt_state, x[idx], labels[idx])
+    if i in log_at:
+      print(f'  step {i:4d}  loss {float(loss):.4f}')
+  return variables
+
+
+def save_grid(path, pixels, rows, labels):
+  """One PNG: the images, then one row of overlays per method (uint8, 3x upscaled)."""
+  tiles = [np.concatenate(list(pixels), axis=1)]
+  tiles += [np.concatenate(list(row), axis=1) for row in rows]
+  grid = (np.clip(np.concatenate(tiles, axis=0), 0, 1) * 255).astype(np.uint8)
+  image = Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST)
+  image.save(path)
+  print(f'wrote {path}  (rows: images, {", ".join(labels)})')
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--steps', type=int, default=200, help='training steps')
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--n_explain', type=int, default=32, help='test images explained')
+  parser.add_argument('--out_dir', default='./example_outputs')
+  args = parser.parse_args()
+  os.makedirs(args.out_dir, exist_ok=True)
+  start = time.time()
+
+  train_x, train_y, _ = make_data(0, 2048)
+  test_x, test_y, test_masks = make_data(1, 256)
+  net = SmallCNN()
+  print(f'training SmallCNN for {args.steps} steps on {train_x.shape[0]} synthetic images')
+  variables = train(net, train_x, train_y, args.steps, args.batch, jax.random.key(2))
+
+  # The explainer takes [0, 1] pixels and normalises them as the model was trained.
+  explainer = explain.Explainer(net, MEAN, STD, layer='conv3')
+  logits = jax.jit(explainer.logits)(variables, test_x)
+  accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test_y))
+  print(f'test accuracy: {accuracy:.3f}')
+  print('layers the explainer can explain:', explainer.layer_shapes(variables, test_x[:1]))
+
+  pixels, labels, masks = test_x[: args.n_explain], test_y[: args.n_explain], test_masks
+  masks = masks[: args.n_explain]
+  maps_fn = jax.jit(explainer.maps, static_argnums=0)  # method name static, the rest traced
+
+  @jax.jit
+  def scores(variables, pixels, labels, masks, maps):
+    """Faithfulness of [0, 1] maps at image size, and their mass inside the square."""
+    logits_fn = lambda p: explainer.logits(variables, p)
+    y = cam.target_probability(logits_fn(pixels), labels)
+    o = cam.target_probability(logits_fn(faithfulness.mask_with_saliency(pixels, maps)), labels)
+    metrics = faithfulness.drop_gain_increase(y, o)
+    metrics |= faithfulness.insertion_deletion(logits_fn, pixels, maps, labels, n_steps=16)
+    metrics['in_square'] = jnp.sum(maps * masks, (1, 2)) / jnp.maximum(jnp.sum(maps, (1, 2)), 1e-8)
+    return {k: jnp.mean(v) for k, v in metrics.items()}
+
+  print(f'\nexplaining {pixels.shape[0]} test images at layer conv3, target = the label')
+  print(f'the square covers {float(masks.mean()):.1%} of each image (a uniform map scores that)')
+  header = f'{"method":<14}{"drop":>8}{"increase":>10}{"insertion":>11}{"deletion":>10}'
+  print(header + f'{"in-square":>11}')
+  rows = []
+  for method in METHODS:
+    maps = maps_fn(method, variables, pixels, labels)
+    m = scores(variables, pixels, labels, masks, maps)
+    print(
+      f'{method:<14}{float(m["average_drop"]):8.1f}{float(m["average_increase"]):10.1f}'
+      f'{float(m["insertion"]):11.3f}{float(m["deletion"]):10.3f}{float(m["in_square"]):11.1%}'
+    )
+    rows.append(explain.show_cam_on_image(pixels[:8], maps[:8]))
+  print('(drop: lower is better; increase, insertion: higher; deletion: lower)')
+  save_grid(os.path.join(args.out_dir, 'explain_linen_cnn.png'), pixels[:8], rows, METHODS)
+  print(f'done in {time.time() - start:.1f} s')
+
+
+if __name__ == '__main__':
+  main()
