@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from bcam_jax import cam, explain
 from bcam_jax.explain import faithfulness
+from bcam_jax.report import figures
 
 NUM_CLASSES, SIZE, SQUARE = 4, 24, 6
 MEAN, STD = 0.3, 0.3  # the input normalisation the model is trained with
 METHODS = ('grad_cam', 'score_cam', 'layer_cam', 'ablation_cam')
+CLASSES = ('red', 'green', 'blue', 'yellow')
 
 
 def make_data(seed, n):
@@ -86,16 +87,6 @@ def train(net, pixels, labels, steps, batch, key):
   return variables
 
 
-def save_grid(path, pixels, rows, labels):
-  """One PNG: the images, then one row of overlays per method (uint8, 3x upscaled)."""
-  tiles = [np.concatenate(list(pixels), axis=1)]
-  tiles += [np.concatenate(list(row), axis=1) for row in rows]
-  grid = (np.clip(np.concatenate(tiles, axis=0), 0, 1) * 255).astype(np.uint8)
-  image = Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST)
-  image.save(path)
-  print(f'wrote {path}  (rows: images, {", ".join(labels)})')
-
-
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--steps', type=int, default=200, help='training steps')
@@ -138,7 +129,7 @@ def main():
   print(f'the square covers {float(masks.mean()):.1%} of each image (a uniform map scores that)')
   header = f'{"method":<14}{"drop":>8}{"increase":>10}{"insertion":>11}{"deletion":>10}'
   print(header + f'{"in-square":>11}')
-  rows = []
+  shown = {}
   for method in METHODS:
     maps = maps_fn(method, variables, pixels, labels)
     m = scores(variables, pixels, labels, masks, maps)
@@ -146,9 +137,15 @@ def main():
       f'{method:<14}{float(m["average_drop"]):8.1f}{float(m["average_increase"]):10.1f}'
       f'{float(m["insertion"]):11.3f}{float(m["deletion"]):10.3f}{float(m["in_square"]):11.1%}'
     )
-    rows.append(explain.show_cam_on_image(pixels[:8], maps[:8]))
+    shown[method] = maps[:6]
   print('(drop: lower is better; increase, insertion: higher; deletion: lower)')
-  save_grid(os.path.join(args.out_dir, 'explain_linen_cnn.png'), pixels[:8], rows, METHODS)
+  path = os.path.join(args.out_dir, 'explain_linen_cnn.png')
+  predictions = jnp.argmax(logits[:6], -1)
+  title = 'SmallCNN at conv3: maps of the true class over the first 6 test images'
+  figures.save_overlays(path, pixels[:6], shown, labels[:6], predictions, CLASSES, title)
+  # Or as arrays, for your own figures: images with the map blended over them, RGB [0, 1].
+  overlays = explain.show_cam_on_image(pixels[:6], shown['grad_cam'])
+  print(f'wrote {path}  (rows: images; columns: {", ".join(METHODS)}); overlays {overlays.shape}')
   print(f'done in {time.time() - start:.1f} s')
 
 

@@ -35,11 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 
 from bcam_jax import explain
+from bcam_jax.report import figures
 
 NUM_CLASSES, SIZE, SQUARE, PATCH, DIM = 4, 24, 6, 4, 32
+CLASSES = ('red', 'green', 'blue', 'yellow')
 MEAN, STD = 0.3, 0.3
 METHODS = ('grad_cam', 'hires_cam', 'layer_cam', 'eigen_cam')
 
@@ -147,18 +148,18 @@ def main():
   maps_fn = jax.jit(explainer.maps, static_argnums=0)
   print(f'the square covers {test_masks.mean():.1%} of each image (a uniform map scores that)')
   print(f'{"method":<12}{"in-square":>11}')
-  rows = []
+  shown = {}
   for method in METHODS:
     maps = maps_fn(method, variables, test_x, test_y)  # upsampled from 6x6 to 24x24
     in_square = jnp.sum(maps * test_masks, (1, 2)) / jnp.maximum(jnp.sum(maps, (1, 2)), 1e-8)
     print(f'{method:<12}{float(in_square.mean()):11.1%}')
-    rows.append(np.asarray(explain.show_cam_on_image(test_x[:8], maps[:8])))
+    shown[method] = maps[:6]
 
-  strips = [np.concatenate(list(r), axis=1) for r in [test_x[:8]] + rows]
-  grid = (np.clip(np.concatenate(strips, axis=0), 0, 1) * 255).astype(np.uint8)
   path = os.path.join(args.out_dir, 'explain_vit_tokens.png')
-  Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
-  print(f'wrote {path}  (rows: images, {", ".join(METHODS)})')
+  title = 'TinyViT at block1 (6x6 patch tokens): maps of the true class'
+  predictions = jnp.argmax(logits[:6], -1)
+  figures.save_overlays(path, test_x[:6], shown, test_y[:6], predictions, CLASSES, title)
+  print(f'wrote {path}  (rows: images; columns: {", ".join(METHODS)})')
   print(f'done in {time.time() - start:.1f} s')
 
 

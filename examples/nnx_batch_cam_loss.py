@@ -36,13 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from PIL import Image
 
 from bcam_jax import cam, explain, objective
+from bcam_jax.report import figures
 
 NUM_CLASSES, SIZE, SQUARE = 4, 24, 6
 MEAN, STD = 0.3, 0.3
 LAYER = 'conv3'  # the attribute path of the explained submodule
+CLASSES = ('top left', 'top right', 'bottom left', 'bottom right')
 
 
 def make_data(seed, n):
@@ -129,7 +130,7 @@ def main():
   test_x, test_y, test_masks = make_data(1, 128)
   prototypes = prototypes_of(train_x, train_y, SIZE // 2)
 
-  results, rows = {}, []
+  results, shown = {}, {}
   for lam in (0.0, args.lam):
     print(f'training Net with lambda={lam:g} for {args.steps} steps')
     adapter, state = train(lam, train_x, train_y, prototypes, args.steps, args.batch)
@@ -144,26 +145,20 @@ def main():
       f'  test accuracy {accuracy:.3f}, Grad-CAM mass inside the square {in_square.mean():.1%}, '
       f'empty maps {empty}/{maps.shape[0]}'
     )
-    rows.append(np.asarray(explain.show_cam_on_image(test_x[:8], maps[:8])))
+    shown[f'Grad-CAM, lambda={lam:g}'] = maps[:6]
+    predictions = jnp.argmax(logits[:6], -1)
 
   print(f'\nthe square covers {test_masks.mean():.1%} of each image (a uniform map scores that)')
   print(f'{"lambda":>8}{"accuracy":>10}{"in-square":>11}')
   for lam, (accuracy, mass) in results.items():
     print(f'{lam:8g}{accuracy:10.3f}{mass:11.1%}')
 
-  images = np.broadcast_to(test_x[:8], test_x[:8].shape[:-1] + (3,))
-  protos = jax.image.resize(prototypes, (NUM_CLASSES, SIZE, SIZE), 'bilinear')
-  protos = np.asarray(explain.colorize(protos))
-  blank = np.zeros((8 - NUM_CLASSES, SIZE, SIZE, 3), np.float32)
-  strips = [
-    np.concatenate(list(r), axis=1) for r in ([images] + rows + [np.concatenate([protos, blank])])
-  ]
-  grid = (np.clip(np.concatenate(strips, axis=0), 0, 1) * 255).astype(np.uint8)
   path = os.path.join(args.out_dir, 'nnx_batch_cam_loss.png')
-  Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
-  print(
-    f'wrote {path}  (rows: images, Grad-CAM lambda=0, Grad-CAM lambda={args.lam:g}, prototypes)'
-  )
+  title = 'Grad-CAM at conv3 without and with the Batch-CAM loss'
+  figures.save_overlays(path, test_x[:6], shown, test_y[:6], predictions, CLASSES, title)
+  protos_path = os.path.join(args.out_dir, 'nnx_prototypes.png')
+  figures.save_image_grid(protos_path, prototypes, CLASSES, 'class prototypes P_c (mean images)')
+  print(f'wrote {path} (columns: the image, Grad-CAM per lambda) and {protos_path}')
   print(f'done in {time.time() - start:.1f} s')
 
 

@@ -122,6 +122,9 @@ def test_overlays(tmp_path):
   path = str(tmp_path / 'overlays.png')
   figures.save_overlays(path, rng.random((n, H, W)), maps, [0, 2], [0, 1], NAMES)
   _read_png(path)
+  for channels in (1, 3):  # grey with a channel axis, and RGB
+    figures.save_overlays(path, rng.random((n, H, W, channels)), maps, [0, 2], [0, 1], NAMES)
+    _read_png(path)
 
 
 def test_overlays_shape_mismatch(tmp_path):
@@ -132,6 +135,10 @@ def test_overlays_shape_mismatch(tmp_path):
     )
   with pytest.raises(ValueError, match=r'predictions: expected shape \(2,\), got \(1,\)'):
     figures.save_overlays(str(tmp_path / 'o.png'), images, {}, [0, 1], [0], NAMES)
+  with pytest.raises(ValueError, match=r'images: expected shape .*3\), got \(2, 8, 8, 2\)'):
+    figures.save_overlays(
+      str(tmp_path / 'o.png'), np.zeros((2, H, W, 2)), {}, [0, 1], [0, 1], NAMES
+    )
 
 
 def test_cams_next_to_prototypes_is_a_labelled_colour_image():

@@ -226,18 +226,25 @@ def save_overlays(
 
   One row per image, one column per method, so methods compare side by side on the same
   examples; the first column names the true and predicted class, in red when they differ.
-  `title` (optional) says which images these are, e.g. the first or the misclassified ones.
+  `images` are [0, 1] grey `(N, H, W)` or `(N, H, W, 1)`, or RGB `(N, H, W, 3)`; maps
+  `(N, H, W)` in [0, 1]. `title` (optional) says which images these are, e.g. the first or
+  the misclassified ones.
   """
   images = np.asarray(images)
+  if images.ndim == 4 and images.shape[-1] == 1:
+    images = images[..., 0]
   maps = {name: np.asarray(m) for name, m in maps.items()}
   labels = np.asarray(labels)
   predictions = np.asarray(predictions)
-  _check_shape('images', images, (None, None, None))
+  if images.ndim == 4:
+    _check_shape('images', images, (None, None, None, 3))
+  else:
+    _check_shape('images', images, (None, None, None))
   n = len(images)
   if n == 0:
     raise ValueError('images: expected at least one image, got shape (0, ...).')
   for name, m in maps.items():
-    _check_shape(f'maps[{name!r}]', m, images.shape)
+    _check_shape(f'maps[{name!r}]', m, images.shape[:3])
   _check_shape('labels', labels, (n,))
   _check_shape('predictions', predictions, (n,))
   _check_classes('labels', labels, len(class_names))
