@@ -303,6 +303,11 @@ def measure(name: str, size: int) -> list[dict]:
   return rows
 
 
+def _rate(x: float) -> str:
+  """img/s in 8 columns, with two significant digits below 0.1 (Score-CAM)."""
+  return f'{x:8.2f}' if x >= 0.1 else f'{x:8.2g}'
+
+
 def main(argv):
   del argv
   missing = [m for m in explain.METHODS if m not in PASSES]
@@ -325,7 +330,7 @@ def main(argv):
     star = '*' if r['extrapolated'] else ' '
     print(
       f'{r["model"]:12} {r["size"]:4d} {r["batch"]:5d} {r["job"]:>18} '
-      f'{1e3 * r["seconds"]:10.1f} {r["images_per_second"]:8.2f}{star} '
+      f'{1e3 * r["seconds"]:10.1f} {_rate(r["images_per_second"])}{star} '
       f'{r["ratio_to_forward"]:9.2f} {per_channel} {target}  {r["passes_rule"]:18} '
       f'{r["passes_per_image"]}'
     )
