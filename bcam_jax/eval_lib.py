@@ -10,8 +10,10 @@ over a batch sharded on the mesh's `data` axis, returning masked sums.
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,7 +68,10 @@ class EvalOptions:
   'misclassified' ones (where the maps show what misled the model);
   num_error_pairs: confusions in error_prototypes.png; road: also ROAD (MoRF, LeRF and
   combined over percentiles 10-90, `faithfulness.road`, 18 forward passes per image; its
-  imputation noise from a fixed key, so a result is reproducible).
+  imputation noise from a fixed key, so a result is reproducible); sanity_images: the first
+  test images of the parameter randomisation test (`explain.sanity`, each method's maps
+  with the model's blocks re-initialised from the output down, one stage per block), 0 for
+  none.
   """
 
   checkpoint: str = 'best'
@@ -82,6 +87,7 @@ class EvalOptions:
   overlay_selection: str = 'first'
   num_error_pairs: int = 8
   road: bool = False
+  sanity_images: int = 0
 
   def __post_init__(self):
     if self.checkpoint not in CHECKPOINTS:
@@ -95,7 +101,7 @@ class EvalOptions:
     for name in ('n_steps', 'batch_size', 'score_cam_chunk', 'steps_per_call'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-    for name in ('num_images', 'num_overlays', 'num_error_pairs'):
+    for name in ('num_images', 'num_overlays', 'num_error_pairs', 'sanity_images'):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
 
@@ -298,6 +304,8 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
     result['methods'][method] = _method_row(
       run, variables, explainer, method, options, subset, prototypes
     )
+  if options.sanity_images:
+    result['sanity'] = _randomisation_test(variables, explainer, methods, options, test)
   shown = _overlay_indices(explainer, variables, test, options, run.eval_batch_size)
   result.update(overlay_selection=options.overlay_selection, overlay_images=shown.tolist())
   overlays = _overlays(explainer, variables, test, shown, methods, options.target)
@@ -334,6 +342,46 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
       out,
       ', overlays.png' if overlays is not None else '',
       tensorboard,
+    )
+  return result
+
+
+def randomisation_layers(explainer: explain.Explainer, variables, pixels) -> list[str]:
+  """Our model's parameter blocks from the output towards the input, for the parameter
+  randomisation test: the head (and CA-Stream's stream), then each module directly under the
+  backbone in reverse call order (a residual block, a stem layer), as 'params/...' paths."""
+  params = variables['params']
+  called = [p.split('/')[:2] for p in explainer.layer_shapes(variables, pixels) if '/' in p]
+  blocks = [b for b in dict.fromkeys(tuple(p) for p in called) if b[1] in params.get(b[0], {})]
+  heads = [k for k in params if k != 'backbone_net']
+  return [f'params/{k}' for k in heads] + ['params/' + '/'.join(b) for b in reversed(blocks)]
+
+
+def _randomisation_test(variables, explainer, methods, options, test) -> dict[str, Any]:
+  """Mean Spearman correlation, per stage, of each method's maps of the first
+  `options.sanity_images` test images with the maps of the model randomised down to that
+  block (targets those of the trained model)."""
+  n = min(options.sanity_images, len(test))
+  pixels = data.to_pixels(jnp.asarray(test.images[:n]), explainer.image_size)
+  logits = jax.jit(explainer.logits)(variables, pixels)
+  targets = explainer.targets(logits, jnp.asarray(test.labels[:n]), options.target)
+  layers = randomisation_layers(explainer, variables, pixels)
+  result = {'images': n, 'layers': layers, 'methods': {}}
+  for method in methods:
+    start = time.perf_counter()
+    test_result = explain.sanity.cascading_randomization(
+      functools.partial(explainer.maps, method, pixels=pixels, targets=targets),
+      variables,
+      jax.random.key(0),
+      layers,
+    )
+    means = [float(v) for v in np.mean(np.asarray(test_result['spearman']), axis=1)]
+    result['methods'][method] = means
+    logging.info(
+      'randomisation test, %s (%.0f s): Spearman %s',
+      method,
+      time.perf_counter() - start,
+      ', '.join(f'{v:.2f}' for v in means),
     )
   return result
 

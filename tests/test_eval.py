@@ -149,11 +149,39 @@ def test_bad_options_fail_clearly(trained):
     eval_lib.EvalOptions(target='truth')
   with pytest.raises(ValueError, match='n_steps must be >= 1'):
     eval_lib.EvalOptions(n_steps=0)
+  with pytest.raises(ValueError, match='sanity_images must be >= 0'):
+    eval_lib.EvalOptions(sanity_images=-1)
   idx_dir, workdir = trained
   with pytest.raises(ValueError, match='simple_cnn has no global-average-pool'):
     eval_lib.evaluate_and_report(
       tiny_config(idx_dir), workdir, eval_lib.EvalOptions(methods=('cam',), num_images=8)
     )
+
+
+def test_randomisation_test_in_metrics_and_report(trained):
+  """--sanity_images: each method's Spearman correlation per cascading stage, the model's
+  blocks from the head down, in metrics.json and report.md."""
+  idx_dir, workdir = trained
+  options = eval_lib.EvalOptions(
+    methods=('grad_cam', 'layer_cam'), num_images=8, n_steps=2, num_overlays=0, sanity_images=8
+  )
+  result = eval_lib.evaluate_and_report(tiny_config(idx_dir), workdir, options)
+  sanity = result['sanity']
+  assert sanity['images'] == 8
+  assert sanity['layers'] == [
+    'params/head_net',
+    'params/backbone_net/conv3',
+    'params/backbone_net/conv2',
+    'params/backbone_net/conv1',
+  ]
+  for method in ('grad_cam', 'layer_cam'):
+    values = sanity['methods'][method]
+    assert len(values) == 4 and all(-1 <= v <= 1 for v in values), values
+    assert min(values) < 0.9, values  # a random network does not give the trained maps
+  text = open(os.path.join(workdir, 'eval', 'report.md')).read()
+  assert '## Parameter randomisation test' in text and '| `backbone_net/conv2` |' in text
+  saved = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
+  assert saved['sanity'] == sanity
 
 
 def test_progress_times_the_computation_not_the_dispatch():

@@ -74,6 +74,12 @@ _ROAD = flags.DEFINE_bool(
   _DEFAULTS.road,
   'Also measure ROAD (remove and debias: MoRF, LeRF, combined; 18 forward passes per image).',
 )
+_SANITY_IMAGES = flags.DEFINE_integer(
+  'sanity_images',
+  _DEFAULTS.sanity_images,
+  'Test images of the parameter randomisation test of each method (its maps with the '
+  "model's blocks re-initialised from the output down); 0 = no test.",
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -93,6 +99,7 @@ def main(argv):
     num_overlays=_NUM_OVERLAYS.value,
     overlay_selection=_OVERLAY_SELECTION.value,
     road=_ROAD.value,
+    sanity_images=_SANITY_IMAGES.value,
   )
   eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
 

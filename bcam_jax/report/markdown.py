@@ -59,6 +59,7 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
     for method, values in result['methods'].items()
   ]
   lines += markdown_table(['method'] + [title for _, title in columns], rows)
+  lines += _randomisation_section(result)
   lines += ['', '## Per-class test accuracy', '']
   lines += markdown_table(
     ['class', 'accuracy %'],
@@ -86,6 +87,29 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
   ]
   lines += _overlays_section(result)
   return '\n'.join(lines)
+
+
+def _randomisation_section(result: dict[str, Any]) -> list[str]:
+  """The parameter randomisation test's table (layers down, methods across), if measured."""
+  sanity = result.get('sanity')
+  if not sanity:
+    return []
+  methods = list(sanity['methods'])
+  rows = [
+    [f'`{layer.removeprefix("params/")}`'] + [f'{sanity["methods"][m][i]:.3f}' for m in methods]
+    for i, layer in enumerate(sanity['layers'])
+  ]
+  return [
+    '',
+    '## Parameter randomisation test',
+    '',
+    f'Mean Spearman rank correlation over the first {sanity["images"]} test images between '
+    "each method's maps and those of the model with its blocks re-initialised from the "
+    "output down to the row's block (cascading; Adebayo et al. 2018). A method that explains "
+    'the model falls far below 1; one that stays near 1 shows the image, not the model.',
+    '',
+    *markdown_table(['randomised down to'] + methods, rows),
+  ]
 
 
 def _overlays_section(result: dict[str, Any]) -> list[str]:
