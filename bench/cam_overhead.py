@@ -82,7 +82,6 @@ _OUT = flags.DEFINE_string('out', 'bench/results/cam_overhead.json', 'JSON outpu
 # At 112x112 ConvNeXt uses its ImageNet patchify stem, as its config docstring advises.
 _OPTIONS = {('convnext_v2_tiny', 112): {'stem_stride': 4}}
 _WARMUP = 2
-_MIB = 2.0**20
 
 
 def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
@@ -133,37 +132,6 @@ def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
   return per_image_step
 
 
-def _static_memory(compiled) -> dict:
-  """XLA's memory estimate of a compiled step in MiB (None where the backend has none)."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # unsupported on some backends
-    stats = None
-  if stats is None:
-    return {'static_peak_mib': None}
-  get = lambda name: float(getattr(stats, name, 0) or 0)
-  out = {
-    k: get(f'{k}_size_in_bytes') / _MIB
-    for k in ('argument', 'output', 'temp', 'alias', 'generated_code')
-  }
-  out = {f'{k}_mib': v for k, v in out.items()}
-  out['static_peak_mib'] = (
-    out['argument_mib'] + out['output_mib'] + out['temp_mib'] - out['alias_mib']
-  )
-  return out
-
-
-def _device_peak_mib():
-  """The device's high-water mark of allocated memory in MiB (GPU/TPU), else None."""
-  try:
-    stats = jax.devices()[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    stats = None
-  if not stats or 'peak_bytes_in_use' not in stats:
-    return None
-  return stats['peak_bytes_in_use'] / _MIB
-
-
 def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: str) -> list[dict]:
   """One row per variant for `name` at `size`, timed interleaved in one loop."""
   mesh = parallel.make_mesh()
@@ -207,7 +175,7 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
       'times': [],
       'lower_s': lowered_at - start,
       'compile_s': compiled_at - start,
-      **_static_memory(compiled),
+      **common.static_memory(compiled),
     }
 
   def step(variant):
@@ -222,7 +190,7 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
   for variant in variants:  # warm-up, one variant after the other (for the device peak)
     for _ in range(_WARMUP):
       step(variant)
-    runs[variant]['device_peak_mib'] = _device_peak_mib()
+    runs[variant]['device_peak_mib'] = common.device_peak_mib()
   for _ in range(n_steps):  # timed, interleaved: each round runs every variant once
     for variant in variants:
       runs[variant]['times'].append(step(variant))

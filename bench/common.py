@@ -35,6 +35,42 @@ def cpu_model() -> str:
   return platform.machine()
 
 
+_MIB = 2.0**20
+
+
+def static_memory(compiled) -> dict:
+  """XLA's memory estimate of a compiled step in MiB (None where the backend has none):
+  arguments + outputs + temporaries, less the donated buffers the outputs alias."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # unsupported on some backends
+    stats = None
+  if stats is None:
+    return {'static_peak_mib': None}
+  get = lambda name: float(getattr(stats, name, 0) or 0)
+  out = {
+    k: get(f'{k}_size_in_bytes') / _MIB
+    for k in ('argument', 'output', 'temp', 'alias', 'generated_code')
+  }
+  out = {f'{k}_mib': v for k, v in out.items()}
+  out['static_peak_mib'] = (
+    out['argument_mib'] + out['output_mib'] + out['temp_mib'] - out['alias_mib']
+  )
+  return out
+
+
+def device_peak_mib():
+  """The device's high-water mark of allocated memory in MiB (GPU/TPU), else None. It is
+  process-wide and only grows."""
+  try:
+    stats = jax.devices()[0].memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return stats['peak_bytes_in_use'] / _MIB
+
+
 # The models the CPU benchmarks compare: name -> (bcam_jax model name, get_model options).
 MODEL_VARIANTS = {
   'simple_cnn': ('simple_cnn', {}),
@@ -44,9 +80,12 @@ MODEL_VARIANTS = {
 }
 
 
-def train_step_fn(model, tx, schedule, objective, info, image_size: int, seed: int = 0):
-  """`steps.make_train_step` of `model` in float32 with the dataset's normalisation: the
-  step train.py runs, for benchmarks that build their own model and optimiser."""
+def train_step_fn(
+  model, tx, schedule, objective, info, image_size: int, seed: int = 0, dtype=np.float32
+):
+  """`steps.make_train_step` of `model` (compute in `dtype`, float32 by default) with the
+  dataset's normalisation: the step train.py runs, for benchmarks that build their own
+  model and optimiser."""
   return steps.make_train_step(
     model,
     tx,
@@ -54,7 +93,7 @@ def train_step_fn(model, tx, schedule, objective, info, image_size: int, seed: i
     objective,
     mean=info.mean,
     std=info.std,
-    dtype=np.float32,
+    dtype=dtype,
     image_size=image_size,
     seed=seed,
   )

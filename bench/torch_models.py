@@ -109,7 +109,7 @@ class ConvNeXtBlock(nn.Module):
     y = self.pwconv2(self.grn(F.gelu(self.pwconv1(self.norm(y))))).permute(0, 3, 1, 2)
     if self.training and self.drop_path > 0:
       keep = 1.0 - self.drop_path
-      y = y * torch.bernoulli(torch.full((y.shape[0], 1, 1, 1), keep)) / keep
+      y = y * torch.bernoulli(y.new_full((y.shape[0], 1, 1, 1), keep)) / keep
     return x + y
 
 
@@ -147,10 +147,12 @@ def batch_cam_l1(features, labels, prototypes, head, num_classes):
   logits = head(features)
   scores = logits.gather(1, labels[:, None]).sum()
   (grads,) = torch.autograd.grad(scores, features, create_graph=True)
-  counts = torch.zeros(num_classes).index_add_(0, labels, torch.ones(labels.shape))
+  ones = torch.ones(labels.shape, device=labels.device)
+  counts = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, ones)
   scale = (1.0 / counts.clamp(min=1.0))[:, None, None, None]
-  mean_a = torch.zeros((num_classes,) + features.shape[1:]).index_add(0, labels, features) * scale
-  mean_g = torch.zeros((num_classes,) + grads.shape[1:]).index_add(0, labels, grads) * scale
+  mean_a = features.new_zeros((num_classes,) + features.shape[1:]).index_add(0, labels, features)
+  mean_g = grads.new_zeros((num_classes,) + grads.shape[1:]).index_add(0, labels, grads)
+  mean_a, mean_g = mean_a * scale, mean_g * scale
   alpha = mean_g.mean((2, 3), keepdim=True)
   maps = F.relu((alpha * mean_a).sum(1, keepdim=True))
   maps = F.interpolate(maps, size=prototypes.shape[-2:], mode='bilinear', align_corners=False)
@@ -161,8 +163,16 @@ def batch_cam_l1(features, labels, prototypes, head, num_classes):
   return ((counts > 0).float() * distance).sum(), logits
 
 
-def make_train_step(model, kind, mean, std, lambda_cam=0.1, num_classes=10):
-  """(uint8 images NHWC, int64 labels, prototypes) -> loss; one SGD step, as bcam_jax's."""
+def make_train_step(
+  model, kind, mean, std, lambda_cam=0.1, num_classes=10, autocast=None, compile_backbone=False
+):
+  """(uint8 images NHWC, int64 labels, prototypes) -> loss; one SGD step, as bcam_jax's.
+
+  On whatever device the model and the inputs are. `autocast` (e.g. torch.bfloat16) runs the
+  forward pass and the loss under `torch.autocast`, PyTorch's mixed precision, with float32
+  parameters as ours; `compile_backbone` puts the backbone through `torch.compile` (the head
+  stays eager: BCPL differentiates the head's gradient, which compiled graphs do not).
+  """
   decay = [p for n, p in model.named_parameters() if p.ndim > 1]
   no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
   optimizer = torch.optim.SGD(
@@ -172,15 +182,18 @@ def make_train_step(model, kind, mean, std, lambda_cam=0.1, num_classes=10):
     nesterov=True,
   )
   model.train()
+  backbone = torch.compile(model.backbone) if compile_backbone else model.backbone
+  device_type = next(model.parameters()).device.type
 
   def step(images, labels, prototypes):
-    x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-    features = model.backbone(x)
-    if kind == 'bcpl':
-      cam_term, logits = batch_cam_l1(features, labels, prototypes, model.head, num_classes)
-      loss = F.cross_entropy(logits, labels) + lambda_cam * cam_term
-    else:
-      loss = F.cross_entropy(model.head(features), labels)
+    with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
+      x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+      features = backbone(x)
+      if kind == 'bcpl':
+        cam_term, logits = batch_cam_l1(features, labels, prototypes, model.head, num_classes)
+        loss = F.cross_entropy(logits, labels) + lambda_cam * cam_term
+      else:
+        loss = F.cross_entropy(model.head(features), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -96,6 +96,7 @@ def test_packaged_configs_by_name():
     'resnet18_bcpl',
     'resnet18_tpu',
     'grids/cpu_small',
+    'grids/gpu_table1',
     'grids/paper_table1',
     'grids/paper_table2',
   ]

@@ -204,6 +204,30 @@ def test_model_same_under_either_lowering(name, options, side):
   numerics.assert_trees_close(results['shifted_matmul'], results['xla'], rtol=1e-10)
 
 
+@pytest.mark.parametrize('name,options,side', MODELS[2:])
+def test_auto_lowering_on_this_backend(name, options, side):
+  """'auto' is XLA's convolution everywhere but on CPU. Traced on the default backend, a
+  model's forward pass holds as many XLA convolutions under 'auto' as under 'xla' on a GPU
+  or TPU, and on CPU fewer: there the shifted-matmul form takes ConvNeXt's depthwise 7x7,
+  the ResNet's strided 1x1 shortcuts and its 3x3s on maps of 3x3 and less
+  (bench/gpu/run.sh runs this on a GPU)."""
+  model = get_model(name, 10, **options)
+  variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), side))
+  x = jnp.zeros((2, side, side, 1))
+
+  def xla_convolutions(lowering):
+    model = get_model(name, 10, conv_lowering=lowering, **options)
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables)
+    return str(jaxpr).count('conv_general_dilated[')
+
+  xla, auto = xla_convolutions('xla'), xla_convolutions('auto')
+  assert xla > 0
+  if jax.default_backend() == 'cpu':
+    assert auto < xla
+  else:
+    assert auto == xla
+
+
 @pytest.mark.parametrize(
   'side,window,stride,pad', [(28, 2, 2, 0), (7, 2, 2, 0), (5, 3, 2, 1), (14, 3, 2, 1), (2, 3, 2, 1)]
 )

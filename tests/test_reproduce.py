@@ -15,7 +15,7 @@ from bcam_jax.configs import experiment
 from tests import synthetic
 from tests.test_train import REPO
 
-GRIDS = ('cpu_small', 'paper_table1', 'paper_table2')
+GRIDS = ('cpu_small', 'gpu_table1', 'paper_table1', 'paper_table2')
 
 
 @pytest.fixture(scope='module')
@@ -148,10 +148,31 @@ def test_grid_configs_expand_to_valid_cells(name):
     grids.cell_config(cell, experiment.get_config)  # validates
   expected = {
     'cpu_small': 7 * 2 * 3 + 2,
+    'gpu_table1': 3,
     'paper_table1': 3 * 7 * 2 * 3,
     'paper_table2': 2 * 3 * 2 * 3,
   }[name]
   assert len(cells) == expected
+
+
+def test_gpu_table1_cells_one_at_a_time():
+  """Each argument of the GPU grid is one of its cells, under the grid's one name, so three
+  processes can train the three cells into one grid folder."""
+  from bcam_jax.configs.grids import gpu_table1
+
+  whole = grids.expand(gpu_table1.get_config())
+  parts = [grids.expand(gpu_table1.get_config(name)) for name in gpu_table1.CELLS]
+  assert [c for (c,) in parts] == whole
+  assert {gpu_table1.get_config(name).name for name in gpu_table1.CELLS} == {'gpu_table1'}
+  assert {(c.model, c.condition, c.dataset, c.epochs) for c in whole} == {
+    ('resnet18', 'baseline', 'fashion_mnist', 15),
+    ('resnet18', 'bcpl-l2', 'fashion_mnist', 15),
+    ('convnext_v2_tiny', 'bcpl-l1', 'mnist', 20),
+  }
+  short = grids.expand(gpu_table1.get_config('convnext_bcpl_l1,epochs=1'))
+  assert [(c.model, c.epochs) for c in short] == [('convnext_v2_tiny', 1)]
+  with pytest.raises(ValueError, match="unknown cell 'resnet'; choose one of"):
+    gpu_table1.get_config('resnet')
 
 
 def test_entry_point_lists_the_cells(tmp_path):

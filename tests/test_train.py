@@ -293,10 +293,13 @@ def _final_params(workdir, step):
 
 
 def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
-  """SIGKILL a real `train.py` process mid-epoch, restart it, compare with a clean run."""
+  """SIGKILL a real `train.py` process mid-epoch, restart it, compare with a clean run.
+
+  On the CPU; $BCAM_TEST_SUBPROCESS_PLATFORMS (e.g. `cuda`) runs the three processes on
+  another backend instead (bench/gpu/run.sh)."""
   num_steps = 1500
   steps_per_epoch = (240 - 43) // 8  # 24: checkpoints every 50 steps fall mid-epoch
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get('BCAM_TEST_SUBPROCESS_PLATFORMS', 'cpu'))
   clean = str(tmp_path / 'clean')
   subprocess.run(
     _train_cmd(idx_dir, clean, num_steps),
