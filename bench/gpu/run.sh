@@ -115,20 +115,23 @@ PIDS=()
 for cell in $CELLS; do
   python3 reproduce.py \
     --grid="configs/grids/gpu_table1.py:$cell$GRID_ARG" --workdir="$RUNS" \
-    --results_dir="$RUNS/cell_results/$cell" >>"$STAGE/table1_$cell.log" 2>&1 &
+    --results_dir="$STAGE/cells/$cell" >>"$STAGE/table1_$cell.log" 2>&1 &
   PIDS+=($!)
 done
 log "table1: cells started (pids ${PIDS[*]})"
 
 # --- tests -----------------------------------------------------------------------------------
 if [ "$MODE" = all ]; then
-  log "tests (budget 180 s)"
-  BCAM_TEST_SUBPROCESS_PLATFORMS=$PLATFORM timeout 180 python3 -m pytest -q -p no:cacheprovider \
+  # Four pytest workers where pytest-xdist is installed (it is on the GPU image): the
+  # killed-and-resumed train.py alone takes about 2 minutes there.
+  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
+  log "tests (budget 200 s)"
+  BCAM_TEST_SUBPROCESS_PLATFORMS=$PLATFORM timeout 200 python3 -m pytest -v $workers -p no:cacheprovider \
     tests/test_conv.py tests/test_cam.py tests/test_train.py \
     -k "auto_lowering or model_same or batch_cam or grad_cam_equals or gradients_same \
 or bfloat16 or killed_run or bcpl_training_lowers" \
     >"$STAGE/tests.log" 2>&1
-  log "tests: exit $? ($(tail -1 "$STAGE/tests.log"))"
+  log "tests: exit $? ($(grep -c PASSED "$STAGE/tests.log") passed, $(grep -c FAILED "$STAGE/tests.log") failed)"
   archive
 fi
 
@@ -185,7 +188,7 @@ EOF
   cat "$STAGE/env.json"
   echo '```'
   echo
-  [ -f "$STAGE/tests.log" ] && echo "Tests: $(tail -1 "$STAGE/tests.log")" && echo
+  [ -f "$STAGE/tests.log" ] && echo "Tests:" && grep -E "PASSED|FAILED" "$STAGE/tests.log" && echo
   [ -f "$STAGE/speed.md" ] && cat "$STAGE/speed.md" && echo
   echo "## Table 1 cells"
   echo
