@@ -202,7 +202,10 @@ def test_model_same_under_either_lowering(name, options, side):
     variables = init_variables(get_model(name, 10, **options), jax.random.key(0), side)
     variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
     results = {}
-    for lowering in ('xla', 'shifted_matmul', 'auto'):
+    # "auto" takes chunked_grad for the 3x3 convolutions from 4x4 up (ConvNeXt's only one is
+    # its stem's, left out to save the compilation: the same code as ResNet18's).
+    lowerings = ('xla', 'shifted_matmul') + (('auto',) if name != 'convnext_v2_tiny' else ())
+    for lowering in lowerings:
       model = get_model(name, 10, conv_lowering=lowering, dtype=jnp.float64, **options)
 
       def loss(params, model=model):
@@ -213,7 +216,8 @@ def test_model_same_under_either_lowering(name, options, side):
       results[lowering] = jax.device_get((logits, grads))
   assert results['xla'][0].dtype == np.float64
   numerics.assert_trees_close(results['shifted_matmul'], results['xla'], rtol=1e-10)
-  numerics.assert_trees_close(results['auto'], results['xla'], rtol=1e-10)
+  if 'auto' in results:
+    numerics.assert_trees_close(results['auto'], results['xla'], rtol=1e-10)
 
 
 @pytest.mark.parametrize(
