@@ -325,7 +325,7 @@ def test_gemm_grad_chunk():
   assert conv.gemm_grad_chunk(7, 10**9) == 1
 
 
-@pytest.mark.parametrize('side,kernel,stride,padding', [(4, 3, 1, 1), (3, 3, 2, 1), (5, 7, 2, 3)])
+@pytest.mark.parametrize('side,kernel,stride,padding', [(4, 3, 1, 1), (3, 3, 2, 1)])
 def test_chunked_grad_gradients_by_finite_differences(side, kernel, stride, padding, monkeypatch):
   """Orders 1 and 2 (the Batch-CAM loss differentiates through Grad-CAM's gradient)."""
   monkeypatch.setattr(conv, 'GEMM_GRAD_CHUNK_BYTES', 1)
