@@ -4,8 +4,10 @@ Collects the distinct convolutions (input shape, kernel, stride, padding, groups
 model's forward pass runs, by intercepting `nn.Conv` calls, then times each one's
 forward + backward (gradients with respect to input and kernel, as training needs; the
 kernel only for the first layer, whose input is the image) with
-XLA's convolution and with the shifted-matmul form of `bcam_jax.models.conv`, alternately
-in one run. The ratio column is what `conv.choose_lowering`'s "auto" rule is set from.
+XLA's convolution, with the shifted-matmul form of `bcam_jax.models.conv` and (one-group
+convolutions) with its chunked_grad form (XLA forward and input gradient, kernel gradient as
+im2col GEMMs over batch chunks), alternately in one run. The ratio columns are what
+`conv.choose_lowering`'s "auto" rule is set from.
 
   python bench/conv_lowering.py                        # all models, batch 128, 28x28
   python bench/conv_lowering.py --models=resnet18 --size=112 --batch=32
@@ -84,7 +86,8 @@ def time_convolution(spec: dict, repeats: int) -> dict:
   )
   times, out_shape = {}, None
   fns = {}
-  for lowering in ('xla', 'shifted_matmul'):
+  lowerings = ('xla', 'shifted_matmul') + (('chunked_grad',) if spec['groups'] == 1 else ())
+  for lowering in lowerings:
     apply = conv.conv_general_dilated(lowering)
 
     def loss(x, w, apply=apply):
@@ -132,6 +135,8 @@ def time_convolution(spec: dict, repeats: int) -> dict:
     xla_gflops=flops / times['xla'] / 1e9,
     shifted_matmul_gflops=flops / times['shifted_matmul'] / 1e9,
     speedup=times['xla'] / times['shifted_matmul'],
+    chunked_grad_s=times.get('chunked_grad', np.nan),
+    chunked_grad_speedup=times['xla'] / times.get('chunked_grad', np.nan),
     auto=auto,
   )
 
@@ -142,7 +147,7 @@ def main(argv):
   print(
     f'{"model":24s} {"input":>18s} {"k":>3s} {"s":>2s} {"g":>4s} {"out":>14s} {"n":>2s} '
     f'{"xla ms":>8s} {"shift ms":>8s} {"xla GF/s":>8s} {"shift GF/s":>10s} '
-    f'{"xla/shift":>9s} auto'
+    f'{"xla/shift":>9s} {"chunk ms":>8s} {"xla/chunk":>9s} auto'
   )
   for variant in _MODELS.value:
     name, options = common.MODEL_VARIANTS[variant]
@@ -154,7 +159,8 @@ def main(argv):
         f'{row["strides"][0]:2d} {row["groups"]:4d} {str(row["output"][1:]):>14s} '
         f'{row["count"]:2d} {1e3 * row["xla_s"]:8.2f} {1e3 * row["shifted_matmul_s"]:8.2f} '
         f'{row["xla_gflops"]:8.1f} {row["shifted_matmul_gflops"]:10.1f} '
-        f'{row["speedup"]:9.2f} {row["auto"]}',
+        f'{row["speedup"]:9.2f} {1e3 * row["chunked_grad_s"]:8.2f} '
+        f'{row["chunked_grad_speedup"]:9.2f} {row["auto"]}',
         flush=True,
       )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)

@@ -9,6 +9,7 @@ see the same machine load. Reports the median img/s of each and their ratio, our
 
   python bench/cpu_vs_torch.py                              # every model, ce and bcpl
   python bench/cpu_vs_torch.py --models=resnet18 --losses=bcpl --conv_lowering=xla
+  python bench/cpu_vs_torch.py --before_lowering=auto_xla_grad  # + "auto" before issue 21
 """
 
 import json
@@ -34,6 +35,13 @@ _STEPS = flags.DEFINE_integer('steps', 3, 'Steps per timed round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds per framework.')
 _LOWERING = flags.DEFINE_enum(
   'conv_lowering', 'auto', models.conv.LOWERINGS, 'Convolution lowering of our models.'
+)
+_BEFORE = flags.DEFINE_enum(
+  'before_lowering',
+  None,
+  models.conv.LOWERINGS,
+  'If set, also times our step with this lowering in the same rounds (auto_xla_grad: the '
+  '"auto" rule before issue 21) and reports the speed-up of --conv_lowering over it.',
 )
 _OUT = flags.DEFINE_string('out', 'bench/results/cpu_vs_torch.json', 'JSON output path.')
 
@@ -94,20 +102,34 @@ def _seconds_per_step(fn, n):
   return (time.perf_counter() - start) / n
 
 
-def compare(variant, kind, batch, size, n_steps, rounds, lowering) -> dict:
+def compare(variant, kind, batch, size, n_steps, rounds, lowering, before=None) -> dict:
   name, options = common.MODEL_VARIANTS[variant]
-  ours = jax_step(name, options, kind, batch, size, lowering)
-  theirs = torch_step(variant, kind, batch, size)
-  for fn in (ours, theirs):  # compile / warm up
+  steps_of = {
+    'ours': jax_step(name, options, kind, batch, size, lowering),
+    'torch': torch_step(variant, kind, batch, size),
+  }
+  if before:
+    steps_of['before'] = jax_step(name, options, kind, batch, size, before)
+  for fn in steps_of.values():  # compile / warm up
     fn()
     fn()
-  times = {'ours': [], 'torch': []}
+  times = {k: [] for k in steps_of}
   for _ in range(rounds):
-    times['ours'].append(_seconds_per_step(ours, n_steps))
-    times['torch'].append(_seconds_per_step(theirs, n_steps))
+    for k, fn in steps_of.items():
+      times[k].append(_seconds_per_step(fn, n_steps))
   ours_ips = batch / float(np.median(times['ours']))
   torch_ips = batch / float(np.median(times['torch']))
-  return {
+  extra = {}
+  if before:
+    before_ips = batch / float(np.median(times['before']))
+    extra = {
+      'before_lowering': before,
+      'before_img_s': before_ips,
+      'before_ratio': before_ips / torch_ips,
+      'speedup': ours_ips / before_ips,
+      'before_step_s': times['before'],
+    }
+  return extra | {
     'model': variant,
     'loss': kind,
     'batch': batch,
@@ -130,17 +152,32 @@ def main(argv):
     'torch_threads': torch.get_num_threads(),
   }
   print(f'# {machine}')
-  print(f'{"model":24} {"loss":5} {"ours img/s":>10} {"torch img/s":>11} {"ours/torch":>10}')
+  print(
+    f'{"model":24} {"loss":5} {"ours img/s":>10} {"torch img/s":>11} {"ours/torch":>10}'
+    + (f' {"before img/s":>12} {"before/torch":>12} {"speed-up":>8}' if _BEFORE.value else '')
+  )
   rows = []
   for variant in _MODELS.value:
     for kind in _LOSSES.value:
       r = compare(
-        variant, kind, _BATCH.value, _SIZE.value, _STEPS.value, _ROUNDS.value, _LOWERING.value
+        variant,
+        kind,
+        _BATCH.value,
+        _SIZE.value,
+        _STEPS.value,
+        _ROUNDS.value,
+        _LOWERING.value,
+        _BEFORE.value,
       )
       rows.append(r)
       print(
         f'{variant:24} {kind:5} {r["ours_img_s"]:10.1f} {r["torch_img_s"]:11.1f} '
-        f'{r["ratio"]:10.2f}',
+        f'{r["ratio"]:10.2f}'
+        + (
+          f' {r["before_img_s"]:12.1f} {r["before_ratio"]:12.2f} {r["speedup"]:8.2f}'
+          if _BEFORE.value
+          else ''
+        ),
         flush=True,
       )
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)

@@ -117,8 +117,9 @@ def test_skipped_taps_only_read_padding():
   [
     ('cpu', 2, 3, 1, 1, 'shifted_matmul'),  # tiny map
     ('cpu', 4, 3, 2, 1, 'shifted_matmul'),  # 2x2 output
-    ('cpu', 28, 3, 1, 1, 'xla'),  # large map
-    ('cpu', 4, 3, 1, 1, 'xla'),  # 4x4 output
+    ('cpu', 28, 3, 1, 1, 'chunked_grad'),  # large map
+    ('cpu', 4, 3, 1, 1, 'chunked_grad'),  # 4x4 output
+    ('cpu', 28, 3, 2, 1, 'chunked_grad'),
     ('cpu', 28, 7, 1, 'depthwise', 'shifted_matmul'),
     ('cpu', 28, 2, 2, 1, 'shifted_matmul'),  # non-overlapping windows
     ('cpu', 28, 1, 2, 1, 'shifted_matmul'),
@@ -136,7 +137,14 @@ def test_auto_lowering_rule(backend, side, kernel, stride, groups, want):
     )
     == want
   )
-  for forced in ('xla', 'shifted_matmul'):
+  before = 'xla' if want == 'chunked_grad' else want
+  assert (
+    conv.choose_lowering(
+      'auto_xla_grad', backend, x.shape, w.shape, (stride, stride), _padding(padding), groups
+    )
+    == before
+  )
+  for forced in ('xla', 'shifted_matmul', 'chunked_grad'):
     assert (
       conv.choose_lowering(
         forced, backend, x.shape, w.shape, (stride, stride), _padding(padding), groups
@@ -146,7 +154,10 @@ def test_auto_lowering_rule(backend, side, kernel, stride, groups, want):
 
 
 def test_lowering_errors():
-  with pytest.raises(ValueError, match='conv_lowering=.im2col.; valid: auto, xla, shifted_matmul'):
+  with pytest.raises(
+    ValueError,
+    match='conv_lowering=.im2col.; valid: auto, xla, shifted_matmul, chunked_grad, auto_xla_grad',
+  ):
     conv.conv_general_dilated('im2col')
   with pytest.raises(ValueError, match='conv_lowering'):
     get_model('simple_cnn', 10, conv_lowering='fast')
@@ -191,7 +202,10 @@ def test_model_same_under_either_lowering(name, options, side):
     variables = init_variables(get_model(name, 10, **options), jax.random.key(0), side)
     variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
     results = {}
-    for lowering in ('xla', 'shifted_matmul'):
+    # "auto" takes chunked_grad for the 3x3 convolutions from 4x4 up (ConvNeXt's only one is
+    # its stem's, left out to save the compilation: the same code as ResNet18's).
+    lowerings = ('xla', 'shifted_matmul') + (('auto',) if name != 'convnext_v2_tiny' else ())
+    for lowering in lowerings:
       model = get_model(name, 10, conv_lowering=lowering, dtype=jnp.float64, **options)
 
       def loss(params, model=model):
@@ -202,6 +216,8 @@ def test_model_same_under_either_lowering(name, options, side):
       results[lowering] = jax.device_get((logits, grads))
   assert results['xla'][0].dtype == np.float64
   numerics.assert_trees_close(results['shifted_matmul'], results['xla'], rtol=1e-10)
+  if 'auto' in results:
+    numerics.assert_trees_close(results['auto'], results['xla'], rtol=1e-10)
 
 
 @pytest.mark.parametrize('name,options,side', MODELS[2:])
@@ -276,3 +292,101 @@ def test_depthwise_gradients_with_the_batch_sharded_over_devices():
   want = grads(x, w, reference)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+
+
+# The one-group cases of CASES: what "auto" may lower as chunked_grad.
+DENSE_CASES = [case for case in CASES if case[-1] == 1]
+
+
+def _chunked(stride, padding):
+  strides = (stride, stride)
+  return lambda x, w: conv.conv_general_dilated('chunked_grad')(
+    x, w, strides, _padding(padding), dimension_numbers=_DN
+  )
+
+
+def _xla(stride, padding):
+  strides = (stride, stride)
+  return lambda x, w: lax.conv_general_dilated(
+    x, w, strides, _padding(padding), dimension_numbers=_DN
+  )
+
+
+def _value_and_grads(f, x, w, cotangent):
+  return f(x, w), jax.grad(lambda x, w: jnp.sum(f(x, w) * cotangent), (0, 1))(x, w)
+
+
+@pytest.mark.parametrize('side,kernel,stride,padding,groups', DENSE_CASES)
+def test_chunked_grad_equals_xla_conv(side, kernel, stride, padding, groups, monkeypatch):
+  """Values and both gradients, with the batch of 4 in chunks of 1 (4 loop steps)."""
+  monkeypatch.setattr(conv, 'GEMM_GRAD_CHUNK_BYTES', 1)
+  x, w, _ = _operands(side, kernel, groups, batch=4)
+  reference = _xla(stride, padding)
+  cotangent = jnp.asarray(
+    np.random.default_rng(1).standard_normal(reference(x, w).shape), jnp.float32
+  )
+  got = _value_and_grads(_chunked(stride, padding), x, w, cotangent)
+  want = _value_and_grads(reference, x, w, cotangent)
+  numerics.assert_trees_close(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize('chunk', [1, 2, 3, 6])
+def test_chunked_kernel_grad_any_chunk(chunk):
+  x, w, _ = _operands(5, 3, 1, batch=6)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal((6, 3, 3, 5)), jnp.float32)
+  pads = ((1, 1), (1, 1))
+  got = conv._chunked_kernel_grad(x, cotangent, w.shape, (2, 2), pads, chunk)
+  want = jax.vjp(lambda w: _xla(2, 1)(x, w), w)[1](cotangent)[0]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_grad_chunk():
+  # 28x28x64 3x3: 451,584 numbers a sample, 4 samples in 8 MiB; the largest divisor.
+  assert conv.gemm_grad_chunk(128, 28 * 28 * 9 * 64) == 4
+  assert conv.gemm_grad_chunk(128, 14 * 14 * 9 * 128) == 8
+  assert conv.gemm_grad_chunk(128, 4 * 4 * 9 * 512) == 16
+  assert conv.gemm_grad_chunk(6, 28 * 28 * 9 * 64) == 3
+  assert conv.gemm_grad_chunk(7, 10**9) == 1
+
+
+@pytest.mark.parametrize('side,kernel,stride,padding', [(4, 3, 1, 1), (3, 3, 2, 1)])
+def test_chunked_grad_gradients_by_finite_differences(side, kernel, stride, padding, monkeypatch):
+  """Orders 1 and 2 (the Batch-CAM loss differentiates through Grad-CAM's gradient)."""
+  monkeypatch.setattr(conv, 'GEMM_GRAD_CHUNK_BYTES', 1)
+  x, w, _ = _operands(side, kernel, 1, channels=3, out=2, batch=2)
+  with jax.enable_x64(True):
+    x, w = jnp.asarray(np.asarray(x), jnp.float64), jnp.asarray(np.asarray(w), jnp.float64)
+    check_grads(_chunked(stride, padding), (x, w), order=2, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
+def _second_order(f, x, w, cotangent):
+  """Gradient in (x, w) of the squared input gradient, as Batch-CAM's loss takes it."""
+
+  def input_grad_norm(x, w):
+    dx = jax.grad(lambda x: jnp.sum(f(x, w) * cotangent))(x)
+    return jnp.sum(dx**2)
+
+  return jax.grad(input_grad_norm, (0, 1))(x, w)
+
+
+@pytest.mark.parametrize('sharded', [False, True])
+@pytest.mark.parametrize('chunk_bytes', [1, 8 * 4 * 4 * 9 * 4 * 4])  # chunks of 1; of 8
+def test_chunked_grad_with_the_batch_sharded_over_devices(sharded, chunk_bytes, monkeypatch):
+  """First and second-order gradients equal XLA's with the batch of 16 on 1 device or split
+  over the 8 devices of a data-parallel mesh (as in a train step), in chunks that do and do
+  not divide the per-device batch."""
+  monkeypatch.setattr(conv, 'GEMM_GRAD_CHUNK_BYTES', chunk_bytes)
+  x, w, _ = _operands(8, 3, 1, channels=4, out=3, batch=16)
+  cotangent = jnp.asarray(np.random.default_rng(1).standard_normal((16, 4, 4, 3)), jnp.float32)
+  if sharded:
+    mesh = parallel.make_mesh()
+    assert mesh.devices.size == 8
+    x = jax.device_put(x, parallel.batch_sharded(mesh))
+    cotangent = jax.device_put(cotangent, parallel.batch_sharded(mesh))
+
+  def both(f, x, w, cotangent):
+    return _value_and_grads(f, x, w, cotangent), _second_order(f, x, w, cotangent)
+
+  got = jax.jit(lambda *a: both(_chunked(2, 1), *a))(x, w, cotangent)
+  want = both(_xla(2, 1), x, w, cotangent)
+  numerics.assert_trees_close(got, want, rtol=1e-4)

@@ -66,7 +66,8 @@ def get_model(
 
   ``head="softcam"`` gives the Soft-CAM evidence head, ``pooling="ca_stream"`` the
   CA-Stream attention pooling (``bcam_jax.models.heads``); both work on every backbone.
-  ``conv_lowering`` ("auto", "xla", "shifted_matmul") picks how convolutions lower
+  ``conv_lowering`` (``conv.LOWERINGS``: "auto", "xla", "shifted_matmul", "chunked_grad",
+  "auto_xla_grad") picks how convolutions lower
   (``bcam_jax.models.conv``); it changes speed only, never the parameters.
 
   ``dtype`` may be given as a string (e.g. ``"bfloat16"``).  Unknown names

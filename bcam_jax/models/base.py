@@ -49,8 +49,9 @@ class CamClassifier(nn.Module):
       stay float32, normalisations and the head compute in float32. With
       ``jnp.float64`` (64-bit JAX only, a reference precision for tests) everything
       computes in float64 and ``steps.make_init_fn`` makes float64 parameters.
-    conv_lowering: how the backbone's convolutions lower ("auto", "xla" or
-      "shifted_matmul", see ``bcam_jax.models.conv``); parameters are the same
+    conv_lowering: how the backbone's convolutions lower ("auto", "xla",
+      "shifted_matmul", "chunked_grad" or "auto_xla_grad", see
+      ``bcam_jax.models.conv``); parameters are the same
       whatever the lowering.
   """
 

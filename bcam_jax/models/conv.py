@@ -10,9 +10,14 @@ from the backend and the static shapes at trace time:
 
 * ``"xla"``: ``lax.conv_general_dilated`` (always on GPU and TPU);
 * ``"shifted_matmul"``: ``shifted_matmul_conv``;
+* ``"chunked_grad"``: ``chunked_grad_conv``, XLA's convolution and input gradient with the
+  kernel gradient as im2col GEMMs over batch chunks (XLA:CPU's weight-gradient convolution
+  is 3-4x its forward on 28x28 and 14x14 maps);
 * ``"auto"`` (default): ``shifted_matmul`` on CPU for tiny output maps, depthwise and
-  non-overlapping (kernel <= stride) convolutions, else ``xla`` (``choose_lowering``;
-  bench/conv_lowering.py measures each case).
+  non-overlapping (kernel <= stride) convolutions, ``chunked_grad`` for the other one-group
+  convolutions on CPU, else ``xla`` (``choose_lowering``; bench/conv_lowering.py measures
+  each case);
+* ``"auto_xla_grad"``: ``"auto"`` as it was before ``chunked_grad`` (``xla`` in its place).
 
 Parameters are ``nn.Conv``'s own, so checkpoints do not depend on the lowering.
 
@@ -28,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-LOWERINGS = ('auto', 'xla', 'shifted_matmul')
+LOWERINGS = ('auto', 'xla', 'shifted_matmul', 'chunked_grad', 'auto_xla_grad')
 
 # "auto" takes the shifted-matmul form on CPU when both output sides are at most this.
 SHIFTED_MATMUL_MAX_SIDE = 3
@@ -197,6 +202,84 @@ def _depthwise_bwd(pads, residuals, cotangent):
 depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+# Bytes of one step's im2col columns in the chunked weight gradient: at 28x28x64 that is 4
+# samples (1.8 MB each), at 14x14x128 8, at 7x7x256 and 4x4x512 16 (bench/README.md, issue 21).
+GEMM_GRAD_CHUNK_BYTES = 8 << 20
+
+
+def gemm_grad_chunk(batch: int, columns_per_sample: int, itemsize: int = 4) -> int:
+  """Samples per step of ``chunked_grad_conv``'s weight-gradient loop: the largest divisor
+  of ``batch`` whose im2col columns (``columns_per_sample`` numbers a sample) fit in
+  GEMM_GRAD_CHUNK_BYTES, at least 1."""
+  limit = max(1, GEMM_GRAD_CHUNK_BYTES // (columns_per_sample * itemsize))
+  return max(d for d in range(1, min(limit, batch) + 1) if batch % d == 0)
+
+
+def _chunked_kernel_grad(x, cotangent, kernel_shape, strides, pads, chunk):
+  """d loss / d w of a dense (one-group) convolution: the sum over batch chunks of
+  ``im2col(x_chunk)^T @ cotangent_chunk``, accumulated in a ``lax.scan``.
+
+  The batch is viewed as (chunk, steps) and each step takes every steps-th sample, so that a
+  batch split over devices in contiguous blocks stays split over the chunk axis.
+  """
+  n = x.shape[0]
+  steps = n // chunk
+  kh, kw, cin, cout = kernel_shape
+  accumulate = jnp.promote_types(cotangent.dtype, jnp.float32)
+  xs = x.reshape(chunk, steps, *x.shape[1:])
+  cs = cotangent.reshape(chunk, steps, *cotangent.shape[1:])
+
+  def step(total, s):
+    xc = lax.dynamic_index_in_dim(xs, s, axis=1, keepdims=False)
+    cc = lax.dynamic_index_in_dim(cs, s, axis=1, keepdims=False)
+    _, slices = _tap_slices(xc, (kh, kw), strides, pads)
+    columns = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+    part = lax.dot_general(
+      columns, cc, (((0, 1, 2), (0, 1, 2)), ((), ())), preferred_element_type=accumulate
+    )
+    return total + part, None
+
+  taps, _ = _tap_slices(x[:1], (kh, kw), strides, pads)
+  total = lax.scan(step, jnp.zeros((len(taps) * cin, cout), accumulate), jnp.arange(steps))[0]
+  total = total.reshape(len(taps), cin, cout)
+  if len(taps) == kh * kw:
+    return total.reshape(kernel_shape)
+  rows, cols = (jnp.array(t) for t in zip(*taps))
+  return jnp.zeros(kernel_shape, accumulate).at[rows, cols].set(total)
+
+
+def _xla_conv(x, w, strides, pads):
+  return lax.conv_general_dilated(x, w, strides, pads, dimension_numbers=_CHANNELS_LAST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def chunked_grad_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
+  """XLA's convolution (NHWC x, HWIO w, one group, explicit ``pads``), whose backward pass
+  takes XLA's input gradient and computes the kernel gradient as im2col GEMMs over batch
+  chunks (``_chunked_kernel_grad``): XLA:CPU's own weight-gradient convolution runs at
+  3-4x the forward's time on 28x28 and 14x14 maps (issue 21). The backward is made of
+  differentiable operations, so gradients of gradients work."""
+  return _xla_conv(x, w, strides, pads)
+
+
+def _chunked_grad_fwd(x, w, strides, pads):
+  return _xla_conv(x, w, strides, pads), (x, w)
+
+
+def _chunked_grad_bwd(strides, pads, residuals, cotangent):
+  x, w = residuals
+  _, input_vjp = jax.vjp(lambda x: _xla_conv(x, w, strides, pads), x)
+  (dx,) = input_vjp(cotangent)
+  kh, kw, cin, _ = w.shape
+  columns = cotangent.shape[1] * cotangent.shape[2] * kh * kw * cin
+  chunk = gemm_grad_chunk(x.shape[0], columns, jnp.dtype(x.dtype).itemsize)
+  dw = _chunked_kernel_grad(x, cotangent, w.shape, strides, pads, chunk)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+chunked_grad_conv.defvjp(_chunked_grad_fwd, _chunked_grad_bwd)
+
+
 def choose_lowering(
   lowering: str,
   backend: str,
@@ -206,7 +289,8 @@ def choose_lowering(
   padding,
   feature_group_count: int = 1,
 ) -> str:
-  """The lowering ("xla" or "shifted_matmul") that ``lowering`` means for these static shapes.
+  """The lowering ("xla", "shifted_matmul" or "chunked_grad") that ``lowering`` means for
+  these static shapes.
 
   "auto" is XLA's convolution except on CPU, where the shifted-matmul form is taken where
   it is faster forward + backward (bench/conv_lowering.py measures each case):
@@ -215,14 +299,20 @@ def choose_lowering(
   * non-overlapping windows, kernel <= stride (strided 1x1 shortcuts, 2x2 patchify
     downsampling);
   * output maps of at most SHIFTED_MATMUL_MAX_SIDE a side (3x3 kernels on 1x1 to 3x3
-    maps). From 4x4 up, XLA's convolution is as fast or faster.
+    maps). From 4x4 up, XLA's convolution is as fast or faster,
+
+  and every other one-group convolution (3x3 on maps of 4x4 and up, stride 1 or 2; the
+  ImageNet stem's 7x7) is "chunked_grad": XLA's forward and input gradient, the kernel
+  gradient as im2col GEMMs over batch chunks (1.2-12x faster than XLA's weight-gradient
+  convolution, issue 21). "auto_xla_grad" is the rule before that (XLA's convolution
+  there), kept to measure the difference.
 
   Either lowering sums in its own order, so float32 results differ by rounding (and float32
   training runs then drift apart like runs on different meshes, bench/mesh_drift.py); in
   float64 they agree to 1e-10 (tests/test_conv.py).
   """
   check_lowering(lowering)
-  if lowering != 'auto':
+  if lowering not in ('auto', 'auto_xla_grad'):
     return lowering
   if backend != 'cpu':
     return 'xla'
@@ -235,7 +325,9 @@ def choose_lowering(
   )
   non_overlapping = all(k <= s for k, s in zip(kernel, window_strides))
   tiny = max(out) <= SHIFTED_MATMUL_MAX_SIDE
-  return 'shifted_matmul' if depthwise or non_overlapping or tiny else 'xla'
+  if depthwise or non_overlapping or tiny:
+    return 'shifted_matmul'
+  return 'chunked_grad' if lowering == 'auto' and feature_group_count == 1 else 'xla'
 
 
 def _conv(
@@ -276,9 +368,9 @@ def _conv(
     == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _CHANNELS_LAST)
   )
   if not plain:
-    if lowering == 'shifted_matmul':
+    if lowering in ('shifted_matmul', 'chunked_grad'):
       raise ValueError(
-        'conv_lowering="shifted_matmul" needs a 2-D NHWC/HWIO convolution '
+        f'conv_lowering="{lowering}" needs a 2-D NHWC/HWIO convolution '
         'without dilation or batch groups'
       )
     return xla_conv()
@@ -293,6 +385,14 @@ def _conv(
   )
   if choice == 'xla':
     return xla_conv()
+  if choice == 'chunked_grad':
+    if feature_group_count != 1:
+      raise ValueError(
+        f'conv_lowering="chunked_grad" needs feature_group_count 1, got {feature_group_count}'
+      )
+    pads = explicit_padding(lhs.shape[1:3], rhs.shape[:2], tuple(window_strides), padding)
+    dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+    return chunked_grad_conv(lhs, rhs, tuple(window_strides), pads).astype(dtype)
   return shifted_matmul_conv(
     lhs, rhs, window_strides, padding, feature_group_count, precision, preferred_element_type
   )
