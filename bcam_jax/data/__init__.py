@@ -5,6 +5,7 @@ arrays and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
 * `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;
+* `folder`: image folders in the torchvision ImageFolder layout, decoded with Pillow;
 * `download`: the IDX files fetched from mirrors, verified, into the cache (`default_root`);
 * `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``)
   and the validation split;
@@ -32,6 +33,14 @@ from bcam_jax.data.download import (
   download_dataset,
   is_cached,
 )
+from bcam_jax.data.folder import (
+  FolderDataset,
+  FolderIndex,
+  decode_image,
+  read_image_folder,
+  resize_center_crop,
+  scan_image_folder,
+)
 from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
 from bcam_jax.data.loading import load_datasets, split_train_val
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
@@ -46,9 +55,12 @@ __all__ = [
   'DataError',
   'DatasetInfo',
   'Datasets',
+  'FolderDataset',
+  'FolderIndex',
   'Split',
   'dataset_dir',
   'dataset_info',
+  'decode_image',
   'default_root',
   'download_dataset',
   'eval_batches',
@@ -58,8 +70,11 @@ __all__ = [
   'load_tfds',
   'normalize',
   'preprocess',
+  'read_image_folder',
   'read_idx_images',
   'read_idx_labels',
+  'resize_center_crop',
+  'scan_image_folder',
   'split_train_val',
   'steps_per_epoch',
   'to_pixels',
