@@ -162,9 +162,12 @@ def test_hidden_and_other_files_are_ignored_and_logged(tmp_path, caplog):
 def test_nested_files_in_a_class_folder_are_found(tmp_path):
   make_folder(tmp_path)
   save(tmp_path, 'train', 'dog', 'sub/deep.png', rgb(60))
-  train = data.read_image_folder(str(tmp_path)).splits['train']
-  np.testing.assert_array_equal(train.images[4], rgb(60))  # dog/0, dog/1, dog/sub/deep.
-  assert train.labels[4] == 1
+  save(tmp_path, 'train', 'dog', 'z.png', rgb(61))
+  train = data.read_image_folder(tmp_path).splits['train']  # A path object works too.
+  # Sorted by path within the class: dog/0, dog/1, dog/sub/deep, dog/z.
+  np.testing.assert_array_equal(train.images[4], rgb(60))
+  np.testing.assert_array_equal(train.images[5], rgb(61))
+  np.testing.assert_array_equal(train.labels[2:7], [1, 1, 1, 1, 2])
 
 
 def test_corrupt_image_is_named(tmp_path):

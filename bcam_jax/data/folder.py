@@ -82,24 +82,25 @@ def _visible_sorted(names) -> list[str]:
 
 
 def _class_files(class_dir: str) -> tuple[list[str], int]:
-  """The image files below `class_dir` (recursively, sorted) and the count of other files."""
+  """The image files below `class_dir` (recursively, sorted by path) and the count of others."""
   images, ignored = [], 0
   for directory, subdirs, names in os.walk(class_dir, followlinks=True):
-    subdirs[:] = _visible_sorted(subdirs)  # os.walk descends in this order.
+    subdirs[:] = _visible_sorted(subdirs)  # os.walk does not descend into hidden folders.
     for name in _visible_sorted(names):
       if name.lower().endswith(IMAGE_EXTENSIONS):
         images.append(os.path.join(directory, name))
       else:
         ignored += 1
-  return images, ignored
+  return sorted(images), ignored
 
 
-def scan_image_folder(root: str) -> FolderIndex:
+def scan_image_folder(root: str | os.PathLike) -> FolderIndex:
   """Lists the image files of `root/<split>/<class>/`, validating the layout.
 
   Raises a DataError naming the folder when `root`, `train` or `test` is missing, when a
   split's class folders differ from train's, or when a class folder holds no image.
   """
+  root = os.fspath(root)
   layout = f'{os.path.join(root, "<split>", "<class>", "*")}.{{png,jpg,jpeg}}'
   if not os.path.isdir(root):
     raise DataError(f'Image folder {root} does not exist or is not a directory.')
@@ -244,7 +245,7 @@ def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, 
 
 
 def read_image_folder(
-  root: str,
+  root: str | os.PathLike,
   image_size: int | None = None,
   channels: int | None = None,
   workers: int | None = None,
@@ -263,6 +264,7 @@ def read_image_folder(
   elif workers < 1:
     raise DataError(f'workers must be a positive integer; got {workers!r}.')
   index = scan_image_folder(root)
+  root = index.root
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     all_files = [pair for pairs in index.files.values() for pair in pairs]
     headers = [
