@@ -196,14 +196,15 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
 def decode_image(path: str, channels: int, image_size: int | None = None) -> np.ndarray:
   """One image file as uint8 (H, W, channels), converted and resized as the module says."""
   try:
-    with Image.open(path) as image:
-      image.load()
-      image = _convert(image, 'L' if channels == 1 else 'RGB')
+    with Image.open(path) as opened:
+      opened.load()
+      image = _convert(opened, 'L' if channels == 1 else 'RGB')
+      if image_size is not None:
+        image = resize_center_crop(image, image_size)
+      # A copy of the pixels, taken before the file is closed.
+      return np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], channels)
   except Exception as e:  # Truncated or corrupt data surfaces at load(); name the file.
     raise _pillow_error(path, e) from e
-  if image_size is not None:
-    image = resize_center_crop(image, image_size)
-  return np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], channels)
 
 
 def _check_one_size(headers: list[tuple[str, str, tuple[int, int]]]) -> int:
