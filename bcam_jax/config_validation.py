@@ -16,7 +16,8 @@ from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
 DTYPES = ('float32', 'bfloat16', 'float64')
-DATA_SOURCES = ('auto', 'tfds', 'idx', 'download')
+DATA_SOURCES = ('auto', 'tfds', 'idx', 'download', 'folder')
+FOLDER_CHANNELS = (0, 1, 3)  # 0: from the images
 
 
 class ConfigError(ValueError):
@@ -42,8 +43,17 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid field."""
   _choice('model.name', config.model.name, MODEL_NAMES)
-  _choice('data.name', config.data.name, tuple(data.DATASETS))
   _choice('data.source', config.data.source, DATA_SOURCES)
+  if config.data.source == 'folder':
+    _validate_folder(config.data)
+  else:
+    _choice('data.name', config.data.name, tuple(data.DATASETS))
+    if config.data.get('folder_dir'):
+      raise ConfigError(
+        f'config.data.folder_dir={config.data.folder_dir!r} is read only with '
+        f"config.data.source='folder', but config.data.source={config.data.source!r}; "
+        "set config.data.source='folder' to train on the folder."
+      )
   _positive('data.image_size', config.data.image_size)
   _positive('data.val_size', config.data.val_size)
   _positive('train.batch_size', config.train.batch_size)
@@ -102,6 +112,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config.loss[field]
     if not (isinstance(value, (int, float)) and value >= 0 and value == value):
       raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')
+
+
+def _validate_folder(data_config: ml_collections.ConfigDict) -> None:
+  """The fields of data.source='folder': an existing folder_dir, a label of its own as name
+  (not a built-in dataset's, which would mislabel the runs) and a valid channel count."""
+  if not data_config.folder_dir:
+    raise ConfigError(
+      "config.data.source='folder' needs config.data.folder_dir=<root>, the folder holding "
+      '<root>/train/<class>/*.{png,jpg,jpeg}, <root>/test/... and optionally <root>/val/...; '
+      'it is empty.'
+    )
+  if not os.path.isdir(os.path.expanduser(data_config.folder_dir)):
+    raise ConfigError(
+      f'config.data.folder_dir={data_config.folder_dir!r} is not a directory; expected the '
+      'root of <root>/train/<class>/*.{png,jpg,jpeg}.'
+    )
+  name = data_config.name
+  if not isinstance(name, str) or not name or name in data.DATASETS:
+    raise ConfigError(
+      f"config.data.name={name!r} with config.data.source='folder': expected a label of "
+      f'your own for the folder (e.g. its name), not empty and none of the built-in '
+      f'{tuple(data.DATASETS)}, which load from the other sources.'
+    )
+  _choice('data.channels', data_config.channels, FOLDER_CHANNELS)
 
 
 # Fields a workdir's checkpoints depend on: a resumed run or an evaluation must not change them.

@@ -1,5 +1,10 @@
 """Class prototypes: the per-class mean image of a split, min-max scaled to [0, 1], which
-the CAM losses compare explanations with. Computed once per workdir and reused on resume."""
+the CAM losses compare explanations with. Computed once per workdir and reused on resume.
+
+A CAM map has no channels, so a colour dataset's prototype is the grayscale of its mean
+image: ITU-R 601-2 luma (0.299 R + 0.587 G + 0.114 B, Pillow's 'L' conversion) of the
+per-channel mean, which equals the mean of the grayscale images as the luma is linear.
+"""
 
 import functools
 import os
@@ -13,25 +18,40 @@ from bcam_jax.data import DataError, Datasets, Split
 from bcam_jax.report import figures
 
 _MINMAX_EPS = 1e-8
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L').
+
+
+def grayscale(images: np.ndarray) -> np.ndarray:
+  """(..., C) -> (...): the only channel of C = 1, the ITU-R 601-2 luma of C = 3; a
+  ValueError for other channel counts, which have no agreed grayscale."""
+  channels = images.shape[-1]
+  if channels == 1:
+    return images[..., 0]
+  if channels == 3:
+    return images @ np.asarray(LUMA_WEIGHTS, images.dtype)
+  raise ValueError(
+    f'images of shape {images.shape}: expected 1 (grayscale) or 3 (RGB) channels for a prototype.'
+  )
 
 
 def class_prototypes(split: Split, num_classes: int, image_size: int) -> np.ndarray:
   """Per-class mean image of `split` at `image_size`, min-max scaled per class to [0, 1].
 
-  The mean is taken at 28x28 in float64 and then resized with the bilinear
+  The mean is taken at the split's size in float64 (per channel, then `grayscale`) and
+  resized with the bilinear
   `jax.image.resize` of `preprocess` (resizing is linear, so this equals the mean of the
   resized images). Returns (num_classes, image_size, image_size) float32; a constant
   image scales to zeros.
   """
-  images = split.images[..., 0]
-  means = np.empty((num_classes,) + images.shape[1:], np.float64)
+  images = split.images
+  means = np.empty((num_classes,) + images.shape[1:3], np.float64)
   empty = []
   for c in range(num_classes):
     members = images[split.labels == c]
     if len(members) == 0:
       empty.append(c)
     else:
-      means[c] = members.mean(axis=0, dtype=np.float64) / 255.0
+      means[c] = grayscale(members.mean(axis=0, dtype=np.float64) / 255.0)
   if empty:
     raise DataError(f'No examples of class(es) {empty} in the split: cannot build prototypes.')
   protos = means.astype(np.float32)

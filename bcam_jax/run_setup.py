@@ -81,6 +81,11 @@ class RunSetup:
     return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
 
   @property
+  def channels(self) -> int:
+    """The images' channel count, which the first convolution is built for."""
+    return self.datasets.info.channels
+
+  @property
   def frozen_backbone(self) -> bool:
     """CA-Stream's protocol: only the stream trains."""
     return bool(self.config.model.ca_stream.freeze_backbone)
@@ -105,7 +110,7 @@ class RunSetup:
       **cfg.model.options,
     )
     abstract = self._replicated_shapes(
-      steps.make_variables_fn(baseline, cfg.seed, cfg.data.image_size)
+      steps.make_variables_fn(baseline, cfg.seed, cfg.data.image_size, self.channels)
     )
     ckpts = Checkpoints(cfg.init_from)
     try:
@@ -133,7 +138,9 @@ class RunSetup:
 
   def init_state(self, tx) -> steps.TrainState:
     """The initial train state, replicated over the mesh."""
-    init = steps.make_init_fn(self.model, tx, self.config.seed, self.config.data.image_size)
+    init = steps.make_init_fn(
+      self.model, tx, self.config.seed, self.config.data.image_size, self.channels
+    )
     return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
 
   def abstract_state(self, tx) -> steps.TrainState:
@@ -146,7 +153,7 @@ class RunSetup:
     restore that needs no optimiser."""
     cfg = self.config
     return self._replicated_shapes(
-      steps.make_variables_fn(self.model, cfg.seed, cfg.data.image_size)
+      steps.make_variables_fn(self.model, cfg.seed, cfg.data.image_size, self.channels)
     )
 
   def restore_variables(self, workdir: str, checkpoint: str = 'best') -> tuple[dict, int]:
@@ -214,12 +221,13 @@ def setup_run(
   except ValueError as error:  # an unknown or invalid config.model.options entry
     raise ConfigError(f'config.model.options={dict(config.model.options)!r}: {error}') from None
   _check_cam_side(config, model)
-  cam = models.cam_shape(model, config.data.image_size)
+  cam = models.cam_shape(model, config.data.image_size, datasets.info.channels)
   logging.info(
-    'Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
+    'Model %s at %dx%dx%d: CAM layer %s; %d device(s) of %s; data from %s',
     config.model.name,
     config.data.image_size,
     config.data.image_size,
+    datasets.info.channels,
     cam,
     n_dev,
     jax.devices()[0].platform,

@@ -38,9 +38,12 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
   return variables
 
 
-def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[[], dict]:
-  """A function creating the model's initial variables: `params`, and `batch_stats` for a
-  model with BatchNorm (not the zero `perturbations` that only explanations use).
+def make_variables_fn(
+  model: nn.Module, seed: int, image_size: int, channels: int = 1
+) -> Callable[[], dict]:
+  """A function creating the model's initial variables for (N, image_size, image_size,
+  channels) images: `params`, and `batch_stats` for a model with BatchNorm (not the zero
+  `perturbations` that only explanations use).
 
   They are float32, or float64 for a model computing in float64 (64-bit JAX): the same
   values, so a float64 run is the float32 run without its rounding.
@@ -49,7 +52,7 @@ def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[
 
   def init_variables() -> dict:
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
-    x = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     variables = model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
     variables = model_variables(variables['params'], variables.get('batch_stats', {}))
     return jax.tree.map(lambda v: v.astype(variable_dtype), variables)
@@ -58,11 +61,15 @@ def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[
 
 
 def make_init_fn(
-  model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  seed: int,
+  image_size: int,
+  channels: int = 1,
 ) -> Callable[[], TrainState]:
   """A function creating the initial train state (`make_variables_fn` and the optimiser
   state), to be jitted with replicated outputs."""
-  init_variables = make_variables_fn(model, seed, image_size)
+  init_variables = make_variables_fn(model, seed, image_size, channels)
 
   def init() -> TrainState:
     variables = init_variables()

@@ -32,13 +32,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'mnist'  # 'mnist' | 'fashion_mnist'
-  config.data.source = 'auto'  # 'auto' | 'tfds' | 'idx' | 'download' (README, Data)
+  # 'mnist' | 'fashion_mnist'; with source 'folder', a label of your own for logs and figures.
+  config.data.name = 'mnist'
+  # 'auto' | 'tfds' | 'idx' | 'download' (README, Data) | 'folder' (data.folder_dir)
+  config.data.source = 'auto'
+  # source 'folder': the root of <root>/{train,val?,test}/<class>/*.{png,jpg,jpeg}.
+  config.data.folder_dir = ''
+  config.data.channels = 0  # source 'folder': 1 | 3, or 0 to take it from the images
   config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
   config.data.val_size = 5000  # taken from the official train split
   config.data.split_seed = 0
-  config.data.image_size = 28  # resized on device inside the jitted step
+  # Resized on device inside the jitted step; an image folder is resized (shorter side) and
+  # centre-cropped to it when read.
+  config.data.image_size = 28
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over all devices

@@ -4,6 +4,12 @@
 ``auto`` (a prepared TFDS copy, then IDX files in the data folder or cache, then a download
 of the IDX files, then a TFDS preparation, reporting every attempt when all fail); the
 validation split is a seeded subset of the official train split.
+
+``data.source='folder'`` reads the image folder ``data.folder_dir`` instead
+(`bcam_jax.data.folder`): images resized and centre-cropped to ``data.image_size``, its
+``val`` split when it has one (else the seeded subset of train), class names from its class
+folders, ``data.channels`` channels (0: from the images) and the per-channel mean and std of
+its train split; ``data.name`` is then only the label of the data in logs and figures.
 """
 
 import os
@@ -20,6 +26,7 @@ from bcam_jax.data.dataset import (
   dataset_info,
 )
 from bcam_jax.data.download import dataset_dir, download_dataset, offline_fix
+from bcam_jax.data.folder import read_image_folder
 from bcam_jax.data.idx import load_idx
 from bcam_jax.data.tfds_source import (
   load_tfds_noted,
@@ -107,13 +114,66 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
   )
 
 
+def load_folder(data_config) -> Datasets:
+  """Train/val/test of the image folder `data_config.folder_dir` (the module docstring says
+  how); a DataError naming the field when the folder or its train split cannot serve."""
+  if not data_config.folder_dir:
+    raise DataError(
+      "data.source='folder' needs data.folder_dir=<root of root/<split>/<class>/*.png|jpg>; "
+      'it is empty.'
+    )
+  root = os.path.expanduser(data_config.folder_dir)
+  folder = read_image_folder(root, data_config.image_size, data_config.channels or None)
+  info = DatasetInfo(
+    name=data_config.name,
+    num_classes=folder.num_classes,
+    mean=folder.mean,
+    std=folder.std,
+    class_names=folder.class_names,
+    channels=folder.channels,
+  )
+  train, test = folder.splits['train'], folder.splits['test']
+  if 'val' in folder.splits:
+    val, how = folder.splits['val'], f'its val folder, {os.path.join(root, "val")}'
+  else:
+    try:
+      train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
+    except DataError as e:
+      raise DataError(
+        f'Image folder {root} has no val split, so data.val_size={data_config.val_size!r} '
+        f'of its {len(train)} train images become the validation split: {e}'
+      ) from None
+    how = f'{len(val)} of its train images (data.split_seed {data_config.split_seed})'
+  logging.info(
+    'Loaded image folder %s as %r: %d classes, %d channels, %dx%d; train %d, val %d (%s), '
+    'test %d; train mean %s, std %s.',
+    root,
+    info.name,
+    info.num_classes,
+    info.channels,
+    folder.image_size,
+    folder.image_size,
+    len(train),
+    len(val),
+    how,
+    len(test),
+    ', '.join(f'{m:.4f}' for m in folder.mean),
+    ', '.join(f'{s:.4f}' for s in folder.std),
+  )
+  source = f'image folder {root}'
+  return Datasets(info=info, train=train, val=val, test=test, source=source)
+
+
 def load_datasets(data_config) -> Datasets:
   """Loads train/val/test of `data_config.name` from `data_config.source`
-  (auto/tfds/idx/download).
+  (auto/tfds/idx/download), or the image folder `data_config.folder_dir` (source folder).
 
   `data_config` needs the attributes name, source, idx_dir, tfds_data_dir, val_size and
-  split_seed (an ml_collections ConfigDict or any attribute object).
+  split_seed, and for a folder folder_dir, image_size and channels (an ml_collections
+  ConfigDict or any attribute object).
   """
+  if data_config.source == 'folder':
+    return load_folder(data_config)
   info = dataset_info(data_config.name)
   tfds_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
   if data_config.source == 'tfds':
@@ -129,7 +189,7 @@ def load_datasets(data_config) -> Datasets:
     train, test, source = _load_auto(data_config, info, tfds_dir)
   else:
     raise DataError(
-      f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx, download.'
+      f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx, download, folder.'
     )
   train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
   logging.info(
