@@ -109,18 +109,22 @@ def test_folder_fields_are_checked(rgb_root, fields, message):
     config_validation.validate_config(config)
 
 
-def test_train_and_evaluate_bcpl_on_an_rgb_folder(rgb_root, tmp_path):
+@pytest.mark.parametrize('head', ['default', 'softcam'])
+def test_train_and_evaluate_bcpl_on_an_rgb_folder(rgb_root, tmp_path, head):
   workdir = str(tmp_path / 'run')
   config = folder_config(rgb_root)
+  config.model.head = head
   result = train_lib.train_and_evaluate(config, workdir)
   assert result['step'] == 6 and np.isfinite(result['test_loss'])
   first_conv = result['state'].params['backbone_net']['conv1']['kernel']
   assert first_conv.shape[2] == 3  # built for RGB input
   assert np.load(os.path.join(workdir, 'prototypes_train.npy')).shape == (3, 12, 12)
 
-  options = eval_lib.EvalOptions(methods=('grad_cam',), num_overlays=3)
+  methods = ('grad_cam', 'evidence') if head == 'softcam' else ('grad_cam',)
+  options = eval_lib.EvalOptions(methods=methods, num_overlays=3)
   report = eval_lib.evaluate_and_report(config, workdir, options=options)
   assert report['test_count'] == 12
-  assert np.isfinite(report['methods']['grad_cam']['image_l1'])
+  for method in methods:
+    assert np.isfinite(report['methods'][method]['image_l1']), method
   for name in ('confusion.png', 'cam_prototypes.png', 'overlays.png', 'report.md'):
     assert os.path.getsize(os.path.join(workdir, 'eval', name)) > 0, name
