@@ -121,10 +121,12 @@ def test_train_and_evaluate_bcpl_on_an_rgb_folder(rgb_root, tmp_path, head):
   assert np.load(os.path.join(workdir, 'prototypes_train.npy')).shape == (3, 12, 12)
 
   methods = ('grad_cam', 'evidence') if head == 'softcam' else ('grad_cam',)
-  options = eval_lib.EvalOptions(methods=methods, num_overlays=3)
+  sanity = 2 if head == 'default' else 0  # the randomisation test re-initialises RGB layers
+  options = eval_lib.EvalOptions(methods=methods, num_overlays=3, sanity_images=sanity)
   report = eval_lib.evaluate_and_report(config, workdir, options=options)
   assert report['test_count'] == 12
   for method in methods:
     assert np.isfinite(report['methods'][method]['image_l1']), method
+  assert ('sanity' in report) == bool(sanity)
   for name in ('confusion.png', 'cam_prototypes.png', 'overlays.png', 'report.md'):
     assert os.path.getsize(os.path.join(workdir, 'eval', name)) > 0, name
