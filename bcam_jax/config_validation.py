@@ -11,6 +11,7 @@ import jax
 import ml_collections
 
 from bcam_jax import data, objective, optim
+from bcam_jax.configs import base
 from bcam_jax.models import MODEL_NAMES
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
@@ -139,7 +140,8 @@ def _validate_folder(data_config: ml_collections.ConfigDict) -> None:
 
 
 # Fields a workdir's checkpoints depend on: a resumed run or an evaluation must not change them.
-_STRUCTURAL = ('model.', 'data.name', 'data.image_size', 'optimizer.name')
+# data.channels sets the first convolution's input depth.
+_STRUCTURAL = ('model.', 'data.name', 'data.image_size', 'data.channels', 'optimizer.name')
 _SPEED_ONLY = ('model.conv_lowering',)
 
 
@@ -152,6 +154,8 @@ def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> No
     return
   with open(path, encoding='utf-8') as f:
     recorded = _flatten(json.load(f))
+  # A field added since the workdir was written holds its default there.
+  recorded = _flatten(json.loads(base.get_base_config().to_json())) | recorded
   requested = _flatten(json.loads(config.to_json()))
   differing = [
     f'{key}: {recorded.get(key)!r} in the workdir, {requested.get(key)!r} now'

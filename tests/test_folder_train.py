@@ -1,6 +1,7 @@
 """An image folder as a training source: `load_datasets` with data.source='folder', its config
 checks, RGB normalisation and prototypes, and train + evaluate end to end on an RGB folder."""
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -130,3 +131,24 @@ def test_train_and_evaluate_bcpl_on_an_rgb_folder(rgb_root, tmp_path, head):
   assert ('sanity' in report) == bool(sanity)
   for name in ('confusion.png', 'cam_prototypes.png', 'overlays.png', 'report.md'):
     assert os.path.getsize(os.path.join(workdir, 'eval', name)) > 0, name
+
+
+def test_channels_belong_to_the_workdir(rgb_root, tmp_path):
+  config = folder_config(rgb_root)
+  (tmp_path / 'config.json').write_text(config.to_json())
+  config_validation.check_matches_workdir(config, str(tmp_path))
+  config.data.channels = 1
+  with pytest.raises(
+    config_validation.ConfigError, match=r'data.channels: 0 in the workdir, 1 now'
+  ):
+    config_validation.check_matches_workdir(config, str(tmp_path))
+
+
+def test_a_workdir_written_before_the_folder_fields_still_matches(tmp_path):
+  config = image_folder.get_config()
+  config.data.source, config.data.name = 'auto', 'mnist'
+  recorded = json.loads(config.to_json())
+  for field in ('channels', 'folder_dir'):
+    del recorded['data'][field]
+  (tmp_path / 'config.json').write_text(json.dumps(recorded))
+  config_validation.check_matches_workdir(config, str(tmp_path))
