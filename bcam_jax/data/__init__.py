@@ -1,14 +1,14 @@
 """Data: datasets held in memory, their splits, batches and on-device preprocessing.
 
-The datasets are small (70,000 28x28 uint8 images), so they are held in memory as numpy
-arrays and fed to the jitted step batch by batch:
+The datasets are held in memory as uint8 numpy arrays (MNIST: 70,000 28x28 images; an
+image folder: every image at ``data.image_size``) and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
 * `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;
 * `folder`: image folders in the torchvision ImageFolder layout, decoded with Pillow;
 * `download`: the IDX files fetched from mirrors, verified, into the cache (`default_root`);
-* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``)
-  and the validation split;
+* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``,
+  ``folder``) and the validation split;
 * `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
 * `preprocess`: scaling, resizing and normalisation on device.
 
