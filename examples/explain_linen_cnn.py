@@ -1,7 +1,8 @@
 """Explain your own Flax linen CNN with bcam_jax: Grad-CAM, Score-CAM, Layer-CAM and
 Ablation-CAM, jitted, with their faithfulness and a check that they point at the object.
 
-The data are synthetic: coloured noise with one square at a random position whose colour
+The data are synthetic (`examples/squares.py`): coloured noise with one square at a
+random position whose colour
 says the class (0 red, 1 green, 2 blue, 3 yellow). A CNN that solves the task has to look
 at the square, so a right explanation puts its mass inside the square; the script prints
 that fraction next to Average Drop / Increase and insertion / deletion.
@@ -23,31 +24,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+import squares  # the synthetic task and training loop, beside this script
 
 from bcam_jax import cam, explain
 from bcam_jax.explain import faithfulness
 from bcam_jax.report import figures
 
-NUM_CLASSES, SIZE, SQUARE = 4, 24, 6
-MEAN, STD = 0.3, 0.3  # the input normalisation the model is trained with
 METHODS = ('grad_cam', 'score_cam', 'layer_cam', 'ablation_cam')
-CLASSES = ('red', 'green', 'blue', 'yellow')
-
-
-def make_data(seed, n):
-  """n images `(n, 24, 24, 3)` in [0, 1], their labels `(n,)` and square masks `(n, 24, 24)`."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, NUM_CLASSES, n)
-  top, left = rng.integers(0, SIZE - SQUARE + 1, (2, n, 1, 1))
-  rows, cols = np.arange(SIZE)[None, :, None], np.arange(SIZE)[None, None, :]
-  masks = (rows >= top) & (rows < top + SQUARE) & (cols >= left) & (cols < left + SQUARE)
-  noise = rng.uniform(size=(n, SIZE, SIZE, 3))
-  colours = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[labels]
-  square = 0.2 + 0.45 * colours[:, None, None, :] + 0.35 * noise
-  pixels = np.where(masks[..., None], square, 0.6 * noise).astype(np.float32)
-  return pixels, labels, masks.astype(np.float32)
 
 
 class SmallCNN(nn.Module):
@@ -58,33 +42,7 @@ class SmallCNN(nn.Module):
     x = nn.relu(nn.Conv(8, (3, 3), name='conv1')(x))
     x = nn.relu(nn.Conv(16, (3, 3), strides=2, name='conv2')(x))
     x = nn.relu(nn.Conv(16, (3, 3), name='conv3')(x))  # 12x12x16: the layer we explain
-    return nn.Dense(NUM_CLASSES, name='head')(x.mean(axis=(1, 2)))
-
-
-def train(net, pixels, labels, steps, batch, key):
-  """Plain optax training on normalised pixels; returns the variables."""
-  x = (pixels - MEAN) / STD
-  variables = jax.jit(net.init)(key, x[:1])
-  optimizer = optax.adam(3e-3)
-  opt_state = optimizer.init(variables)
-
-  @jax.jit
-  def step(variables, opt_state, xb, yb):
-    def loss_fn(v):
-      return optax.softmax_cross_entropy_with_integer_labels(net.apply(v, xb), yb).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(variables)
-    updates, opt_state = optimizer.update(grads, opt_state, variables)
-    return optax.apply_updates(variables, updates), opt_state, loss
-
-  rng = np.random.default_rng(0)
-  log_at = set(np.linspace(0, steps - 1, 5).astype(int).tolist())  # five loss lines
-  for i in range(steps):
-    idx = rng.integers(0, x.shape[0], batch)
-    variables, opt_state, loss = step(variables, opt_state, x[idx], labels[idx])
-    if i in log_at:
-      print(f'  step {i:4d}  loss {float(loss):.4f}')
-  return variables
+    return nn.Dense(len(squares.CLASSES), name='head')(x.mean(axis=(1, 2)))
 
 
 def main():
@@ -97,14 +55,16 @@ def main():
   os.makedirs(args.out_dir, exist_ok=True)
   start = time.time()
 
-  train_x, train_y, _ = make_data(0, 2048)
-  test_x, test_y, test_masks = make_data(1, 256)
+  train_x, train_y, _ = squares.make_data(0, 2048)
+  test_x, test_y, test_masks = squares.make_data(1, 256)
   net = SmallCNN()
   print(f'training SmallCNN for {args.steps} steps on {train_x.shape[0]} synthetic images')
-  variables = train(net, train_x, train_y, args.steps, args.batch, jax.random.key(2))
+  variables = squares.train(
+    net, train_x, train_y, args.steps, args.batch, jax.random.key(2), optax.adam(3e-3)
+  )
 
   # The explainer takes [0, 1] pixels and normalises them as the model was trained.
-  explainer = explain.Explainer(net, MEAN, STD, layer='conv3')
+  explainer = explain.Explainer(net, squares.MEAN, squares.STD, layer='conv3')
   logits = jax.jit(explainer.logits)(variables, test_x)
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test_y))
   print(f'test accuracy: {accuracy:.3f}')
@@ -122,7 +82,7 @@ def main():
     o = cam.target_probability(logits_fn(faithfulness.mask_with_saliency(pixels, maps)), labels)
     metrics = faithfulness.drop_gain_increase(y, o)
     metrics |= faithfulness.insertion_deletion(logits_fn, pixels, maps, labels, n_steps=16)
-    metrics['in_square'] = jnp.sum(maps * masks, (1, 2)) / jnp.maximum(jnp.sum(maps, (1, 2)), 1e-8)
+    metrics['in_square'] = squares.mass_in_square(maps, masks)
     return {k: jnp.mean(v) for k, v in metrics.items()}
 
   print(f'\nexplaining {pixels.shape[0]} test images at layer conv3, target = the label')
@@ -142,7 +102,7 @@ def main():
   path = os.path.join(args.out_dir, 'explain_linen_cnn.png')
   predictions = jnp.argmax(logits[:6], -1)
   title = 'SmallCNN at conv3: maps of the true class over the first 6 test images'
-  figures.save_overlays(path, pixels[:6], shown, labels[:6], predictions, CLASSES, title)
+  figures.save_overlays(path, pixels[:6], shown, labels[:6], predictions, squares.CLASSES, title)
   # Or as arrays, for your own figures: images with the map blended over them, RGB [0, 1].
   overlays = explain.show_cam_on_image(pixels[:6], shown['grad_cam'])
   print(f'wrote {path}  (rows: images; columns: {", ".join(METHODS)}); overlays {overlays.shape}')

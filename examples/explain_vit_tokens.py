@@ -12,7 +12,8 @@ token of the last block's output reaches the head, so the gradient on its patch 
 zero and Grad-CAM there is empty. The patch tokens of block1 reach the class token through
 block2's attention.
 
-The data are synthetic: coloured noise with one square at a random position whose colour
+The data are synthetic (`examples/squares.py`): coloured noise with one square at a
+random position whose colour
 says the class (0 red, 1 green, 2 blue, 3 yellow); a right explanation lands on the square
 and the script prints the fraction of each map's mass inside it, for Grad-CAM, HiRes-CAM,
 Layer-CAM and Eigen-CAM. On token layers Grad-CAM's one weight per channel (the gradient
@@ -33,30 +34,14 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+import squares  # the synthetic task and training loop, beside this script
 
 from bcam_jax import explain
 from bcam_jax.report import figures
 
-NUM_CLASSES, SIZE, SQUARE, PATCH, DIM = 4, 24, 6, 4, 32
-CLASSES = ('red', 'green', 'blue', 'yellow')
-MEAN, STD = 0.3, 0.3
+PATCH, DIM = 4, 32
 METHODS = ('grad_cam', 'hires_cam', 'layer_cam', 'eigen_cam')
-
-
-def make_data(seed, n):
-  """n images `(n, 24, 24, 3)` in [0, 1], their labels `(n,)` and square masks `(n, 24, 24)`."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, NUM_CLASSES, n)
-  top, left = rng.integers(0, SIZE - SQUARE + 1, (2, n, 1, 1))
-  rows, cols = np.arange(SIZE)[None, :, None], np.arange(SIZE)[None, None, :]
-  masks = (rows >= top) & (rows < top + SQUARE) & (cols >= left) & (cols < left + SQUARE)
-  noise = rng.uniform(size=(n, SIZE, SIZE, 3))
-  colours = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]])[labels]
-  square = 0.2 + 0.45 * colours[:, None, None, :] + 0.35 * noise
-  pixels = np.where(masks[..., None], square, 0.6 * noise).astype(np.float32)
-  return pixels, labels, masks.astype(np.float32)
 
 
 class Block(nn.Module):
@@ -91,33 +76,7 @@ class TinyViT(nn.Module):
     tokens = Embed(name='embed')(x)  # (N, 37, D)
     tokens = Block(name='block1')(tokens)  # (N, 37, D)
     tokens = Block(name='block2')(tokens)
-    return nn.Dense(NUM_CLASSES, name='head')(nn.LayerNorm(name='norm')(tokens[:, 0]))
-
-
-def train(net, pixels, labels, steps, batch, key):
-  """Plain optax training on normalised pixels; returns the variables."""
-  x = (pixels - MEAN) / STD
-  variables = jax.jit(net.init)(key, x[:1])
-  optimizer = optax.adamw(3e-3, weight_decay=1e-4)
-  opt_state = optimizer.init(variables)
-
-  @jax.jit
-  def step(variables, opt_state, xb, yb):
-    def loss_fn(v):
-      return optax.softmax_cross_entropy_with_integer_labels(net.apply(v, xb), yb).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(variables)
-    updates, opt_state = optimizer.update(grads, opt_state, variables)
-    return optax.apply_updates(variables, updates), opt_state, loss
-
-  rng = np.random.default_rng(0)
-  log_at = set(np.linspace(0, steps - 1, 5).astype(int).tolist())  # five loss lines
-  for i in range(steps):
-    idx = rng.integers(0, x.shape[0], batch)
-    variables, opt_state, loss = step(variables, opt_state, x[idx], labels[idx])
-    if i in log_at:
-      print(f'  step {i:4d}  loss {float(loss):.4f}')
-  return variables
+    return nn.Dense(len(squares.CLASSES), name='head')(nn.LayerNorm(name='norm')(tokens[:, 0]))
 
 
 def main():
@@ -129,14 +88,22 @@ def main():
   os.makedirs(args.out_dir, exist_ok=True)
   start = time.time()
 
-  train_x, train_y, _ = make_data(0, 2048)
-  test_x, test_y, test_masks = make_data(1, 64)
+  train_x, train_y, _ = squares.make_data(0, 2048)
+  test_x, test_y, test_masks = squares.make_data(1, 64)
   net = TinyViT()
   print(f'training TinyViT for {args.steps} steps on {train_x.shape[0]} synthetic images')
-  variables = train(net, train_x, train_y, args.steps, args.batch, jax.random.key(2))
+  variables = squares.train(
+    net,
+    train_x,
+    train_y,
+    args.steps,
+    args.batch,
+    jax.random.key(2),
+    optax.adamw(3e-3, weight_decay=1e-4),
+  )
 
   # prefix_tokens=1: block1's (N, 37, D) tokens -> class token dropped, (N, 6, 6, D) grid.
-  explainer = explain.Explainer(net, MEAN, STD, layer='block1', prefix_tokens=1)
+  explainer = explain.Explainer(net, squares.MEAN, squares.STD, layer='block1', prefix_tokens=1)
   logits = jax.jit(explainer.logits)(variables, test_x)
   accuracy = float(jnp.mean(jnp.argmax(logits, -1) == test_y))
   print(f'test accuracy: {accuracy:.3f}')
@@ -151,14 +118,14 @@ def main():
   shown = {}
   for method in METHODS:
     maps = maps_fn(method, variables, test_x, test_y)  # upsampled from 6x6 to 24x24
-    in_square = jnp.sum(maps * test_masks, (1, 2)) / jnp.maximum(jnp.sum(maps, (1, 2)), 1e-8)
+    in_square = squares.mass_in_square(maps, test_masks)
     print(f'{method:<12}{float(in_square.mean()):11.1%}')
     shown[method] = maps[:6]
 
   path = os.path.join(args.out_dir, 'explain_vit_tokens.png')
   title = 'TinyViT at block1 (6x6 patch tokens): maps of the true class'
   predictions = jnp.argmax(logits[:6], -1)
-  figures.save_overlays(path, test_x[:6], shown, test_y[:6], predictions, CLASSES, title)
+  figures.save_overlays(path, test_x[:6], shown, test_y[:6], predictions, squares.CLASSES, title)
   print(f'wrote {path}  (rows: images; columns: {", ".join(METHODS)})')
   print(f'done in {time.time() - start:.1f} s')
 
