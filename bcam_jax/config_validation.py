@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from bcam_jax import data, objective, optim
+from bcam_jax import data, objective, optim, prototypes
 from bcam_jax.configs import base
 from bcam_jax.models import MODEL_NAMES
 from bcam_jax.models.conv import LOWERINGS
@@ -47,14 +47,22 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('data.source', config.data.source, DATA_SOURCES)
   if config.data.source == 'folder':
     _validate_folder(config.data)
+  elif config.data.source == 'tfds' and config.data.name not in data.DATASETS:
+    _validate_tfds_by_name(config.data)
   else:
     _choice('data.name', config.data.name, tuple(data.DATASETS))
-    if config.data.get('folder_dir'):
+    if config.data.get('channels') not in (None, 0, 1):
       raise ConfigError(
-        f'config.data.folder_dir={config.data.folder_dir!r} is read only with '
-        f"config.data.source='folder', but config.data.source={config.data.source!r}; "
-        "set config.data.source='folder' to train on the folder."
+        f'config.data.channels={config.data.channels!r} applies to image folders and TFDS '
+        f'datasets by name; {config.data.name!r} has 1 channel: leave it 0 (or 1).'
       )
+  if config.data.source != 'folder' and config.data.get('folder_dir'):
+    raise ConfigError(
+      f'config.data.folder_dir={config.data.folder_dir!r} is read only with '
+      f"config.data.source='folder', but config.data.source={config.data.source!r}; "
+      "set config.data.source='folder' to train on the folder."
+    )
+  _validate_prototypes(config.data)
   _positive('data.image_size', config.data.image_size)
   _positive('data.val_size', config.data.val_size)
   _positive('train.batch_size', config.train.batch_size)
@@ -139,9 +147,46 @@ def _validate_folder(data_config: ml_collections.ConfigDict) -> None:
   _choice('data.channels', data_config.channels, FOLDER_CHANNELS)
 
 
+def _validate_tfds_by_name(data_config: ml_collections.ConfigDict) -> None:
+  """A TFDS dataset by name: a non-empty name and a valid channel count (whether TFDS knows
+  the name is for the loader to say, with TFDS's own message)."""
+  if not isinstance(data_config.name, str) or not data_config.name.strip():
+    raise ConfigError(
+      f"config.data.name={data_config.name!r} with config.data.source='tfds': expected a TFDS "
+      "dataset name such as 'cifar10'."
+    )
+  _choice('data.channels', data_config.channels, FOLDER_CHANNELS)
+
+
+def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
+  """data.prototypes is a known kind; 'file' needs an existing data.prototypes_file, which
+  is read only with 'file'."""
+  _choice('data.prototypes', data_config.prototypes, prototypes.KINDS)
+  path = data_config.prototypes_file
+  if data_config.prototypes == 'file':
+    if not path or not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError(
+        f"config.data.prototypes='file' needs config.data.prototypes_file=<path.npy>, an "
+        f'existing .npy of shape (num_classes, H, W) or (num_classes, C, H, W); got {path!r}.'
+      )
+  elif path:
+    raise ConfigError(
+      f'config.data.prototypes_file={path!r} is read only with config.data.prototypes='
+      f"'file', but config.data.prototypes={data_config.prototypes!r}."
+    )
+
+
 # Fields a workdir's checkpoints depend on: a resumed run or an evaluation must not change them.
-# data.channels sets the first convolution's input depth.
-_STRUCTURAL = ('model.', 'data.name', 'data.image_size', 'data.channels', 'optimizer.name')
+# data.channels sets the first convolution's input depth; the prototypes, cached in the
+# workdir, are what a CAM loss trained towards.
+_STRUCTURAL = (
+  'model.',
+  'data.name',
+  'data.image_size',
+  'data.channels',
+  'data.prototypes',
+  'optimizer.name',
+)
 _SPEED_ONLY = ('model.conv_lowering',)
 
 

@@ -120,7 +120,7 @@ def restore(
     what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
     raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
   config_validation.check_matches_workdir(config, workdir)
-  run = run_setup.setup_run(config, devices)
+  run = run_setup.setup_run(config, devices, workdir)
   variables, step = run.restore_variables(workdir, checkpoint)
   return run, variables, int(step)
 

@@ -76,7 +76,12 @@ class RunSetup:
   def prototypes(self, workdir: str) -> dict[str, jax.Array]:
     """Train and validation class prototypes (cached in `workdir`), replicated."""
     protos = prototypes.load_or_compute_prototypes(
-      workdir, self.datasets, self.config.data.image_size, write=jax.process_index() == 0
+      workdir,
+      self.datasets,
+      self.config.data.image_size,
+      write=jax.process_index() == 0,
+      kind=self.config.data.prototypes,
+      prototypes_file=self.config.data.prototypes_file,
     )
     return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
 
@@ -178,9 +183,15 @@ class RunSetup:
 
 
 def setup_run(
-  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+  config: ml_collections.ConfigDict,
+  devices: Sequence[jax.Device] | None = None,
+  workdir: str | None = None,
 ) -> RunSetup:
-  """Validates the config, builds the mesh, loads the data and builds the model."""
+  """Validates the config, builds the mesh, loads the data and builds the model.
+
+  `workdir` caches the train mean and std of data without literature constants (an image
+  folder, a TFDS dataset by name) in `<workdir>/data_stats.json`, written by process 0.
+  """
   validate_config(config)
   mesh = parallel.make_mesh(devices)
   try:
@@ -188,7 +199,7 @@ def setup_run(
   except ValueError as error:
     raise ConfigError(str(error)) from None
   n_dev = mesh.devices.size
-  datasets = data.load_datasets(config.data)
+  datasets = data.load_datasets(config.data, workdir, write_stats=jax.process_index() == 0)
   if config.train.batch_size > len(datasets.train):
     raise ConfigError(
       f'config.train.batch_size={config.train.batch_size} is larger than the '

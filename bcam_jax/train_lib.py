@@ -155,7 +155,7 @@ class _Window:
 
 
 def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
-  run = setup_run(config, devices)  # validates the config
+  run = setup_run(config, devices, workdir)  # validates the config
   check_matches_workdir(config, workdir)  # before anything is written there
   is_writer = jax.process_index() == 0
   if is_writer:

@@ -96,6 +96,7 @@ def test_packaged_configs_by_name():
     'image_folder',
     'resnet18_bcpl',
     'resnet18_tpu',
+    'tfds_rgb',
     'grids/cpu_small',
     'grids/paper_table1',
     'grids/paper_table2',

@@ -32,13 +32,20 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
-  # 'mnist' | 'fashion_mnist'; with source 'folder', a label of your own for logs and figures.
+  # 'mnist' | 'fashion_mnist'; with source 'tfds' any TFDS image-classification dataset
+  # (e.g. 'cifar10'); with source 'folder', a label of your own for logs and figures.
   config.data.name = 'mnist'
   # 'auto' | 'tfds' | 'idx' | 'download' (README, Data) | 'folder' (data.folder_dir)
   config.data.source = 'auto'
   # source 'folder': the root of <root>/{train,val?,test}/<class>/*.{png,jpg,jpeg}.
   config.data.folder_dir = ''
-  config.data.channels = 0  # source 'folder': 1 | 3, or 0 to take it from the images
+  # source 'folder' or a TFDS dataset by name: 1 | 3, or 0 to take it from the data.
+  config.data.channels = 0
+  # The class prototypes the CAM losses compare with: 'luma' (grayscale of each class's mean
+  # image) | 'channels' (mean of its per-channel min-max scaled means) | 'file'
+  # (data.prototypes_file, a .npy of (num_classes, H, W) or (num_classes, C, H, W)).
+  config.data.prototypes = 'luma'
+  config.data.prototypes_file = ''
   config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
   config.data.val_size = 5000  # taken from the official train split

@@ -4,8 +4,12 @@ The datasets are held in memory as uint8 numpy arrays (MNIST: 70,000 28x28 image
 image folder: every image at ``data.image_size``) and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
-* `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;
+* `idx`: the standard IDX files; `tfds_source`: `tfds.data_source` (MNIST, and any TFDS
+  image-classification dataset by name, `open_tfds`);
 * `folder`: image folders in the torchvision ImageFolder layout, decoded with Pillow;
+* `records`: a split as a random-access record source (``len``, ``source[i] -> (image,
+  label)``), read into memory (`materialize`) or counted in one pass (`channel_stats`);
+* `stats_cache`: the per-channel train mean and std, cached in the workdir;
 * `download`: the IDX files fetched from mirrors, verified, into the cache (`default_root`);
 * `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``,
   ``folder``) and the validation split;
@@ -36,15 +40,18 @@ from bcam_jax.data.download import (
 from bcam_jax.data.folder import (
   FolderDataset,
   FolderIndex,
+  conform_image,
   decode_image,
   read_image_folder,
   resize_center_crop,
   scan_image_folder,
 )
 from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
-from bcam_jax.data.loading import load_datasets, split_train_val
+from bcam_jax.data.loading import load_datasets, load_tfds_by_name, split_train_val
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
-from bcam_jax.data.tfds_source import load_tfds
+from bcam_jax.data.records import RecordSource, SplitRecords, channel_stats, materialize
+from bcam_jax.data.stats_cache import load_or_compute_stats
+from bcam_jax.data.tfds_source import TfdsDataset, TfdsRecords, load_tfds, open_tfds
 
 __all__ = [
   'DATASETS',
@@ -57,7 +64,13 @@ __all__ = [
   'Datasets',
   'FolderDataset',
   'FolderIndex',
+  'RecordSource',
   'Split',
+  'SplitRecords',
+  'TfdsDataset',
+  'TfdsRecords',
+  'channel_stats',
+  'conform_image',
   'dataset_dir',
   'dataset_info',
   'decode_image',
@@ -67,8 +80,12 @@ __all__ = [
   'is_cached',
   'load_datasets',
   'load_idx',
+  'load_or_compute_stats',
   'load_tfds',
+  'load_tfds_by_name',
+  'materialize',
   'normalize',
+  'open_tfds',
   'preprocess',
   'read_image_folder',
   'read_idx_images',

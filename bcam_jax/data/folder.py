@@ -29,6 +29,7 @@ Files are read in a thread pool (Pillow releases the GIL while decoding) in the 
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 
 import numpy as np
@@ -36,6 +37,7 @@ from absl import logging
 from PIL import Image
 
 from bcam_jax.data.dataset import DataError, Split
+from bcam_jax.data.records import SplitRecords, channel_stats
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 SPLITS = ('train', 'val', 'test')  # In this order in `FolderDataset.splits`.
@@ -44,7 +46,6 @@ OPTIONAL_SPLITS = ('val',)
 # Modes with one intensity channel (and possibly alpha); 'I' and 'I;16*' hold 16-bit values.
 _GREY_MODES = frozenset({'1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N'})
 _WIDE_MODES = frozenset({'I', 'I;16', 'I;16L', 'I;16B', 'I;16N'})
-_STATS_CHUNK = 1024  # Images per chunk when counting pixel values for mean / std.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,20 @@ class FolderDataset:
   channels: int
   image_size: int
   splits: dict[str, Split]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
+
+  @functools.cached_property
+  def _stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return channel_stats(SplitRecords(self.splits['train']))
+
+  @property
+  def mean(self) -> tuple[float, ...]:
+    """Per-channel mean of the train split (computed on first use)."""
+    return self._stats[0]
+
+  @property
+  def std(self) -> tuple[float, ...]:
+    """Per-channel population std of the train split (computed on first use)."""
+    return self._stats[1]
 
   @property
   def num_classes(self) -> int:
@@ -193,16 +206,24 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
   return image.crop((left, top, left + size, top + size))
 
 
+def conform_image(image: Image.Image, channels: int, image_size: int | None = None) -> np.ndarray:
+  """A Pillow image as uint8 (H, W, channels): converted to grey or RGB and, when
+  `image_size` is given, resized and centre-cropped (`resize_center_crop`) as the module
+  says. Shared with the TFDS source, whose records are converted the same way."""
+  image = _convert(image, 'L' if channels == 1 else 'RGB')
+  if image_size is not None:
+    image = resize_center_crop(image, image_size)
+  # A copy of the pixels (np.array), so that nothing refers to the image's buffer.
+  return np.array(image, np.uint8).reshape(image.size[1], image.size[0], channels)
+
+
 def decode_image(path: str, channels: int, image_size: int | None = None) -> np.ndarray:
   """One image file as uint8 (H, W, channels), converted and resized as the module says."""
   try:
     with Image.open(path) as opened:
       opened.load()
-      image = _convert(opened, 'L' if channels == 1 else 'RGB')
-      if image_size is not None:
-        image = resize_center_crop(image, image_size)
-      # A copy of the pixels, taken before the file is closed.
-      return np.asarray(image, np.uint8).reshape(image.size[1], image.size[0], channels)
+      # The pixels are copied before the file is closed.
+      return conform_image(opened, channels, image_size)
   except Exception as e:  # Truncated or corrupt data surfaces at load(); name the file.
     raise _pillow_error(path, e) from e
 
@@ -222,27 +243,6 @@ def _check_one_size(headers: list[tuple[str, str, tuple[int, int]]]) -> int:
       f'Images are {width}x{height} (width x height, e.g. {first_path}), not square; {hint}.'
     )
   return width
-
-
-def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """Per-channel mean and population std of uint8 images in [0, 1] units.
-
-  Counts each of the 256 pixel values exactly, then takes both moments in float64 about the
-  mean, so the result does not depend on the order or number of images summed.
-  """
-  counts = np.zeros((images.shape[-1], 256), np.int64)
-  for start in range(0, images.shape[0], _STATS_CHUNK):
-    chunk = images[start : start + _STATS_CHUNK]
-    for c in range(images.shape[-1]):
-      counts[c] += np.bincount(chunk[..., c].ravel(), minlength=256)
-  values = np.arange(256, dtype=np.float64) / 255
-  means, stds = [], []
-  for c in range(images.shape[-1]):
-    n = counts[c].sum()
-    mean = float((counts[c] * values).sum() / n)
-    means.append(mean)
-    stds.append(float(np.sqrt((counts[c] * (values - mean) ** 2).sum() / n)))
-  return tuple(means), tuple(stds)
 
 
 def read_image_folder(
@@ -284,7 +284,6 @@ def read_image_folder(
         images[i] = image
       labels = np.array([label for _, label in pairs], np.int32)
       splits[split] = Split(images, labels)
-  mean, std = _channel_stats(splits['train'].images)
   logging.info(
     'Image folder %s: %d classes, %d channels, %dx%d, %s.',
     root,
@@ -300,6 +299,4 @@ def read_image_folder(
     channels=channels,
     image_size=size,
     splits=splits,
-    mean=mean,
-    std=std,
   )
