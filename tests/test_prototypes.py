@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcam_jax import data, prototypes
+from bcam_jax import config_validation, data, prototypes
+from bcam_jax.configs import base
 
 
 def _tiny_split(seed=0, n=40):
@@ -161,3 +162,30 @@ def test_load_or_compute_prototypes_from_a_file(tmp_path):
     np.testing.assert_array_equal(
       np.load(os.path.join(workdir, f'prototypes_{split}.npy')), protos[split]
     )
+
+
+def test_prototype_config_fields_are_checked(tmp_path):
+  config = base.get_base_config()
+  config_validation.validate_config(config)
+  config.data.prototypes = 'median'
+  with pytest.raises(config_validation.ConfigError, match=r"data.prototypes='median' is not"):
+    config_validation.validate_config(config)
+  config.data.prototypes = 'file'
+  with pytest.raises(config_validation.ConfigError, match=r'needs config.data.prototypes_file'):
+    config_validation.validate_config(config)
+  config.data.prototypes_file = str(tmp_path / 'p.npy')
+  np.save(config.data.prototypes_file, np.zeros((10, 4, 4)))
+  config_validation.validate_config(config)
+  config.data.prototypes = 'luma'
+  with pytest.raises(config_validation.ConfigError, match=r'read only with config.data.prot'):
+    config_validation.validate_config(config)
+
+
+def test_prototype_kind_belongs_to_the_workdir(tmp_path):
+  config = base.get_base_config()
+  (tmp_path / 'config.json').write_text(config.to_json())
+  config.data.prototypes = 'channels'
+  with pytest.raises(
+    config_validation.ConfigError, match=r"data.prototypes: 'luma' in the workdir, 'channels' now"
+  ):
+    config_validation.check_matches_workdir(config, str(tmp_path))
