@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from bcam_jax import data, objective, optim, prototypes
+from bcam_jax import data, objective, optim
 from bcam_jax.configs import base
 from bcam_jax.models import MODEL_NAMES
 from bcam_jax.models.conv import LOWERINGS
@@ -161,7 +161,7 @@ def _validate_tfds_by_name(data_config: ml_collections.ConfigDict) -> None:
 def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
   """data.prototypes is a known kind; 'file' needs an existing data.prototypes_file, which
   is read only with 'file'."""
-  _choice('data.prototypes', data_config.prototypes, prototypes.KINDS)
+  _choice('data.prototypes', data_config.prototypes, base.PROTOTYPE_KINDS)
   path = data_config.prototypes_file
   if data_config.prototypes == 'file':
     if not path or not os.path.isfile(os.path.expanduser(path)):

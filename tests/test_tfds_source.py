@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.core import splits as splits_lib
 
-from bcam_jax import config_validation, data, train_lib
+from bcam_jax import config_validation, data, run_setup, train_lib
 from bcam_jax.configs import tfds_rgb
 from bcam_jax.data import records, stats_cache, tfds_source
 
@@ -87,9 +87,9 @@ def tfds_config(data_dir, **fields):
   config.model.name = 'simple_cnn'
   config.model.options = {}
   config.train.batch_size = 8
-  config.train.num_steps = 4
+  config.train.num_steps = 2
   config.train.num_epochs = 0
-  config.train.log_every_steps = 2
+  config.train.log_every_steps = 1
   config.train.checkpoint_every_steps = 2
   config.train.eval_every_steps = 2
   config.optimizer.warmup_steps = 1
@@ -191,10 +191,19 @@ def test_config_fields_for_tfds_by_name(mocked):
     config_validation.validate_config(config)
 
 
-def test_train_on_a_tfds_rgb_dataset(mocked, tmp_path):
+def test_train_on_a_tfds_rgb_dataset(mocked, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'run')
   result = train_lib.train_and_evaluate(tfds_config(mocked), workdir)
-  assert result['step'] == 4 and np.isfinite(result['test_loss'])
+  assert result['step'] == 2 and np.isfinite(result['test_loss'])
   assert result['state'].params['backbone_net']['conv1']['kernel'].shape[2] == 3
   assert np.load(os.path.join(workdir, 'prototypes_train.npy')).shape == (2, 16, 16)
   assert os.path.exists(os.path.join(workdir, stats_cache.STATS_FILE))
+  # Evaluation (and a resumed run) reads the train mean / std from the workdir.
+  stats = json.loads((tmp_path / 'run' / stats_cache.STATS_FILE).read_text())
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError('statistics recomputed')
+
+  monkeypatch.setattr(stats_cache, 'channel_stats', must_not_run)
+  run = run_setup.setup_run(tfds_config(mocked), workdir=workdir)
+  assert run.datasets.info.mean == tuple(stats['mean'])
