@@ -207,3 +207,28 @@ def test_train_on_a_tfds_rgb_dataset(mocked, tmp_path, monkeypatch):
   monkeypatch.setattr(stats_cache, 'channel_stats', must_not_run)
   run = run_setup.setup_run(tfds_config(mocked), workdir=workdir)
   assert run.datasets.info.mean == tuple(stats['mean'])
+
+
+def test_records_check_each_record():
+  """TfdsRecords over a plain list of TFDS-style records: conversions and the errors."""
+  grey = np.arange(36, dtype=np.uint8).reshape(6, 6)
+  source = [
+    {'image': grey, 'label': 1},
+    {'image': grey.astype(np.float32), 'label': 0},
+    {'image': grey[..., None], 'label': 7},
+    {'image': np.zeros((6, 6, 2), np.uint8), 'label': 0},
+  ]
+  recs = tfds_source.TfdsRecords(source, 'fake/train', image_size=6, channels=3, num_classes=2)
+  image, label = recs[0]
+  assert label == 1 and image.shape == (6, 6, 3)
+  for c in range(3):  # grey -> RGB: three equal channels
+    np.testing.assert_array_equal(image[..., c], grey)
+  with pytest.raises(data.DataError, match=r'fake/train: record 1: expected a uint8'):
+    recs[1]
+  with pytest.raises(data.DataError, match=r'fake/train: record 2: label 7 outside \[0, 2\)'):
+    recs[2]
+  with pytest.raises(data.DataError, match=r'record 3: an image of 2 channels'):
+    recs[3]
+  mixed = [(np.zeros((4, 4, 3), np.uint8), 0), (np.zeros((5, 5, 3), np.uint8), 1)]
+  with pytest.raises(data.DataError, match=r'mixed: record 1 is a uint8 \(5, 5, 3\) image'):
+    records.materialize(mixed, 'mixed', workers=1)
