@@ -10,11 +10,15 @@ image folder: every image at ``data.image_size``) and fed to the jitted step bat
 * `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``,
   ``folder``) and the validation split;
 * `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
-* `preprocess`: scaling, resizing and normalisation on device.
+* `preprocess`: scaling, resizing and normalisation on device;
+* `streaming`: splits too large for memory, decoded on demand by worker threads
+  (`StreamedSplit`), and training batches read ahead (`train_batches`);
+* `augment`: random resized crop and horizontal flip inside the jitted train step.
 
 The names below are the package's API; the submodules are its implementation.
 """
 
+from bcam_jax.data.augment import AugmentOptions, augment_pixels
 from bcam_jax.data.batching import eval_batches, steps_per_epoch, train_batch_indices
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
@@ -44,9 +48,27 @@ from bcam_jax.data.folder import (
 from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
 from bcam_jax.data.loading import load_datasets, split_train_val
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
+from bcam_jax.data.streaming import (
+  FolderSource,
+  LazyImages,
+  StreamedSplit,
+  is_streamed,
+  load_streamed_folder,
+  prefetched,
+  train_batches,
+)
 from bcam_jax.data.tfds_source import load_tfds
 
-__all__ = [
+__all__ = [  # noqa: RUF022  (the streaming and augmentation names in a block of their own)
+  'AugmentOptions',
+  'augment_pixels',
+  'FolderSource',
+  'LazyImages',
+  'StreamedSplit',
+  'is_streamed',
+  'load_streamed_folder',
+  'prefetched',
+  'train_batches',
   'DATASETS',
   'DATA_DIR_ENV',
   'IDX_FILES',

@@ -17,6 +17,7 @@ import os
 import numpy as np
 from absl import logging
 
+from bcam_jax.data import streaming
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
   DataError,
@@ -26,7 +27,6 @@ from bcam_jax.data.dataset import (
   dataset_info,
 )
 from bcam_jax.data.download import dataset_dir, download_dataset, offline_fix
-from bcam_jax.data.folder import read_image_folder
 from bcam_jax.data.idx import load_idx
 from bcam_jax.data.tfds_source import (
   load_tfds_noted,
@@ -108,6 +108,8 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
     )
   order = np.random.default_rng(seed).permutation(n)
   val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
+  if streaming.is_streamed(train):  # the same examples, still read on demand
+    return train.take(train_idx), train.take(val_idx)
   return (
     Split(train.images[train_idx], train.labels[train_idx]),
     Split(train.images[val_idx], train.labels[val_idx]),
@@ -123,7 +125,7 @@ def load_folder(data_config) -> Datasets:
       'it is empty.'
     )
   root = os.path.expanduser(data_config.folder_dir)
-  folder = read_image_folder(root, data_config.image_size, data_config.channels or None)
+  folder = streaming.read_folder_for(data_config, root)
   info = DatasetInfo(
     name=data_config.name,
     num_classes=folder.num_classes,
