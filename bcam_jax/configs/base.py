@@ -50,7 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # reading into memory: 'auto' (when decoded larger than in_memory_limit_mb) | 'stream' |
   # 'memory'; decode_workers threads decode (0: one per CPU, at most 16).
   config.data.stream = 'auto'
-  config.data.in_memory_limit_mb = 2048
+  config.data.in_memory_limit_mb = 2048.0
   config.data.decode_workers = 0
   # Train-time augmentation on device, keyed by (seed, step); off for the paper's configs.
   config.data.augment = ml_collections.ConfigDict()

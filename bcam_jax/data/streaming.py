@@ -59,7 +59,7 @@ from bcam_jax.data.folder import (
 
 DEFAULT_READ_AHEAD = 2  # training batches fetched while the step before runs
 STREAM_MODES = ('auto', 'stream', 'memory')
-DEFAULT_LIMIT_MB = 2048  # data.in_memory_limit_mb: 'auto' streams a folder larger decoded
+DEFAULT_LIMIT_MB = 2048.0  # data.in_memory_limit_mb: 'auto' streams a folder larger decoded
 
 
 def default_workers() -> int:
