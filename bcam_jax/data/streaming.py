@@ -50,9 +50,9 @@ from bcam_jax.data.folder import (
   _GREY_MODES,
   _STATS_CHUNK,
   FolderDataset,
-  _channel_stats,
   _header,
   decode_image,
+  folder_dataset,
   read_image_folder,
   scan_image_folder,
 )
@@ -329,26 +329,7 @@ def load_streamed_folder(
     split: StreamedSplit(FolderSource(pairs, channels, image_size), shape, workers)
     for split, pairs in index.files.items()
   }
-  mean, std = _channel_stats(splits['train'].images)
-  logging.info(
-    'Image folder %s streamed (%d decoding threads): %d classes, %d channels, %dx%d, %s.',
-    index.root,
-    workers,
-    len(index.class_names),
-    channels,
-    image_size,
-    image_size,
-    ', '.join(f'{split} {len(s)}' for split, s in splits.items()),
-  )
-  return FolderDataset(
-    root=index.root,
-    class_names=index.class_names,
-    channels=channels,
-    image_size=image_size,
-    splits=splits,
-    mean=mean,
-    std=std,
-  )
+  return folder_dataset(index, channels, image_size, splits, f'streamed, {workers} threads')
 
 
 def read_folder_for(data_config, root: str) -> FolderDataset:
