@@ -43,10 +43,13 @@ def numpy_cut_and_resize(image: np.ndarray, box, size: int) -> np.ndarray:
 
 def test_random_resized_crop_is_the_cut_box_resized():
   x = images(n=8, size=10)
-  key = jax.random.key(3)
-  crop_key, _ = jax.random.split(key)
-  boxes = np.asarray(crop_boxes(crop_key, 8, 10, 10, CROP.scale, CROP.ratio))
-  out = np.asarray(augment_pixels(x, key, 16, CROP))  # 16 >= every box: upsampling
+
+  @jax.jit
+  def boxes_and_crops(x, key):  # the boxes augment_pixels draws (from its first subkey)
+    boxes = augment.crop_boxes(jax.random.split(key)[0], 8, 10, 10, CROP.scale, CROP.ratio)
+    return boxes, data.augment_pixels(x, key, 16, CROP)  # 16 >= every box: upsampling
+
+  boxes, out = jax.device_get(boxes_and_crops(x, jax.random.key(3)))
   assert out.shape == (8, 16, 16, 3) and out.dtype == np.float32
   assert len({tuple(b) for b in boxes}) > 1  # each image draws its own box
   for i in range(8):
@@ -138,7 +141,7 @@ def test_bad_augment_fields_fail_naming_them(field, value, message):
 
 
 def test_the_train_step_augments_with_a_key_of_the_step():
-  """The step's augmentation changes its loss and depends only on (seed, step)."""
+  """The step's augmentation depends only on (seed, step), and changes with the step."""
   from bcam_jax import models, objective, optim, steps
 
   model = models.get_model('simple_cnn', 3)
@@ -149,11 +152,11 @@ def test_the_train_step_augments_with_a_key_of_the_step():
   x, labels, protos = images(n=4, size=8), jnp.arange(4) % 3, jnp.zeros((3, 8, 8))
   both = data.AugmentOptions(random_resized_crop=True, horizontal_flip=True)
   augmented = jax.jit(steps.make_train_step(model, tx, schedule, loss, augment=both, **kwargs))
-  plain = jax.jit(steps.make_train_step(model, tx, schedule, loss, **kwargs))
   first = float(augmented(state, x, labels, protos)[1]['loss'])
   assert float(augmented(state, x, labels, protos)[1]['loss']) == first
   later = float(
     augmented(state.replace(step=jnp.ones_like(state.step)), x, labels, protos)[1]['loss']
   )
-  assert later != first  # another step draws other crops
-  assert float(plain(state, x, labels, protos)[1]['loss']) != first
+  # simple_cnn has no dropout and its loss is computed before the update: only the
+  # augmentation of another step can change it.
+  assert later != first

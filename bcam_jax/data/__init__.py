@@ -1,7 +1,8 @@
 """Data: datasets held in memory, their splits, batches and on-device preprocessing.
 
 The datasets are held in memory as uint8 numpy arrays (MNIST: 70,000 28x28 images; an
-image folder: every image at ``data.image_size``) and fed to the jitted step batch by batch:
+image folder: every image at ``data.image_size``, or, when too large, streamed from disk)
+and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
 * `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;

@@ -10,6 +10,7 @@ validation split is a seeded subset of the official train split.
 ``val`` split when it has one (else the seeded subset of train), class names from its class
 folders, ``data.channels`` channels (0: from the images) and the per-channel mean and std of
 its train split; ``data.name`` is then only the label of the data in logs and figures.
+A folder too large for memory is streamed instead (``data.stream``, `streaming`).
 """
 
 import os
