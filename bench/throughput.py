@@ -11,9 +11,10 @@ With --stream_sizes, it also writes an RGB image folder of --stream_images JPEGs
 decoded, resized and centre-cropped by worker threads) into the ResNet18 (ImageNet stem)
 train step of configs/image_folder.py, timing, per batch: the loader alone (fetch + decode
 of a batch by its --stream_workers threads, nothing else running), the train step alone (on
-a batch already on the device) and the two together as train.py runs them
-(`data.train_batches` reading ahead while the step runs). The input share is the time the
-end-to-end step spends beyond the step alone.
+a batch already in memory) and the two together as train.py runs them
+(`data.train_batches` reading ahead while the step runs), the last two interleaved step by
+step (medians). The input share is the time the end-to-end step spends beyond the step
+alone; loader/step is the loader's own time per batch over the step's.
 
   python bench/throughput.py                       # all models, 28 and 112
   python bench/throughput.py --models=resnet18 --sizes=28 --steps=20
@@ -49,7 +50,9 @@ _STREAM_SIZES = flags.DEFINE_list(
 )
 _STREAM_BATCH = flags.DEFINE_integer('stream_batch', 32, 'Batch of the streamed measurement.')
 _STREAM_IMAGES = flags.DEFINE_integer('stream_images', 320, 'JPEGs in the streamed folder.')
-_STREAM_STEPS = flags.DEFINE_integer('stream_steps', 4, 'Timed streamed steps (after 1 warm-up).')
+_STREAM_STEPS = flags.DEFINE_integer(
+  'stream_steps', 4, 'Timed streamed rounds (after 1 warm-up step).'
+)
 _STREAM_WORKERS = flags.DEFINE_integer('stream_workers', 0, 'Decoding threads (0: one per CPU).')
 
 # At 112x112 ConvNeXt uses its ImageNet patchify stem, as its config docstring advises.
@@ -191,13 +194,19 @@ def measure_streamed(root: str, size: int, batch: int, n_steps: int, workers: in
   for _ in loader(0, n_steps):
     pass
   loader_s = (time.perf_counter() - start) / n_steps
-  step_s = _time_loop(lambda: run_step(x, y), n_steps)
-  # End to end: the loader reading ahead (in another epoch: no batch is served twice).
-  batches = loader(per_epoch, per_epoch + n_steps)
-  start = time.perf_counter()
-  for images, labels in batches:
-    run_step(images, labels)
-  end_to_end_s = (time.perf_counter() - start) / n_steps
+  # The step alone and the step fed by the loader (reading ahead, in another epoch so that
+  # no batch is served twice), interleaved: on a shared machine both see the same load.
+  # Medians of the rounds.
+  batches = iter(loader(per_epoch, per_epoch + n_steps))
+  alone, fed = [], []
+  for _ in range(n_steps):
+    start = time.perf_counter()
+    run_step(x, y)
+    alone.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    run_step(*next(batches))
+    fed.append(time.perf_counter() - start)
+  step_s, end_to_end_s = float(np.median(alone)), float(np.median(fed))
   return {
     'image_size': size,
     'batch': batch,
