@@ -63,6 +63,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "set config.data.source='folder' to train on the folder."
     )
   _validate_prototypes(config.data)
+  _validate_stream_and_augment(config.data)
   _positive('data.image_size', config.data.image_size)
   _positive('data.val_size', config.data.val_size)
   _positive('train.batch_size', config.train.batch_size)
@@ -174,6 +175,43 @@ def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
       f'config.data.prototypes_file={path!r} is read only with config.data.prototypes='
       f"'file', but config.data.prototypes={data_config.prototypes!r}."
     )
+
+
+def _validate_stream_and_augment(data_config: ml_collections.ConfigDict) -> None:
+  """data.stream / in_memory_limit_mb / decode_workers (streaming serves image folders) and
+  data.augment's flags and ranges; configs written before these fields pass."""
+  stream = data_config.get('stream', 'auto')
+  _choice('data.stream', stream, data.streaming.STREAM_MODES)
+  if stream == 'stream' and data_config.source != 'folder':
+    raise ConfigError(
+      f"config.data.stream='stream' streams image folders (config.data.source='folder'); "
+      f'config.data.source={data_config.source!r} is read into memory: use stream auto or memory.'
+    )
+  limit = data_config.get('in_memory_limit_mb', data.streaming.DEFAULT_LIMIT_MB)
+  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+    raise ConfigError(
+      f'config.data.in_memory_limit_mb={limit!r}; expected a number of MiB >= 0 (stream '
+      "'auto' streams an image folder whose decoded splits exceed it)."
+    )
+  _positive('data.decode_workers', data_config.get('decode_workers', 0), allow_zero=True)
+  augment = data_config.get('augment')
+  if augment is None:
+    return
+  for flag in ('random_resized_crop', 'horizontal_flip'):
+    if not isinstance(augment[flag], bool):
+      raise ConfigError(f'config.data.augment.{flag}={augment[flag]!r}; expected True or False.')
+  for name in ('scale', 'ratio'):
+    value = augment[name]
+    if not (
+      isinstance(value, (tuple, list))
+      and len(value) == 2
+      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+      raise ConfigError(f'config.data.augment.{name}={value!r}; expected a pair (low, high).')
+  try:
+    data.AugmentOptions.from_config(data_config).check()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 # Fields a workdir's checkpoints depend on: a resumed run or an evaluation must not change them.

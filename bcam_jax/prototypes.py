@@ -27,6 +27,7 @@ from absl import logging
 from bcam_jax import io_utils
 from bcam_jax.configs import base
 from bcam_jax.data import DataError, Datasets, Split
+from bcam_jax.data.streaming import is_streamed, streamed_class_means
 from bcam_jax.report import figures
 
 _MINMAX_EPS = 1e-8
@@ -90,12 +91,20 @@ def class_prototypes(
   images = split.images
   means = np.empty((num_classes,) + images.shape[1:3], np.float64)
   empty = []
+  # A streamed split: the class means of one chunked pass (exact int64 sums, so the same
+  # float64 means as below).
+  streamed = streamed_class_means(split, num_classes) if is_streamed(split) else None
   for c in range(num_classes):
-    members = images[split.labels == c]
-    if len(members) == 0:
+    if streamed is not None:
+      count, mean = streamed[1][c], streamed[0][c]
+    else:
+      members = images[split.labels == c]
+      count = len(members)
+      mean = members.mean(axis=0, dtype=np.float64) / 255.0 if count else None
+    if count == 0:
       empty.append(c)
     else:
-      means[c] = reduce(members.mean(axis=0, dtype=np.float64) / 255.0)
+      means[c] = reduce(mean)
   if empty:
     raise DataError(f'No examples of class(es) {empty} in the split: cannot build prototypes.')
   return _to_maps(means, image_size)

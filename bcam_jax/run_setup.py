@@ -68,6 +68,7 @@ class RunSetup:
         image_size=self.config.data.image_size,
         seed=self.config.seed,
         frozen_backbone=self.frozen_backbone,
+        augment=data.AugmentOptions.from_config(self.config.data),
       ),
       out_shardings=parallel.replicated(self.mesh),
       donate_argnums=0,

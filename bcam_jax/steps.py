@@ -15,7 +15,10 @@ import optax
 from flax import struct
 
 from bcam_jax import data
+from bcam_jax.data.augment import AugmentOptions, augment_pixels
 from bcam_jax.objective import Objective, cross_entropy, logits_and_explanation, map_distance
+
+_AUGMENT_STREAM = 1  # augmentation key: fold_in(dropout key, 1), independent of dropout's
 
 
 class TrainState(struct.PyTreeNode):
@@ -139,16 +142,22 @@ def make_train_step(
   image_size: int,
   seed: int,
   frozen_backbone: bool = False,
+  augment: AugmentOptions | None = None,
 ):
   """(state, images uint8, labels, prototypes) -> (new state, metrics); images are
   preprocessed to `image_size` on device; the dropout key is fold_in(seed, step), so a
-  resumed run draws exactly the same randomness."""
+  resumed run draws exactly the same randomness. With `augment` enabled the images are
+  cropped / flipped first (`data.augment`), with a key folded from the dropout key."""
   base_key = jax.random.key(seed + 1)
   loss_fn = make_loss_fn(model, objective, frozen_backbone)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array, prototypes: jax.Array):
-    x = data.preprocess(images, mean, std, image_size, dtype)
     rng = jax.random.fold_in(base_key, state.step)
+    if augment is not None and augment.enabled:
+      pixels = augment_pixels(images, jax.random.fold_in(rng, _AUGMENT_STREAM), image_size, augment)
+      x = data.normalize(pixels, mean, std, dtype)
+    else:
+      x = data.preprocess(images, mean, std, image_size, dtype)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, x, labels, prototypes, rng
     )

@@ -55,6 +55,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Resized on device inside the jitted step; an image folder is resized (shorter side) and
   # centre-cropped to it when read.
   config.data.image_size = 28
+  # Large datasets and augmentation (README): source 'folder' streams from disk instead of
+  # reading into memory: 'auto' (when decoded larger than in_memory_limit_mb) | 'stream' |
+  # 'memory'; decode_workers threads decode (0: one per CPU, at most 16).
+  config.data.stream = 'auto'
+  config.data.in_memory_limit_mb = 2048.0
+  config.data.decode_workers = 0
+  # Train-time augmentation on device, keyed by (seed, step); off for the paper's configs.
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.random_resized_crop = False  # torchvision's RandomResizedCrop
+  config.data.augment.scale = (0.08, 1.0)  # crop area / image area
+  config.data.augment.ratio = (3 / 4, 4 / 3)  # crop width / height
+  config.data.augment.horizontal_flip = False  # each image flipped with probability 1/2
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over all devices

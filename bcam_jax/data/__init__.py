@@ -1,7 +1,8 @@
 """Data: datasets held in memory, their splits, batches and on-device preprocessing.
 
 The datasets are held in memory as uint8 numpy arrays (MNIST: 70,000 28x28 images; an
-image folder: every image at ``data.image_size``) and fed to the jitted step batch by batch:
+image folder: every image at ``data.image_size``, or, when too large, streamed from disk)
+and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
 * `idx`: the standard IDX files; `tfds_source`: `tfds.data_source` (MNIST, and any TFDS
@@ -14,11 +15,15 @@ image folder: every image at ``data.image_size``) and fed to the jitted step bat
 * `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``,
   ``folder``) and the validation split;
 * `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
-* `preprocess`: scaling, resizing and normalisation on device.
+* `preprocess`: scaling, resizing and normalisation on device;
+* `streaming`: splits too large for memory, decoded on demand by worker threads
+  (`StreamedSplit`), and training batches read ahead (`train_batches`);
+* `augment`: random resized crop and horizontal flip inside the jitted train step.
 
 The names below are the package's API; the submodules are its implementation.
 """
 
+from bcam_jax.data.augment import AugmentOptions, augment_pixels
 from bcam_jax.data.batching import eval_batches, steps_per_epoch, train_batch_indices
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
@@ -51,9 +56,27 @@ from bcam_jax.data.loading import load_datasets, load_tfds_by_name, split_train_
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
 from bcam_jax.data.records import RecordSource, SplitRecords, channel_stats, materialize
 from bcam_jax.data.stats_cache import load_or_compute_stats
+from bcam_jax.data.streaming import (
+  FolderSource,
+  LazyImages,
+  StreamedSplit,
+  is_streamed,
+  load_streamed_folder,
+  prefetched,
+  train_batches,
+)
 from bcam_jax.data.tfds_source import TfdsDataset, TfdsRecords, load_tfds, open_tfds
 
-__all__ = [
+__all__ = [  # noqa: RUF022  (the streaming and augmentation names in a block of their own)
+  'AugmentOptions',
+  'augment_pixels',
+  'FolderSource',
+  'LazyImages',
+  'StreamedSplit',
+  'is_streamed',
+  'load_streamed_folder',
+  'prefetched',
+  'train_batches',
   'DATASETS',
   'DATA_DIR_ENV',
   'IDX_FILES',

@@ -284,9 +284,18 @@ def read_image_folder(
         images[i] = image
       labels = np.array([label for _, label in pairs], np.int32)
       splits[split] = Split(images, labels)
+  return folder_dataset(index, channels, size, splits)
+
+
+def folder_dataset(
+  index: FolderIndex, channels: int, size: int, splits: dict, how: str = 'in memory'
+) -> FolderDataset:
+  """The `FolderDataset` of `splits` (in memory or streamed, `how`, for the log); its mean
+  and std are computed on first use, in one chunked pass over the train split."""
   logging.info(
-    'Image folder %s: %d classes, %d channels, %dx%d, %s.',
-    root,
+    'Image folder %s (%s): %d classes, %d channels, %dx%d, %s.',
+    index.root,
+    how,
     len(index.class_names),
     channels,
     size,
@@ -294,7 +303,7 @@ def read_image_folder(
     ', '.join(f'{split} {len(s)}' for split, s in splits.items()),
   )
   return FolderDataset(
-    root=root,
+    root=index.root,
     class_names=index.class_names,
     channels=channels,
     image_size=size,

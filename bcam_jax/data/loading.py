@@ -20,7 +20,8 @@ per-channel mean and std of its train split.
 
 The mean and std of a folder or a TFDS dataset by name are cached in
 ``<stats_dir>/data_stats.json`` (`bcam_jax.data.stats_cache`; the workdir in training and
-evaluation).
+evaluation). A folder too large for memory is streamed instead (``data.stream``,
+`streaming`).
 """
 
 import os
@@ -28,6 +29,7 @@ import os
 import numpy as np
 from absl import logging
 
+from bcam_jax.data import streaming
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
   DATASETS,
@@ -38,7 +40,6 @@ from bcam_jax.data.dataset import (
   dataset_info,
 )
 from bcam_jax.data.download import dataset_dir, download_dataset, offline_fix
-from bcam_jax.data.folder import read_image_folder
 from bcam_jax.data.idx import load_idx
 from bcam_jax.data.records import SplitRecords, materialize
 from bcam_jax.data.stats_cache import load_or_compute_stats
@@ -123,6 +124,8 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
     )
   order = np.random.default_rng(seed).permutation(n)
   val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
+  if streaming.is_streamed(train):  # the same examples, still read on demand
+    return train.take(train_idx), train.take(val_idx)
   return (
     Split(train.images[train_idx], train.labels[train_idx]),
     Split(train.images[val_idx], train.labels[val_idx]),
@@ -202,7 +205,7 @@ def load_folder(data_config, stats_dir: str | None = None, write_stats: bool = T
       'it is empty.'
     )
   root = os.path.expanduser(data_config.folder_dir)
-  folder = read_image_folder(root, data_config.image_size, data_config.channels or None)
+  folder = streaming.read_folder_for(data_config, root)
   train, test = folder.splits['train'], folder.splits['test']
   info = _train_normalised_info(
     'folder',
