@@ -182,10 +182,12 @@ def _validate_stream_and_augment(data_config: ml_collections.ConfigDict) -> None
   data.augment's flags and ranges; configs written before these fields pass."""
   stream = data_config.get('stream', 'auto')
   _choice('data.stream', stream, data.streaming.STREAM_MODES)
-  if stream == 'stream' and data_config.source != 'folder':
+  by_name = data_config.source == 'tfds' and data_config.name not in data.DATASETS
+  if stream == 'stream' and data_config.source != 'folder' and not by_name:
     raise ConfigError(
-      f"config.data.stream='stream' streams image folders (config.data.source='folder'); "
-      f'config.data.source={data_config.source!r} is read into memory: use stream auto or memory.'
+      f"config.data.stream='stream' streams image folders (config.data.source='folder') and "
+      f'TFDS datasets by name; {data_config.name!r} from config.data.source='
+      f'{data_config.source!r} is read into memory: use stream auto or memory.'
     )
   limit = data_config.get('in_memory_limit_mb', data.streaming.DEFAULT_LIMIT_MB)
   if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:

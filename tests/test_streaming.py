@@ -176,7 +176,10 @@ def test_a_generic_source_streams_and_bad_items_are_named():
   'fields, message',
   [
     ({'stream': 'yes'}, r"config.data.stream='yes' is not valid; choose one of \('auto'"),
-    ({'stream': 'stream', 'source': 'idx'}, r"stream='stream' streams image folders"),
+    (
+      {'stream': 'stream', 'source': 'idx'},
+      r"stream='stream' streams image folders .* and TFDS datasets by name",
+    ),
     ({'in_memory_limit_mb': -1}, r'in_memory_limit_mb=-1.0; expected a number of MiB >= 0'),
     ({'decode_workers': -2}, r'config.data.decode_workers=-2; expected a non-negative'),
   ],

@@ -143,6 +143,25 @@ def test_load_datasets_by_name_with_statistics(mocked, tmp_path):
   assert ds.source.startswith(f'TFDS {NAME} (prepared) in ')
 
 
+def test_streamed_tfds_dataset_gives_the_in_memory_batches(mocked, tmp_path):
+  """data.stream='stream' (or 'auto' over in_memory_limit_mb) reads the TFDS splits on
+  demand: the same examples, statistics, training and eval batches as in memory."""
+  memory = data.load_datasets(tfds_config(mocked, stream='memory').data, str(tmp_path / 'm'))
+  config = tfds_config(mocked, stream='auto', in_memory_limit_mb=0.001)
+  config_validation.validate_config(config)
+  streamed = data.load_datasets(config.data, str(tmp_path / 's'))
+  assert all(data.is_streamed(s) for s in (streamed.train, streamed.val, streamed.test))
+  assert not data.is_streamed(memory.train)
+  assert streamed.info == memory.info
+  for name in ('train', 'val', 'test'):
+    a, b = getattr(streamed, name), getattr(memory, name)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.images[np.arange(len(b))], b.images)
+  for step in range(3):
+    idx = data.train_batch_indices(len(memory.train), 8, 0, step)
+    np.testing.assert_array_equal(streamed.train.images[idx], memory.train.images[idx])
+
+
 def test_validation_split_is_used_when_there_is_a_test_split(tmp_path):
   data_dir = write_metadata(tmp_path / 'tfds', ['train', 'validation', 'test'])
   with tfds.testing.mock_data(num_examples=NUM, data_dir=data_dir):

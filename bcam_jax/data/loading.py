@@ -41,7 +41,7 @@ from bcam_jax.data.dataset import (
 )
 from bcam_jax.data.download import dataset_dir, download_dataset, offline_fix
 from bcam_jax.data.idx import load_idx
-from bcam_jax.data.records import SplitRecords, materialize
+from bcam_jax.data.records import SplitRecords
 from bcam_jax.data.stats_cache import load_or_compute_stats
 from bcam_jax.data.tfds_source import (
   load_tfds_noted,
@@ -231,10 +231,13 @@ def load_tfds_by_name(
   data_config, stats_dir: str | None = None, write_stats: bool = True
 ) -> Datasets:
   """Train/val/test of the TFDS image-classification dataset `data_config.name` (the module
-  docstring says how), read into memory; a DataError naming the dataset when it cannot."""
+  docstring says how), in memory or streamed (``data.stream``); a DataError naming the
+  dataset when it cannot."""
   data_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
   ds = open_tfds(data_config.name, data_dir, data_config.image_size, data_config.channels or None)
-  splits = {role: materialize(records, records.where) for role, records in ds.splits.items()}
+  what = f'TFDS {ds.name} in {ds.location}'
+  shape = (ds.image_size, ds.image_size, ds.channels)
+  splits = streaming.record_splits_for(data_config, ds.splits, shape, what)
   train, test = splits['train'], splits['test']
   info = _train_normalised_info(
     'tfds',
@@ -247,7 +250,6 @@ def load_tfds_by_name(
     stats_dir,
     write_stats,
   )
-  what = f'TFDS {ds.name} in {ds.location}'
   if 'val' in splits:
     val, how = splits['val'], "its 'validation' split"
   else:

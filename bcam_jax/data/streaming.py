@@ -55,7 +55,7 @@ from bcam_jax.data.folder import (
   read_image_folder,
   scan_image_folder,
 )
-from bcam_jax.data.records import CHUNK
+from bcam_jax.data.records import CHUNK, materialize
 
 DEFAULT_READ_AHEAD = 2  # training batches fetched while the step before runs
 STREAM_MODES = ('auto', 'stream', 'memory')
@@ -362,6 +362,34 @@ def read_folder_for(data_config, root: str) -> FolderDataset:
   if stream:
     return load_streamed_folder(root, data_config.image_size, channels, workers)
   return read_image_folder(root, data_config.image_size, channels, workers)
+
+
+def record_splits_for(data_config, sources: dict, image_shape: tuple, what: str) -> dict:
+  """Record sources by split role (e.g. a TFDS dataset's `TfdsRecords`) in memory
+  (`records.materialize`) or as `StreamedSplit`s, as ``data.stream`` and
+  ``data.in_memory_limit_mb`` say for their decoded size, logging which."""
+  mode = data_config.get('stream', 'auto')
+  limit_mb = data_config.get('in_memory_limit_mb', DEFAULT_LIMIT_MB)
+  workers = data_config.get('decode_workers', 0) or default_workers()
+  count = sum(len(source) for source in sources.values())
+  megabytes = decoded_megabytes(count, image_shape[0], image_shape[2])
+  stream = should_stream(mode, megabytes, limit_mb)
+  logging.info(
+    '%s: %d images, %.1f MiB decoded at %d px; data.stream=%r, data.in_memory_limit_mb=%s: %s.',
+    what,
+    count,
+    megabytes,
+    image_shape[0],
+    mode,
+    limit_mb,
+    f'streamed, {workers} threads' if stream else 'read into memory',
+  )
+  if stream:
+    return {role: StreamedSplit(source, image_shape, workers) for role, source in sources.items()}
+  return {
+    role: materialize(source, getattr(source, 'where', role), workers)
+    for role, source in sources.items()
+  }
 
 
 def streamed_class_means(split, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

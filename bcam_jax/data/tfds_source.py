@@ -18,6 +18,7 @@ Splits of `open_tfds`: ``train`` is required; the test split is ``test``, else
 """
 
 import dataclasses
+import functools
 import importlib.util
 
 import numpy as np
@@ -148,6 +149,11 @@ class TfdsRecords:
 
   def __len__(self) -> int:
     return len(self.source)
+
+  @functools.cached_property
+  def labels(self) -> np.ndarray:
+    """Every record's label (int32), read once: what a streamed split keeps in memory."""
+    return np.array([int(self.source[i][LABEL_KEY]) for i in range(len(self))], np.int32)
 
   def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
     record = self.source[index]
