@@ -11,12 +11,14 @@ import jax
 import ml_collections
 
 from bcam_jax import data, objective, optim
+from bcam_jax.configs import base
 from bcam_jax.models import MODEL_NAMES
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
 DTYPES = ('float32', 'bfloat16', 'float64')
-DATA_SOURCES = ('auto', 'tfds', 'idx', 'download')
+DATA_SOURCES = ('auto', 'tfds', 'idx', 'download', 'folder')
+FOLDER_CHANNELS = (0, 1, 3)  # 0: from the images
 
 
 class ConfigError(ValueError):
@@ -42,8 +44,26 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid field."""
   _choice('model.name', config.model.name, MODEL_NAMES)
-  _choice('data.name', config.data.name, tuple(data.DATASETS))
   _choice('data.source', config.data.source, DATA_SOURCES)
+  if config.data.source == 'folder':
+    _validate_folder(config.data)
+  elif config.data.source == 'tfds' and config.data.name not in data.DATASETS:
+    _validate_tfds_by_name(config.data)
+  else:
+    _choice('data.name', config.data.name, tuple(data.DATASETS))
+    if config.data.get('channels') not in (None, 0, 1):
+      raise ConfigError(
+        f'config.data.channels={config.data.channels!r} applies to image folders and TFDS '
+        f'datasets by name; {config.data.name!r} has 1 channel: leave it 0 (or 1).'
+      )
+  if config.data.source != 'folder' and config.data.get('folder_dir'):
+    raise ConfigError(
+      f'config.data.folder_dir={config.data.folder_dir!r} is read only with '
+      f"config.data.source='folder', but config.data.source={config.data.source!r}; "
+      "set config.data.source='folder' to train on the folder."
+    )
+  _validate_prototypes(config.data)
+  _validate_stream_and_augment(config.data)
   _positive('data.image_size', config.data.image_size)
   _positive('data.val_size', config.data.val_size)
   _positive('train.batch_size', config.train.batch_size)
@@ -104,8 +124,109 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')
 
 
+def _validate_folder(data_config: ml_collections.ConfigDict) -> None:
+  """The fields of data.source='folder': an existing folder_dir, a label of its own as name
+  (not a built-in dataset's, which would mislabel the runs) and a valid channel count."""
+  if not data_config.folder_dir:
+    raise ConfigError(
+      "config.data.source='folder' needs config.data.folder_dir=<root>, the folder holding "
+      '<root>/train/<class>/*.{png,jpg,jpeg}, <root>/test/... and optionally <root>/val/...; '
+      'it is empty.'
+    )
+  if not os.path.isdir(os.path.expanduser(data_config.folder_dir)):
+    raise ConfigError(
+      f'config.data.folder_dir={data_config.folder_dir!r} is not a directory; expected the '
+      'root of <root>/train/<class>/*.{png,jpg,jpeg}.'
+    )
+  name = data_config.name
+  if not isinstance(name, str) or not name or name in data.DATASETS:
+    raise ConfigError(
+      f"config.data.name={name!r} with config.data.source='folder': expected a label of "
+      f'your own for the folder (e.g. its name), not empty and none of the built-in '
+      f'{tuple(data.DATASETS)}, which load from the other sources.'
+    )
+  _choice('data.channels', data_config.channels, FOLDER_CHANNELS)
+
+
+def _validate_tfds_by_name(data_config: ml_collections.ConfigDict) -> None:
+  """A TFDS dataset by name: a non-empty name and a valid channel count (whether TFDS knows
+  the name is for the loader to say, with TFDS's own message)."""
+  if not isinstance(data_config.name, str) or not data_config.name.strip():
+    raise ConfigError(
+      f"config.data.name={data_config.name!r} with config.data.source='tfds': expected a TFDS "
+      "dataset name such as 'cifar10'."
+    )
+  _choice('data.channels', data_config.channels, FOLDER_CHANNELS)
+
+
+def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
+  """data.prototypes is a known kind; 'file' needs an existing data.prototypes_file, which
+  is read only with 'file'."""
+  _choice('data.prototypes', data_config.prototypes, base.PROTOTYPE_KINDS)
+  path = data_config.prototypes_file
+  if data_config.prototypes == 'file':
+    if not path or not os.path.isfile(os.path.expanduser(path)):
+      raise ConfigError(
+        f"config.data.prototypes='file' needs config.data.prototypes_file=<path.npy>, an "
+        f'existing .npy of shape (num_classes, H, W) or (num_classes, C, H, W); got {path!r}.'
+      )
+  elif path:
+    raise ConfigError(
+      f'config.data.prototypes_file={path!r} is read only with config.data.prototypes='
+      f"'file', but config.data.prototypes={data_config.prototypes!r}."
+    )
+
+
+def _validate_stream_and_augment(data_config: ml_collections.ConfigDict) -> None:
+  """data.stream / in_memory_limit_mb / decode_workers (streaming serves image folders) and
+  data.augment's flags and ranges; configs written before these fields pass."""
+  stream = data_config.get('stream', 'auto')
+  _choice('data.stream', stream, data.streaming.STREAM_MODES)
+  by_name = data_config.source == 'tfds' and data_config.name not in data.DATASETS
+  if stream == 'stream' and data_config.source != 'folder' and not by_name:
+    raise ConfigError(
+      f"config.data.stream='stream' streams image folders (config.data.source='folder') and "
+      f'TFDS datasets by name; {data_config.name!r} from config.data.source='
+      f'{data_config.source!r} is read into memory: use stream auto or memory.'
+    )
+  limit = data_config.get('in_memory_limit_mb', data.streaming.DEFAULT_LIMIT_MB)
+  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+    raise ConfigError(
+      f'config.data.in_memory_limit_mb={limit!r}; expected a number of MiB >= 0 (stream '
+      "'auto' streams an image folder whose decoded splits exceed it)."
+    )
+  _positive('data.decode_workers', data_config.get('decode_workers', 0), allow_zero=True)
+  augment = data_config.get('augment')
+  if augment is None:
+    return
+  for flag in ('random_resized_crop', 'horizontal_flip'):
+    if not isinstance(augment[flag], bool):
+      raise ConfigError(f'config.data.augment.{flag}={augment[flag]!r}; expected True or False.')
+  for name in ('scale', 'ratio'):
+    value = augment[name]
+    if not (
+      isinstance(value, (tuple, list))
+      and len(value) == 2
+      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    ):
+      raise ConfigError(f'config.data.augment.{name}={value!r}; expected a pair (low, high).')
+  try:
+    data.AugmentOptions.from_config(data_config).check()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
 # Fields a workdir's checkpoints depend on: a resumed run or an evaluation must not change them.
-_STRUCTURAL = ('model.', 'data.name', 'data.image_size', 'optimizer.name')
+# data.channels sets the first convolution's input depth; the prototypes, cached in the
+# workdir, are what a CAM loss trained towards.
+_STRUCTURAL = (
+  'model.',
+  'data.name',
+  'data.image_size',
+  'data.channels',
+  'data.prototypes',
+  'optimizer.name',
+)
 _SPEED_ONLY = ('model.conv_lowering',)
 
 
@@ -118,6 +239,8 @@ def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> No
     return
   with open(path, encoding='utf-8') as f:
     recorded = _flatten(json.load(f))
+  # A field added since the workdir was written holds its default there.
+  recorded = _flatten(json.loads(base.get_base_config().to_json())) | recorded
   requested = _flatten(json.loads(config.to_json()))
   differing = [
     f'{key}: {recorded.get(key)!r} in the workdir, {requested.get(key)!r} now'

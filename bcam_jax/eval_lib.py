@@ -120,7 +120,7 @@ def restore(
     what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
     raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
   config_validation.check_matches_workdir(config, workdir)
-  run = run_setup.setup_run(config, devices)
+  run = run_setup.setup_run(config, devices, workdir)
   variables, step = run.restore_variables(workdir, checkpoint)
   return run, variables, int(step)
 
@@ -482,7 +482,7 @@ def _overlays(explainer, variables, test: data.Split, shown, methods, target: st
   targets = explainer.targets(logits, labels, target)
   maps_fn = jax.jit(explainer.maps, static_argnums=0)
   maps = {m: np.asarray(maps_fn(m, variables, pixels, targets)) for m in methods}
-  return np.asarray(pixels)[..., 0], maps, labels, np.argmax(np.asarray(logits), -1)
+  return np.asarray(pixels), maps, labels, np.argmax(np.asarray(logits), -1)
 
 
 def _write_tensorboard(out: str, result: dict[str, Any], report: str) -> str:

@@ -29,7 +29,8 @@ def sum_over_split(mesh, split: data.Split, batch_size: int, step_fn, *args, pro
   not the work.
   """
   totals, done = None, 0
-  for images, labels, mask in data.eval_batches(split, batch_size):
+  batches = data.prefetched(split, data.eval_batches(split, batch_size))  # read ahead if streamed
+  for images, labels, mask in batches:
     sums = step_fn(*args, *parallel.shard_batch(mesh, images, labels, mask))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     done = min(done + batch_size, len(split))

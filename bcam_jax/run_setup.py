@@ -68,6 +68,7 @@ class RunSetup:
         image_size=self.config.data.image_size,
         seed=self.config.seed,
         frozen_backbone=self.frozen_backbone,
+        augment=data.AugmentOptions.from_config(self.config.data),
       ),
       out_shardings=parallel.replicated(self.mesh),
       donate_argnums=0,
@@ -76,9 +77,19 @@ class RunSetup:
   def prototypes(self, workdir: str) -> dict[str, jax.Array]:
     """Train and validation class prototypes (cached in `workdir`), replicated."""
     protos = prototypes.load_or_compute_prototypes(
-      workdir, self.datasets, self.config.data.image_size, write=jax.process_index() == 0
+      workdir,
+      self.datasets,
+      self.config.data.image_size,
+      write=jax.process_index() == 0,
+      kind=self.config.data.prototypes,
+      prototypes_file=self.config.data.prototypes_file,
     )
     return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
+
+  @property
+  def channels(self) -> int:
+    """The images' channel count, which the first convolution is built for."""
+    return self.datasets.info.channels
 
   @property
   def frozen_backbone(self) -> bool:
@@ -105,7 +116,7 @@ class RunSetup:
       **cfg.model.options,
     )
     abstract = self._replicated_shapes(
-      steps.make_variables_fn(baseline, cfg.seed, cfg.data.image_size)
+      steps.make_variables_fn(baseline, cfg.seed, cfg.data.image_size, self.channels)
     )
     ckpts = Checkpoints(cfg.init_from)
     try:
@@ -133,7 +144,9 @@ class RunSetup:
 
   def init_state(self, tx) -> steps.TrainState:
     """The initial train state, replicated over the mesh."""
-    init = steps.make_init_fn(self.model, tx, self.config.seed, self.config.data.image_size)
+    init = steps.make_init_fn(
+      self.model, tx, self.config.seed, self.config.data.image_size, self.channels
+    )
     return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
 
   def abstract_state(self, tx) -> steps.TrainState:
@@ -146,7 +159,7 @@ class RunSetup:
     restore that needs no optimiser."""
     cfg = self.config
     return self._replicated_shapes(
-      steps.make_variables_fn(self.model, cfg.seed, cfg.data.image_size)
+      steps.make_variables_fn(self.model, cfg.seed, cfg.data.image_size, self.channels)
     )
 
   def restore_variables(self, workdir: str, checkpoint: str = 'best') -> tuple[dict, int]:
@@ -171,9 +184,15 @@ class RunSetup:
 
 
 def setup_run(
-  config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+  config: ml_collections.ConfigDict,
+  devices: Sequence[jax.Device] | None = None,
+  workdir: str | None = None,
 ) -> RunSetup:
-  """Validates the config, builds the mesh, loads the data and builds the model."""
+  """Validates the config, builds the mesh, loads the data and builds the model.
+
+  `workdir` caches the train mean and std of data without literature constants (an image
+  folder, a TFDS dataset by name) in `<workdir>/data_stats.json`, written by process 0.
+  """
   validate_config(config)
   mesh = parallel.make_mesh(devices)
   try:
@@ -181,7 +200,7 @@ def setup_run(
   except ValueError as error:
     raise ConfigError(str(error)) from None
   n_dev = mesh.devices.size
-  datasets = data.load_datasets(config.data)
+  datasets = data.load_datasets(config.data, workdir, write_stats=jax.process_index() == 0)
   if config.train.batch_size > len(datasets.train):
     raise ConfigError(
       f'config.train.batch_size={config.train.batch_size} is larger than the '
@@ -214,12 +233,13 @@ def setup_run(
   except ValueError as error:  # an unknown or invalid config.model.options entry
     raise ConfigError(f'config.model.options={dict(config.model.options)!r}: {error}') from None
   _check_cam_side(config, model)
-  cam = models.cam_shape(model, config.data.image_size)
+  cam = models.cam_shape(model, config.data.image_size, datasets.info.channels)
   logging.info(
-    'Model %s at %dx%d: CAM layer %s; %d device(s) of %s; data from %s',
+    'Model %s at %dx%dx%d: CAM layer %s; %d device(s) of %s; data from %s',
     config.model.name,
     config.data.image_size,
     config.data.image_size,
+    datasets.info.channels,
     cam,
     n_dev,
     jax.devices()[0].platform,

@@ -15,7 +15,10 @@ import optax
 from flax import struct
 
 from bcam_jax import data
+from bcam_jax.data.augment import AugmentOptions, augment_pixels
 from bcam_jax.objective import Objective, cross_entropy, logits_and_explanation, map_distance
+
+_AUGMENT_STREAM = 1  # augmentation key: fold_in(dropout key, 1), independent of dropout's
 
 
 class TrainState(struct.PyTreeNode):
@@ -38,9 +41,12 @@ def model_variables(params, batch_stats) -> dict[str, Any]:
   return variables
 
 
-def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[[], dict]:
-  """A function creating the model's initial variables: `params`, and `batch_stats` for a
-  model with BatchNorm (not the zero `perturbations` that only explanations use).
+def make_variables_fn(
+  model: nn.Module, seed: int, image_size: int, channels: int = 1
+) -> Callable[[], dict]:
+  """A function creating the model's initial variables for (N, image_size, image_size,
+  channels) images: `params`, and `batch_stats` for a model with BatchNorm (not the zero
+  `perturbations` that only explanations use).
 
   They are float32, or float64 for a model computing in float64 (64-bit JAX): the same
   values, so a float64 run is the float32 run without its rounding.
@@ -49,7 +55,7 @@ def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[
 
   def init_variables() -> dict:
     params_key, dropout_key = jax.random.split(jax.random.key(seed))
-    x = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
+    x = jnp.zeros((1, image_size, image_size, channels), jnp.float32)
     variables = model.init({'params': params_key, 'dropout': dropout_key}, x, train=False)
     variables = model_variables(variables['params'], variables.get('batch_stats', {}))
     return jax.tree.map(lambda v: v.astype(variable_dtype), variables)
@@ -58,11 +64,15 @@ def make_variables_fn(model: nn.Module, seed: int, image_size: int) -> Callable[
 
 
 def make_init_fn(
-  model: nn.Module, tx: optax.GradientTransformation, seed: int, image_size: int
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  seed: int,
+  image_size: int,
+  channels: int = 1,
 ) -> Callable[[], TrainState]:
   """A function creating the initial train state (`make_variables_fn` and the optimiser
   state), to be jitted with replicated outputs."""
-  init_variables = make_variables_fn(model, seed, image_size)
+  init_variables = make_variables_fn(model, seed, image_size, channels)
 
   def init() -> TrainState:
     variables = init_variables()
@@ -132,16 +142,22 @@ def make_train_step(
   image_size: int,
   seed: int,
   frozen_backbone: bool = False,
+  augment: AugmentOptions | None = None,
 ):
   """(state, images uint8, labels, prototypes) -> (new state, metrics); images are
   preprocessed to `image_size` on device; the dropout key is fold_in(seed, step), so a
-  resumed run draws exactly the same randomness."""
+  resumed run draws exactly the same randomness. With `augment` enabled the images are
+  cropped / flipped first (`data.augment`), with a key folded from the dropout key."""
   base_key = jax.random.key(seed + 1)
   loss_fn = make_loss_fn(model, objective, frozen_backbone)
 
   def train_step(state: TrainState, images: jax.Array, labels: jax.Array, prototypes: jax.Array):
-    x = data.preprocess(images, mean, std, image_size, dtype)
     rng = jax.random.fold_in(base_key, state.step)
+    if augment is not None and augment.enabled:
+      pixels = augment_pixels(images, jax.random.fold_in(rng, _AUGMENT_STREAM), image_size, augment)
+      x = data.normalize(pixels, mean, std, dtype)
+    else:
+      x = data.preprocess(images, mean, std, image_size, dtype)
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, x, labels, prototypes, rng
     )

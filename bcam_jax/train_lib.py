@@ -155,7 +155,7 @@ class _Window:
 
 
 def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
-  run = setup_run(config, devices)  # validates the config
+  run = setup_run(config, devices, workdir)  # validates the config
   check_matches_workdir(config, workdir)  # before anything is written there
   is_writer = jax.process_index() == 0
   if is_writer:
@@ -197,11 +197,12 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     window = _Window(batch, train_metric_keys(run.objective, run.model))
     t_start = time.time()
     pending = None  # (step, device metrics) of the step before, checked one step late
-    for step in range(start_step, schedule.total_steps):
-      idx = data.train_batch_indices(len(ds.train), batch, config.seed, step)[rows]
-      images, labels = parallel.shard_local(
-        run.mesh, batch, ds.train.images[idx], ds.train.labels[idx]
-      )
+    # Step s's examples are train_batch_indices(seed, s); a streamed split reads them ahead.
+    batches = data.train_batches(
+      ds.train, batch, config.seed, start_step, schedule.total_steps, rows
+    )
+    for step, (host_images, host_labels) in zip(range(start_step, schedule.total_steps), batches):
+      images, labels = parallel.shard_local(run.mesh, batch, host_images, host_labels)
       state, metrics = train_step(state, images, labels, prototypes['train'])
       if pending is not None:
         window.add(_check_pending(pending, ckpts))

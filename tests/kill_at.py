@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-import train  # noqa: E402  (the entry point itself, its flags and main)
 from bcam_jax import cli, evaluation  # noqa: E402
 from bcam_jax.checkpointing import Checkpoints  # noqa: E402
+from bcam_jax.commands import train  # noqa: E402  (train.py's command: its flags and main)
 
 MOMENTS = ('startup', 'validation', 'save', 'save_best', 'after_validation')
 

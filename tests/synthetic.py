@@ -1,7 +1,8 @@
-"""Tiny learnable MNIST-like data written as real IDX files, for tests that train.
+"""Tiny learnable data for tests that train: MNIST-like IDX files and RGB image folders.
 
-Class c is a bright 6x6 square at a class-specific position plus uniform noise, so a small
-model separates the classes within a few dozen steps.
+IDX class c is a bright 6x6 square at a class-specific position plus uniform noise, so a
+small model separates the classes within a few dozen steps; `write_folder` does the same in
+colour.
 """
 
 import gzip
@@ -9,6 +10,7 @@ import os
 import struct
 
 import numpy as np
+from PIL import Image
 
 
 def make_images(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -62,3 +64,32 @@ def write_dataset(
     )
     write_idx(os.path.join(directory, f'{prefix}-labels-idx1-ubyte'), labels, compress)
   return directory
+
+
+FOLDER_CLASSES = ('circle', 'square', 'triangle')  # names only; each is a coloured patch
+
+
+def folder_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+  """An RGB (size, size, 3) uint8 image of class `label`: dark noise with a bright patch of
+  the class's colour (red, green, blue) in the class's corner, so colour and place both
+  tell the class."""
+  image = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+  half = size // 2
+  top, left = [(0, 0), (0, half), (half, 0)][label]
+  image[top : top + half, left : left + half, label] = 255
+  return image
+
+
+def write_folder(
+  root: str, per_class: dict[str, int], size: int = 12, seed: int = 0, ext: str = 'png'
+) -> str:
+  """An ImageFolder root/<split>/<class>/<k>.<ext> of `folder_image`s: `per_class[split]`
+  images of each class in each split."""
+  rng = np.random.default_rng(seed)
+  for split, n in per_class.items():
+    for label, name in enumerate(FOLDER_CLASSES):
+      directory = os.path.join(root, split, name)
+      os.makedirs(directory, exist_ok=True)
+      for k in range(n):
+        Image.fromarray(folder_image(label, size, rng)).save(os.path.join(directory, f'{k}.{ext}'))
+  return root

@@ -93,8 +93,10 @@ def test_unknown_keys_and_values_name_the_valid_choices(arg, message):
 def test_packaged_configs_by_name():
   assert configs.names() == [
     'experiment',
+    'image_folder',
     'resnet18_bcpl',
     'resnet18_tpu',
+    'tfds_rgb',
     'grids/cpu_small',
     'grids/gpu_table1',
     'grids/paper_table1',

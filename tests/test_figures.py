@@ -163,3 +163,22 @@ def test_image_grid_title_adds_a_line_above(tmp_path):
   plain = _read_png(str(tmp_path / 'a' / 'g.png'))
   titled = _read_png(str(tmp_path / 'b' / 'g.png'))
   assert titled.shape[0] > plain.shape[0]
+
+
+def test_long_titles_wrap_to_the_figure_width():
+  """A title wider than its figure (the prototype figure of a 3-class folder) is wrapped,
+  word for word, instead of being cut off at both sides."""
+  from matplotlib.figure import Figure
+
+  title = (
+    'bcpl-l1 on shapes: data prototypes and mean Grad-CAM of correctly classified test '
+    'images (train prototypes)'
+  )
+  fig = Figure(figsize=(6.2, 3.7))
+  figures._suptitle(fig, title)
+  lines = fig._suptitle.get_text().split('\n')
+  assert len(lines) == 2 and all(len(line) <= 62 for line in lines)
+  assert ' '.join(lines) == title
+  wide = Figure(figsize=(30, 3))
+  figures._suptitle(wide, title)
+  assert wide._suptitle.get_text() == title

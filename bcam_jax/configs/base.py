@@ -9,6 +9,8 @@ condition. Any field can be overridden on the command line, e.g.
 
 import ml_collections
 
+PROTOTYPE_KINDS = ('luma', 'channels', 'file')  # config.data.prototypes
+
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults: MNIST at 28x28, batch 128, SGD + momentum, warm-up + cosine schedule."""
@@ -32,13 +34,39 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.init_from = ''
 
   config.data = ml_collections.ConfigDict()
-  config.data.name = 'mnist'  # 'mnist' | 'fashion_mnist'
-  config.data.source = 'auto'  # 'auto' | 'tfds' | 'idx' | 'download' (README, Data)
+  # 'mnist' | 'fashion_mnist'; with source 'tfds' any TFDS image-classification dataset
+  # (e.g. 'cifar10'); with source 'folder', a label of your own for logs and figures.
+  config.data.name = 'mnist'
+  # 'auto' | 'tfds' | 'idx' | 'download' (README, Data) | 'folder' (data.folder_dir)
+  config.data.source = 'auto'
+  # source 'folder': the root of <root>/{train,val?,test}/<class>/*.{png,jpg,jpeg}.
+  config.data.folder_dir = ''
+  # source 'folder' or a TFDS dataset by name: 1 | 3, or 0 to take it from the data.
+  config.data.channels = 0
+  # The class prototypes the CAM losses compare with: 'luma' (grayscale of each class's mean
+  # image) | 'channels' (mean of its per-channel min-max scaled means) | 'file'
+  # (data.prototypes_file, a .npy of (num_classes, H, W) or (num_classes, C, H, W)).
+  config.data.prototypes = 'luma'
+  config.data.prototypes_file = ''
   config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
   config.data.val_size = 5000  # taken from the official train split
   config.data.split_seed = 0
-  config.data.image_size = 28  # resized on device inside the jitted step
+  # Resized on device inside the jitted step; an image folder is resized (shorter side) and
+  # centre-cropped to it when read.
+  config.data.image_size = 28
+  # Large datasets and augmentation (README): a folder or a TFDS dataset by name streams
+  # instead of being read into memory: 'auto' (when decoded larger than in_memory_limit_mb) | 'stream' |
+  # 'memory'; decode_workers threads decode (0: one per CPU, at most 16).
+  config.data.stream = 'auto'
+  config.data.in_memory_limit_mb = 2048.0
+  config.data.decode_workers = 0
+  # Train-time augmentation on device, keyed by (seed, step); off for the paper's configs.
+  config.data.augment = ml_collections.ConfigDict()
+  config.data.augment.random_resized_crop = False  # torchvision's RandomResizedCrop
+  config.data.augment.scale = (0.08, 1.0)  # crop area / image area
+  config.data.augment.ratio = (3 / 4, 4 / 3)  # crop width / height
+  config.data.augment.horizontal_flip = False  # each image flipped with probability 1/2
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 128  # global batch, split over all devices

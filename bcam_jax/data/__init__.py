@@ -1,19 +1,29 @@
 """Data: datasets held in memory, their splits, batches and on-device preprocessing.
 
-The datasets are small (70,000 28x28 uint8 images), so they are held in memory as numpy
-arrays and fed to the jitted step batch by batch:
+The datasets are held in memory as uint8 numpy arrays (MNIST: 70,000 28x28 images; an
+image folder: every image at ``data.image_size``, or, when too large, streamed from disk)
+and fed to the jitted step batch by batch:
 
 * `dataset`: `DatasetInfo`, the `DATASETS` catalogue, `Split`, `Datasets`, `DataError`;
-* `idx`: the standard IDX files; `tfds_source`: `tfds.data_source`;
+* `idx`: the standard IDX files; `tfds_source`: `tfds.data_source` (MNIST, and any TFDS
+  image-classification dataset by name, `open_tfds`);
+* `folder`: image folders in the torchvision ImageFolder layout, decoded with Pillow;
+* `records`: a split as a random-access record source (``len``, ``source[i] -> (image,
+  label)``), read into memory (`materialize`) or counted in one pass (`channel_stats`);
+* `stats_cache`: the per-channel train mean and std, cached in the workdir;
 * `download`: the IDX files fetched from mirrors, verified, into the cache (`default_root`);
-* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``)
-  and the validation split;
+* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``,
+  ``folder``) and the validation split;
 * `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
-* `preprocess`: scaling, resizing and normalisation on device.
+* `preprocess`: scaling, resizing and normalisation on device;
+* `streaming`: splits too large for memory, decoded on demand by worker threads
+  (`StreamedSplit`), and training batches read ahead (`train_batches`);
+* `augment`: random resized crop and horizontal flip inside the jitted train step.
 
 The names below are the package's API; the submodules are its implementation.
 """
 
+from bcam_jax.data.augment import AugmentOptions, augment_pixels
 from bcam_jax.data.batching import eval_batches, steps_per_epoch, train_batch_indices
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
@@ -32,12 +42,41 @@ from bcam_jax.data.download import (
   download_dataset,
   is_cached,
 )
+from bcam_jax.data.folder import (
+  FolderDataset,
+  FolderIndex,
+  conform_image,
+  decode_image,
+  read_image_folder,
+  resize_center_crop,
+  scan_image_folder,
+)
 from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
-from bcam_jax.data.loading import load_datasets, split_train_val
+from bcam_jax.data.loading import load_datasets, load_tfds_by_name, split_train_val
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
-from bcam_jax.data.tfds_source import load_tfds
+from bcam_jax.data.records import RecordSource, SplitRecords, channel_stats, materialize
+from bcam_jax.data.stats_cache import load_or_compute_stats
+from bcam_jax.data.streaming import (
+  FolderSource,
+  LazyImages,
+  StreamedSplit,
+  is_streamed,
+  load_streamed_folder,
+  prefetched,
+  train_batches,
+)
+from bcam_jax.data.tfds_source import TfdsDataset, TfdsRecords, load_tfds, open_tfds
 
-__all__ = [
+__all__ = [  # noqa: RUF022  (the streaming and augmentation names in a block of their own)
+  'AugmentOptions',
+  'augment_pixels',
+  'FolderSource',
+  'LazyImages',
+  'StreamedSplit',
+  'is_streamed',
+  'load_streamed_folder',
+  'prefetched',
+  'train_batches',
   'DATASETS',
   'DATA_DIR_ENV',
   'IDX_FILES',
@@ -46,20 +85,36 @@ __all__ = [
   'DataError',
   'DatasetInfo',
   'Datasets',
+  'FolderDataset',
+  'FolderIndex',
+  'RecordSource',
   'Split',
+  'SplitRecords',
+  'TfdsDataset',
+  'TfdsRecords',
+  'channel_stats',
+  'conform_image',
   'dataset_dir',
   'dataset_info',
+  'decode_image',
   'default_root',
   'download_dataset',
   'eval_batches',
   'is_cached',
   'load_datasets',
   'load_idx',
+  'load_or_compute_stats',
   'load_tfds',
+  'load_tfds_by_name',
+  'materialize',
   'normalize',
+  'open_tfds',
   'preprocess',
+  'read_image_folder',
   'read_idx_images',
   'read_idx_labels',
+  'resize_center_crop',
+  'scan_image_folder',
   'split_train_val',
   'steps_per_epoch',
   'to_pixels',

@@ -15,13 +15,19 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Static facts about a dataset: classes and the literature normalisation constants."""
+  """Static facts about a dataset: classes, channel count and normalisation constants.
+
+  `mean` and `std` are in [0, 1] pixel units: one float for every channel (the literature
+  constants of the MNIST family), or a tuple with one value per channel (an image folder's
+  train statistics); `data.normalize` broadcasts either over the channel axis.
+  """
 
   name: str
   num_classes: int
-  mean: float
-  std: float
+  mean: float | tuple[float, ...]
+  std: float | tuple[float, ...]
   class_names: tuple[str, ...]
+  channels: int = 1
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -65,7 +71,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split in memory: images (N, 28, 28, 1) uint8 and labels (N,) int32."""
+  """One split in memory: images (N, H, W, C) uint8 (MNIST: (N, 28, 28, 1)) and labels (N,)
+  int32."""
 
   images: np.ndarray
   labels: np.ndarray

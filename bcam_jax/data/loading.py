@@ -4,6 +4,24 @@
 ``auto`` (a prepared TFDS copy, then IDX files in the data folder or cache, then a download
 of the IDX files, then a TFDS preparation, reporting every attempt when all fail); the
 validation split is a seeded subset of the official train split.
+
+``data.source='folder'`` reads the image folder ``data.folder_dir`` instead
+(`bcam_jax.data.folder`): images resized and centre-cropped to ``data.image_size``, its
+``val`` split when it has one (else the seeded subset of train), class names from its class
+folders, ``data.channels`` channels (0: from the images) and the per-channel mean and std of
+its train split; ``data.name`` is then only the label of the data in logs and figures.
+
+``data.source='tfds'`` with a ``data.name`` outside the catalogue (anything but mnist and
+fashion_mnist) reads that TFDS image-classification dataset by name
+(`bcam_jax.data.tfds_source.open_tfds`): class names and channels from its info, images
+resized and centre-cropped to ``data.image_size`` as a folder's are, its ``validation``
+split as the validation split (or as the test split when it has no ``test``), and the
+per-channel mean and std of its train split.
+
+The mean and std of a folder or a TFDS dataset by name are cached in
+``<stats_dir>/data_stats.json`` (`bcam_jax.data.stats_cache`; the workdir in training and
+evaluation). A folder too large for memory is streamed instead (``data.stream``,
+`streaming`).
 """
 
 import os
@@ -11,8 +29,10 @@ import os
 import numpy as np
 from absl import logging
 
+from bcam_jax.data import streaming
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
+  DATASETS,
   DataError,
   DatasetInfo,
   Datasets,
@@ -21,9 +41,12 @@ from bcam_jax.data.dataset import (
 )
 from bcam_jax.data.download import dataset_dir, download_dataset, offline_fix
 from bcam_jax.data.idx import load_idx
+from bcam_jax.data.records import SplitRecords
+from bcam_jax.data.stats_cache import load_or_compute_stats
 from bcam_jax.data.tfds_source import (
   load_tfds_noted,
   load_tfds_with_alternatives,
+  open_tfds,
 )
 
 
@@ -101,19 +124,157 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
     )
   order = np.random.default_rng(seed).permutation(n)
   val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
+  if streaming.is_streamed(train):  # the same examples, still read on demand
+    return train.take(train_idx), train.take(val_idx)
   return (
     Split(train.images[train_idx], train.labels[train_idx]),
     Split(train.images[val_idx], train.labels[val_idx]),
   )
 
 
-def load_datasets(data_config) -> Datasets:
+def _val_split(train: Split, data_config, what: str) -> tuple[Split, Split, str]:
+  """(train, val, how) with data.val_size train examples (data.split_seed) as validation."""
+  try:
+    train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
+  except DataError as e:
+    raise DataError(
+      f'{what} has no val split, so data.val_size={data_config.val_size!r} of its '
+      f'{len(train)} train images become the validation split: {e}'
+    ) from None
+  return train, val, f'{len(val)} of its train images (data.split_seed {data_config.split_seed})'
+
+
+def _train_normalised_info(
+  source: str,
+  name: str,
+  location: str,
+  class_names: tuple[str, ...],
+  image_size: int,
+  channels: int,
+  train: Split,
+  stats_dir: str | None,
+  write_stats: bool,
+) -> DatasetInfo:
+  """The `DatasetInfo` of data normalised by its train split's per-channel mean and std,
+  those read from or written to the cache in `stats_dir` under the key they depend on."""
+  key = {
+    'source': source,
+    'name': name,
+    'location': os.path.abspath(location),
+    'image_size': int(image_size),
+    'channels': int(channels),
+    'train_images': len(train),
+  }
+  mean, std = load_or_compute_stats(stats_dir, key, SplitRecords(train), write_stats)
+  return DatasetInfo(
+    name=name,
+    num_classes=len(class_names),
+    mean=mean,
+    std=std,
+    class_names=class_names,
+    channels=channels,
+  )
+
+
+def _log_loaded(what: str, info: DatasetInfo, size: int, splits, how: str) -> None:
+  train, val, test = splits
+  logging.info(
+    'Loaded %s as %r: %d classes, %d channels, %dx%d; train %d, val %d (%s), test %d; '
+    'train mean %s, std %s.',
+    what,
+    info.name,
+    info.num_classes,
+    info.channels,
+    size,
+    size,
+    len(train),
+    len(val),
+    how,
+    len(test),
+    ', '.join(f'{m:.4f}' for m in info.mean),
+    ', '.join(f'{s:.4f}' for s in info.std),
+  )
+
+
+def load_folder(data_config, stats_dir: str | None = None, write_stats: bool = True) -> Datasets:
+  """Train/val/test of the image folder `data_config.folder_dir` (the module docstring says
+  how); a DataError naming the field when the folder or its train split cannot serve."""
+  if not data_config.folder_dir:
+    raise DataError(
+      "data.source='folder' needs data.folder_dir=<root of root/<split>/<class>/*.png|jpg>; "
+      'it is empty.'
+    )
+  root = os.path.expanduser(data_config.folder_dir)
+  folder = streaming.read_folder_for(data_config, root)
+  train, test = folder.splits['train'], folder.splits['test']
+  info = _train_normalised_info(
+    'folder',
+    data_config.name,
+    root,
+    folder.class_names,
+    folder.image_size,
+    folder.channels,
+    train,
+    stats_dir,
+    write_stats,
+  )
+  if 'val' in folder.splits:
+    val, how = folder.splits['val'], f'its val folder, {os.path.join(root, "val")}'
+  else:
+    train, val, how = _val_split(train, data_config, f'Image folder {root}')
+  _log_loaded(f'image folder {root}', info, folder.image_size, (train, val, test), how)
+  source = f'image folder {root}'
+  return Datasets(info=info, train=train, val=val, test=test, source=source)
+
+
+def load_tfds_by_name(
+  data_config, stats_dir: str | None = None, write_stats: bool = True
+) -> Datasets:
+  """Train/val/test of the TFDS image-classification dataset `data_config.name` (the module
+  docstring says how), in memory or streamed (``data.stream``); a DataError naming the
+  dataset when it cannot."""
+  data_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
+  ds = open_tfds(data_config.name, data_dir, data_config.image_size, data_config.channels or None)
+  what = f'TFDS {ds.name} in {ds.location}'
+  shape = (ds.image_size, ds.image_size, ds.channels)
+  splits = streaming.record_splits_for(data_config, ds.splits, shape, what)
+  train, test = splits['train'], splits['test']
+  info = _train_normalised_info(
+    'tfds',
+    ds.name,
+    ds.location,
+    ds.class_names,
+    ds.image_size,
+    ds.channels,
+    train,
+    stats_dir,
+    write_stats,
+  )
+  if 'val' in splits:
+    val, how = splits['val'], "its 'validation' split"
+  else:
+    train, val, how = _val_split(train, data_config, what)
+  if ds.split_names['test'] != 'test':
+    how += f"; test is its {ds.split_names['test']!r} split (it has no 'test')"
+  _log_loaded(what, info, ds.image_size, (train, val, test), how)
+  how_prepared = 'downloaded and prepared' if ds.prepared_now else 'prepared'
+  source = f'TFDS {ds.name} ({how_prepared}) in {ds.location}'
+  return Datasets(info=info, train=train, val=val, test=test, source=source)
+
+
+def load_datasets(data_config, stats_dir: str | None = None, write_stats: bool = True) -> Datasets:
   """Loads train/val/test of `data_config.name` from `data_config.source`
-  (auto/tfds/idx/download).
+  (auto/tfds/idx/download), or the image folder `data_config.folder_dir` (source folder).
 
   `data_config` needs the attributes name, source, idx_dir, tfds_data_dir, val_size and
-  split_seed (an ml_collections ConfigDict or any attribute object).
+  split_seed, and for a folder or a TFDS dataset by name image_size and channels (and
+  folder_dir) (an ml_collections ConfigDict or any attribute object). `stats_dir` (the
+  workdir) caches the train mean and std of those two, written only when `write_stats`.
   """
+  if data_config.source == 'folder':
+    return load_folder(data_config, stats_dir, write_stats)
+  if data_config.source == 'tfds' and data_config.name not in DATASETS:
+    return load_tfds_by_name(data_config, stats_dir, write_stats)
   info = dataset_info(data_config.name)
   tfds_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
   if data_config.source == 'tfds':
@@ -129,7 +290,7 @@ def load_datasets(data_config) -> Datasets:
     train, test, source = _load_auto(data_config, info, tfds_dir)
   else:
     raise DataError(
-      f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx, download.'
+      f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx, download, folder.'
     )
   train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
   logging.info(

@@ -93,28 +93,32 @@ def head_fn(model: CamClassifier, variables, features: dict):
   return lambda a: model.apply(variables, a, query, method='head')
 
 
-def _image(image_size: int) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct((1, image_size, image_size, 1), jnp.float32)
+def _image(image_size: int, channels: int) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((1, image_size, image_size, channels), jnp.float32)
 
 
-def cam_shape(model: CamClassifier, image_size: int) -> tuple[int, int, int]:
-  """(h, w, k) of the CAM map for square images of side ``image_size``; shape inference only."""
+def cam_shape(model: CamClassifier, image_size: int, channels: int = 1) -> tuple[int, int, int]:
+  """(h, w, k) of the CAM map for square images of side ``image_size`` with ``channels``
+  channels; shape inference only."""
 
   def init_features(x):
     (_, features), _ = model.init_with_output(jax.random.key(0), x, train=False)
     return features
 
-  return tuple(jax.eval_shape(init_features, _image(image_size))['cam'].shape[1:])
+  return tuple(jax.eval_shape(init_features, _image(image_size, channels))['cam'].shape[1:])
 
 
-def init_variables(model: CamClassifier, rng: jax.Array, image_size: int) -> dict:
+def init_variables(
+  model: CamClassifier, rng: jax.Array, image_size: int, channels: int = 1
+) -> dict:
   """Initial variables ({'params', 'batch_stats'?}) for square images of side ``image_size``
-  (without the zero ``perturbations`` that ``init`` also creates).
+  with ``channels`` channels (the first convolution's input depth), without the zero
+  ``perturbations`` that ``init`` also creates.
 
   Jitted, so XLA drops the forward pass that ``init`` traces: only the
   initialisers run.
   """
-  images = jnp.zeros(_image(image_size).shape, jnp.float32)
+  images = jnp.zeros(_image(image_size, channels).shape, jnp.float32)
   variables = jax.jit(lambda key: model.init(key, images, train=False))(rng)
   return {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
 

@@ -9,6 +9,7 @@ shape mismatches raise ValueError naming the argument and the expected vs given 
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,13 @@ def _check_classes(name: str, indices: np.ndarray, num_classes: int) -> None:
       f'{name}: class indices must lie in [0, {num_classes}), '
       f'got range [{indices.min()}, {indices.max()}].'
     )
+
+
+def _suptitle(fig: Figure, title: str) -> None:
+  """The figure's title, wrapped to the figure's width (about 10 characters an inch at the
+  default title size) so that a long title on a narrow figure (few classes) is not cut off."""
+  width = max(20, int(fig.get_figwidth() * 10))
+  fig.suptitle('\n'.join(textwrap.wrap(title, width)))
 
 
 def _no_ticks(ax: Axes) -> None:
@@ -160,7 +168,7 @@ def _cam_prototypes_figure(
   axes[0, 0].set_ylabel('prototype')
   axes[1, 0].set_ylabel('mean CAM')
   _cam_colorbar(fig, axes[1, :])
-  fig.suptitle(title)
+  _suptitle(fig, title)
   return fig
 
 
@@ -185,7 +193,7 @@ def save_error_prototypes(
     ax = fig.subplots()
     ax.axis('off')
     ax.text(0.5, 0.5, 'no misclassified test images', ha='center', va='center')
-    fig.suptitle(title)
+    _suptitle(fig, title)
     _save(path, fig)
     return
   if any(len(pair) != 3 for pair in pairs):
@@ -209,7 +217,7 @@ def save_error_prototypes(
   axes[1, 0].set_ylabel('predicted prototype')
   axes[2, 0].set_ylabel('mean CAM')
   _cam_colorbar(fig, axes[2, :])
-  fig.suptitle(title)
+  _suptitle(fig, title)
   _save(path, fig)
 
 
@@ -270,7 +278,7 @@ def save_overlays(
   if maps:
     _cam_colorbar(fig, axes[:, 1:])
   if title:
-    fig.suptitle(title)
+    _suptitle(fig, title)
   _save(path, fig)
 
 
@@ -316,5 +324,5 @@ def save_image_grid(path: str, images, titles, title: str = '') -> None:
     ax.imshow(image, cmap='gray')
     ax.set_title(str(panel_title), fontsize=LABEL_FONTSIZE)
   if title:
-    fig.suptitle(title)
+    _suptitle(fig, title)
   _save(path, fig)
