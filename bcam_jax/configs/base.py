@@ -56,8 +56,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # centre-cropped to it when read.
   config.data.image_size = 28
   # Large datasets and augmentation (README): a folder or a TFDS dataset by name streams
-  # instead of being read into memory: 'auto' (when decoded larger than in_memory_limit_mb) | 'stream' |
-  # 'memory'; decode_workers threads decode (0: one per CPU, at most 16).
+  # instead of being read into memory: 'auto' (when decoded larger than
+  # in_memory_limit_mb) | 'stream' | 'memory'; decode_workers threads decode (0: one per
+  # CPU, at most 16).
   config.data.stream = 'auto'
   config.data.in_memory_limit_mb = 2048.0
   config.data.decode_workers = 0
