@@ -162,7 +162,7 @@ def _validate_tfds_by_name(data_config: ml_collections.ConfigDict) -> None:
 def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
   """data.prototypes is a known kind; 'file' needs an existing data.prototypes_file, which
   is read only with 'file'."""
-  _choice('data.prototypes', data_config.prototypes, base.PROTOTYPE_KINDS)
+  _choice('data.prototypes', data_config.prototypes, data.PROTOTYPE_KINDS)
   path = data_config.prototypes_file
   if data_config.prototypes == 'file':
     if not path or not os.path.isfile(os.path.expanduser(path)):

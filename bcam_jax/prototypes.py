@@ -25,14 +25,13 @@ import numpy as np
 from absl import logging
 
 from bcam_jax import io_utils
-from bcam_jax.configs import base
-from bcam_jax.data import DataError, Datasets, Split
+from bcam_jax.data import PROTOTYPE_KINDS, DataError, Datasets, Split
 from bcam_jax.data.streaming import is_streamed, streamed_class_means
 from bcam_jax.report import figures
 
 _MINMAX_EPS = 1e-8
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L').
-KINDS = base.PROTOTYPE_KINDS  # data.prototypes
+KINDS = PROTOTYPE_KINDS  # data.prototypes
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:

@@ -9,8 +9,6 @@ condition. Any field can be overridden on the command line, e.g.
 
 import ml_collections
 
-PROTOTYPE_KINDS = ('luma', 'channels', 'file')  # config.data.prototypes
-
 
 def get_base_config() -> ml_collections.ConfigDict:
   """Defaults: MNIST at 28x28, batch 128, SGD + momentum, warm-up + cosine schedule."""

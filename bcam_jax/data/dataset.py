@@ -8,6 +8,10 @@ import numpy as np
 DATA_DIR_ENV = 'BCAM_DATA_DIR'
 IMAGE_SIZE = 28  # Native resolution of both datasets.
 
+# config.data.prototypes: how bcam_jax.prototypes makes the class prototypes (the luma of the
+# class-mean image, its channels averaged, or maps from config.data.prototypes_file).
+PROTOTYPE_KINDS = ('luma', 'channels', 'file')
+
 
 class DataError(ValueError):
   """Data cannot be found, read or used as asked; the message says what and where."""
