@@ -171,6 +171,8 @@ def test_gpu_table1_cells_one_at_a_time():
   }
   short = grids.expand(gpu_table1.get_config('convnext_bcpl_l1,epochs=1'))
   assert [(c.model, c.epochs) for c in short] == [('convnext_v2_tiny', 1)]
+  two = grids.expand(gpu_table1.get_config('resnet18_bcpl_l2+resnet18_baseline'))
+  assert two == whole[:2]
   with pytest.raises(ValueError, match="unknown cell 'resnet'; choose one of"):
     gpu_table1.get_config('resnet')
 

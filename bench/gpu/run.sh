@@ -157,8 +157,6 @@ while [ "$(left)" -gt 40 ]; do
 done
 for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
 wait "${PIDS[@]}" 2>/dev/null
-# A cell killed after its cell.json but before its results.md and figures: write them now
-# (the grid runner skips the finished training).
 finished=$(python3 -c "
 import os
 from bcam_jax import grids
@@ -167,17 +165,10 @@ for key in gpu_table1.CELLS:
     (cell,) = grids.expand(gpu_table1.get_config(key + '$GRID_ARG'))
     if os.path.exists(os.path.join('$RUNS', 'gpu_table1', cell.name, 'cell.json')):
         print(key)")
-for cell in $finished; do
-  if [ ! -f "$STAGE/cells/$cell/results.md" ]; then
-    timeout 30 python3 reproduce.py --grid="configs/grids/gpu_table1.py:$cell$GRID_ARG" \
-      --workdir="$RUNS" --results_dir="$STAGE/cells/$cell" >>"$STAGE/table1_$cell.log" 2>&1 &
-  fi
-done
-wait $(jobs -p) 2>/dev/null
-done_cells=$(ls "$RUNS"/gpu_table1/*/cell.json 2>/dev/null | wc -l)
-log "table1: $done_cells of 3 cells finished"
-if [ "$done_cells" = 3 ]; then
-  timeout 60 python3 reproduce.py --grid="configs/grids/gpu_table1.py$GRID_ARG" \
+log "table1: finished: $(echo $finished)"
+if [ -n "$finished" ]; then
+  # The finished cells' results.md/csv and prototype figures (their training is skipped).
+  timeout 60 python3 reproduce.py --grid="configs/grids/gpu_table1.py:$(echo $finished | tr ' ' '+')$GRID_ARG" \
     --workdir="$RUNS" --results_dir="$STAGE/table1" >>"$STAGE/table1_report.log" 2>&1
 fi
 python3 - "$RUNS/gpu_table1" "$STAGE/table1_progress.md" <<'EOF'

@@ -7,10 +7,11 @@
 ResNet18 (small-image stem) baseline and BCPL-L2 on Fashion-MNIST (paper: 94.82 / 94.99),
 and ConvNeXt-V2-Tiny (stem stride 1) BCPL-L1 on MNIST (paper: 99.72), at 28x28, seed 0,
 with paper_table1's epochs (ResNet18 15, ConvNeXt 20) and its Grad-CAM evaluation. The
-optional argument, `[<cell>][,epochs=N]`, names one cell, so that the three can train as
-three processes sharing one GPU (bench/gpu/run.sh does this; every cell writes into the
-same grid folder, and the command without a cell then skips the finished cells and writes
-results.md), and `epochs=N` replaces every cell's epochs (the CPU dry run of that script).
+optional argument, `[<cell>[+<cell>...]][,epochs=N]`, names cells, so that the three can
+train as three processes sharing one GPU (bench/gpu/run.sh does this; every cell writes
+into the same grid folder, and a command naming the finished cells then skips their
+training and writes their results.md and figures), and `epochs=N` replaces every cell's
+epochs (the CPU dry run of that script).
 Expected: each cell within a few tenths of a percent of the paper's figure.
 """
 
@@ -26,16 +27,18 @@ CELLS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  cell, epochs = None, None
+  cells, epochs = set(), None
   for part in filter(None, (arg or '').split(',')):
     if part.startswith('epochs='):
       epochs = int(part.removeprefix('epochs='))
-    elif part in CELLS:
-      cell = part
-    else:
-      raise ValueError(
-        f'gpu_table1: unknown cell {part!r}; choose one of {tuple(CELLS)}, or epochs=N.'
-      )
+      continue
+    for name in part.split('+'):
+      if name not in CELLS:
+        raise ValueError(
+          f'gpu_table1: unknown cell {name!r}; choose one of {tuple(CELLS)} (several joined '
+          'by +), or epochs=N.'
+        )
+      cells.add(name)
   config = ml_collections.ConfigDict()
   config.name = 'gpu_table1'
   config.description = (
@@ -46,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.blocks = [
     dict(common, **block) | ({'epochs': epochs} if epochs else {})
     for name, block in CELLS.items()
-    if cell in (None, name)
+    if not cells or name in cells
   ]
   config.overrides = ()
   config.eval = ml_collections.ConfigDict(dict(num_images=2000, n_steps=25))
