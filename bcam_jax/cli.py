@@ -40,11 +40,15 @@ def define_config_flag(name: str, help_string: str) -> flags.FlagHolder:
 
 
 def run_main(main, argv) -> None:
-  """Calls main(argv); a USER_ERRORS exception becomes `error: <message>` on stderr."""
+  """Calls main(argv); a USER_ERRORS exception becomes `error: <message>` on stderr, and an
+  interrupt (Ctrl-C, SIGINT) exits with status 130 as a shell reports it, never 0."""
   try:
     main(argv)
   except USER_ERRORS as error:
     sys.exit(f'error: {error}')
+  except KeyboardInterrupt:
+    print('interrupted', file=sys.stderr)
+    sys.exit(130)
 
 
 def run_command(main: Callable, module: str) -> None:
