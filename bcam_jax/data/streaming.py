@@ -332,6 +332,28 @@ def load_streamed_folder(
   return folder_dataset(index, channels, image_size, splits, f'streamed, {workers} threads')
 
 
+def _stream_choice(data_config, what: str, count: int, size: int, channels: int):
+  """(whether to stream, decoding threads) for `count` images of size^2 x channels, as
+  ``data.stream``, ``data.in_memory_limit_mb`` and ``data.decode_workers`` say (configs
+  written before these fields read them as 'auto', 2048 and 0), logging which."""
+  mode = data_config.get('stream', 'auto')
+  limit_mb = data_config.get('in_memory_limit_mb', DEFAULT_LIMIT_MB)
+  workers = data_config.get('decode_workers', 0) or default_workers()
+  megabytes = decoded_megabytes(count, size, channels)
+  stream = should_stream(mode, megabytes, limit_mb)
+  logging.info(
+    '%s: %d images, %.1f MiB decoded at %d px; data.stream=%r, data.in_memory_limit_mb=%s: %s.',
+    what,
+    count,
+    megabytes,
+    size,
+    mode,
+    limit_mb,
+    f'streamed from disk, {workers} threads' if stream else 'read into memory',
+  )
+  return stream, workers
+
+
 def read_folder_for(data_config, root: str) -> FolderDataset:
   """The image folder `root` in memory or streamed, as ``data.stream`` says, logging which.
 
@@ -340,24 +362,11 @@ def read_folder_for(data_config, root: str) -> FolderDataset:
   the headers are read); ``data.decode_workers`` threads decode (0: `default_workers`).
   Configs written before these fields existed read them as 'auto', 2048 and 0.
   """
-  mode = data_config.get('stream', 'auto')
-  limit_mb = data_config.get('in_memory_limit_mb', DEFAULT_LIMIT_MB)
-  workers = data_config.get('decode_workers', 0) or default_workers()
   channels = data_config.channels or None
   index = scan_image_folder(root)
   count = sum(len(pairs) for pairs in index.files.values())
-  megabytes = decoded_megabytes(count, data_config.image_size, channels or 3)
-  stream = should_stream(mode, megabytes, limit_mb)
-  logging.info(
-    'Image folder %s: %d images, %.1f MiB decoded at %d px; data.stream=%r, '
-    'data.in_memory_limit_mb=%s: %s.',
-    root,
-    count,
-    megabytes,
-    data_config.image_size,
-    mode,
-    limit_mb,
-    'streamed from disk' if stream else 'read into memory',
+  stream, workers = _stream_choice(
+    data_config, f'Image folder {root}', count, data_config.image_size, channels or 3
   )
   if stream:
     return load_streamed_folder(root, data_config.image_size, channels, workers)
@@ -368,22 +377,8 @@ def record_splits_for(data_config, sources: dict, image_shape: tuple, what: str)
   """Record sources by split role (e.g. a TFDS dataset's `TfdsRecords`) in memory
   (`records.materialize`) or as `StreamedSplit`s, as ``data.stream`` and
   ``data.in_memory_limit_mb`` say for their decoded size, logging which."""
-  mode = data_config.get('stream', 'auto')
-  limit_mb = data_config.get('in_memory_limit_mb', DEFAULT_LIMIT_MB)
-  workers = data_config.get('decode_workers', 0) or default_workers()
   count = sum(len(source) for source in sources.values())
-  megabytes = decoded_megabytes(count, image_shape[0], image_shape[2])
-  stream = should_stream(mode, megabytes, limit_mb)
-  logging.info(
-    '%s: %d images, %.1f MiB decoded at %d px; data.stream=%r, data.in_memory_limit_mb=%s: %s.',
-    what,
-    count,
-    megabytes,
-    image_shape[0],
-    mode,
-    limit_mb,
-    f'streamed, {workers} threads' if stream else 'read into memory',
-  )
+  stream, workers = _stream_choice(data_config, what, count, image_shape[0], image_shape[2])
   if stream:
     return {role: StreamedSplit(source, image_shape, workers) for role, source in sources.items()}
   return {
