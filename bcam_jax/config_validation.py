@@ -163,6 +163,8 @@ def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
   """data.prototypes is a known kind; 'file' needs an existing data.prototypes_file, which
   is read only with 'file'."""
   _choice('data.prototypes', data_config.prototypes, data.PROTOTYPE_KINDS)
+  sources = data.PROTOTYPE_SOURCES
+  _choice('data.prototypes_from', data_config.get('prototypes_from', 'split'), sources)
   path = data_config.prototypes_file
   if data_config.prototypes == 'file':
     if not path or not os.path.isfile(os.path.expanduser(path)):

@@ -391,6 +391,12 @@ def write_results(
   seed = min(r['seed'] for r in records)
   pairs = comparisons(rows)
   names = _figure(root, pairs, results_dir, seed)
-  text = grid_tables.render(grid, rows, pairs, against_paper(rows), names, failures or {})
+  notes = [
+    paper_tables.NOT_THE_PAPERS[m]
+    for m in sorted({r['model'] for r in rows} & set(paper_tables.NOT_THE_PAPERS))
+  ]
+  text = grid_tables.render(
+    grid, rows, pairs, against_paper(rows), names, failures or {}, model_notes=notes
+  )
   io_utils.atomic_write(os.path.join(results_dir, 'results.md'), lambda f: f.write(text.encode()))
   return rows

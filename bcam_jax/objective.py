@@ -198,7 +198,7 @@ class Objective:
 
   def total(self, ce: jax.Array, cam_term: jax.Array, penalty=0.0) -> jax.Array:
     if self.kind == 'ce':
-      return ce + penalty
+      return self.lambda_class * ce + penalty
     return self.lambda_class * ce + self.lambda_cam * cam_term + penalty
 
   def split_metrics(

@@ -25,13 +25,14 @@ import numpy as np
 from absl import logging
 
 from bcam_jax import io_utils
-from bcam_jax.data import PROTOTYPE_KINDS, DataError, Datasets, Split
-from bcam_jax.data.streaming import is_streamed, streamed_class_means
+from bcam_jax.data import PROTOTYPE_KINDS, PROTOTYPE_SOURCES, DataError, Datasets, Split
+from bcam_jax.data.streaming import is_streamed, streamed_class_sums
 from bcam_jax.report import figures
 
 _MINMAX_EPS = 1e-8
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2, as Pillow's convert('L').
 KINDS = PROTOTYPE_KINDS  # data.prototypes
+SOURCES = PROTOTYPE_SOURCES  # data.prototypes_from
 
 
 def grayscale(images: np.ndarray) -> np.ndarray:
@@ -75,10 +76,28 @@ def _to_maps(protos: np.ndarray, image_size: int) -> np.ndarray:
   return _minmax(protos).astype(np.float32)
 
 
+def _class_sums(split: Split, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(per-class sum of the uint8 pixels, int64 (num_classes, S, S, C); per-class count) of
+  `split`: exact, so in memory, streamed (`streamed_class_sums`, one chunked pass) and
+  pooled over splits give the same means."""
+  if is_streamed(split):
+    return streamed_class_sums(split, num_classes)
+  images = split.images
+  sums = np.zeros((num_classes,) + images.shape[1:], np.int64)
+  counts = np.zeros(num_classes, np.int64)
+  for c in range(num_classes):
+    members = images[split.labels == c]
+    counts[c] = len(members)
+    sums[c] = members.sum(axis=0, dtype=np.int64)
+  return sums, counts
+
+
 def class_prototypes(
-  split: Split, num_classes: int, image_size: int, kind: str = 'luma'
+  split: Split | tuple[Split, ...], num_classes: int, image_size: int, kind: str = 'luma'
 ) -> np.ndarray:
-  """Per-class mean image of `split` at `image_size`, min-max scaled per class to [0, 1].
+  """Per-class mean image of `split` (or of several splits pooled: one mean over all their
+  images, ``data.prototypes_from='pooled'``) at `image_size`, min-max scaled per class to
+  [0, 1].
 
   The mean is taken at the split's size in float64 per channel, made one map by `kind`
   ('luma': `grayscale`; 'channels': `channel_average`), then resized (`_to_maps`). Returns
@@ -87,26 +106,15 @@ def class_prototypes(
   reduce = {'luma': grayscale, 'channels': channel_average}.get(kind)
   if reduce is None:
     raise ValueError(f"kind={kind!r}: class prototypes are 'luma' or 'channels'.")
-  images = split.images
-  means = np.empty((num_classes,) + images.shape[1:3], np.float64)
-  empty = []
-  # A streamed split: the class means of one chunked pass (exact int64 sums, so the same
-  # float64 means as below).
-  streamed = streamed_class_means(split, num_classes) if is_streamed(split) else None
-  for c in range(num_classes):
-    if streamed is not None:
-      count, mean = streamed[1][c], streamed[0][c]
-    else:
-      members = images[split.labels == c]
-      count = len(members)
-      mean = members.mean(axis=0, dtype=np.float64) / 255.0 if count else None
-    if count == 0:
-      empty.append(c)
-    else:
-      means[c] = reduce(mean)
+  splits = split if isinstance(split, tuple) else (split,)
+  sums, counts = _class_sums(splits[0], num_classes)
+  for other in splits[1:]:
+    more_sums, more_counts = _class_sums(other, num_classes)
+    sums, counts = sums + more_sums, counts + more_counts
+  empty = [c for c in range(num_classes) if counts[c] == 0]
   if empty:
     raise DataError(f'No examples of class(es) {empty} in the split: cannot build prototypes.')
-  return _to_maps(means, image_size)
+  return _to_maps(reduce(sums / counts[:, None, None, None] / 255.0), image_size)
 
 
 def file_prototypes(path: str, num_classes: int, image_size: int) -> np.ndarray:
@@ -151,11 +159,16 @@ def load_or_compute_prototypes(
   write: bool = True,
   kind: str = 'luma',
   prototypes_file: str = '',
+  source: str = 'split',
 ) -> dict[str, np.ndarray]:
   """Class prototypes of the train and val splits, cached in `workdir` for resume.
 
-  `kind` is data.prototypes ('luma', 'channels': `class_prototypes` of each split; 'file':
-  `file_prototypes` of `prototypes_file` for both).
+  `kind` is data.prototypes ('luma', 'channels': `class_prototypes`; 'file':
+  `file_prototypes` of `prototypes_file` for both). `source` is data.prototypes_from:
+  'split' (each split's prototypes from its own images: the train loss compares with the
+  train images' means, the validation loss with the validation images') or 'pooled' (one
+  mean over the train and val images together, used by both, a reading of the Batch-CAM
+  paper's section 3.4 "averaging all training and validation images").
 
   Saves `prototypes_{train,val}.npy` (atomically) and `.png` grids unless `write` is
   False (the other processes of a multi-process job: every process computes the same
@@ -188,13 +201,22 @@ def load_or_compute_prototypes(
       if kind == 'file':
         protos = file_prototypes(prototypes_file, info.num_classes, image_size)
       else:
-        split = getattr(datasets, split_name)
+        if source not in SOURCES:
+          raise ValueError(f'source={source!r}; valid: {", ".join(SOURCES)}')
+        split = (
+          (datasets.train, datasets.val) if source == 'pooled' else getattr(datasets, split_name)
+        )
         protos = class_prototypes(split, info.num_classes, image_size, kind)
       if write:
         io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
         logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
     if write and not os.path.exists(png):
-      what = f'from {prototypes_file}' if kind == 'file' else 'mean image of each class'
-      figures.save_image_grid(png, protos, titles, f'{info.name} {split_name} prototypes: {what}')
+      if kind == 'file':
+        what = f'{split_name} prototypes: from {prototypes_file}'
+      elif source == 'pooled':
+        what = 'prototypes: mean image of each class, train and val pooled'
+      else:
+        what = f'{split_name} prototypes: mean image of each class'
+      figures.save_image_grid(png, protos, titles, f'{info.name} {what}')
     result[split_name] = protos
   return result

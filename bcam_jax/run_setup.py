@@ -83,6 +83,7 @@ class RunSetup:
       write=jax.process_index() == 0,
       kind=self.config.data.prototypes,
       prototypes_file=self.config.data.prototypes_file,
+      source=self.config.data.get('prototypes_from', 'split'),
     )
     return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
 

@@ -114,6 +114,18 @@ def test_map_distances_and_losses_by_hand():
   )
 
 
+@pytest.mark.parametrize('kind', objective_lib.LOSS_KINDS)
+def test_lambda_class_weights_cross_entropy_under_every_kind(kind):
+  """total = lambda_class * CE + lambda_cam * term + penalty, 'ce' included (its term is 0)."""
+  objective = objective_lib.Objective(
+    kind=kind, metric='l1', lambda_class=0.25, lambda_cam=2.0, num_classes=C, prototype_size=4
+  )
+  term = 0.0 if kind == 'ce' else 3.0
+  np.testing.assert_allclose(
+    objective.total(jnp.float32(8.0), term, 0.5), 0.25 * 8 + 2 * term + 0.5
+  )
+
+
 class _TinyBackbone(nn.Module):
   @nn.compact
   def __call__(self, x, train=False):

@@ -73,6 +73,33 @@ def test_load_or_compute_prototypes_saves_and_reuses(tmp_path, monkeypatch):
     prototypes.load_or_compute_prototypes(workdir, datasets, 112)
 
 
+def test_pooled_prototypes_are_the_mean_over_train_and_val(tmp_path):
+  """data.prototypes_from='pooled': one mean per class over the train and val images
+  together (not the mean of the two splits' means: the splits have different sizes), for
+  both splits; against a per-class loop over the concatenated images."""
+  train, val = _tiny_split(0, n=40), _tiny_split(1, n=20)
+  info = data.DATASETS['mnist']
+  datasets = data.Datasets(info=info, train=train, val=val, test=val, source='test')
+  got = prototypes.load_or_compute_prototypes(str(tmp_path), datasets, 28, source='pooled')
+  images = np.concatenate([train.images, val.images])[..., 0] / 255.0
+  labels = np.concatenate([train.labels, val.labels])
+  for c in range(9):
+    mean = np.mean([images[i] for i in range(len(labels)) if labels[i] == c], axis=0)
+    reference = (mean - mean.min()) / (mean.max() - mean.min())
+    np.testing.assert_allclose(got['train'][c], reference, atol=1e-6)
+  np.testing.assert_array_equal(got['val'], got['train'])
+  split_means = prototypes.class_prototypes(train, 10, 28)
+  assert np.abs(got['train'] - split_means).max() > 1e-3  # the val images count
+  with Image.open(tmp_path / 'prototypes_train.png') as png:
+    assert png.size[0] > 100
+  with pytest.raises(ValueError, match="source='both'"):
+    prototypes.load_or_compute_prototypes(str(tmp_path / 'new'), datasets, 28, source='both')
+  config = base.get_base_config()
+  config.data.prototypes_from = 'both'
+  with pytest.raises(config_validation.ConfigError, match=r"config.data.prototypes_from='both'"):
+    config_validation.validate_config(config)
+
+
 def _minmax(maps):
   """Min-max scaling of each map by hand, for the references below."""
   out = []

@@ -78,6 +78,7 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   assert '| simple_cnn | mnist | 28 | baseline | 1 | 1 |' in text
   assert '## BCPL against the baseline' in text
   assert "## Against the paper's tables" in text
+  assert '`simple_cnn` is our SimpleCNN (conv3x3(32)' in text  # not the paper's network
   figure = 'cam_prototypes_simple_cnn_mnist_28.png'
   assert f'![{figure}]({figure})' in text and os.path.exists(os.path.join(results, figure))
 
@@ -241,3 +242,27 @@ def test_verdict_against_the_paper():
   resnet = verdicts[('resnet18', 'mnist')]
   assert resnet['ours_same_condition'] is None and resnet['verdict'] == 'beats paper'
   assert len(verdicts) == 3
+
+
+def test_paper_table2_trains_the_table1_networks_for_14x14_maps():
+  """Table 2 retrains at 112 for higher-resolution Grad-CAMs (Batch-CAM section 3.5): both
+  models keep their 28 px stems and so give 14x14 CAM maps; the 'patchify' variant is the
+  cheaper ConvNeXt with 3x3 maps, under its own grid name."""
+  from bcam_jax import models
+  from bcam_jax.configs.grids import paper_table2
+
+  def sides(grid):
+    out = set()
+    for cell in grids.expand(grid):
+      config = grids.cell_config(cell, experiment.get_config)
+      model = models.get_model(config.model.name, 10, **config.model.options)
+      out.add((cell.model, model.cam_side(config.data.image_size)))
+    return out
+
+  assert sides(paper_table2.get_config()) == {('resnet18', 14), ('convnext_v2_tiny', 14)}
+  patchify = paper_table2.get_config('patchify')
+  assert patchify.name == 'paper_table2_patchify'
+  assert patchify.command.endswith('paper_table2.py:patchify')
+  assert sides(patchify) == {('resnet18', 14), ('convnext_v2_tiny', 3)}
+  with pytest.raises(ValueError, match="got 'stem4'"):
+    paper_table2.get_config('stem4')

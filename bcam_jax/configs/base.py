@@ -46,6 +46,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (data.prototypes_file, a .npy of (num_classes, H, W) or (num_classes, C, H, W)).
   config.data.prototypes = 'luma'
   config.data.prototypes_file = ''
+  # Which images: 'split' (train and val prototypes each from their own split) | 'pooled'
+  # (one per class from train and val together, for both; Batch-CAM section 3.4's wording).
+  config.data.prototypes_from = 'split'
   config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
   config.data.val_size = 5000  # taken from the official train split

@@ -11,6 +11,8 @@ IMAGE_SIZE = 28  # Native resolution of both datasets.
 # config.data.prototypes: how bcam_jax.prototypes makes the class prototypes (the luma of the
 # class-mean image, its channels averaged, or maps from config.data.prototypes_file).
 PROTOTYPE_KINDS = ('luma', 'channels', 'file')
+# data.prototypes_from: each split's own images, or train and val pooled (one per class).
+PROTOTYPE_SOURCES = ('split', 'pooled')
 
 
 class DataError(ValueError):

@@ -31,8 +31,8 @@ so such a source can be handed to grain as is.
 
 `load_streamed_folder` is the streamed counterpart of `folder.read_image_folder`; the mean
 and std of its train split come from one chunked pass (`records.channel_stats`, cached in
-the workdir by `stats_cache`), and `streamed_class_means` gives the prototypes'
-per-class mean images in one chunked pass, so neither ever holds the split in memory.
+the workdir by `stats_cache`), and `streamed_class_sums` gives the prototypes'
+per-class image sums in one chunked pass, so neither ever holds the split in memory.
 """
 
 import collections
@@ -387,12 +387,10 @@ def record_splits_for(data_config, sources: dict, image_shape: tuple, what: str)
   }
 
 
-def streamed_class_means(split, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-  """(per-class mean image in [0, 1] units, float64 (num_classes, S, S, C); per-class count),
-  from one pass over `split` in chunks of `CHUNK` images.
-
-  Pixels are uint8 and the sums int64, so the sums are exact whatever the chunking: the
-  means are the correctly rounded float64 means.
+def streamed_class_sums(split, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+  """(per-class sum of the images' uint8 pixels, int64 (num_classes, S, S, C); per-class
+  count), from one pass over `split` in chunks of `CHUNK` images. Integer sums are exact
+  whatever the chunking, so means from them are the same as from the split in memory.
   """
   labels = np.asarray(split.labels)
   sums = np.zeros((num_classes,) + tuple(split.images.shape[1:]), np.int64)
@@ -402,9 +400,7 @@ def streamed_class_means(split, num_classes: int) -> tuple[np.ndarray, np.ndarra
       if 0 <= c < num_classes:
         sums[c] += chunk[chunk_labels == c].sum(axis=0, dtype=np.int64)
   counts = np.bincount(labels[(labels >= 0) & (labels < num_classes)], minlength=num_classes)
-  with np.errstate(invalid='ignore', divide='ignore'):
-    means = sums / counts[:, None, None, None] / 255.0
-  return means, counts
+  return sums, counts
 
 
 __all__ = [
@@ -422,6 +418,6 @@ __all__ = [
   'read_ahead',
   'read_folder_for',
   'should_stream',
-  'streamed_class_means',
+  'streamed_class_sums',
   'train_batches',
 ]

@@ -177,7 +177,11 @@ def save_error_prototypes(
 ) -> None:
   """Writes, per frequent confusion, the true and predicted prototypes and the mean CAM.
 
-  Paper Fig 6: shows what the model attends to when it mistakes one class for another.
+  Paper Fig 6: shows what the model attends to when it mistakes one class for another. The
+  paper's caption ("average prototypes for misclassified images") does not say how the
+  errors are grouped; one mean CAM per true class is the other reading. Grouping by
+  (true, predicted) pair, the most frequent first, keeps the two classes of a confusion
+  together, which a per-true-class mean over all its wrong predictions would mix.
   `pairs` holds (true, predicted, count) triples in display order; with no pairs the
   figure says so instead of being left out, so the report always has the file.
   """

@@ -142,9 +142,11 @@ def render(
   paper: Sequence[dict[str, Any]],
   figure_names: Sequence[str],
   failures: dict[str, str],
+  model_notes: Sequence[str] = (),
 ) -> str:
-  """results.md: the grid, every aggregated row (`grids.aggregate`) next to the paper, the
-  paper's best conditions against ours (`grids.against_paper`), BCPL against the baseline
+  """results.md: the grid, every aggregated row (`grids.aggregate`) next to the paper (with
+  `model_notes`, e.g. which models are ours rather than the paper's), the paper's best
+  conditions against ours (`grids.against_paper`), BCPL against the baseline
   (`grids.comparisons`), the failed cells and the figures."""
   blocks = '\n'.join(
     f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
@@ -154,12 +156,13 @@ def render(
     for b in grid.blocks
   )
   device = jax.devices()[0]
+  default_command = f'python reproduce.py --grid=configs/grids/{grid.name}.py'
   lines = [
     f'# Reproduction grid `{grid.name}`',
     '',
     grid.description.strip(),
     '',
-    f'Command: `python reproduce.py --grid=configs/grids/{grid.name}.py`. '
+    f'Command: `{grid.get("command", default_command)}`. '
     f'Device: {device.platform} ({device.device_kind}), {jax.device_count()} '
     f'device(s), {os.cpu_count()} CPU core(s), JAX {jax.__version__}. Grad-CAM metrics '
     f'on the first {grid.eval.num_images} test images, {grid.eval.n_steps} '
@@ -176,6 +179,7 @@ def render(
     'section 4.1); "Δ paper" is ours minus the paper\'s.',
     '',
   ]
+  lines += [line for note in model_notes for line in (note, '')]
   ordered = sorted(
     rows,
     key=lambda r: (r['image_size'], r['dataset'], r['model'], _ORDER.index(r['condition'])),
