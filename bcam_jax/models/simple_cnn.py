@@ -1,4 +1,8 @@
-"""The paper's baseline CNN: three 3x3 convs, two max-pools, a dense layer on the flattened CAM map.
+"""Our SimpleCNN: three 3x3 convs, two max-pools, a dense layer on the flattened CAM map.
+
+The Batch-CAM paper's baseline CNN is described only as one that "flattens its features
+into a vector before a fully connected layer" (section 3.2); these layers are ours, so
+its Table 1 figures are for a different network of that kind.
 
 Its head (flatten + Dense) weights every CAM position separately, so the
 Grad-CAM gradients vary over space (unlike global-average-pool heads, where
