@@ -112,13 +112,24 @@ def test_skipped_taps_only_read_padding():
   np.testing.assert_allclose(got[:, 0, 0], x[:, 0, 0] @ w[1, 1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize('channels,want', [(4, 'xla'), (128, 'xla'), (256, 'chunked_grad')])
+@pytest.mark.parametrize('side,stride', [(4, 1), (7, 2)])
+def test_auto_lowering_keeps_xla_on_4x4_maps_with_few_channels(channels, want, side, stride):
+  """The ImageNet stem's 4x4x128 layers (chunked GEMMs too small) against the small stem's
+  4x4x512 ones."""
+  x, w, _ = _operands(side, 3, 1, channels=channels, out=8, batch=1)
+  got = conv.choose_lowering('auto', 'cpu', x.shape, w.shape, (stride, stride), _padding(1))
+  assert got == want
+
+
 @pytest.mark.parametrize(
   'backend,side,kernel,stride,groups,want',
   [
     ('cpu', 2, 3, 1, 1, 'shifted_matmul'),  # tiny map
     ('cpu', 4, 3, 2, 1, 'shifted_matmul'),  # 2x2 output
     ('cpu', 28, 3, 1, 1, 'chunked_grad'),  # large map
-    ('cpu', 4, 3, 1, 1, 'chunked_grad'),  # 4x4 output
+    ('cpu', 4, 3, 1, 1, 'xla'),  # 4x4 output, few channels: GEMMs too small
+    ('cpu', 5, 3, 1, 1, 'chunked_grad'),  # 5x5 output
     ('cpu', 28, 3, 2, 1, 'chunked_grad'),
     ('cpu', 28, 7, 1, 'depthwise', 'shifted_matmul'),
     ('cpu', 28, 2, 2, 1, 'shifted_matmul'),  # non-overlapping windows

@@ -37,6 +37,11 @@ LOWERINGS = ('auto', 'xla', 'shifted_matmul', 'chunked_grad', 'auto_xla_grad')
 
 # "auto" takes the shifted-matmul form on CPU when both output sides are at most this.
 SHIFTED_MATMUL_MAX_SIDE = 3
+# ... and leaves XLA's weight gradient to output maps of at most this side with fewer input
+# channels than CHUNKED_GRAD_MIN_CHANNELS, whose chunked GEMMs are too small to win (the
+# ImageNet stem's 4x4x128 layers: 0.76-0.95x; the small stem's 4x4x512 ones: 1.1-1.2x).
+CHUNKED_GRAD_SMALL_SIDE = 4
+CHUNKED_GRAD_MIN_CHANNELS = 256
 
 _CHANNELS_LAST = ('NHWC', 'HWIO', 'NHWC')
 
@@ -301,11 +306,13 @@ def choose_lowering(
   * output maps of at most SHIFTED_MATMUL_MAX_SIDE a side (3x3 kernels on 1x1 to 3x3
     maps). From 4x4 up, XLA's convolution is as fast or faster,
 
-  and every other one-group convolution (3x3 on maps of 4x4 and up, stride 1 or 2; the
-  ImageNet stem's 7x7) is "chunked_grad": XLA's forward and input gradient, the kernel
-  gradient as im2col GEMMs over batch chunks (1.2-12x faster than XLA's weight-gradient
-  convolution, issue 21). "auto_xla_grad" is the rule before that (XLA's convolution
-  there), kept to measure the difference.
+  and every other one-group convolution (3x3 on maps of 5x5 and up, stride 1 or 2, and on
+  4x4 maps from CHUNKED_GRAD_MIN_CHANNELS input channels; the ImageNet stem's 7x7) is
+  "chunked_grad": XLA's forward and input gradient, the kernel gradient as im2col GEMMs over
+  batch chunks (1.2-12x faster than XLA's weight-gradient convolution, issue 21). 4x4 maps
+  with fewer channels stay on XLA, where the GEMMs are too small to win. "auto_xla_grad" is
+  the rule before chunked_grad (XLA's convolution wherever "auto" takes it), kept to
+  measure the difference.
 
   Either lowering sums in its own order, so float32 results differ by rounding (and float32
   training runs then drift apart like runs on different meshes, bench/mesh_drift.py); in
@@ -327,7 +334,10 @@ def choose_lowering(
   tiny = max(out) <= SHIFTED_MATMUL_MAX_SIDE
   if depthwise or non_overlapping or tiny:
     return 'shifted_matmul'
-  return 'chunked_grad' if lowering == 'auto' and feature_group_count == 1 else 'xla'
+  small_gemm = max(out) <= CHUNKED_GRAD_SMALL_SIDE and lhs_shape[3] < CHUNKED_GRAD_MIN_CHANNELS
+  if lowering == 'auto' and feature_group_count == 1 and not small_gemm:
+    return 'chunked_grad'
+  return 'xla'
 
 
 def _conv(
