@@ -142,10 +142,12 @@ def render(
   paper: Sequence[dict[str, Any]],
   figure_names: Sequence[str],
   failures: dict[str, str],
+  insertion_deletion: str,
 ) -> str:
   """results.md: the grid, every aggregated row (`grids.aggregate`) next to the paper, the
   paper's best conditions against ours (`grids.against_paper`), BCPL against the baseline
-  (`grids.comparisons`), the failed cells and the figures."""
+  (`grids.comparisons`), the failed cells and the figures; `insertion_deletion` states the
+  insertion/deletion convention (`grids.insertion_deletion_convention`)."""
   blocks = '\n'.join(
     f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
     f'{", ".join(b["datasets"])} at {", ".join(map(str, b["image_sizes"]))} px, seeds '
@@ -162,8 +164,8 @@ def render(
     f'Command: `python reproduce.py --grid=configs/grids/{grid.name}.py`. '
     f'Device: {device.platform} ({device.device_kind}), {jax.device_count()} '
     f'device(s), {os.cpu_count()} CPU core(s), JAX {jax.__version__}. Grad-CAM metrics '
-    f'on the first {grid.eval.num_images} test images, {grid.eval.n_steps} '
-    'insertion/deletion steps, best-validation checkpoint.',
+    f'on the first {grid.eval.num_images} test images, best-validation checkpoint; '
+    f'insertion/deletion: {insertion_deletion}.',
     '',
     'Cells:',
     blocks,
