@@ -18,8 +18,8 @@ with its tables:
   - insertion starts from the image convolved with RISE's `gkern(5, 5)` (`rise_kernel`), a
     5x5 kernel of sigma 5, zero-padded in normalised space;
   - deletion replaces pixels by 0 in normalised space, i.e. the dataset mean in pixels;
-  - each step changes 8 * side pixels (`step_counts`): ceil(side / 8) steps, 4 at 28 px,
-    28 at 224 px, the last one partial.
+  - each step changes 8 * side pixels (`step_counts`): ceil(side / 8) steps, 28 at 224 px,
+    4 at 28 px (the last of 112 pixels, yet as wide on the x axis as the others).
 RISE's own evaluation uses an 11x11 kernel of sigma 5 and 224 pixels per step at 224 px.
 This project's convention before (`blur`, Gaussian of sigma side / 10; black in pixel
 space; `n_steps` equal steps of round(H * W / n_steps) pixels) stays reachable.
@@ -161,9 +161,10 @@ def insertion_deletion(
   salient pixels (default: 8 * side per step). Deletion sets them to `baseline` (pixel
   value, scalar or per channel: 0 is black, the normalisation mean is 0 in normalised space,
   CA-Stream's); insertion reveals them on `blurred`, by default `rise_blur(pixels,
-  baseline)`. `steps_per_call` steps of all N images, insertion and deletion together, go
-  through one `logits_fn` call of `2 * steps_per_call * N` images, in a `lax.map` over the
-  steps.
+  baseline)`. The S + 1 points go in as few `logits_fn` calls of at most `steps_per_call`
+  points each as they fit, split evenly (5 points: 2 calls of 3, the last point repeated),
+  each call holding that many points of all N images, insertion and deletion together, in a
+  `lax.map` over the calls.
   """
   n, height, width, _ = pixels.shape
   ranks = saliency_ranks(saliency)
@@ -172,17 +173,18 @@ def insertion_deletion(
   counts = step_counts(height, width, n_steps, pixels_per_step)
   points = len(counts)
   n_calls = -(-points // steps_per_call)
-  counts = np.pad(counts, (0, n_calls * steps_per_call - points), constant_values=height * width)
+  per_call = -(-points // n_calls)
+  counts = np.pad(counts, (0, n_calls * per_call - points), constant_values=height * width)
 
-  def call(chunk):  # (steps_per_call,) counts -> (2, steps_per_call, N)
+  def call(chunk):  # (per_call,) counts -> (2, per_call, N)
     top = (ranks[None] < chunk[:, None, None, None])[..., None]  # (s, N, H, W, 1)
     inserted = jnp.where(top, pixels[None], blurred[None])
     deleted = jnp.where(top, baseline, pixels[None]).astype(pixels.dtype)
     stack = jnp.concatenate([inserted, deleted]).reshape((-1,) + pixels.shape[1:])
-    logits = logits_fn(stack).reshape(2, steps_per_call, n, -1)
-    return target_probability(logits, jnp.broadcast_to(targets, (2, steps_per_call, n)))
+    logits = logits_fn(stack).reshape(2, per_call, n, -1)
+    return target_probability(logits, jnp.broadcast_to(targets, (2, per_call, n)))
 
-  counts = jnp.asarray(counts.reshape(n_calls, steps_per_call), jnp.float32)
+  counts = jnp.asarray(counts.reshape(n_calls, per_call), jnp.float32)
   curves = jax.lax.map(call, counts)  # (calls, 2, s, N)
   curves = curves.transpose(1, 3, 0, 2).reshape(2, n, -1)[..., :points]
   return {'insertion': trapezoid_auc(curves[0]), 'deletion': trapezoid_auc(curves[1])}
