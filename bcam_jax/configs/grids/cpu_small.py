@@ -7,9 +7,9 @@ on 2 cores). ResNet18 (small-image stem, 4x4 CAM map) baseline and BCPL-L1 on
 Fashion-MNIST, 1 seed, 1 epoch (about 15 min a cell on CPU). Grad-CAM metrics on the first
 1000 test images, insertion/deletion by the previous convention (10 equal steps, sigma
 side/10 blur, deletion to black) as results/cpu_small was measured. Expected: SimpleCNN
-about 99.2% MNIST and 90.5% Fashion-MNIST after 2 epochs (below the paper's best of 99.00 / 91.32 only on
-Fashion-MNIST, which the paper trained longer), BCPL within a seed std of the baseline, and
-BCPL's prototype alignment L1 about 3x lower than the baseline's.
+about 99.2% MNIST and 90.5% Fashion-MNIST after 2 epochs (below the paper's best of
+99.00 / 91.32 only on Fashion-MNIST, which the paper trained longer), BCPL within a seed
+std of the baseline, and BCPL's prototype alignment L1 about 3x lower than the baseline's.
 """
 
 import ml_collections
