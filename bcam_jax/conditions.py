@@ -79,13 +79,14 @@ def with_loss(kind: str) -> tuple[Condition, ...]:
 
 def describe(config: ml_collections.ConfigDict) -> str:
   """A run's condition and model variant in a few words, e.g. 'bcpl-l1',
-  'baseline softcam l1=0.01', 'baseline ca_stream frozen'."""
+  'baseline softcam l1=2e-05', 'baseline ca_stream frozen'; Soft-CAM lambdas of the
+  ElasticNet's 'mean' form (not the paper's 'sum') carry ' (mean)'."""
   loss = config.loss
   text = of_loss(loss).name
   if config.model.head == 'softcam':
-    text += ' softcam' + ''.join(
-      f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']
-    )
+    lambdas = [f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']]
+    mean = lambdas and loss.elastic_net_reduction == 'mean'
+    text += ' softcam' + ''.join(lambdas) + (' (mean)' if mean else '')
   if config.model.pooling == 'ca_stream':
     text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
   return text

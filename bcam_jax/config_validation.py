@@ -92,6 +92,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   _choice('loss.kind', config.loss.kind, objective.LOSS_KINDS)
   _choice('loss.metric', config.loss.metric, objective.METRICS)
+  _choice(
+    'loss.elastic_net_reduction',
+    config.loss.elastic_net_reduction,
+    objective.ELASTIC_NET_REDUCTIONS,
+  )
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
   _choice('model.conv_lowering', config.model.get('conv_lowering', 'auto'), LOWERINGS)

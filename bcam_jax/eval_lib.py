@@ -50,6 +50,15 @@ FIGURES = (
 )
 OVERLAY_SELECTIONS = ('first', 'misclassified')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
+DELETION_BASELINES = ('mean', 'black')
+# The EvalOptions fields of the insertion/deletion convention.
+INSERTION_DELETION_FIELDS = (
+  'n_steps',
+  'pixels_per_step',
+  'blur_size',
+  'blur_sigma',
+  'deletion_baseline',
+)
 ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
 
 
@@ -61,9 +70,17 @@ class EvalOptions:
   model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention);
   num_images: test images (the first ones) for the per-method metrics, 0 for all;
   target: the class each map explains, 'label' or 'predicted'; layer: the explained
-  layer of the features dict; n_steps: insertion and deletion steps; batch_size: images
-  per jitted call of a method (Score-CAM and insertion/deletion multiply it by
-  score_cam_chunk and 2 * steps_per_call); num_overlays: test images in overlays.png;
+  layer of the features dict; insertion and deletion (`faithfulness.insertion_deletion`),
+  by default CA-Stream's convention: blur_size, blur_sigma: insertion starts from RISE's
+  blur (`faithfulness.rise_blur`, a blur_size x blur_sigma kernel, CA-Stream's 5 x 5; RISE's
+  own 11 x 5), blur_size 0 for this project's previous Gaussian of sigma side / 10;
+  deletion_baseline: what deleted pixels (and the RISE blur's padding) become, 'mean' (0 in
+  normalised space, the dataset mean in pixels) or 'black' (0 in pixel space);
+  pixels_per_step: pixels per step, 0 for 8 * side (CA-Stream's), or n_steps > 0 equal
+  steps instead (the previous rule, 25); the previous convention is n_steps=25,
+  blur_size=0, deletion_baseline='black'; batch_size: images per jitted call of a method
+  (Score-CAM and insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
+  num_overlays: test images in overlays.png;
   overlay_selection: which ones, the 'first' of the test split or its first
   'misclassified' ones (where the maps show what misled the model);
   num_error_pairs: confusions in error_prototypes.png; road: also ROAD (MoRF, LeRF and
@@ -79,7 +96,11 @@ class EvalOptions:
   num_images: int = 1000
   target: str = 'label'
   layer: str = 'cam'
-  n_steps: int = 25
+  n_steps: int = 0
+  pixels_per_step: int = 0
+  blur_size: int = 5
+  blur_sigma: float = 5.0
+  deletion_baseline: str = 'mean'
   batch_size: int = 128
   score_cam_chunk: int = 16
   steps_per_call: int = 4
@@ -98,12 +119,59 @@ class EvalOptions:
       raise ValueError(f'overlay_selection={self.overlay_selection!r}; valid: {OVERLAY_SELECTIONS}')
     if self.target not in explain.TARGETS:
       raise ValueError(f'target={self.target!r}; valid: {explain.TARGETS}')
-    for name in ('n_steps', 'batch_size', 'score_cam_chunk', 'steps_per_call'):
+    for name in ('batch_size', 'score_cam_chunk', 'steps_per_call'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-    for name in ('num_images', 'num_overlays', 'num_error_pairs', 'sanity_images'):
+    for name in (
+      'num_images',
+      'num_overlays',
+      'num_error_pairs',
+      'sanity_images',
+      'n_steps',
+      'pixels_per_step',
+      'blur_size',
+    ):
       if getattr(self, name) < 0:
         raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
+    if self.n_steps and self.pixels_per_step:
+      raise ValueError(
+        f'n_steps={self.n_steps} and pixels_per_step={self.pixels_per_step}: give one (equal '
+        'steps, or pixels per step), the other 0.'
+      )
+    if self.blur_size % 2 == 0 and self.blur_size:
+      raise ValueError(
+        f'blur_size={self.blur_size}; expected an odd kernel side, or 0 for the Gaussian of '
+        'sigma side / 10.'
+      )
+    if not self.blur_sigma > 0:
+      raise ValueError(f'blur_sigma={self.blur_sigma}; expected > 0.')
+    if self.deletion_baseline not in DELETION_BASELINES:
+      raise ValueError(f'deletion_baseline={self.deletion_baseline!r}; valid: {DELETION_BASELINES}')
+
+  def insertion_deletion_steps(self, image_size: int) -> np.ndarray:
+    """Pixels changed after each insertion/deletion step at `image_size`, `(S + 1,)`."""
+    return faithfulness.step_counts(image_size, image_size, self.n_steps, self.pixels_per_step)
+
+  def insertion_deletion_convention(self, image_size: int) -> str:
+    """The insertion/deletion convention in words, for the reports that print the numbers,
+    e.g. "insertion from RISE's 5x5 blur of sigma 5, deletion to 0 in normalised space (the
+    dataset mean), 4 steps of 224 pixels (CA-Stream's convention)"."""
+    counts = self.insertion_deletion_steps(image_size)
+    if self.blur_size:
+      blur = f"RISE's {self.blur_size}x{self.blur_size} blur of sigma {self.blur_sigma:g}"
+    else:
+      blur = f'a Gaussian blur of sigma side/10 ({image_size / 10:g} px)'
+    baseline = {
+      'mean': '0 in normalised space (the dataset mean)',
+      'black': 'black (0 in pixel space)',
+    }[self.deletion_baseline]
+    steps = len(counts) - 1
+    rule = f'{steps} equal steps' if self.n_steps else f'{steps} steps of {int(counts[1])} pixels'
+    ca_stream = (self.blur_size, self.blur_sigma, self.deletion_baseline) == (5, 5.0, 'mean')
+    ca_stream = ca_stream and not self.n_steps and self.pixels_per_step in (0, 8 * image_size)
+    return f'insertion from {blur}, deletion to {baseline}, {rule}' + (
+      " (CA-Stream's convention)" if ca_stream else ''
+    )
 
 
 def restore(
@@ -217,8 +285,22 @@ def make_method_step(
     maps = explainer.maps(method, variables, pixels, targets)
     y = cam.target_probability(logits, targets)
     o = cam.target_probability(logits_fn(faithfulness.mask_with_saliency(pixels, maps)), targets)
+    baseline = jnp.asarray(explainer.mean if options.deletion_baseline == 'mean' else 0.0)
+    blurred = (
+      faithfulness.rise_blur(pixels, baseline, options.blur_size, options.blur_sigma)
+      if options.blur_size
+      else faithfulness.blur(pixels)
+    )
     terms = faithfulness.drop_gain_increase(y, o) | faithfulness.insertion_deletion(
-      logits_fn, pixels, maps, targets, options.n_steps, options.steps_per_call
+      logits_fn,
+      pixels,
+      maps,
+      targets,
+      options.n_steps,
+      options.steps_per_call,
+      blurred,
+      baseline,
+      options.pixels_per_step,
     )
     if options.road:
       road = faithfulness.road(logits_fn, pixels, maps, targets, jax.random.key(0))
@@ -294,12 +376,14 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
     num_images=n_images,
     target=options.target,
     layer=options.layer,
-    n_steps=options.n_steps,
+    n_steps=len(options.insertion_deletion_steps(run.config.data.image_size)) - 1,
+    insertion_deletion=options.insertion_deletion_convention(run.config.data.image_size),
     dataset=info.name,
     model=config.model.name,
     loss=config.loss.kind,
     condition=conditions.describe(config),
   )
+  logging.info('Insertion/deletion: %s.', result['insertion_deletion'])
   for method in methods:
     result['methods'][method] = _method_row(
       run, variables, explainer, method, options, subset, prototypes

@@ -131,14 +131,24 @@ def cell_config(cell: Cell, experiment: ExperimentConfig) -> ml_collections.Conf
 
 
 def eval_options(grid: ml_collections.ConfigDict) -> eval_lib.EvalOptions:
-  """Grad-CAM on the best checkpoint, with the grid's image count and step count."""
+  """Grad-CAM on the best checkpoint, with the grid's image count and the insertion/deletion
+  convention fields (`eval_lib.INSERTION_DELETION_FIELDS`) that `grid.eval` sets, the others
+  at their defaults (CA-Stream's convention)."""
+  convention = {k: grid.eval[k] for k in eval_lib.INSERTION_DELETION_FIELDS if k in grid.eval}
   return eval_lib.EvalOptions(
     methods=('grad_cam',),
     num_images=grid.eval.num_images,
-    n_steps=grid.eval.n_steps,
     num_overlays=4,
     num_error_pairs=4,
+    **convention,
   )
+
+
+def insertion_deletion_convention(grid: ml_collections.ConfigDict) -> str:
+  """The grid's insertion/deletion convention in words, per image size when they differ."""
+  options = eval_options(grid)
+  sizes = sorted({size for block in grid.blocks for size in block['image_sizes']})
+  return '; '.join(f'{size} px: {options.insertion_deletion_convention(size)}' for size in sizes)
 
 
 def _train_images_per_second(workdir: str) -> float | None:
@@ -396,7 +406,14 @@ def write_results(
     for m in sorted({r['model'] for r in rows} & set(paper_tables.NOT_THE_PAPERS))
   ]
   text = grid_tables.render(
-    grid, rows, pairs, against_paper(rows), names, failures or {}, model_notes=notes
+    grid,
+    rows,
+    pairs,
+    against_paper(rows),
+    names,
+    failures or {},
+    insertion_deletion_convention(grid),
+    model_notes=notes,
   )
   io_utils.atomic_write(os.path.join(results_dir, 'results.md'), lambda f: f.write(text.encode()))
   return rows

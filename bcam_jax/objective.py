@@ -2,7 +2,7 @@
 losses and which explanation each model kind gives.
 
     L_total = lambda_class * CE + lambda_cam * L_reg                    (paper eqs. 11-12)
-                                + lambda_l1 * mean|E| + lambda_l2 * mean(E^2)  (Soft-CAM)
+                                + lambda_l1 * sum|E| + lambda_l2 * sum E^2     (Soft-CAM)
 
 with L_reg the per-image Prototype Loss (`proto`) or the Batch-CAM Prototype Loss
 (`bcpl`), each measured by a map distance phi in {l1, l2, ssim} between [0, 1] maps. A
@@ -26,6 +26,7 @@ from bcam_jax.models import heads
 
 METRICS = ('l1', 'l2', 'ssim')
 LOSS_KINDS = ('ce', 'proto', 'bcpl')
+ELASTIC_NET_REDUCTIONS = ('sum', 'mean')
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -63,12 +64,26 @@ def batch_cam_loss(
   return jnp.sum(present * map_distance(cams, prototypes, metric))
 
 
-def elastic_net(evidence: jax.Array, lambda_l1: float, lambda_l2: float) -> jax.Array:
-  """Soft-CAM's ElasticNet on class-evidence maps: lambda_l1 mean|E| + lambda_l2 mean(E^2),
-  means over every sample, position and class (dense: both 0; sparse: l1 > 0; ridge:
-  l2 > 0)."""
+def elastic_net(
+  evidence: jax.Array, lambda_l1: float, lambda_l2: float, reduction: str = 'sum'
+) -> jax.Array:
+  """Soft-CAM's ElasticNet on class-evidence maps E `(N, h, w, C)` (dense: both lambdas 0;
+  sparse: l1 > 0; ridge: l2 > 0).
+
+  'sum' (the paper's, section 3.3): lambda_l1 sum|E| + lambda_l2 sum E^2 over the positions
+  and classes of each image, averaged over the batch like the cross-entropy, so the
+  paper's lambdas (1e-5 to 1e-3) apply whatever the batch size. 'mean': lambda_l1 mean|E| +
+  lambda_l2 mean(E^2) over every image, position and class, i.e. the 'sum' penalty divided
+  by h * w * C (this project's form before; its lambdas are h * w * C times the paper's).
+  """
+  if reduction not in ELASTIC_NET_REDUCTIONS:
+    raise ValueError(f'reduction={reduction!r}; valid: {ELASTIC_NET_REDUCTIONS}')
   e = cam.at_least_float32(evidence)
-  return lambda_l1 * jnp.mean(jnp.abs(e)) + lambda_l2 * jnp.mean(jnp.square(e))
+  l1, l2 = jnp.abs(e), jnp.square(e)
+  if reduction == 'mean':
+    return lambda_l1 * jnp.mean(l1) + lambda_l2 * jnp.mean(l2)
+  per_image = lambda x: jnp.sum(x.reshape(x.shape[0], -1), axis=-1)
+  return jnp.mean(lambda_l1 * per_image(l1) + lambda_l2 * per_image(l2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,13 +156,14 @@ class Objective:
   """What a train step minimises:
 
       lambda_class * CE + lambda_cam * CAM term (eqs. 11-12)
-                        + lambda_l1 * mean|E| + lambda_l2 * mean(E^2)  (Soft-CAM ElasticNet)
+                        + lambda_l1 * sum|E| + lambda_l2 * sum E^2  (Soft-CAM ElasticNet)
 
   kind: 'ce' (no CAM term), 'proto' (per-image Prototype Loss) or 'bcpl' (Batch-CAM
   Prototype Loss); metric: the map distance ('l1', 'l2', 'ssim'). The explanation is
   Grad-CAM, or for a Soft-CAM model its evidence map of the label; maps are upsampled to
   `prototype_size` (the prototypes' resolution) and min-max normalised before comparison.
-  The ElasticNet term applies to Soft-CAM evidence maps E only.
+  The ElasticNet term applies to Soft-CAM evidence maps E only; `elastic_net_reduction`
+  says what its sums run over (`elastic_net`).
   """
 
   kind: str = 'ce'
@@ -158,6 +174,7 @@ class Objective:
   prototype_size: int = 28
   lambda_l1: float = 0.0
   lambda_l2: float = 0.0
+  elastic_net_reduction: str = 'sum'
 
   @classmethod
   def from_config(cls, config, num_classes: int) -> 'Objective':
@@ -170,6 +187,7 @@ class Objective:
       prototype_size=config.data.image_size,
       lambda_l1=config.loss.lambda_l1,
       lambda_l2=config.loss.lambda_l2,
+      elastic_net_reduction=config.loss.elastic_net_reduction,
     )
 
   def prototype_space(self, maps: jax.Array) -> jax.Array:
@@ -194,7 +212,7 @@ class Objective:
     """Soft-CAM's ElasticNet on the evidence maps (0 without them)."""
     if evidence is None:
       return jnp.zeros((), jnp.float32)
-    return elastic_net(evidence, self.lambda_l1, self.lambda_l2)
+    return elastic_net(evidence, self.lambda_l1, self.lambda_l2, self.elastic_net_reduction)
 
   def total(self, ce: jax.Array, cam_term: jax.Array, penalty=0.0) -> jax.Array:
     if self.kind == 'ce':

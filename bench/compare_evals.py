@@ -2,7 +2,8 @@
 
   python bench/compare_evals.py --evals=runs/a/eval,runs/b/eval [--out=table.md]
 
-Each directory holds the metrics.json of `eval.py`; one row per (report, method).
+Each directory holds the metrics.json of `eval.py`; one row per (report, method), then the
+insertion/deletion conventions the reports used.
 """
 
 import json
@@ -27,17 +28,29 @@ COLUMNS = (
 )
 
 
+def _convention(m) -> str:
+  """A report's insertion/deletion convention; reports written before eval.py recorded it
+  used the previous one."""
+  return m.get('insertion_deletion') or (
+    'insertion from a Gaussian blur of sigma side/10, deletion to black (0 in pixel space), '
+    f'{m["n_steps"]} equal steps'
+  )
+
+
 def table(evals) -> str:
   header = ['dataset', 'model', 'condition', 'test acc. %', 'method'] + [c[1] for c in COLUMNS]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  conventions = []
   for directory in evals:
     with open(os.path.join(directory, 'metrics.json')) as f:
       m = json.load(f)
+    conventions.append(_convention(m))
     for method, values in m['methods'].items():
       condition = m.get('condition', m['loss'])  # reports written before 'condition'
       cells = [m['dataset'], m['model'], condition, f'{100 * m["test_accuracy"]:.2f}', method]
       cells += [format(values[key], spec) for key, _, spec in COLUMNS]
       lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', 'Insertion/deletion: ' + '; '.join(dict.fromkeys(conventions)) + '.']
   return '\n'.join(lines) + '\n'
 
 

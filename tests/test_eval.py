@@ -49,7 +49,6 @@ def test_eval_py_writes_every_output(trained):
     '--config.data.val_size=40',
     '--num_images=50',
     '--batch_size=16',
-    '--n_steps=4',
     '--score_cam_chunk=24',
     f'--methods={",".join(METHODS)}',
     '--road',
@@ -86,12 +85,14 @@ def test_eval_py_writes_every_output(trained):
     'target',
     'layer',
     'n_steps',
+    'insertion_deletion',
     'test_proto_loss',
     'test_bcam_loss',
     'condition',
   ):
     assert key in metrics, key
   assert metrics['num_images'] == 50 and metrics['test_count'] == 60
+  assert metrics['n_steps'] == 4  # CA-Stream's 8 * 28 = 224 pixels per step, 784 pixels
   assert sorted(metrics['methods']) == sorted(METHODS)
   for values in metrics['methods'].values():
     assert sorted(values) == sorted(key for key, _ in markdown.METHOD_COLUMNS)
@@ -108,6 +109,9 @@ def test_eval_py_writes_every_output(trained):
   for method in METHODS:
     assert f'| {method} |' in text
   assert 'ROAD LeRF ↑' in text
+  convention = eval_lib.EvalOptions().insertion_deletion_convention(28)
+  assert f'insertion and deletion AUC ({convention})' in text
+  assert f'Insertion/deletion: {convention}.' in proc.stderr
   assert 'Evaluation report in' in proc.stderr and 'eval/tensorboard' in proc.stderr
   tags = _tensorboard_tags(os.path.join(out, 'tensorboard'))
   for tag in ('test_best_checkpoint/accuracy', 'score_cam/insertion', 'grad_cam/alignment_l1'):
@@ -142,13 +146,38 @@ def test_metrics_do_not_depend_on_device_count_or_batch_padding(trained):
   assert results[0]['confusion'] == results[1]['confusion']
 
 
+def test_insertion_deletion_convention_in_words():
+  assert eval_lib.EvalOptions().insertion_deletion_convention(28) == (
+    "insertion from RISE's 5x5 blur of sigma 5, deletion to 0 in normalised space (the "
+    "dataset mean), 4 steps of 224 pixels (CA-Stream's convention)"
+  )
+  assert (
+    eval_lib.EvalOptions()
+    .insertion_deletion_convention(224)
+    .endswith("28 steps of 1792 pixels (CA-Stream's convention)")
+  )
+  previous = eval_lib.EvalOptions(n_steps=25, blur_size=0, deletion_baseline='black')
+  assert previous.insertion_deletion_convention(28) == (
+    'insertion from a Gaussian blur of sigma side/10 (2.8 px), deletion to black (0 in pixel '
+    'space), 25 equal steps'
+  )
+
+
 def test_bad_options_fail_clearly(trained):
   with pytest.raises(ValueError, match='unknown CAM method'):
     eval_lib.EvalOptions(methods=('gradcam',))
   with pytest.raises(ValueError, match="target='truth'"):
     eval_lib.EvalOptions(target='truth')
-  with pytest.raises(ValueError, match='n_steps must be >= 1'):
-    eval_lib.EvalOptions(n_steps=0)
+  with pytest.raises(ValueError, match='n_steps must be >= 0, got -1'):
+    eval_lib.EvalOptions(n_steps=-1)
+  with pytest.raises(ValueError, match='n_steps=25 and pixels_per_step=28: give one'):
+    eval_lib.EvalOptions(n_steps=25, pixels_per_step=28)
+  with pytest.raises(ValueError, match='blur_size=4; expected an odd kernel side'):
+    eval_lib.EvalOptions(blur_size=4)
+  with pytest.raises(ValueError, match='blur_sigma=0; expected > 0'):
+    eval_lib.EvalOptions(blur_sigma=0)
+  with pytest.raises(ValueError, match="deletion_baseline='grey'"):
+    eval_lib.EvalOptions(deletion_baseline='grey')
   with pytest.raises(ValueError, match='sanity_images must be >= 0'):
     eval_lib.EvalOptions(sanity_images=-1)
   idx_dir, workdir = trained

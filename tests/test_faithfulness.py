@@ -60,7 +60,8 @@ def test_faithful_map_keeps_the_score_and_its_reverse_drops_it():
 
 
 def naive_insertion_deletion(logits_fn, images, saliency, targets, n_steps, blurred):
-  """One image, one step at a time, pixels taken in numpy's order of decreasing saliency."""
+  """The previous convention: one image, one step at a time, round(s * H * W / n_steps)
+  pixels taken in numpy's order of decreasing saliency, deleted to black."""
   ins, dele = [], []
   for i in range(images.shape[0]):
     order = np.argsort(-np.asarray(saliency[i]).ravel(), kind='stable')
@@ -83,14 +84,45 @@ def naive_insertion_deletion(logits_fn, images, saliency, targets, n_steps, blur
   return np.array(ins), np.array(dele)
 
 
-@pytest.mark.parametrize('n_steps,steps_per_call', [(5, 4), (6, 1), (4, 8)])
-def test_insertion_deletion_equal_naive_loop(n_steps, steps_per_call):
+def rise_insertion_deletion(logits_fn, images, saliency, targets, step, blurred, baseline):
+  """CA-Stream's ins_del.py (RISE's CausalMetric) as a loop: score the image, then move the
+  next `step` most salient pixels from the start image to the finish image; n_steps =
+  ceil(H * W / step) (the last move partial); auc over the n_steps + 1 scores at equal x."""
+  hw = S * S
+  n_steps = (hw + step - 1) // step
+  out = {'insertion': [], 'deletion': []}
+  for i in range(images.shape[0]):
+    image = np.asarray(images[i]).reshape(hw, -1)
+    order = np.argsort(-np.asarray(saliency[i]).ravel(), kind='stable')
+    for mode, start, finish in (
+      ('insertion', np.asarray(blurred[i]).reshape(hw, -1).copy(), image),
+      ('deletion', image.copy(), np.broadcast_to(baseline, image.shape)),
+    ):
+      scores = []
+      for k in range(n_steps + 1):
+        logits = np.asarray(logits_fn(jnp.asarray(start.reshape(images.shape[1:]))[None]))[0]
+        p = np.exp(logits - logits.max())
+        scores.append(p[targets[i]] / p.sum())
+        coords = order[step * k : step * (k + 1)]
+        start[coords] = finish[coords]
+      scores = np.array(scores)
+      out[mode].append((scores.sum() - scores[0] / 2 - scores[-1] / 2) / n_steps)
+  return np.array(out['insertion']), np.array(out['deletion'])
+
+
+def _linear_case(channels=1):
   keys = jax.random.split(jax.random.key(0), 3)
-  images = jax.random.uniform(keys[0], (4, S, S, 1))
+  images = jax.random.uniform(keys[0], (4, S, S, channels))
   saliency = jax.random.uniform(keys[1], (4, S, S))
   targets = jnp.array([0, 1, 0, 1])
-  w = jax.random.normal(keys[2], (S * S, 3))
+  w = jax.random.normal(keys[2], (S * S * channels, 3))
   logits_fn = lambda x: x.reshape(x.shape[0], -1) @ w
+  return logits_fn, images, saliency, targets
+
+
+@pytest.mark.parametrize('n_steps,steps_per_call', [(5, 4), (6, 1), (4, 8)])
+def test_insertion_deletion_equal_naive_loop_previous_convention(n_steps, steps_per_call):
+  logits_fn, images, saliency, targets = _linear_case()
   blurred = faithfulness.blur(images)
   got = jax.jit(faithfulness.insertion_deletion, static_argnums=(0, 4, 5))(
     logits_fn, images, saliency, targets, n_steps, steps_per_call, blurred
@@ -100,6 +132,97 @@ def test_insertion_deletion_equal_naive_loop(n_steps, steps_per_call):
   )
   np.testing.assert_allclose(got['insertion'], want_ins, rtol=1e-5)
   np.testing.assert_allclose(got['deletion'], want_del, rtol=1e-5)
+
+
+@pytest.mark.parametrize('pixels_per_step,steps_per_call', [(5, 4), (12, 1), (0, 2)])
+def test_insertion_deletion_equal_ca_streams_loop(pixels_per_step, steps_per_call):
+  """Pixels per step 5 (8 steps, the last of 1 pixel), 12 (3 steps) and the default 8 * side
+  = 48 > 36 (one step); two channels, deletion to a per-channel mean."""
+  logits_fn, images, saliency, targets = _linear_case(channels=2)
+  mean = jnp.array([0.3, 0.6])
+  blurred = faithfulness.rise_blur(images, mean)
+  got = faithfulness.insertion_deletion(
+    logits_fn,
+    images,
+    saliency,
+    targets,
+    steps_per_call=steps_per_call,
+    baseline=mean,
+    pixels_per_step=pixels_per_step,
+  )
+  step = pixels_per_step or 8 * S
+  want_ins, want_del = rise_insertion_deletion(
+    logits_fn, images, saliency, targets, step, blurred, np.asarray(mean)
+  )
+  np.testing.assert_allclose(got['insertion'], want_ins, rtol=1e-5)
+  np.testing.assert_allclose(got['deletion'], want_del, rtol=1e-5)
+
+
+def test_step_counts_of_both_rules():
+  np.testing.assert_array_equal(faithfulness.step_counts(28, 28), [0, 224, 448, 672, 784])
+  np.testing.assert_array_equal(
+    faithfulness.step_counts(6, 6, pixels_per_step=10), [0, 10, 20, 30, 36]
+  )
+  np.testing.assert_array_equal(faithfulness.step_counts(6, 6, n_steps=4), [0, 9, 18, 27, 36])
+  assert len(faithfulness.step_counts(224, 224, pixels_per_step=224)) == 225  # RISE's
+
+
+def test_deletion_to_the_mean_feeds_zeros_in_normalised_space():
+  """One step removes every pixel: the deleted image is the mean image, so a model that
+  reads normalised pixels sees zeros (logits 0, probability 1/2); deleting to black it
+  sees -mean / std."""
+  mean, std = jnp.array([0.3, 0.6]), jnp.array([0.2, 0.5])
+  logits_fn = lambda x: jnp.stack(
+    [jnp.sum((x - mean) / std, axis=(1, 2, 3)), jnp.zeros(len(x))], -1
+  )
+  images = jax.random.uniform(jax.random.key(0), (2, S, S, 2))
+  saliency = jax.random.uniform(jax.random.key(1), (2, S, S))
+  targets = jnp.zeros(2, jnp.int32)
+  p0 = jax.nn.softmax(logits_fn(images))[:, 0]
+  kw = dict(blurred=images, pixels_per_step=S * S)
+  to_mean = faithfulness.insertion_deletion(
+    logits_fn, images, saliency, targets, baseline=mean, **kw
+  )
+  np.testing.assert_allclose(to_mean['deletion'], (p0 + 0.5) / 2, rtol=1e-6)
+  to_black = faithfulness.insertion_deletion(logits_fn, images, saliency, targets, **kw)
+  black = jax.nn.sigmoid(S * S * jnp.sum(-mean / std))
+  np.testing.assert_allclose(to_black['deletion'], (p0 + black) / 2, rtol=1e-5, atol=1e-7)
+
+
+def gkern(size, sigma):
+  """RISE's and CA-Stream's kernel: a unit impulse smoothed by scipy's gaussian_filter."""
+  from scipy.ndimage import gaussian_filter
+
+  impulse = np.zeros((size, size))
+  impulse[size // 2, size // 2] = 1
+  return gaussian_filter(impulse, sigma)
+
+
+@pytest.mark.parametrize('size', [5, 11])
+def test_rise_kernel_equals_gkern(size):
+  np.testing.assert_allclose(faithfulness.rise_kernel(size, 5.0), gkern(size, 5.0), atol=1e-7)
+
+
+def test_ca_streams_5x5_sigma_5_kernel_is_a_box_filter():
+  np.testing.assert_allclose(faithfulness.rise_kernel(5, 5.0), np.full((5, 5), 1 / 25), atol=1e-5)
+
+
+@pytest.mark.parametrize('size', [5, 11])
+def test_rise_blur_is_a_zero_padded_convolution_in_normalised_space(size):
+  """conv2d(normalised image, gkern, padding=size // 2) as RISE and CA-Stream run it, by a
+  numpy loop, mapped back to pixels, equals rise_blur with the mean as fill."""
+  mean, std = np.array([0.3, 0.6]), np.array([0.2, 0.5])
+  images = np.asarray(jax.random.uniform(jax.random.key(0), (2, 12, 12, 2)))
+  kernel, r = gkern(size, 5.0), size // 2
+  normalised = np.pad((images - mean) / std, ((0, 0), (r, r), (r, r), (0, 0)))
+  want = np.zeros_like(images)
+  for y in range(12):
+    for x in range(12):
+      window = normalised[:, y : y + size, x : x + size, :]
+      want[:, y, x, :] = np.einsum('nhwc,hw->nc', window, kernel)
+  want = want * std + mean
+  got = faithfulness.rise_blur(jnp.asarray(images), jnp.asarray(mean), size, 5.0)
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_faithful_map_has_lower_deletion_and_higher_insertion_than_its_reverse():

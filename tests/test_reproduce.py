@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from bcam_jax import grids
+from bcam_jax import eval_lib, grids
 from bcam_jax.configs import experiment
 from tests import synthetic
 from tests.test_train import REPO
@@ -79,6 +79,12 @@ def test_grid_runs_aggregates_and_resumes(idx_dir, tmp_path):
   assert '## BCPL against the baseline' in text
   assert "## Against the paper's tables" in text
   assert '`simple_cnn` is our SimpleCNN (conv3x3(32)' in text  # not the paper's network
+  convention = grids.insertion_deletion_convention(grid)
+  assert convention == (
+    "28 px: insertion from RISE's 5x5 blur of sigma 5, deletion to 0 in normalised space (the "
+    'dataset mean), 3 equal steps'
+  )
+  assert f'insertion/deletion: {convention}.' in text
   figure = 'cam_prototypes_simple_cnn_mnist_28.png'
   assert f'![{figure}]({figure})' in text and os.path.exists(os.path.join(results, figure))
 
@@ -135,6 +141,24 @@ def test_aggregate_mean_std_and_paper_difference():
   assert row['accuracy_std'] == pytest.approx(0.2)  # sample std of 99.0, 99.2, 99.4
   assert row['paper_accuracy'] == 99.00 and row['difference'] == pytest.approx(0.2)
   assert row['alignment_l1'] == pytest.approx(0.2) and row['insertion'] is None
+
+
+def test_grids_insertion_deletion_conventions():
+  """cpu_small keeps the convention its results were measured with; the paper grids use
+  CA-Stream's (4 steps at 28 px, 14 at 112)."""
+  grid = lambda name: importlib.import_module(f'bcam_jax.configs.grids.{name}').get_config()
+  assert grids.insertion_deletion_convention(grid('cpu_small')) == (
+    '28 px: insertion from a Gaussian blur of sigma side/10 (2.8 px), deletion to black (0 in '
+    'pixel space), 10 equal steps'
+  )
+  for name in ('paper_table1', 'paper_table2', 'gpu_table1'):
+    assert grids.eval_options(grid(name)) == eval_lib.EvalOptions(
+      methods=('grad_cam',), num_images=2000, num_overlays=4, num_error_pairs=4
+    )
+  assert "112 px: insertion from RISE's 5x5 blur of sigma 5" in grids.insertion_deletion_convention(
+    grid('paper_table2')
+  )
+  assert '14 steps of 896 pixels' in grids.insertion_deletion_convention(grid('paper_table2'))
 
 
 @pytest.mark.parametrize('name', GRIDS)

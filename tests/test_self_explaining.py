@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcam_jax import config_validation, eval_lib, explain, run_setup, train_lib
+from bcam_jax import conditions, config_validation, eval_lib, explain, run_setup, train_lib
 from bcam_jax import objective as objective_lib
 from bcam_jax.configs import experiment
 from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables
@@ -57,10 +57,41 @@ def test_cross_attention_equals_a_per_sample_softmax_loop():
     np.testing.assert_allclose(pooled[i], f[i].reshape(9, 4).T @ a, rtol=1e-5, atol=1e-6)
 
 
-def test_elastic_net_matches_hand_computation():
-  e = jnp.array([[[[1.0, -2.0]], [[3.0, 0.0]]]])  # 4 values: |.| sum 6, squares sum 14
-  np.testing.assert_allclose(objective_lib.elastic_net(e, 0.5, 0.25), 0.5 * 6 / 4 + 0.25 * 14 / 4)
-  assert float(objective_lib.elastic_net(e, 0.0, 0.0)) == 0.0
+# Evidence (N=2, h=2, w=1, C=2): image 0 has |.| sum 6, squares sum 14; image 1 has |.| sum
+# 4, squares sum 6; over all 8 values |.| sums to 10 and squares to 20.
+_EVIDENCE = jnp.array([[[[1.0, -2.0]], [[3.0, 0.0]]], [[[0.0, 1.0]], [[-1.0, 2.0]]]])
+
+
+def test_elastic_net_sum_is_the_papers_per_image_sum_averaged_over_the_batch():
+  got = objective_lib.elastic_net(_EVIDENCE, 0.5, 0.25, 'sum')
+  np.testing.assert_allclose(got, ((0.5 * 6 + 0.25 * 14) + (0.5 * 4 + 0.25 * 6)) / 2)
+  assert float(objective_lib.elastic_net(_EVIDENCE, 0.0, 0.0, 'sum')) == 0.0
+
+
+def test_elastic_net_mean_is_the_mean_over_images_positions_and_classes():
+  got = objective_lib.elastic_net(_EVIDENCE, 0.5, 0.25, 'mean')
+  np.testing.assert_allclose(got, 0.5 * 10 / 8 + 0.25 * 20 / 8)
+  # The 'mean' penalty is the 'sum' one over h * w * C = 4 positions x classes.
+  np.testing.assert_allclose(got, objective_lib.elastic_net(_EVIDENCE, 0.5, 0.25, 'sum') / 4)
+
+
+def test_objective_penalty_follows_the_configs_reduction():
+  config = experiment.get_config('model=simple_cnn,head=softcam')
+  config.loss.lambda_l1 = 0.5
+  assert config.loss.elastic_net_reduction == 'sum'  # the paper's form is the default
+  penalty = lambda: objective_lib.Objective.from_config(config, 2).penalty(_EVIDENCE)
+  np.testing.assert_allclose(penalty(), 0.5 * (6 + 4) / 2)
+  config.loss.elastic_net_reduction = 'mean'
+  np.testing.assert_allclose(penalty(), 0.5 * 10 / 8)
+
+
+def test_condition_names_say_which_elastic_net_units_their_lambdas_are_in():
+  config = experiment.get_config('model=simple_cnn,head=softcam')
+  assert conditions.describe(config) == 'baseline softcam'
+  config.loss.lambda_l1 = 2e-5
+  assert conditions.describe(config) == 'baseline softcam l1=2e-05'
+  config.loss.lambda_l1, config.loss.elastic_net_reduction = 0.01, 'mean'
+  assert conditions.describe(config) == 'baseline softcam l1=0.01 (mean)'
 
 
 _OPTIONS = {('convnext_v2_tiny', 112): {'stem_stride': 4}}
@@ -212,6 +243,11 @@ def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
     ('model.head', 'soft', "config.model.head='soft'"),
     ('model.pooling', 'attention', "config.model.pooling='attention'"),
     ('loss.lambda_l1', 0.1, 'need config.model.head="softcam"'),
+    (
+      'loss.elastic_net_reduction',
+      'total',
+      "config.loss.elastic_net_reduction='total' is not valid; choose one of",
+    ),
     ('model.ca_stream.freeze_backbone', True, 'needs config.model.pooling="ca_stream"'),
   ],
 )

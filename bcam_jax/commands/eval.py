@@ -5,6 +5,7 @@ in TensorBoard (`<workdir>/eval/tensorboard`).
   bcam-eval --config=<config> --workdir=<dir> [--checkpoint=last]
       [--methods=grad_cam,grad_cam_pp,score_cam,evidence] [--num_images=1000]
       [--overlay_selection=misclassified]
+      [--n_steps=25 --blur_size=0 --deletion_baseline=black]   # the previous ins/del convention
 
 The config is the one used for training (with the same overrides): a packaged name or a file,
 as for bcam-train. In a clone, `python eval.py` is the same command.
@@ -51,7 +52,33 @@ _LAYER = flags.DEFINE_string(
   'Explained layer: a key of the backbone features dict (cam, stage3, ...) or a module '
   'path (backbone_net/stage3_block1/conv2); an unknown one lists the valid ones.',
 )
-_N_STEPS = flags.DEFINE_integer('n_steps', _DEFAULTS.n_steps, 'Insertion/deletion steps.')
+_N_STEPS = flags.DEFINE_integer(
+  'n_steps',
+  _DEFAULTS.n_steps,
+  'Insertion/deletion in this many equal steps (the previous convention: 25); 0 = '
+  '--pixels_per_step pixels per step.',
+)
+_PIXELS_PER_STEP = flags.DEFINE_integer(
+  'pixels_per_step',
+  _DEFAULTS.pixels_per_step,
+  "Insertion/deletion pixels per step; 0 = 8 * image side (CA-Stream's: 4 steps at 28 px).",
+)
+_BLUR_SIZE = flags.DEFINE_integer(
+  'blur_size',
+  _DEFAULTS.blur_size,
+  "Side of RISE's blur kernel that insertion starts from (CA-Stream's 5, RISE's 11); "
+  '0 = the previous Gaussian blur of sigma side/10.',
+)
+_BLUR_SIGMA = flags.DEFINE_float(
+  'blur_sigma', _DEFAULTS.blur_sigma, "Sigma of RISE's blur kernel (CA-Stream's and RISE's 5)."
+)
+_DELETION_BASELINE = flags.DEFINE_enum(
+  'deletion_baseline',
+  _DEFAULTS.deletion_baseline,
+  list(eval_lib.DELETION_BASELINES),
+  "What deletion sets pixels to: mean = 0 in normalised space (CA-Stream's), black = 0 in "
+  'pixel space (the previous convention).',
+)
 _BATCH_SIZE = flags.DEFINE_integer(
   'batch_size', _DEFAULTS.batch_size, 'Images per jitted call of a method.'
 )
@@ -94,6 +121,10 @@ def main(argv):
     target=_TARGET.value,
     layer=_LAYER.value,
     n_steps=_N_STEPS.value,
+    pixels_per_step=_PIXELS_PER_STEP.value,
+    blur_size=_BLUR_SIZE.value,
+    blur_sigma=_BLUR_SIGMA.value,
+    deletion_baseline=_DELETION_BASELINE.value,
     batch_size=_BATCH_SIZE.value,
     score_cam_chunk=_SCORE_CAM_CHUNK.value,
     num_overlays=_NUM_OVERLAYS.value,

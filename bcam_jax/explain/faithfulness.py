@@ -9,9 +9,20 @@ pixels, then normalised again as any model input):
   Average Increase = mean(1[O > Y]) * 100                (higher is better)
 
 Insertion and Deletion (Petsiuk et al. 2018): pixels ordered by decreasing saliency are
-revealed on a blurred copy of the image (insertion) or set to 0 (deletion) in `n_steps`
-equal steps; the area under the curve of the target probability against the revealed or
-removed fraction, by the trapezoid rule (insertion higher is better, deletion lower).
+revealed on a blurred copy of the image (insertion) or replaced by a baseline (deletion) step
+by step; the area under the curve of the target probability against the step (x from 0 to 1
+in equal steps), by the trapezoid rule (insertion higher is better, deletion lower). By
+default the convention of CA-Stream's evaluation code (its engine/evaluation.py and
+engine/interpretable/ins_del.py, derived from RISE's evaluation.py), so the numbers compare
+with its tables:
+  - insertion starts from the image convolved with RISE's `gkern(5, 5)` (`rise_kernel`), a
+    5x5 kernel of sigma 5, zero-padded in normalised space;
+  - deletion replaces pixels by 0 in normalised space, i.e. the dataset mean in pixels;
+  - each step changes 8 * side pixels (`step_counts`): ceil(side / 8) steps, 28 at 224 px,
+    4 at 28 px (the last of 112 pixels, yet as wide on the x axis as the others).
+RISE's own evaluation uses an 11x11 kernel of sigma 5 and 224 pixels per step at 224 px.
+This project's convention before (`blur`, Gaussian of sigma side / 10; black in pixel
+space; `n_steps` equal steps of round(H * W / n_steps) pixels) stays reachable.
 
 ROAD (Rong et al. 2022, remove and debias): the p% most (MoRF) or least (LeRF) salient
 pixels are removed and filled by noisy linear imputation, which leaks far less of the removed
@@ -23,6 +34,7 @@ Every function returns per-image values so the caller can sum them over a masked
 import dm_pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bcam_jax.cam import LogitsFn, at_least_float32, target_probability
 
@@ -59,10 +71,70 @@ def saliency_ranks(saliency: jax.Array) -> jax.Array:
 
 
 def blur(pixels: jax.Array, sigma: float | None = None) -> jax.Array:
-  """Gaussian blur of `(N, H, W, C)` images, the insertion start; sigma defaults to
-  side / 10 (2.8 px at 28x28), kernel +-2 sigma."""
+  """This project's previous insertion start: Gaussian blur of `(N, H, W, C)` images in
+  pixel space, zero-padded; sigma defaults to side / 10 (2.8 px at 28x28), kernel +-2
+  sigma."""
   sigma = sigma or pixels.shape[1] / 10
   return dm_pix.gaussian_blur(pixels, sigma, kernel_size=2 * int(2 * sigma) + 1)
+
+
+def _reflect(index: np.ndarray, n: int) -> np.ndarray:
+  """Indices into a length-n axis extended by mirroring (d c b a | a b c d | d c b a)."""
+  m = np.mod(index, 2 * n)
+  return np.where(m >= n, 2 * n - 1 - m, m)
+
+
+def rise_kernel(size: int = 5, sigma: float = 5.0) -> np.ndarray:
+  """RISE's `gkern(size, sigma)` `(size, size)`: a unit impulse at the centre smoothed by
+  scipy's `gaussian_filter(sigma)` (taps out to round(4 sigma), mirrored at the borders),
+  computed here without scipy. It sums to 1; with sigma near the size the mirrored tails
+  flatten it: 5x5 of sigma 5 is a box filter (every weight 0.04 within 3e-6), 11x11 of
+  sigma 5 ranges over 0.0077-0.0088."""
+  if size < 1 or size % 2 == 0 or not sigma > 0:
+    raise ValueError(f'rise_kernel: size={size!r} must be odd and >= 1, sigma={sigma!r} > 0')
+  radius = int(4 * sigma + 0.5)
+  taps = np.arange(-radius, radius + 1)
+  weights = np.exp(-0.5 * (taps / sigma) ** 2)
+  weights /= weights.sum()
+  hits = _reflect(np.arange(size)[:, None] + taps[None], size) == size // 2
+  line = (hits * weights).sum(axis=1)
+  return np.outer(line, line).astype(np.float32)
+
+
+def rise_blur(
+  pixels: jax.Array, fill: jax.Array | float = 0.0, size: int = 5, sigma: float = 5.0
+) -> jax.Array:
+  """CA-Stream's and RISE's insertion start: `(N, H, W, C)` images convolved channel by
+  channel with `rise_kernel(size, sigma)`, padded with `fill` (scalar or one value per
+  channel). With fill = the normalisation mean this is their `conv2d(x, gkern, padding)` on
+  normalised images, which pads with 0 there."""
+  c = pixels.shape[-1]
+  kernel = jnp.asarray(rise_kernel(size, sigma), pixels.dtype)
+  kernel = jnp.broadcast_to(kernel[:, :, None, None], (size, size, 1, c))
+  fill = jnp.asarray(fill, pixels.dtype)
+  blurred = jax.lax.conv_general_dilated(
+    pixels - fill,
+    kernel,
+    (1, 1),
+    'SAME',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=c,
+  )
+  return blurred + fill
+
+
+def step_counts(height: int, width: int, n_steps: int = 0, pixels_per_step: int = 0) -> np.ndarray:
+  """Pixels revealed or removed after each step, `(S + 1,)` from 0 to H * W.
+
+  n_steps > 0: S = n_steps equal steps, round(s * H * W / n_steps) (this project's previous
+  rule); otherwise `pixels_per_step` per step (0: 8 * max(H, W), CA-Stream's), S =
+  ceil(H * W / pixels_per_step), min(s * pixels_per_step, H * W), as RISE.
+  """
+  size = height * width
+  if n_steps > 0:
+    return np.round(np.arange(n_steps + 1) * (size / n_steps))
+  step = pixels_per_step or 8 * max(height, width)
+  return np.minimum(np.arange(-(-size // step) + 1) * step, size).astype(np.float64)
 
 
 def trapezoid_auc(curve: jax.Array) -> jax.Array:
@@ -76,36 +148,45 @@ def insertion_deletion(
   pixels: jax.Array,
   saliency: jax.Array,
   targets: jax.Array,
-  n_steps: int = 25,
+  n_steps: int = 0,
   steps_per_call: int = 4,
   blurred: jax.Array | None = None,
+  baseline: jax.Array | float = 0.0,
+  pixels_per_step: int = 0,
 ) -> dict[str, jax.Array]:
   """Insertion and deletion AUCs `(N,)` of saliency `(N, H, W)` for [0, 1] images
   `(N, H, W, C)` and target classes `(N,)`; `logits_fn` maps images to logits.
 
-  Step s reveals or removes the round(s * H * W / n_steps) most salient pixels.
-  `steps_per_call` steps of all N images, insertion and deletion together, go through one
-  `logits_fn` call of `2 * steps_per_call * N` images, in a `lax.map` over the steps.
+  Step s reveals or removes the `step_counts(H, W, n_steps, pixels_per_step)[s]` most
+  salient pixels (default: 8 * side per step). Deletion sets them to `baseline` (pixel
+  value, scalar or per channel: 0 is black, the normalisation mean is 0 in normalised space,
+  CA-Stream's); insertion reveals them on `blurred`, by default `rise_blur(pixels,
+  baseline)`. The S + 1 points go in as few `logits_fn` calls of at most `steps_per_call`
+  points each as they fit, split evenly (5 points: 2 calls of 3, the last point repeated),
+  each call holding that many points of all N images, insertion and deletion together, in a
+  `lax.map` over the calls.
   """
   n, height, width, _ = pixels.shape
   ranks = saliency_ranks(saliency)
-  blurred = blur(pixels) if blurred is None else blurred
-  counts = jnp.round(jnp.arange(n_steps + 1) * (height * width / n_steps))
-  n_calls = -(-(n_steps + 1) // steps_per_call)
-  counts = jnp.pad(
-    counts, (0, n_calls * steps_per_call - n_steps - 1), constant_values=height * width
-  )
+  baseline = jnp.asarray(baseline, pixels.dtype)
+  blurred = rise_blur(pixels, baseline) if blurred is None else blurred
+  counts = step_counts(height, width, n_steps, pixels_per_step)
+  points = len(counts)
+  n_calls = -(-points // steps_per_call)
+  per_call = -(-points // n_calls)
+  counts = np.pad(counts, (0, n_calls * per_call - points), constant_values=height * width)
 
-  def call(step_counts):  # (steps_per_call,) -> (2, steps_per_call, N)
-    top = (ranks[None] < step_counts[:, None, None, None])[..., None]  # (s, N, H, W, 1)
+  def call(chunk):  # (per_call,) counts -> (2, per_call, N)
+    top = (ranks[None] < chunk[:, None, None, None])[..., None]  # (s, N, H, W, 1)
     inserted = jnp.where(top, pixels[None], blurred[None])
-    deleted = jnp.where(top, 0.0, pixels[None]).astype(pixels.dtype)
+    deleted = jnp.where(top, baseline, pixels[None]).astype(pixels.dtype)
     stack = jnp.concatenate([inserted, deleted]).reshape((-1,) + pixels.shape[1:])
-    logits = logits_fn(stack).reshape(2, steps_per_call, n, -1)
-    return target_probability(logits, jnp.broadcast_to(targets, (2, steps_per_call, n)))
+    logits = logits_fn(stack).reshape(2, per_call, n, -1)
+    return target_probability(logits, jnp.broadcast_to(targets, (2, per_call, n)))
 
-  curves = jax.lax.map(call, counts.reshape(n_calls, steps_per_call))  # (calls, 2, s, N)
-  curves = curves.transpose(1, 3, 0, 2).reshape(2, n, -1)[..., : n_steps + 1]
+  counts = jnp.asarray(counts.reshape(n_calls, per_call), jnp.float32)
+  curves = jax.lax.map(call, counts)  # (calls, 2, s, N)
+  curves = curves.transpose(1, 3, 0, 2).reshape(2, n, -1)[..., :points]
   return {'insertion': trapezoid_auc(curves[0]), 'deletion': trapezoid_auc(curves[1])}
 
 

@@ -142,12 +142,14 @@ def render(
   paper: Sequence[dict[str, Any]],
   figure_names: Sequence[str],
   failures: dict[str, str],
+  insertion_deletion: str,
   model_notes: Sequence[str] = (),
 ) -> str:
   """results.md: the grid, every aggregated row (`grids.aggregate`) next to the paper (with
   `model_notes`, e.g. which models are ours rather than the paper's), the paper's best
   conditions against ours (`grids.against_paper`), BCPL against the baseline
-  (`grids.comparisons`), the failed cells and the figures."""
+  (`grids.comparisons`), the failed cells and the figures; `insertion_deletion` states the
+  insertion/deletion convention (`grids.insertion_deletion_convention`)."""
   blocks = '\n'.join(
     f'- {", ".join(b["models"])} x {", ".join(b["conditions"])} x '
     f'{", ".join(b["datasets"])} at {", ".join(map(str, b["image_sizes"]))} px, seeds '
@@ -165,8 +167,8 @@ def render(
     f'Command: `{grid.get("command", default_command)}`. '
     f'Device: {device.platform} ({device.device_kind}), {jax.device_count()} '
     f'device(s), {os.cpu_count()} CPU core(s), JAX {jax.__version__}. Grad-CAM metrics '
-    f'on the first {grid.eval.num_images} test images, {grid.eval.n_steps} '
-    'insertion/deletion steps, best-validation checkpoint.',
+    f'on the first {grid.eval.num_images} test images, best-validation checkpoint; '
+    f'insertion/deletion: {insertion_deletion}.',
     '',
     'Cells:',
     blocks,

@@ -42,7 +42,7 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
     f'On the first {result["num_images"]} test images, maps of the '
     f'{"ground-truth" if result["target"] == "label" else "predicted"} class at layer '
     f'`{result["layer"]}`. AD/AG/AI: Average Drop/Gain/Increase (%), Ins/Del: insertion '
-    f'and deletion AUC ({result["n_steps"]} steps); align: mean normalised map of each '
+    f'and deletion AUC ({result["insertion_deletion"]}); align: mean normalised map of each '
     'class vs its prototype (L1, SSIM), image: the same per image'
     + (
       '; ROAD: target probability with the most (MoRF) or least (LeRF) salient 10-90% of '

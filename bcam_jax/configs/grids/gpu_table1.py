@@ -52,5 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not cells or name in cells
   ]
   config.overrides = ()
-  config.eval = ml_collections.ConfigDict(dict(num_images=2000, n_steps=25))
+  # Insertion/deletion by CA-Stream's convention (eval_lib.EvalOptions' defaults).
+  config.eval = ml_collections.ConfigDict(dict(num_images=2000))
   return config

@@ -33,5 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
     dict(common, models=('convnext_v2_tiny',), epochs=20),
   ]
   config.overrides = ()
-  config.eval = ml_collections.ConfigDict(dict(num_images=2000, n_steps=25))
+  # Insertion/deletion by CA-Stream's convention (eval_lib.EvalOptions' defaults).
+  config.eval = ml_collections.ConfigDict(dict(num_images=2000))
   return config
