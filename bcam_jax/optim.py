@@ -1,8 +1,11 @@
 """Optimisers and learning-rate schedules built from `config.optimizer`."""
 
+from collections.abc import Callable
+
 import jax
 import ml_collections
 import optax
+from flax import traverse_util
 
 OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
@@ -54,15 +57,15 @@ def make_optimizer(
 
 
 def train_only(
-  tx: optax.GradientTransformation, trainable: tuple[str, ...]
+  tx: optax.GradientTransformation, trainable: Callable[[tuple[str, ...]], bool]
 ) -> optax.GradientTransformation:
-  """`tx` on the top-level parameter subtrees named in `trainable`; every other parameter
-  gets a zero update (and no optimiser state), so it stays bit-identical."""
+  """`tx` on the parameters whose key path (e.g. `('stream', 'query')`) `trainable` accepts;
+  every other parameter gets a zero update (and no optimiser state), so it stays
+  bit-identical."""
 
   def labels(params):
-    return {
-      name: jax.tree.map(lambda _, n=name: 'train' if n in trainable else 'frozen', subtree)
-      for name, subtree in params.items()
-    }
+    return traverse_util.path_aware_map(
+      lambda path, _: 'train' if trainable(path) else 'frozen', params
+    )
 
   return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, labels)

@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from flax import traverse_util
 
 from bcam_jax import data, evaluation, models, optim, parallel, prototypes, steps
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, validate_config
+from bcam_jax.models.base import is_stream_param
 from bcam_jax.objective import Objective
 
 CHECKPOINTS = ('best', 'last')
@@ -99,10 +101,10 @@ class RunSetup:
 
   def optimizer(self, total_steps: int):
     """(tx, schedule) of `config.optimizer`; with a frozen backbone, tx updates the
-    CA-Stream parameters only."""
+    CA-Stream parameters only (q_0 and W_0..W_L, `models.base.is_stream_param`)."""
     tx, schedule = optim.make_optimizer(self.config.optimizer, total_steps)
     if self.frozen_backbone:
-      tx = optim.train_only(tx, ('stream',))
+      tx = optim.train_only(tx, is_stream_param)
     return tx, schedule
 
   def init_from_baseline(self, state: steps.TrainState) -> steps.TrainState:
@@ -124,10 +126,12 @@ class RunSetup:
       restored, step = ckpts.restore_best(abstract)
     finally:
       ckpts.close()
-    params = dict(state.params)
+    # By key path: W_L, part of the stream, lives in the head beside the restored classifier.
+    params = traverse_util.flatten_dict(state.params)
+    baseline_params = traverse_util.flatten_dict(restored['params'])
     for name in ('backbone_net', 'head_net'):
-      want = jax.tree.map(lambda p: p.shape, params[name])
-      got = jax.tree.map(lambda p: p.shape, restored['params'][name])
+      want = {p: v.shape for p, v in params.items() if p[0] == name and not is_stream_param(p)}
+      got = {p: v.shape for p, v in baseline_params.items() if p[0] == name}
       if want != got:
         raise ConfigError(
           f'config.init_from={cfg.init_from!r}: its {name} parameters do not '
@@ -135,7 +139,7 @@ class RunSetup:
           f"pooling={cfg.model.pooling!r}); e.g. simple_cnn's flatten + dense "
           'classifier cannot take pooled features.'
         )
-      params[name] = restored['params'][name]
+    params = traverse_util.unflatten_dict(params | baseline_params)
     logging.info(
       'Initialised backbone and classifier from %s (best checkpoint, step %d).',
       cfg.init_from,

@@ -6,13 +6,16 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import traverse_util
 
-from bcam_jax import conditions, config_validation, eval_lib, explain, run_setup, train_lib
+from bcam_jax import conditions, config_validation, eval_lib, explain, optim, run_setup, train_lib
 from bcam_jax import objective as objective_lib
 from bcam_jax.configs import experiment
-from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables
-from bcam_jax.models.heads import cross_attention
+from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables, param_count
+from bcam_jax.models.base import is_stream_param
+from bcam_jax.models.heads import CAStream, Pool, cross_attention
 from tests import synthetic
 from tests.test_train import tiny_config
 
@@ -94,6 +97,144 @@ def test_condition_names_say_which_elastic_net_units_their_lambdas_are_in():
   assert conditions.describe(config) == 'baseline softcam l1=0.01 (mean)'
 
 
+def _stream_params(widths: tuple[int, ...]) -> int:
+  """CA-Stream's parameter count by hand for stage widths d_0..d_L: q_0, then W_l
+  (d_l x d_{l+1} + bias) for l < L and the square W_L (d_L x d_L + bias)."""
+  count = widths[0] + widths[-1] * widths[-1] + widths[-1]
+  for d, following in zip(widths[:-1], widths[1:]):
+    count += d * following + following
+  return count
+
+
+_RESNET50 = {'stem': 64, 'stage1': 256, 'stage2': 512, 'stage3': 1024, 'cam': 2048}
+
+
+@pytest.mark.parametrize(
+  'start,expected,paper_millions',
+  [
+    (0, 6_969_152, 6.96),
+    (1, 6_952_704, 6.95),
+    (2, 6_821_376, 6.82),
+    (3, 6_296_576, 6.29),
+    (4, 4_198_400, 4.20),
+  ],
+)
+def test_stream_parameters_match_the_paper_for_resnet50_widths(start, expected, paper_millions):
+  """Table 5 of the paper, S_start - S_4 for ResNet-50 (its #PARAM rounds to 0.01M): the
+  stream q_0 -> q_L (`CAStream`, from a fake features dict) plus W_L (the head's `Pool`).
+  Without W_L the S4-S4 stream would have 2,048 parameters, not 4.20M."""
+  stages = tuple(_RESNET50)[start:-1]
+  features = {k: jax.ShapeDtypeStruct((2, 3, 3, d), jnp.float32) for k, d in _RESNET50.items()}
+  stream = jax.eval_shape(CAStream(stages).init, jax.random.key(0), features)
+  query = jax.ShapeDtypeStruct((2, 2048), jnp.float32)
+  last = jax.eval_shape(Pool().init, jax.random.key(0), features['cam'], query)
+  count = param_count(stream) + param_count(last)
+  assert count == expected == _stream_params(tuple(_RESNET50.values())[start:])
+  assert abs(count / 1e6 - paper_millions) < 0.01
+
+
+# Each model's stream widths d_0..d_L (stem and stages), and how the CA-Stream classifier's
+# size differs from the default one (simple_cnn's dense takes the pooled 64, not 7*7*64).
+_MODEL_STREAMS = {
+  'simple_cnn': ((32, 64, 64), 64 * C - 7 * 7 * 64 * C),
+  'resnet18': ((64, 64, 128, 256, 512), 0),
+  'convnext_v2_tiny': ((96, 96, 192, 384, 768), 0),
+}
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_stream_parameters_of_our_models(name):
+  """The CA-Stream model has the default model's parameters plus the stream's (q_0, W_0..W_L),
+  which are exactly those `is_stream_param` selects; the default tree has none of them.
+  Shape inference only."""
+  widths, classifier_change = _MODEL_STREAMS[name]
+  trees = {}
+  for pooling in ('default', 'ca_stream'):
+    model = get_model(name, C, pooling=pooling)
+    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
+    trees[pooling] = traverse_util.flatten_dict(params)
+  stream = {p: v for p, v in trees['ca_stream'].items() if is_stream_param(p)}
+  assert not any(is_stream_param(p) for p in trees['default'])
+  assert param_count(stream) == _stream_params(widths)
+  assert (
+    param_count(trees['ca_stream']) - param_count(trees['default'])
+    == _stream_params(widths) + classifier_change
+  )
+
+
+def _softmax_pool(cam: np.ndarray, query: np.ndarray) -> np.ndarray:
+  """CA_L by a loop over samples: softmax over positions of F q / sqrt(d), then F^T a."""
+  out = []
+  for f, q in zip(cam, query):
+    f = f.reshape(-1, f.shape[-1])
+    scores = f @ q / np.sqrt(f.shape[-1])
+    a = np.exp(scores - scores.max())
+    out.append(f.T @ (a / a.sum()))
+  return np.stack(out)
+
+
+@pytest.mark.parametrize('name', MODEL_NAMES)
+def test_ca_head_applies_w_l_between_the_last_block_and_the_classifier(name):
+  """Logits = classifier(W_L CA_L(q_L, F_L) + b_L), by hand from the params tree
+  (ConvNeXt's classifier: LayerNorm then dense)."""
+  model = get_model(name, C, pooling='ca_stream')
+  head = model.make_head()
+  d = _MODEL_STREAMS[name][0][-1]
+  cam = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 3, d)))
+  query = np.asarray(jax.random.normal(jax.random.key(1), (2, d))) * 0.3
+  params = head.init(jax.random.key(2), cam, query)['params']
+  w_l = params['pool']['stream_out']
+  x = _softmax_pool(cam, query) @ np.asarray(w_l['kernel']) + np.asarray(w_l['bias'])
+  if 'norm' in params:
+    centred = x - x.mean(axis=-1, keepdims=True)
+    x = centred / np.sqrt((centred**2).mean(axis=-1, keepdims=True) + 1e-6)
+    x = x * np.asarray(params['norm']['scale']) + np.asarray(params['norm']['bias'])
+  want = x @ np.asarray(params['dense']['kernel']) + np.asarray(params['dense']['bias'])
+  got = head.apply({'params': params}, cam, query)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['resnet18', 'convnext_v2_tiny'])
+def test_zero_query_and_identity_w_l_give_the_default_gap_head(name):
+  cam = jax.random.normal(jax.random.key(0), (2, 3, 3, _MODEL_STREAMS[name][0][-1]))
+  default = get_model(name, C).make_head()
+  variables = default.init(jax.random.key(1), cam)
+  d = cam.shape[-1]
+  identity = {'kernel': jnp.eye(d), 'bias': jnp.zeros(d)}
+  ca_params = variables['params'] | {'pool': {'stream_out': identity}}
+  ca = get_model(name, C, pooling='ca_stream').make_head()
+  np.testing.assert_allclose(
+    ca.apply({'params': ca_params}, cam, jnp.zeros((2, d))),
+    default.apply(variables, cam),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+
+
+def test_train_only_updates_exactly_the_stream_parameters():
+  """The frozen protocol's optimiser: q_0, W_0..W_{L-1} and W_L (in the head) move, the
+  classifier beside W_L and the backbone do not."""
+  params = {
+    'backbone_net': {'conv': {'kernel': jnp.ones((2, 2))}},
+    'head_net': {
+      'dense': {'kernel': jnp.ones((2, 2))},
+      'pool': {'stream_out': {'bias': jnp.ones(2)}},
+    },
+    'stream': {'query': jnp.ones(2)},
+  }
+  tx = optim.train_only(optax.sgd(0.1), is_stream_param)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+  moved = {p for p, u in traverse_util.flatten_dict(updates).items() if np.any(u != 0)}
+  assert moved == {('head_net', 'pool', 'stream_out', 'bias'), ('stream', 'query')}
+
+
+def test_elastic_net_matches_hand_computation():
+  e = jnp.array([[[[1.0, -2.0]], [[3.0, 0.0]]]])  # 4 values: |.| sum 6, squares sum 14
+  np.testing.assert_allclose(objective_lib.elastic_net(e, 0.5, 0.25), 0.5 * 6 / 4 + 0.25 * 14 / 4)
+  assert float(objective_lib.elastic_net(e, 0.0, 0.0)) == 0.0
+
+
 _OPTIONS = {('convnext_v2_tiny', 112): {'stem_stride': 4}}
 
 
@@ -171,6 +312,8 @@ def _tiny_resnet(config):
 
 
 def test_frozen_backbone_trains_only_the_stream(idx_dir, tmp_path):
+  """Everything restored from the baseline (backbone, classifier, BatchNorm statistics) stays
+  bit-identical; every stream parameter, W_L in the head included, trains."""
   baseline_dir, ca_dir = str(tmp_path / 'baseline'), str(tmp_path / 'ca')
   baseline_config = _tiny_resnet(tiny_config(idx_dir, 'model=resnet18', 10))
   train_lib.train_and_evaluate(baseline_config, baseline_dir)
@@ -179,18 +322,22 @@ def test_frozen_backbone_trains_only_the_stream(idx_dir, tmp_path):
   config.model.ca_stream.freeze_backbone = True
   config.init_from = baseline_dir
   trained = jax.device_get(train_lib.train_and_evaluate(config, ca_dir)['state'])
-  for part in ('backbone_net', 'head_net'):
-    for a, b in zip(
-      jax.tree.leaves(baseline['params'][part]), jax.tree.leaves(trained.params[part])
-    ):
-      np.testing.assert_array_equal(a, b)
+  params = traverse_util.flatten_dict(trained.params)
+  restored = traverse_util.flatten_dict(baseline['params'])
+  assert {p for p in params if not is_stream_param(p)} == set(restored)
+  for path, value in restored.items():
+    np.testing.assert_array_equal(value, params[path], err_msg=str(path))
   for a, b in zip(jax.tree.leaves(baseline['batch_stats']), jax.tree.leaves(trained.batch_stats)):
     np.testing.assert_array_equal(a, b)
-  initial = init_variables(
-    get_model('resnet18', C, width=2, pooling='ca_stream'), jax.random.key(0), 28
-  )['params']['stream']
-  for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(trained.params['stream'])):
-    assert not np.array_equal(a, b)
+  initial = traverse_util.flatten_dict(
+    init_variables(get_model('resnet18', C, width=2, pooling='ca_stream'), jax.random.key(0), 28)[
+      'params'
+    ]
+  )
+  stream = [p for p in initial if is_stream_param(p)]
+  assert ('head_net', 'pool', 'stream_out', 'kernel') in stream and ('stream', 'query') in stream
+  for path in stream:
+    assert not np.array_equal(initial[path], params[path]), path
 
 
 def test_frozen_simple_cnn_reports_its_incompatible_classifier(idx_dir, tmp_path):

@@ -31,7 +31,16 @@ import jax
 import jax.numpy as jnp
 
 from bcam_jax.models import conv
-from bcam_jax.models.heads import HEAD_TYPES, POOLINGS, CAStream, SoftCamHead, cross_attention
+from bcam_jax.models.heads import (
+  HEAD_TYPES,
+  POOL,
+  POOLINGS,
+  STREAM_INIT,
+  STREAM_OUT,
+  CAStream,
+  SoftCamHead,
+  cross_attention,
+)
 
 
 class CamClassifier(nn.Module):
@@ -63,6 +72,9 @@ class CamClassifier(nn.Module):
 
   # Names of the features-dict stages that CA-Stream crosses before the CAM layer.
   stream_stages = ()
+  # Initialiser of CA-Stream's projection kernels W_0..W_{L-1} (the official code's, per
+  # backbone; the head's `Pool` draws W_L alike).
+  stream_init = staticmethod(STREAM_INIT)
 
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -85,7 +97,7 @@ class CamClassifier(nn.Module):
       SoftCamHead(self.num_classes) if self.head_type == 'softcam' else self.make_head()
     )
     if self.pooling == 'ca_stream':
-      self.stream = CAStream(self.stream_stages)
+      self.stream = CAStream(self.stream_stages, self.stream_init)
 
   @nn.nowrap
   def make_backbone(self) -> nn.Module:
@@ -180,3 +192,10 @@ class CamClassifier(nn.Module):
     """Images -> (logits, features); logits are in at least float32."""
     features = self.backbone(x, train=train)
     return self.head(features['cam'], features.get('ca_query')), features
+
+
+def is_stream_param(path: tuple[str, ...]) -> bool:
+  """Whether the parameter at key `path` (from the params root) belongs to CA-Stream: q_0
+  and W_0..W_{L-1} under 'stream', W_L in the head's pooling (which the default models
+  lack). CA-Stream's frozen protocol trains exactly these."""
+  return path[:1] == ('stream',) or path[:3] == ('head_net', POOL, STREAM_OUT)

@@ -27,6 +27,18 @@ Parameters (10 classes, independent of image size): 27,870,442 with a 3x3
 stem (stride 1 or 2) and 27,871,114 with the patchify stem; each block has
 8d^2 + 65d.  With RGB input and 1000 classes the patchify model has
 28,635,496, the published 28.6M of ConvNeXt V2-T.
+
+CA-Stream (``pooling="ca_stream"``) attends the stem and the four stage outputs (96, 96,
+192, 384, 768 channels), as it attends ResNet's: 988,416 stream parameters (q_0, W_0..W_3,
+W_L). The official code (ftorres11/CA_Stream, models/ConvNext/convnext_stream.py) places its
+blocks by index in torchvision's list of layers instead: it attends the stem, the outputs of
+the downsampling layers into stages 2 and 3 (those stages' inputs, before their blocks) and
+stage 4's output. Stage 1's and stage 3's outputs are not attended, and the block meant for
+the downsampling into stage 4 fails to build (its width is None) and is skipped: four blocks,
+96->192, 192->384, 384->768 and W_L, 979,104 parameters for the Tiny widths. We keep the
+stage outputs, the features F_l = f_l(F_{l-1}) of the paper's eq. 8-10, with the same
+placement on every backbone. Every linear layer of ConvNeXt, the stream's included, starts
+as truncated normal (std 0.02) with zero bias, as in the official code (``stream_init``).
 """
 
 from functools import partial
@@ -38,7 +50,7 @@ import numpy as np
 from bcam_jax.cam import at_least_float32
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.conv import conv_module
-from bcam_jax.models.heads import pool
+from bcam_jax.models.heads import POOL, Pool
 
 DEPTHS = (3, 3, 9, 3)
 DIMS = (96, 192, 384, 768)
@@ -140,14 +152,14 @@ class ConvNeXtV2Backbone(nn.Module):
 
 
 class PoolNormDenseHead(nn.Module):
-  """Global average pool (or CA pooling given a query), LayerNorm, Dense, all in at least
-  float32."""
+  """Global average pool (or, given a query, CA-Stream's last block and W_L), LayerNorm,
+  Dense, all in at least float32."""
 
   num_classes: int
 
   @nn.compact
   def __call__(self, cam, query=None):
-    x = pool(cam, query)
+    x = Pool(_WEIGHT_INIT, name=POOL)(cam, query)
     x = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, name='norm')(x)
     return nn.Dense(self.num_classes, kernel_init=_WEIGHT_INIT, name='dense')(x)
 
@@ -173,6 +185,7 @@ class ConvNeXtV2Tiny(CamClassifier):
     super().__post_init__()
 
   stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
+  stream_init = staticmethod(_WEIGHT_INIT)
 
   @nn.nowrap
   def make_backbone(self):

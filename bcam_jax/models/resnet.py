@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from bcam_jax.models import pooling
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.conv import conv_module
-from bcam_jax.models.heads import pool
+from bcam_jax.models.heads import POOL, Pool
 
 STEMS = ('small', 'imagenet')
 WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # stage widths are width * these: 64-128-256-512
@@ -144,13 +144,14 @@ class ResNet18Backbone(nn.Module):
 
 
 class PoolDenseHead(nn.Module):
-  """Global average pool (or CA pooling given a query) + Dense in at least float32."""
+  """Global average pool (or, given a query, CA-Stream's last block and W_L) + Dense in at
+  least float32."""
 
   num_classes: int
 
   @nn.compact
   def __call__(self, cam, query=None):
-    return nn.Dense(self.num_classes, name='dense')(pool(cam, query))
+    return nn.Dense(self.num_classes, name='dense')(Pool(name=POOL)(cam, query))
 
 
 class ResNet18(CamClassifier):

@@ -28,7 +28,7 @@ from bcam_jax.cam import at_least_float32
 from bcam_jax.models import pooling
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.conv import conv_module
-from bcam_jax.models.heads import pool
+from bcam_jax.models.heads import POOL, Pool
 
 
 class SimpleCNNBackbone(nn.Module):
@@ -51,7 +51,8 @@ class SimpleCNNBackbone(nn.Module):
 
 
 class FlattenDenseHead(nn.Module):
-  """Flatten (or CA pooling given a query) + Dense in at least float32."""
+  """Flatten (or, given a query, CA-Stream's last block and W_L) + Dense in at least
+  float32."""
 
   num_classes: int
 
@@ -60,7 +61,7 @@ class FlattenDenseHead(nn.Module):
     if query is None:
       x = at_least_float32(cam).reshape((cam.shape[0], -1))
     else:
-      x = pool(cam, query)
+      x = Pool(name=POOL)(cam, query)
     return nn.Dense(self.num_classes, name='dense')(x)
 
 
