@@ -28,8 +28,8 @@ from bcam_jax.models import heads
 METRICS = ('l1', 'l2', 'ssim')
 LOSS_KINDS = ('ce', 'proto', 'bcpl')
 # How the CAM term's gradient reaches the parameters: through A and G = dS_y/dA ('full'), or
-# through A alone, G held constant ('through_features', as torch.autograd.grad's default
-# create_graph=False gives the paper's code).
+# through A alone with G held constant ('through_features': what torch.autograd.grad's
+# default create_graph=False gives, so probably how the paper's code trained).
 CAM_GRADIENTS = ('full', 'through_features')
 
 
