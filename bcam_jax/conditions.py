@@ -5,7 +5,10 @@ term, the per-image Prototype Loss (``proto``, eq. 11) or the Batch-CAM Prototyp
 (``bcpl``, eq. 12), with the map distance that compares the CAM with the prototype (``l1``,
 ``l2``, ``ssim``) and the default weight of that term. Its name, e.g. ``bcpl-l1``, is the
 one grids, results tables and evaluation reports use. The model's head and pooling are not
-part of a condition; `describe` appends them to the name of a run.
+part of a condition; `describe` appends them to the name of a run. An ablation
+(``ABLATIONS``, not in the paper's tables) is a CAM condition whose CAM gradient G is held
+constant in the loss (config.loss.cam_gradient='through_features'), e.g.
+``bcpl-l1-through_features``: a name, a cell and a results row of its own.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ class Condition:
   """A loss of the paper: `loss` is config.loss.kind and `metric` config.loss.metric.
 
   The baseline's metric does not change its training, only the distance with which
-  evaluation measures its prototype losses; None leaves the config's.
+  evaluation measures its prototype losses; None leaves the config's. `cam_gradient` is
+  config.loss.cam_gradient ('full' for the baseline, which has no CAM term).
   """
 
   loss: str
   metric: str | None = None
+  cam_gradient: str = 'full'
 
   @property
   def name(self) -> str:
-    return BASELINE if self.loss == 'ce' else f'{self.loss}-{self.metric}'
+    if self.loss == 'ce':
+      return BASELINE
+    suffix = '' if self.cam_gradient == 'full' else f'-{self.cam_gradient}'
+    return f'{self.loss}-{self.metric}{suffix}'
 
   @property
   def lambda_cam(self) -> float | None:
@@ -48,23 +56,37 @@ CONDITIONS = {
   for c in [Condition('ce')]
   + [Condition(kind, metric) for kind in ('proto', 'bcpl') for metric in objective.METRICS]
 }
+# The CAM conditions trained through the features A alone (G constant), in the same order.
+ABLATIONS = {
+  c.name: c
+  for c in (
+    Condition(kind, metric, 'through_features')
+    for kind in ('proto', 'bcpl')
+    for metric in objective.METRICS
+  )
+}
+NAMES = (*CONDITIONS, *ABLATIONS)
 
 
 def get(name: str) -> Condition:
-  """The condition called `name`; a clear error lists the valid names."""
-  if name not in CONDITIONS:
-    raise ValueError(f'condition {name!r} is not valid; choose one of {tuple(CONDITIONS)}.')
-  return CONDITIONS[name]
+  """The condition or ablation called `name`; a clear error lists the valid names."""
+  if name not in NAMES:
+    raise ValueError(f'condition {name!r} is not valid; choose one of {NAMES}.')
+  return CONDITIONS.get(name) or ABLATIONS[name]
 
 
 def of_loss(loss: ml_collections.ConfigDict) -> Condition:
   """The condition that a config's `loss` section trains."""
-  return Condition(loss.kind, None if loss.kind == 'ce' else loss.metric)
+  if loss.kind == 'ce':
+    return Condition('ce')
+  return Condition(loss.kind, loss.metric, loss.cam_gradient)
 
 
 def apply(config: ml_collections.ConfigDict, condition: Condition) -> ml_collections.ConfigDict:
-  """Sets `config.loss` to `condition`: kind, metric (unless None) and default lambda_cam."""
+  """Sets `config.loss` to `condition`: kind, metric (unless None), CAM gradient and
+  default lambda_cam."""
   config.loss.kind = condition.loss
+  config.loss.cam_gradient = condition.cam_gradient
   if condition.metric is not None:
     config.loss.metric = condition.metric
   if condition.lambda_cam is not None:

@@ -97,6 +97,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config.loss.elastic_net_reduction,
     objective.ELASTIC_NET_REDUCTIONS,
   )
+  _choice('loss.cam_gradient', config.loss.cam_gradient, objective.CAM_GRADIENTS)
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
   _choice('model.conv_lowering', config.model.get('conv_lowering', 'auto'), LOWERINGS)
@@ -105,6 +106,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       'config.model.head="softcam" does not combine with '
       'config.model.pooling="ca_stream" (Soft-CAM pools its evidence by the '
       'mean); choose one.'
+    )
+  if config.model.head == 'softcam' and config.loss.cam_gradient != 'full':
+    raise ConfigError(
+      f"config.loss.cam_gradient={config.loss.cam_gradient!r} holds Grad-CAM's gradient G "
+      'constant, but config.model.head="softcam" explains by evidence maps, which have no '
+      "G: use config.loss.cam_gradient='full'."
     )
   if (config.loss.lambda_l1 or config.loss.lambda_l2) and config.model.head != 'softcam':
     raise ConfigError(

@@ -89,7 +89,7 @@ def expand(grid: ml_collections.ConfigDict) -> list[Cell]:
     for model, condition, dataset, size, seed in itertools.product(
       block['models'], block['conditions'], block['datasets'], block['image_sizes'], block['seeds']
     ):
-      _check_choice(f'block {index} condition', condition, tuple(conditions.CONDITIONS))
+      _check_choice(f'block {index} condition', condition, conditions.NAMES)
       cell = Cell(
         model,
         condition,
@@ -311,10 +311,16 @@ def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def against_paper(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per (model, dataset, size) of the paper's tables that the grid ran: the paper's best
   condition and accuracy, ours in that condition, our best condition, and a verdict
-  (matches = within one seed std, or 0.05 points with one seed)."""
+  (matches = within one seed std, or 0.05 points with one seed). Only the paper's
+  conditions compete for our best, not the ablations."""
   out = []
   for (model, dataset, size), (condition, paper) in paper_tables.BEST.items():
-    ran = [r for r in rows if (r['model'], r['dataset'], r['image_size']) == (model, dataset, size)]
+    ran = [
+      r
+      for r in rows
+      if (r['model'], r['dataset'], r['image_size']) == (model, dataset, size)
+      and r['condition'] in conditions.CONDITIONS
+    ]
     if not ran:
       continue
     same = next((r for r in ran if r['condition'] == condition), None)

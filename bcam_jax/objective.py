@@ -10,7 +10,8 @@ model with the default head is explained by Grad-CAM (features A and head gradie
 Soft-CAM model by its evidence map of the label, E_y, computed in the forward pass. Both
 give per-image maps, per-class sums over a (masked) batch and class maps from those sums,
 so the Prototype Loss, the Batch-CAM Prototype Loss and their validation read the same
-for both.
+for both. The CAM term trains through A and, by default, through G as well (second order
+through the head); `cam_gradient='through_features'` holds G constant in the loss instead.
 """
 
 import dataclasses
@@ -27,6 +28,10 @@ from bcam_jax.models import heads
 METRICS = ('l1', 'l2', 'ssim')
 LOSS_KINDS = ('ce', 'proto', 'bcpl')
 ELASTIC_NET_REDUCTIONS = ('sum', 'mean')
+# How the CAM term's gradient reaches the parameters: through A and G = dS_y/dA ('full'), or
+# through A alone with G held constant ('through_features': what torch.autograd.grad's
+# default create_graph=False gives, so probably how the paper's code trained).
+CAM_GRADIENTS = ('full', 'through_features')
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -104,6 +109,11 @@ class GradCamExplanation:
       'grads': cam.class_sums(self.grads * w, labels, num_classes)[0],
     }
 
+  def with_constant_gradients(self) -> 'GradCamExplanation':
+    """The same explanation with G under stop_gradient: a loss of it trains only through
+    the features A (config.loss.cam_gradient='through_features')."""
+    return dataclasses.replace(self, grads=jax.lax.stop_gradient(self.grads))
+
   @staticmethod
   def maps_from_sums(sums, counts) -> jax.Array:
     """Batch-CAM `(C, h, w)` (eqs. 4-6) from the class sums."""
@@ -162,6 +172,9 @@ class Objective:
   Prototype Loss); metric: the map distance ('l1', 'l2', 'ssim'). The explanation is
   Grad-CAM, or for a Soft-CAM model its evidence map of the label; maps are upsampled to
   `prototype_size` (the prototypes' resolution) and min-max normalised before comparison.
+  cam_gradient: 'full' differentiates the CAM term through A and through Grad-CAM's
+  G = dS_y/dA; 'through_features' holds G constant (only the path through A trains). A
+  Soft-CAM evidence map has no G, so it takes 'full' only.
   The ElasticNet term applies to Soft-CAM evidence maps E only; `elastic_net_reduction`
   says what its sums run over (`elastic_net`).
   """
@@ -175,6 +188,11 @@ class Objective:
   lambda_l1: float = 0.0
   lambda_l2: float = 0.0
   elastic_net_reduction: str = 'sum'
+  cam_gradient: str = 'full'
+
+  def __post_init__(self):
+    if self.cam_gradient not in CAM_GRADIENTS:
+      raise ValueError(f'cam_gradient={self.cam_gradient!r}; valid: {CAM_GRADIENTS}')
 
   @classmethod
   def from_config(cls, config, num_classes: int) -> 'Objective':
@@ -188,6 +206,7 @@ class Objective:
       lambda_l1=config.loss.lambda_l1,
       lambda_l2=config.loss.lambda_l2,
       elastic_net_reduction=config.loss.elastic_net_reduction,
+      cam_gradient=config.loss.cam_gradient,
     )
 
   def prototype_space(self, maps: jax.Array) -> jax.Array:
@@ -196,7 +215,15 @@ class Objective:
     return cam.normalize_cam(cam.upsample_cam(maps, self.prototype_size))
 
   def cam_term(self, explanation, labels, prototypes) -> jax.Array:
-    """The explanation regulariser of `kind` for a batch (0 for 'ce')."""
+    """The explanation regulariser of `kind` for a batch (0 for 'ce'), differentiable as
+    `cam_gradient` says."""
+    if self.cam_gradient == 'through_features':
+      if not isinstance(explanation, GradCamExplanation):
+        raise ValueError(
+          "cam_gradient='through_features' holds Grad-CAM's G constant; a Soft-CAM evidence "
+          "map has no G: use cam_gradient='full'."
+        )
+      explanation = explanation.with_constant_gradients()
     if self.kind == 'proto':
       maps = self.prototype_space(explanation.image_maps())
       return prototype_loss(maps, labels, prototypes, self.metric)

@@ -92,7 +92,8 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
 
   The CAM term depends on the parameters through the features A and through the
   gradients G = dS/dA of the head, so differentiating this function goes second order
-  through the head. aux holds logits, new BatchNorm statistics, CE, the CAM term and the
+  through the head (unless `objective.cam_gradient` is 'through_features', which holds G
+  constant). aux holds logits, new BatchNorm statistics, CE, the CAM term and the
   ElasticNet penalty. With `frozen_backbone` the backbone runs in evaluation mode (its
   BatchNorm statistics stay as restored), without gradient (no backward pass through it),
   and the optimiser leaves its parameters alone.

@@ -22,6 +22,12 @@ Variants:
   so they are not part of the loss: the jitted step returns them (and the norm of each
   image's parameter gradients), so XLA cannot drop the per-image passes.
 
+The CAM gradient: `--cam_gradients=full,through_features` times `proto` and `bcpl` in each
+mode of `config.loss.cam_gradient` (rows `bcpl` and `bcpl/through_features`): 'full'
+differentiates the CAM term through the features A and Grad-CAM's G (second order through
+the head), 'through_features' holds G constant, so its backward pass skips the head's second
+order. The default, `full`, times only today's objective.
+
 Timing interleaves the variants (after 2 warm-up steps each, every round times one step of
 each variant in turn, blocking on its outputs), so the ratios of one run come from the
 same machine state. The step donates its train state, as in training.
@@ -44,6 +50,8 @@ would cost at the same batch.
   python bench/cam_overhead.py --models=resnet18 --sizes=28 --batch_sizes=128 --steps=10
   python bench/cam_overhead.py --models=simple_cnn --sizes=28 --batch_sizes=16 --steps=2
   python bench/cam_overhead.py --variants=ce,bcpl --metric=ssim
+  python bench/cam_overhead.py --models=simple_cnn,resnet18 --sizes=28 --batch_sizes=32 \
+      --variants=ce,proto,bcpl --cam_gradients=full,through_features
 """
 
 import json
@@ -77,6 +85,11 @@ _BATCH = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer('steps', 5, 'Timed steps per variant (after 2 warm-up).')
 _METRIC = flags.DEFINE_enum('metric', 'l1', ['l1', 'l2', 'ssim'], 'CAM map distance.')
 _VARIANTS = flags.DEFINE_list('variants', list(VARIANTS), f'Subset of {VARIANTS}.')
+_CAM_GRADIENTS = flags.DEFINE_list(
+  'cam_gradients',
+  ['full'],
+  f'Modes of config.loss.cam_gradient for proto and bcpl: subset of {objective_lib.CAM_GRADIENTS}.',
+)
 _OUT = flags.DEFINE_string('out', 'bench/results/cam_overhead.json', 'JSON output path.')
 
 # At 112x112 ConvNeXt uses its ImageNet patchify stem, as its config docstring advises.
@@ -132,8 +145,26 @@ def make_per_image_step(model, tx, schedule, *, mean, std, image_size, seed):
   return per_image_step
 
 
-def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: str) -> list[dict]:
-  """One row per variant for `name` at `size`, timed interleaved in one loop."""
+def timed_units(variants, cam_gradients) -> list[tuple[str, str | None]]:
+  """(variant, CAM gradient) pairs to time: proto and bcpl once per mode, ce and
+  per_image (no CAM term in the loss) once, with None."""
+  return [
+    (variant, mode)
+    for variant in variants
+    for mode in (cam_gradients if variant in ('proto', 'bcpl') else [None])
+  ]
+
+
+def _label(variant: str, cam_gradient: str | None) -> str:
+  """The row's name: the variant, with '/through_features' when G is held constant."""
+  return variant if cam_gradient in (None, 'full') else f'{variant}/{cam_gradient}'
+
+
+def measure(
+  name: str, size: int, batch: int, n_steps: int, variants, metric: str, cam_gradients=('full',)
+) -> list[dict]:
+  """One row per variant (and CAM gradient mode) for `name` at `size`, timed interleaved in
+  one loop."""
   mesh = parallel.make_mesh()
   parallel.check_divisible(batch, mesh, 'batch')
   info = data.dataset_info('mnist')
@@ -152,7 +183,8 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
   )
 
   runs = {}
-  for variant in variants:
+  units = timed_units(variants, cam_gradients)
+  for variant, cam_gradient in units:
     state = init()
     if variant == 'per_image':
       fn = make_per_image_step(
@@ -160,7 +192,11 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
       )
     else:
       objective = objective_lib.Objective(
-        kind=variant, metric=metric, num_classes=NUM_CLASSES, prototype_size=size
+        kind=variant,
+        metric=metric,
+        num_classes=NUM_CLASSES,
+        prototype_size=size,
+        cam_gradient=cam_gradient or 'full',
       )
       fn = common.train_step_fn(model, tx, schedule, objective, info, size)
     jitted = jax.jit(fn, out_shardings=parallel.replicated(mesh), donate_argnums=0)
@@ -169,7 +205,7 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
     compiled_at = time.perf_counter()
-    runs[variant] = {
+    runs[_label(variant, cam_gradient)] = {
       'step': compiled,
       'state': state,
       'times': [],
@@ -187,19 +223,19 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
     run['state'] = out[0]
     return elapsed
 
-  for variant in variants:  # warm-up, one variant after the other (for the device peak)
+  for label in runs:  # warm-up, one variant after the other (for the device peak)
     for _ in range(_WARMUP):
-      step(variant)
-    runs[variant]['device_peak_mib'] = common.device_peak_mib()
+      step(label)
+    runs[label]['device_peak_mib'] = common.device_peak_mib()
   for _ in range(n_steps):  # timed, interleaved: each round runs every variant once
-    for variant in variants:
-      runs[variant]['times'].append(step(variant))
+    for label in runs:
+      runs[label]['times'].append(step(label))
 
   cam_hwk = list(models.cam_shape(model, size))
   ce_s = float(np.median(runs['ce']['times'])) if 'ce' in runs else None
   rows = []
-  for variant in variants:
-    run = runs.pop(variant)
+  for variant, cam_gradient in units:
+    run = runs.pop(_label(variant, cam_gradient))
     step_s = float(np.median(run['times']))
     ratio = step_s / ce_s if ce_s else None
     target = TARGETS.get(variant)
@@ -208,8 +244,9 @@ def measure(name: str, size: int, batch: int, n_steps: int, variants, metric: st
         'model': name,
         'image_size': size,
         'batch': batch,
-        'variant': variant,
+        'variant': _label(variant, cam_gradient),
         'metric': metric if variant in ('proto', 'bcpl') else None,
+        'cam_gradient': cam_gradient,
         'cam_shape': cam_hwk,
         'step_ms': 1e3 * step_s,
         'step_ms_all': [1e3 * t for t in run['times']],
@@ -236,21 +273,27 @@ def main(argv):
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown or not variants:
     raise app.UsageError(f'--variants: unknown {unknown}; valid: {",".join(VARIANTS)}')
+  cam_gradients = list(_CAM_GRADIENTS.value)
+  unknown = sorted(set(cam_gradients) - set(objective_lib.CAM_GRADIENTS))
+  if unknown or not cam_gradients:
+    raise app.UsageError(
+      f'--cam_gradients: unknown {unknown}; valid: {",".join(objective_lib.CAM_GRADIENTS)}'
+    )
   if len(_BATCH.value) != len(_SIZES.value):
     raise app.UsageError('--batch_sizes needs one batch per entry of --sizes.')
   machine = common.machine_info()
   rows = []
   print(f'# {machine}')
   print(
-    f'{"model":18} {"size":>4} {"batch":>5} {"variant":>9} {"step ms":>9} '
+    f'{"model":18} {"size":>4} {"batch":>5} {"variant":>22} {"step ms":>9} '
     f'{"img/s":>8} {"vs ce":>6} {"compile s":>9} {"mem MiB":>8} {"dev MiB":>8}'
   )
   for size, batch in zip(map(int, _SIZES.value), map(int, _BATCH.value)):
     for name in _MODELS.value:
-      for r in measure(name, size, batch, _STEPS.value, variants, _METRIC.value):
+      for r in measure(name, size, batch, _STEPS.value, variants, _METRIC.value, cam_gradients):
         rows.append(r)
         print(
-          f'{name:18} {size:4d} {batch:5d} {r["variant"]:>9} {r["step_ms"]:9.1f} '
+          f'{name:18} {size:4d} {batch:5d} {r["variant"]:>22} {r["step_ms"]:9.1f} '
           f'{r["img_s"]:8.1f} {_fmt(r["ratio_vs_ce"], ".3f", 6)} '
           f'{r["compile_s"]:9.2f} {_fmt(r["static_peak_mib"], ".1f", 8)} '
           f'{_fmt(r["device_peak_mib"], ".1f", 8)}',
@@ -278,6 +321,7 @@ def main(argv):
     'warmup_steps': _WARMUP,
     'metric': _METRIC.value,
     'variants': variants,
+    'cam_gradients': cam_gradients,
   }
   with open(_OUT.value, 'w', encoding='utf-8') as f:
     json.dump(

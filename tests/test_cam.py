@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from bcam_jax import cam, parallel, steps
+from bcam_jax import cam, models, parallel, steps
 from bcam_jax import objective as objective_lib
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import PoolNormDenseHead
@@ -156,14 +156,19 @@ class TinyCamModel(CamClassifier):
     return 'tiny'
 
 
-def _tiny_problem(kind, metric, size=12, n=8, dtype=jnp.float32):
+def _tiny_problem(kind, metric, size=12, n=8, dtype=jnp.float32, cam_gradient='full'):
   model = TinyCamModel(num_classes=C)
   x = jax.random.normal(jax.random.key(0), (n, size, size, 1), dtype)
   params = model.init(jax.random.key(1), x)['params']
   labels = jnp.array([0, 1, 1, 3, 0, 0, 1, 3][:n])
   prototypes = jax.random.uniform(jax.random.key(2), (C, size, size), dtype)
   objective = objective_lib.Objective(
-    kind=kind, metric=metric, lambda_cam=2.0, num_classes=C, prototype_size=size
+    kind=kind,
+    metric=metric,
+    lambda_cam=2.0,
+    num_classes=C,
+    prototype_size=size,
+    cam_gradient=cam_gradient,
   )
   loss_fn = steps.make_loss_fn(model, objective)
   return loss_fn, params, x, labels, prototypes
@@ -179,6 +184,49 @@ def test_total_loss_gradients_match_finite_differences(kind, metric):
     f = lambda p: loss_fn(p, {}, x, labels, prototypes, jax.random.key(0))[0]
     assert f(params).dtype == jnp.float64
     check_grads(f, (params,), order=1, modes=['rev'], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', ['proto', 'bcpl'])
+def test_through_features_differentiates_with_g_held_constant(kind):
+  """cam_gradient='through_features' trains the CAM term through A alone. Reference: f(p),
+  the loss with A and the logits from p but G = dS_y/dA computed once at p0 and passed in
+  as a constant (no stop_gradient anywhere), whose autodiff gradient finite differences
+  check; the mode's gradient at p0 equals f's, and differs from 'full''s, whose own
+  finite-difference check is test_total_loss_gradients_match_finite_differences."""
+  with jax.enable_x64(True):
+    loss_fn, p0, x, labels, prototypes = _tiny_problem(
+      kind, 'l2', dtype=jnp.float64, cam_gradient='through_features'
+    )
+    p0 = jax.tree.map(lambda p: p.astype(jnp.float64), p0)
+    full_fn = _tiny_problem(kind, 'l2', dtype=jnp.float64)[0]
+    model = TinyCamModel(num_classes=C)
+    full = objective_lib.Objective(
+      kind=kind, metric='l2', lambda_cam=2.0, num_classes=C, prototype_size=x.shape[1]
+    )
+
+    def features_and_head(p):
+      features = model.apply({'params': p}, x, method='backbone')
+      return features['cam'], models.head_fn(model, {'params': p}, features)
+
+    a0, head0 = features_and_head(p0)
+    g0 = np.asarray(cam.head_gradients(head0, a0, labels)[1])  # a constant of f
+
+    def f(p):
+      a, head = features_and_head(p)
+      ce = objective_lib.cross_entropy(head(a), labels).mean()
+      explanation = objective_lib.GradCamExplanation(a, jnp.asarray(g0))
+      return full.total(ce, full.cam_term(explanation, labels, prototypes))
+
+    mode = lambda p: loss_fn(p, {}, x, labels, prototypes, jax.random.key(0))[0]
+    np.testing.assert_allclose(mode(p0), f(p0), rtol=1e-12)
+    check_grads(f, (p0,), order=1, modes=['rev'], atol=1e-5, rtol=1e-4)
+    reference = jax.grad(f)(p0)
+    numerics.assert_trees_close(jax.grad(mode)(p0), reference, rtol=1e-10)
+    full_grads = jax.grad(lambda p: full_fn(p, {}, x, labels, prototypes, jax.random.key(0))[0])
+    relative = jax.tree.map(
+      lambda u, v: float(jnp.abs(u - v).max() / jnp.abs(u).max()), full_grads(p0), reference
+    )
+    assert max(jax.tree.leaves(relative)) > 0.01, relative
 
 
 @pytest.mark.parametrize('kind', ['proto', 'bcpl'])

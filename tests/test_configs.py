@@ -76,6 +76,23 @@ def test_every_condition_round_trips_through_the_config():
   assert [c.name for c in conditions.with_loss('bcpl')] == ['bcpl-l1', 'bcpl-l2', 'bcpl-ssim']
 
 
+def test_ablations_train_through_the_features_under_names_of_their_own():
+  config = conditions.apply(experiment.get_config(), conditions.get('bcpl-l1-through_features'))
+  assert (config.loss.kind, config.loss.metric, config.loss.cam_gradient) == (
+    'bcpl',
+    'l1',
+    'through_features',
+  )
+  assert conditions.describe(config) == 'bcpl-l1-through_features'
+  assert conditions.of_loss(config.loss) == conditions.get('bcpl-l1-through_features')
+  # A paper condition applied afterwards trains through G again.
+  config = conditions.apply(config, conditions.get('bcpl-l1'))
+  assert config.loss.cam_gradient == 'full' and conditions.describe(config) == 'bcpl-l1'
+  assert len(conditions.ABLATIONS) == 6 and not set(conditions.ABLATIONS) & set(
+    conditions.CONDITIONS
+  )
+
+
 @pytest.mark.parametrize(
   'arg, message',
   [

@@ -138,7 +138,7 @@ def test_unknown_config_name_lists_the_packaged_ones(env, outside):
 
 def test_reproduce_lists_a_packaged_grid(env, outside):
   out = run(env, outside, 'bcam-reproduce', '--grid=grids/cpu_small', '--list').stdout
-  assert len(out.splitlines()) == 7 * 2 * 3 + 2
+  assert len(out.splitlines()) == 7 * 2 * 3 + 2 + 2 * 3
 
 
 def test_python_m_bcam_jax_reports_versions_devices_and_the_data_folder(env, outside, tmp_path):

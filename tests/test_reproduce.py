@@ -172,12 +172,29 @@ def test_grid_configs_expand_to_valid_cells(name):
   for cell in cells:
     grids.cell_config(cell, experiment.get_config)  # validates
   expected = {
-    'cpu_small': 7 * 2 * 3 + 2,
+    'cpu_small': 7 * 2 * 3 + 2 + 2 * 3,
     'gpu_table1': 3,
-    'paper_table1': 3 * 7 * 2 * 3,
+    'paper_table1': 3 * 7 * 2 * 3 + 3 * 2 * 3,
     'paper_table2': 2 * 3 * 2 * 3,
   }[name]
   assert len(cells) == expected
+
+
+def test_cpu_small_ablation_cells_have_workdirs_of_their_own():
+  """The ablation block alone is the whole grid's last six cells under the same grid name,
+  and none shares a name (workdir) with a cell of the paper's conditions."""
+  from bcam_jax.configs.grids import cpu_small
+
+  whole = grids.expand(cpu_small.get_config())
+  ablation = grids.expand(cpu_small.get_config('ablation'))
+  assert cpu_small.get_config('ablation').name == 'cpu_small'
+  assert len(ablation) == 6 and set(ablation) <= set(whole)
+  assert {c.condition for c in ablation} == {'bcpl-l1-through_features'}
+  assert len({c.name for c in whole}) == len(whole)
+  config = grids.cell_config(ablation[0], experiment.get_config)
+  assert (config.loss.kind, config.loss.cam_gradient) == ('bcpl', 'through_features')
+  with pytest.raises(ValueError, match="cpu_small: argument 'resnet'"):
+    cpu_small.get_config('resnet')
 
 
 def test_gpu_table1_cells_one_at_a_time():
@@ -216,7 +233,7 @@ def test_entry_point_lists_the_cells(tmp_path):
     text=True,
     check=True,
   ).stdout.splitlines()
-  assert len(out) == 7 * 2 * 3 + 2
+  assert len(out) == 7 * 2 * 3 + 2 + 2 * 3
   assert out[0] == 'todo  simple_cnn_mnist_28_baseline_seed0  (2 epoch(s))'
 
 

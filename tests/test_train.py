@@ -417,6 +417,7 @@ def test_every_config_is_valid_and_documents_its_command(name, tmp_path):
     ('optimizer.schedule', 'step', "config.optimizer.schedule='step'.*warmup_cosine"),
     ('optimizer.learning_rate', -1.0, 'learning_rate=-1.0'),
     ('loss.kind', 'mse', "config.loss.kind='mse'"),
+    ('loss.cam_gradient', 'detached', "config.loss.cam_gradient='detached'.*through_features"),
   ],
 )
 def test_invalid_config_fails_with_valid_choices(field, value, message):
@@ -425,6 +426,17 @@ def test_invalid_config_fails_with_valid_choices(field, value, message):
   config[section][key] = value
   with pytest.raises(config_validation.ConfigError, match=message):
     config_validation.validate_config(config)
+
+
+def test_cam_gradient_through_features_is_grad_cam_only():
+  """A Soft-CAM head's evidence maps have no G to hold constant: the config says so."""
+  config = experiment.get_config('model=simple_cnn,loss=bcpl,head=softcam')
+  config_validation.validate_config(config)
+  config.loss.cam_gradient = 'through_features'
+  with pytest.raises(config_validation.ConfigError, match='cam_gradient.*softcam.*no G'):
+    config_validation.validate_config(config)
+  config.model.head = 'default'
+  config_validation.validate_config(config)
 
 
 def test_impossible_sizes_fail_at_start_up(idx_dir):

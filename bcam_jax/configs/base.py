@@ -101,6 +101,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.metric = 'l1'  # 'l1' | 'l2' | 'ssim'
   config.loss.lambda_class = 1.0
   config.loss.lambda_cam = 1.0
+  # How the CAM term trains (README, Batch-CAM): 'full' differentiates it through the
+  # features A and through Grad-CAM's G = dS_y/dA (second order through the head);
+  # 'through_features' holds G constant, as the paper's torch.autograd.grad (create_graph
+  # False) probably did. Grad-CAM only: Soft-CAM's evidence maps have no G.
+  config.loss.cam_gradient = 'full'
   # Soft-CAM's ElasticNet on the evidence maps E (N, h, w, C): lambda_l1 sum|E| +
   # lambda_l2 sum E^2. 'sum' (the paper's): over each image's positions and classes, then the
   # batch mean, so the paper's lambdas (1e-5 to 1e-3) apply; 'mean': means over everything,

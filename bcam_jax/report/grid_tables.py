@@ -14,7 +14,7 @@ from bcam_jax import conditions
 from bcam_jax.metric_logging import format_duration
 from bcam_jax.report.markdown import markdown_table
 
-_ORDER = tuple(conditions.CONDITIONS)
+_ORDER = conditions.NAMES  # the paper's conditions, then the ablations
 
 
 def _fmt(value, digits: int = 2) -> str:
