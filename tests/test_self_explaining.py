@@ -229,12 +229,6 @@ def test_train_only_updates_exactly_the_stream_parameters():
   assert moved == {('head_net', 'pool', 'stream_out', 'bias'), ('stream', 'query')}
 
 
-def test_elastic_net_matches_hand_computation():
-  e = jnp.array([[[[1.0, -2.0]], [[3.0, 0.0]]]])  # 4 values: |.| sum 6, squares sum 14
-  np.testing.assert_allclose(objective_lib.elastic_net(e, 0.5, 0.25), 0.5 * 6 / 4 + 0.25 * 14 / 4)
-  assert float(objective_lib.elastic_net(e, 0.0, 0.0)) == 0.0
-
-
 _OPTIONS = {('convnext_v2_tiny', 112): {'stem_stride': 4}}
 
 
