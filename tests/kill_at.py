@@ -34,6 +34,11 @@ def main():
     raise SystemExit(f'unknown moment {moment!r}; valid: {MOMENTS}')
   signum = getattr(signal, name)
   fire = lambda: os.kill(os.getpid(), signum)
+  # A process started in the background by a non-interactive shell (`cmd &`, as CI
+  # runners and `nohup` do) inherits SIGINT ignored, and Python then installs no
+  # KeyboardInterrupt handler; Ctrl-C at a terminal reaches a process that has one.
+  if signum == signal.SIGINT:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
   if moment == 'startup':
     restore = Checkpoints.restore_latest
