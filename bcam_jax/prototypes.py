@@ -203,10 +203,12 @@ def load_or_compute_prototypes(
       else:
         if source not in SOURCES:
           raise ValueError(f'source={source!r}; valid: {", ".join(SOURCES)}')
-        split = (
-          (datasets.train, datasets.val) if source == 'pooled' else getattr(datasets, split_name)
-        )
-        protos = class_prototypes(split, info.num_classes, image_size, kind)
+        if source == 'pooled' and 'train' in result:
+          protos = result['train']  # one pooled set serves both splits: computed once
+        else:
+          pooled = source == 'pooled'
+          split = (datasets.train, datasets.val) if pooled else getattr(datasets, split_name)
+          protos = class_prototypes(split, info.num_classes, image_size, kind)
       if write:
         io_utils.atomic_write(npy, functools.partial(np.save, arr=protos))
         logging.info('Computed %s prototypes %s -> %s.', split_name, protos.shape, npy)
