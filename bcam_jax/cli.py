@@ -4,14 +4,17 @@ bad config field, unreadable data, a workdir in use or trained with another mode
 checkpoint, a diverged loss) ends the program with its one-paragraph message and exit
 status 1, without a traceback; any other error keeps its traceback."""
 
+import re
 import sys
 from collections.abc import Callable
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from bcam_jax import configs
+from bcam_jax import configs, models
 from bcam_jax.checkpointing import NoUsableCheckpointError
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.data import DataError
@@ -25,17 +28,66 @@ flags.disclaim_key_flags()
 
 
 class _PackagedConfigParser(ConfigFileFlagParser):
-  """ml_collections' config-file parser, first resolving a packaged name (configs.resolve)."""
+  """ml_collections' config-file parser, first resolving a packaged name (configs.resolve),
+  then preparing the config for the command line's overrides (`check_overrides`)."""
 
   def parse(self, path):
-    return super().parse(configs.resolve(path))
+    config = super().parse(configs.resolve(path))
+    if isinstance(config, ml_collections.ConfigDict):
+      argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+      check_overrides(config, self.name, argv)
+    return config
 
 
-def define_config_flag(name: str, help_string: str) -> flags.FlagHolder:
+def check_overrides(config: ml_collections.ConfigDict, name: str, argv: list[str]) -> None:
+  """Readies `config` for the `--<name>.<field>=value` overrides in `argv`.
+
+  A model option the config leaves out (`--config.model.options.stem=imagenet` on a config
+  whose options are empty) is added with the model's default, which gives ml_collections its
+  type; an override of any other field the config lacks is a ValueError naming the field and
+  listing the fields there, where ml_collections would raise a bare AttributeError.
+  """
+  pattern = re.compile(rf'--?(?:no)?{re.escape(name)}\.([^=]+)(?:=(.*))?')
+  overrides = [match.groups() for match in map(pattern.fullmatch, argv) if match]
+  model_name = dict(overrides).get('model.name') or config.get('model', {}).get('name')
+  for override, _ in overrides:
+    _check_override(config, name, override, model_name)
+
+
+def _check_override(config, name: str, override: str, model_name: str | None) -> None:
+  parts = config_path.split(override)
+  node = config
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or not isinstance(part, str):
+      return  # a sequence index or a dataclass: ml_collections checks those itself
+    if part not in node:
+      where = '.'.join([name, *parts[:depth]])
+      if parts[:depth] == ('model', 'options') and depth == len(parts) - 1:
+        defaults = models.model_option_defaults(model_name)
+        if part in defaults:
+          with node.unlocked():
+            node[part] = defaults[part]
+          return
+        raise ValueError(
+          f'--{name}.{override}: model {model_name!r} has no option {part!r}; its options: '
+          + ', '.join(defaults)
+        )
+      raise ValueError(
+        f'--{name}.{override}: {where} has no field {part!r}; its fields: '
+        + ', '.join(sorted(node))
+      )
+    node = node[part]
+
+
+def define_config_flag(
+  name: str, help_string: str, flag_values: flags.FlagValues = flags.FLAGS
+) -> flags.FlagHolder:
   """A locked ml_collections config flag (`--<name>.field=value` overrides) whose value is a
   config file or a packaged config name, `<file or name>[:<get_config argument>]`."""
-  holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
-  flags.FLAGS[name].parser = _PackagedConfigParser(name, lock_config=True)
+  holder = config_flags.DEFINE_config_file(
+    name, None, help_string, flag_values=flag_values, lock_config=True
+  )
+  flag_values[name].parser = _PackagedConfigParser(name, lock_config=True)
   return holder
 
 

@@ -12,7 +12,7 @@ import ml_collections
 
 from bcam_jax import data, objective, optim
 from bcam_jax.configs import base
-from bcam_jax.models import MODEL_NAMES
+from bcam_jax.models import MODEL_NAMES, model_option_defaults
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
 
@@ -44,6 +44,13 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid field."""
   _choice('model.name', config.model.name, MODEL_NAMES)
+  valid_options = model_option_defaults(config.model.name)
+  unknown = sorted(set(config.model.options) - set(valid_options))
+  if unknown:
+    raise ConfigError(
+      f'config.model.options has {", ".join(unknown)}, which model {config.model.name!r} '
+      f'does not take; its options: {", ".join(valid_options)}.'
+    )
   _choice('data.source', config.data.source, DATA_SOURCES)
   if config.data.source == 'folder':
     _validate_folder(config.data)
@@ -254,8 +261,10 @@ def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> No
   with open(path, encoding='utf-8') as f:
     recorded = _flatten(json.load(f))
   # A field added since the workdir was written holds its default there.
-  recorded = _flatten(json.loads(base.get_base_config().to_json())) | recorded
-  requested = _flatten(json.loads(config.to_json()))
+  recorded = _with_option_defaults(
+    _flatten(json.loads(base.get_base_config().to_json())) | recorded
+  )
+  requested = _with_option_defaults(_flatten(json.loads(config.to_json())))
   differing = [
     f'{key}: {recorded.get(key)!r} in the workdir, {requested.get(key)!r} now'
     for key in sorted(set(recorded) | set(requested))
@@ -269,6 +278,16 @@ def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> No
       + '; '.join(differing)
       + '). Use the config it was trained with, or a new --workdir.'
     )
+
+
+def _with_option_defaults(flat: dict) -> dict:
+  """A flattened config with every option its model leaves out at its default: an option
+  set to its default builds the same model as one left out."""
+  name = flat.get('model.name')
+  if name not in MODEL_NAMES:
+    return flat
+  defaults = model_option_defaults(name)
+  return {f'model.options.{key}': value for key, value in defaults.items()} | flat
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:

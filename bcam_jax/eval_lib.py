@@ -356,7 +356,10 @@ def evaluate_and_report(
 def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   run, variables, step = restore(config, workdir, options.checkpoint, devices)
   methods = options.methods or explain.default_methods(run.model)
-  explain.check_applicable(run.model, variables, methods)  # fails now, not in an hour
+  try:
+    explain.check_applicable(run.model, variables, methods)  # fails now, not in an hour
+  except ValueError as error:
+    raise config_validation.ConfigError(f'methods: {error}') from None
   info, test = run.datasets.info, run.datasets.test
   prototypes = run.prototypes(workdir)['train']
   result = _test_metrics(run, variables, prototypes, options.checkpoint, step)

@@ -2,10 +2,13 @@
 found by name, and config files by path."""
 
 import os
+import re
+import sys
 
 import pytest
+from absl import flags
 
-from bcam_jax import conditions, configs
+from bcam_jax import cli, conditions, config_validation, configs
 from bcam_jax.configs import experiment, resnet18_bcpl, resnet18_tpu
 
 # Per model: name, options, optimizer name, learning rate, weight decay, epochs.
@@ -139,3 +142,50 @@ def test_unknown_config_lists_the_packaged_ones():
     ValueError, match="'configs/nope.py' is neither .*resnet18_bcpl.*grids/cpu_small"
   ):
     configs.resolve('configs/nope.py:model=resnet18')
+
+
+def _parse_config_flag(monkeypatch, *overrides):
+  """The config flag of a command parsed from `--config=resnet18_bcpl <overrides>`."""
+  flag_values = flags.FlagValues()
+  holder = cli.define_config_flag('config', 'a config', flag_values)
+  argv = ['prog', '--config=resnet18_bcpl', *overrides]
+  monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads its overrides there
+  flag_values(argv)
+  return holder.value
+
+
+def test_command_line_sets_a_model_option_the_config_leaves_out(monkeypatch):
+  assert resnet18_bcpl.get_config().model.options.to_dict() == {'stem': 'small'}  # no width
+  config = _parse_config_flag(monkeypatch, '--config.model.options.width=8')
+  assert config.model.options.to_dict() == {'stem': 'small', 'width': 8}
+  config = _parse_config_flag(
+    monkeypatch, '--config.model.name=convnext_v2_tiny', '--config.model.options.stem_stride=4'
+  )
+  # stem, resnet18's option, stays; validation refuses it for this model.
+  assert config.model.options.to_dict() == {'stem': 'small', 'stem_stride': 4}
+  expected = (
+    "config.model.options has stem, which model 'convnext_v2_tiny' does not take; its "
+    'options: dtype, stem_stride, drop_path_rate.'
+  )
+  with pytest.raises(config_validation.ConfigError, match=re.escape(expected)):
+    config_validation.validate_config(config)
+
+
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    (
+      '--config.model.options.stride=2',
+      "--config.model.options.stride: model 'resnet18' has no option 'stride'; its options: "
+      'dtype, stem, width, zero_init_residual',
+    ),
+    (
+      '--config.train.num_epoch=1',
+      "--config.train.num_epoch: config.train has no field 'num_epoch'; its fields: ",
+    ),
+    ('--config.trian.num_epochs=1', "config has no field 'trian'; its fields: data, "),
+  ],
+)
+def test_an_override_of_a_field_the_config_lacks_is_named(monkeypatch, override, message):
+  with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
+    _parse_config_flag(monkeypatch, override)

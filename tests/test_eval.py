@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcam_jax import data, eval_lib, evaluation, parallel, train_lib
+from bcam_jax import config_validation, data, eval_lib, evaluation, parallel, train_lib
 from bcam_jax.report import markdown
 from tests import synthetic
 from tests.test_train import REPO, _tensorboard_tags, tiny_config
@@ -181,7 +181,9 @@ def test_bad_options_fail_clearly(trained):
   with pytest.raises(ValueError, match='sanity_images must be >= 0'):
     eval_lib.EvalOptions(sanity_images=-1)
   idx_dir, workdir = trained
-  with pytest.raises(ValueError, match='simple_cnn has no global-average-pool'):
+  with pytest.raises(
+    config_validation.ConfigError, match='methods: simple_cnn has no global-average-pool'
+  ):
     eval_lib.evaluate_and_report(
       tiny_config(idx_dir), workdir, eval_lib.EvalOptions(methods=('cam',), num_images=8)
     )

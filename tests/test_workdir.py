@@ -183,6 +183,20 @@ def test_another_model_on_a_workdir_fails_before_writing(idx_dir, finished, tmp_
     train_lib.train_and_evaluate(fewer_steps, workdir)
 
 
+def test_a_model_option_at_its_default_is_the_option_left_out(idx_dir, tmp_path):
+  config = _config(idx_dir)
+  config.model.name = 'resnet18'
+  config.model.options = {'width': 8}
+  with open(tmp_path / 'config.json', 'w') as f:
+    f.write(config.to_json())
+  config.model.options = {'width': 8, 'stem': 'small', 'dtype': 'float32'}  # the defaults
+  config_validation.check_matches_workdir(config, str(tmp_path))
+  config.model.options.stem = 'imagenet'
+  expected = "model.options.stem: 'small' in the workdir, 'imagenet' now"
+  with pytest.raises(config_validation.ConfigError, match=re.escape(expected)):
+    config_validation.check_matches_workdir(config, str(tmp_path))
+
+
 def test_entry_points_report_user_errors_without_a_traceback(idx_dir, finished):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   common = [
@@ -194,6 +208,16 @@ def test_entry_points_report_user_errors_without_a_traceback(idx_dir, finished):
   for script, extra, message in (
     ('train.py', ['--config.data.name=cifar'], "error: config.data.name='cifar' is not valid"),
     ('eval.py', ['--config.model.name=resnet18'], 'error: .* was trained with another model'),
+    (
+      'eval.py',
+      ['--config.data.val_size=40', '--methods=cam'],
+      'error: methods: simple_cnn has no global-average-pool',
+    ),
+    (
+      'eval.py',
+      ['--n_steps=25', '--pixels_per_step=28'],
+      'error: eval flags: n_steps=25 and pixels_per_step=28: give one',
+    ),
   ):
     proc = subprocess.run(
       [sys.executable, script, *common, *extra],

@@ -14,6 +14,7 @@ as for bcam-train. In a clone, `python eval.py` is the same command.
 from absl import app, flags
 
 from bcam_jax import cli, eval_lib, explain
+from bcam_jax.config_validation import ConfigError
 from bcam_jax.metric_logging import quiet_library_logs
 
 _DEFAULTS = eval_lib.EvalOptions()
@@ -114,7 +115,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
-  options = eval_lib.EvalOptions(
+  try:
+    options = _options()
+  except ValueError as error:  # two flags that contradict each other, or a bad value
+    raise ConfigError(f'eval flags: {error}') from None
+  eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
+
+
+def _options() -> eval_lib.EvalOptions:
+  return eval_lib.EvalOptions(
     checkpoint=_CHECKPOINT.value,
     methods=tuple(_METHODS.value),
     num_images=_NUM_IMAGES.value,
@@ -132,7 +141,6 @@ def main(argv):
     road=_ROAD.value,
     sanity_images=_SANITY_IMAGES.value,
   )
-  eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
 
 
 def run():

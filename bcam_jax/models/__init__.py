@@ -49,8 +49,21 @@ def _model_class(name: str) -> type[CamClassifier]:
 
 def model_options(name: str) -> tuple[str, ...]:
   """Names of the options ``get_model`` accepts for model ``name``."""
+  return tuple(model_option_defaults(name))
+
+
+def model_option_defaults(name: str) -> dict[str, bool | int | float | str]:
+  """The options of model ``name`` with their default values as a config holds them (a
+  dtype by its name, e.g. ``"float32"``): what ``config.model.options`` means when it leaves
+  an option out."""
   fields = dataclasses.fields(_model_class(name))
-  return tuple(f.name for f in fields if f.name not in _NOT_OPTIONS)
+  return {
+    f.name: f.default
+    if isinstance(f.default, bool | int | float | str)
+    else jnp.dtype(f.default).name
+    for f in fields
+    if f.name not in _NOT_OPTIONS
+  }
 
 
 def get_model(
