@@ -2,8 +2,9 @@
 
   python bench/compare_evals.py --evals=runs/a/eval,runs/b/eval [--out=table.md]
 
-Each directory holds the metrics.json of `eval.py`; one row per (report, method), then the
-insertion/deletion conventions the reports used.
+Each directory holds the metrics.json of `eval.py`; one row per (report, method), the report
+named by its directory (by the workdir for a workdir's `eval/`), then the insertion/deletion
+conventions the reports used.
 """
 
 import json
@@ -37,8 +38,17 @@ def _convention(m) -> str:
   )
 
 
+def _report_name(directory: str) -> str:
+  """What tells two reports of one condition apart: the directory, or the workdir of
+  `<workdir>/eval`."""
+  path = os.path.normpath(directory)
+  name = os.path.basename(path)
+  return os.path.basename(os.path.dirname(path)) if name == 'eval' else name
+
+
 def table(evals) -> str:
-  header = ['dataset', 'model', 'condition', 'test acc. %', 'method'] + [c[1] for c in COLUMNS]
+  header = ['report', 'dataset', 'model', 'condition', 'test acc. %', 'method']
+  header += [c[1] for c in COLUMNS]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   conventions = []
   for directory in evals:
@@ -47,7 +57,8 @@ def table(evals) -> str:
     conventions.append(_convention(m))
     for method, values in m['methods'].items():
       condition = m.get('condition', m['loss'])  # reports written before 'condition'
-      cells = [m['dataset'], m['model'], condition, f'{100 * m["test_accuracy"]:.2f}', method]
+      cells = [_report_name(directory), m['dataset'], m['model'], condition]
+      cells += [f'{100 * m["test_accuracy"]:.2f}', method]
       cells += [format(values[key], spec) for key, _, spec in COLUMNS]
       lines.append('| ' + ' | '.join(cells) + ' |')
   lines += ['', 'Insertion/deletion: ' + '; '.join(dict.fromkeys(conventions)) + '.']

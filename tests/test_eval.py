@@ -1,5 +1,6 @@
 """eval.py end to end on a checkpoint trained in the test: every output, every key."""
 
+import importlib.util
 import json
 import os
 import re
@@ -261,3 +262,42 @@ def test_overlays_show_the_first_misclassified_images():
   assert pick(num_overlays=2).tolist() == [0, 1]
   with pytest.raises(ValueError, match="overlay_selection='wrong'"):
     eval_lib.EvalOptions(overlay_selection='wrong')
+
+
+def test_compare_evals_names_each_report_and_its_convention(tmp_path):
+  """bench/compare_evals.py: one row per (report, method), two reports of one condition told
+  apart by their directory (the workdir of `<workdir>/eval`), then the conventions."""
+  values = dict(
+    average_drop=1.5,
+    average_gain=2.25,
+    average_increase=7,
+    insertion=0.84471,
+    deletion=0.3302,
+    alignment_l1=0.28716,
+    alignment_ssim=0.2373,
+    image_l1=0.2929,
+    image_ssim=0.2322,
+  )
+  old = dict(dataset='mnist', model='resnet18', loss='ce', test_accuracy=0.994, n_steps=10)
+  old['methods'] = {'cam': values}
+  new = dict(old, condition='ce', test_accuracy=0.99375, insertion_deletion='the new one')
+  new['methods'] = {'grad_cam': values, 'cam': values}
+  for directory, metrics in (('mnist_ce', old), ('runs/rerun/eval', new)):
+    os.makedirs(tmp_path / directory)
+    with open(tmp_path / directory / 'metrics.json', 'w') as f:
+      json.dump(metrics, f)
+  spec = importlib.util.spec_from_file_location(
+    'compare_evals', os.path.join(REPO, 'bench', 'compare_evals.py')
+  )
+  compare_evals = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(compare_evals)
+  text = compare_evals.table([str(tmp_path / 'mnist_ce'), str(tmp_path / 'runs/rerun/eval/')])
+  numbers = '1.50 | 2.25 | 7.00 | 0.8447 | 0.3302 | 0.2872 | 0.2373 | 0.2929 | 0.2322 |'
+  assert text.splitlines()[2:] == [
+    f'| mnist_ce | mnist | resnet18 | ce | 99.40 | cam | {numbers}',
+    f'| rerun | mnist | resnet18 | ce | 99.38 | grad_cam | {numbers}',
+    f'| rerun | mnist | resnet18 | ce | 99.38 | cam | {numbers}',
+    '',
+    'Insertion/deletion: insertion from a Gaussian blur of sigma side/10, deletion to black '
+    '(0 in pixel space), 10 equal steps; the new one.',
+  ]
