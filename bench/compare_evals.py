@@ -4,7 +4,7 @@
 
 Each directory holds the metrics.json of `eval.py`; one row per (report, method), the report
 named by its directory (by the workdir for a workdir's `eval/`), then the insertion/deletion
-conventions the reports used.
+conventions the reports used (each with its reports' names where they differ).
 """
 
 import json
@@ -50,18 +50,22 @@ def table(evals) -> str:
   header = ['report', 'dataset', 'model', 'condition', 'test acc. %', 'method']
   header += [c[1] for c in COLUMNS]
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-  conventions = []
+  conventions = {}  # convention: the reports that used it
   for directory in evals:
     with open(os.path.join(directory, 'metrics.json')) as f:
       m = json.load(f)
-    conventions.append(_convention(m))
+    conventions.setdefault(_convention(m), []).append(_report_name(directory))
     for method, values in m['methods'].items():
       condition = m.get('condition', m['loss'])  # reports written before 'condition'
       cells = [_report_name(directory), m['dataset'], m['model'], condition]
       cells += [f'{100 * m["test_accuracy"]:.2f}', method]
       cells += [format(values[key], spec) for key, _, spec in COLUMNS]
       lines.append('| ' + ' | '.join(cells) + ' |')
-  lines += ['', 'Insertion/deletion: ' + '; '.join(dict.fromkeys(conventions)) + '.']
+  if len(conventions) == 1:
+    used = list(conventions)
+  else:
+    used = [f'{", ".join(names)}: {convention}' for convention, names in conventions.items()]
+  lines += ['', 'Insertion/deletion: ' + '; '.join(used) + '.']
   return '\n'.join(lines) + '\n'
 
 

@@ -298,6 +298,10 @@ def test_compare_evals_names_each_report_and_its_convention(tmp_path):
     f'| rerun | mnist | resnet18 | ce | 99.38 | grad_cam | {numbers}',
     f'| rerun | mnist | resnet18 | ce | 99.38 | cam | {numbers}',
     '',
-    'Insertion/deletion: insertion from a Gaussian blur of sigma side/10, deletion to black '
-    '(0 in pixel space), 10 equal steps; the new one.',
+    'Insertion/deletion: mnist_ce: insertion from a Gaussian blur of sigma side/10, deletion '
+    'to black (0 in pixel space), 10 equal steps; rerun: the new one.',
   ]
+  assert compare_evals.table([str(tmp_path / 'mnist_ce')]).endswith(
+    '\n\nInsertion/deletion: insertion from a Gaussian blur of sigma side/10, deletion to '
+    'black (0 in pixel space), 10 equal steps.\n'
+  )
