@@ -44,13 +44,6 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid field."""
   _choice('model.name', config.model.name, MODEL_NAMES)
-  valid_options = model_option_defaults(config.model.name)
-  unknown = sorted(set(config.model.options) - set(valid_options))
-  if unknown:
-    raise ConfigError(
-      f'config.model.options has {", ".join(unknown)}, which model {config.model.name!r} '
-      f'does not take; its options: {", ".join(valid_options)}.'
-    )
   _choice('data.source', config.data.source, DATA_SOURCES)
   if config.data.source == 'folder':
     _validate_folder(config.data)
