@@ -61,7 +61,6 @@ def _check_override(config, name: str, override: str, model_name: str | None) ->
     if not isinstance(node, ml_collections.ConfigDict) or not isinstance(part, str):
       return  # a sequence index or a dataclass: ml_collections checks those itself
     if part not in node:
-      where = '.'.join([name, *parts[:depth]])
       if parts[:depth] == ('model', 'options') and depth == len(parts) - 1:
         defaults = models.model_option_defaults(model_name)
         if part in defaults:
@@ -73,8 +72,8 @@ def _check_override(config, name: str, override: str, model_name: str | None) ->
           + ', '.join(defaults)
         )
       raise ValueError(
-        f'--{name}.{override}: {where} has no field {part!r}; its fields: '
-        + ', '.join(sorted(node))
+        f'--{name}.{override}: {".".join([name, *parts[:depth]])} has no field {part!r}; '
+        'its fields: ' + ', '.join(sorted(node))
       )
     node = node[part]
 
