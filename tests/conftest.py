@@ -1,5 +1,38 @@
-"""Test set-up: eight fake CPU devices, configured before JAX starts its backend."""
+"""Test set-up, before JAX starts its backend: eight fake CPU devices, and one persistent
+compilation cache for the whole run.
 
-import jax
+The cache is a directory this run creates (never the user's ~/.cache), shared through the
+environment with every process a test starts (train.py, eval.py, the wheel's commands, the
+multi-process jobs, the kill campaign) and with pytest-xdist's workers, so each distinct
+program compiles once per run. It holds XLA's executables, so a hit runs the program a fresh
+compile would have given: results, bitwise ones included, do not depend on it. The run removes
+it at the end; `BCAM_TEST_KEEP_XLA_CACHE=<dir>` keeps one in `<dir>` across runs instead.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_CACHE_VAR = 'BCAM_TEST_XLA_CACHE'  # set by the first process of the run, read by the others
+
+if _CACHE_VAR not in os.environ:
+  keep = os.environ.get('BCAM_TEST_KEEP_XLA_CACHE')
+  if keep:
+    os.makedirs(keep, exist_ok=True)
+    os.environ[_CACHE_VAR] = os.path.abspath(keep)
+  else:
+    os.environ[_CACHE_VAR] = tempfile.mkdtemp(prefix='bcam-tests-xla-')
+    atexit.register(shutil.rmtree, os.environ[_CACHE_VAR], ignore_errors=True)
+os.environ.update(
+  JAX_COMPILATION_CACHE_DIR=os.environ[_CACHE_VAR],
+  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+)
+
+import jax  # noqa: E402  (after the environment it reads)
 
 jax.config.update('jax_num_cpu_devices', 8)
+jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_VAR])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
