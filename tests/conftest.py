@@ -1,5 +1,6 @@
-"""Test set-up, before JAX starts its backend: eight fake CPU devices, and one persistent
-compilation cache for the whole run.
+"""Test set-up, before JAX starts its backend: eight fake CPU devices, one persistent
+compilation cache for the whole run, XLA's CPU backend optimisation off, and the longest test
+files first.
 
 The cache is a directory this run creates (never the user's ~/.cache), shared through the
 environment with every process a test starts (train.py, eval.py, the wheel's commands, the
@@ -29,6 +30,10 @@ os.environ.update(
   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
 )
+if os.environ.get('BCAM_TEST_XLA_OPTIMIZE') != '1':
+  _O0 = '--xla_backend_optimization_level=0'
+  if _O0 not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_O0}'.strip()
 
 import jax  # noqa: E402  (after the environment it reads)
 
@@ -36,3 +41,23 @@ jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_VAR])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+# By their minutes in bench/README.md ("Test suite"), longest first; the others follow in the
+# order collected.
+SLOWEST_FILES = (
+  'test_train.py',
+  'test_conv.py',
+  'test_workdir.py',
+  'test_explain_models.py',
+  'test_self_explaining.py',
+  'test_models.py',
+  'test_eval.py',
+  'test_cam_methods.py',
+  'test_multiprocess.py',
+  'test_package.py',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

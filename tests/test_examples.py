@@ -2,8 +2,8 @@
 clone's root) and print what their docstrings promise; a few training steps each, so the
 numbers are not checked, only that every stage ran and the figure was written.
 
-The three run at once, each in its own process, with XLA's backend optimisation off: at a
-few steps compiling is nearly all their time, and that is what it shortens.
+The three run at once, each in its own process, with XLA's backend optimisation off as every
+process of the suite (tests/conftest.py): at a few steps compiling is nearly all their time.
 """
 
 import os
@@ -60,7 +60,6 @@ def runs(tmp_path_factory):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS='--xla_backend_optimization_level=0',
     PYTHONPATH=REPO,
   )
   started = {}

@@ -196,14 +196,6 @@ def test_stream_fields_are_checked(root, fields, message):
     config_validation.validate_config(config)
 
 
-# The three runs compile the same steps: a persistent cache compiles them once (the cache
-# holds XLA's executables, so the computations, and the results, are those of a fresh compile).
-_COMPILATION_CACHE = {
-  'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-  'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-}
-
-
 def _train(root, workdir, *flags, kill_at=None):
   """train.py (or tests/kill_at.py `kill_at`) on the folder: simple_cnn at 12 px, 12 steps of
   8 (3 per epoch), train states at 4, 8, 12, validation at 6 and 12, both augmentations."""
@@ -232,7 +224,7 @@ def _train(root, workdir, *flags, kill_at=None):
     capture_output=True,
     text=True,
     timeout=300,
-    env=dict(os.environ, JAX_PLATFORMS='cpu', **_COMPILATION_CACHE),
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),  # the run's compilation cache (conftest.py)
   )
 
 
@@ -244,10 +236,7 @@ def _final(workdir):
     return params, json.load(f)
 
 
-def test_killed_streamed_run_resumes_to_the_uninterrupted_in_memory_run(
-  root, tmp_path, monkeypatch
-):
-  monkeypatch.setitem(_COMPILATION_CACHE, 'JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'xla'))
+def test_killed_streamed_run_resumes_to_the_uninterrupted_in_memory_run(root, tmp_path):
   memory = str(tmp_path / 'memory')
   done = _train(root, memory, '--config.data.stream=memory')
   assert done.returncode == 0, done.stderr[-3000:]

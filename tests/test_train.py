@@ -297,7 +297,7 @@ def test_killed_run_resumes_to_bitwise_identical_parameters(idx_dir, tmp_path):
 
   On the CPU; $BCAM_TEST_SUBPROCESS_PLATFORMS (e.g. `cuda`) runs the three processes on
   another backend instead (bench/gpu/run.sh)."""
-  num_steps = 1500
+  num_steps = 300  # the first checkpoint (50) comes 250 steps before the end
   steps_per_epoch = (240 - 43) // 8  # 24: checkpoints every 50 steps fall mid-epoch
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('BCAM_TEST_SUBPROCESS_PLATFORMS', 'cpu'))
   clean = str(tmp_path / 'clean')

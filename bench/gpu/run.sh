@@ -126,7 +126,7 @@ if [ "$MODE" = all ]; then
   # killed-and-resumed train.py alone takes about 2 minutes there.
   workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
   log "tests (budget 200 s)"
-  BCAM_TEST_SUBPROCESS_PLATFORMS=$PLATFORM timeout 200 python3 -m pytest -v $workers -p no:cacheprovider \
+  BCAM_TEST_XLA_OPTIMIZE=1 BCAM_TEST_SUBPROCESS_PLATFORMS=$PLATFORM timeout 200 python3 -m pytest -v $workers -p no:cacheprovider \
     tests/test_conv.py tests/test_cam.py tests/test_train.py \
     -k "auto_lowering or model_same or batch_cam or grad_cam_equals or gradients_same \
 or bfloat16 or killed_run or bcpl_training_lowers" \
