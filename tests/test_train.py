@@ -118,6 +118,10 @@ def test_bcpl_training_lowers_both_terms(idx_dir, tmp_path, metric):
   config.loss.kind = 'bcpl'
   config.loss.metric = metric
   config.train.log_every_steps = 10
+  # Unclipped, SGD at 0.1 sits at the edge of stability here (CE spikes to 12 at step 3) and
+  # whether the SSIM run then diverges depends on float rounding: with LLVM's optimisation
+  # off it did (CE 371 at step 20, NaN at 27). Clipped, both builds descend alike.
+  config.optimizer.grad_clip_norm = 1.0
   train_lib.train_and_evaluate(config, str(tmp_path / 'bcpl'))
   records = [json.loads(line) for line in open(tmp_path / 'bcpl' / 'metrics.jsonl')]
   train = [r for r in records if r['split'] == 'train']
