@@ -67,14 +67,14 @@ def pytest_runtest_logreport(report):
   row['wall_s'] += report.duration
   if report.when == 'teardown':
     for key, value in report.user_properties:
-      if key in row and key != 'wall_s':
+      if key in _EVENTS.values():  # not what a test records with record_property
         row[key] = value
 
 
 def pytest_terminal_summary(terminalreporter, config):
   if not _rows or hasattr(config, 'workerinput'):  # xdist workers leave the table to the controller
     return
-  files = collections.defaultdict(lambda: collections.Counter())
+  files = collections.defaultdict(collections.Counter)
   for row in _rows.values():
     files[row['file']].update(
       tests=1, wall_s=row['wall_s'], compile_s=row['compile_s'], lower_s=row['lower_s']

@@ -35,15 +35,17 @@ if os.environ.get('BCAM_TEST_XLA_OPTIMIZE') != '1':
   if _O0 not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_O0}'.strip()
 
-import jax  # noqa: E402  (after the environment it reads)
+import jax  # noqa: E402  (after the environment the processes tests start read)
 
+# This process may have imported JAX before this file (a plugin such as bench.test_times), so
+# it is configured directly too.
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_compilation_cache_dir', os.environ[_CACHE_VAR])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
-# By their minutes in bench/README.md ("Test suite"), longest first; the others follow in the
-# order collected.
+# By their minutes in bench/README.md ("The test suite's time"), longest first; the others
+# follow in the order collected.
 SLOWEST_FILES = (
   'test_train.py',
   'test_conv.py',

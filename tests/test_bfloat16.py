@@ -16,7 +16,7 @@ import optax
 import pytest
 
 from bcam_jax import steps
-from bcam_jax.models import get_model, init_variables
+from bcam_jax.models import get_model
 from bcam_jax.objective import Objective
 
 NUM_CLASSES = 10  # no other dimension of these programs is 10
@@ -31,14 +31,8 @@ _TENSOR = re.compile(r'tensor<([0-9x]*)(bf16|f16|f32|f64)>')
 def _products(name, options, side, kind):
   """[(op, [(shape, dtype) of operands and result])] of the bfloat16 train step."""
   model = get_model(name, NUM_CLASSES, conv_lowering='xla', dtype=jnp.bfloat16, **options)
-  variables = jax.eval_shape(lambda: init_variables(model, jax.random.key(0), side))
   tx = optax.sgd(0.1)
-  state = steps.TrainState(
-    step=jax.ShapeDtypeStruct((), jnp.int32),
-    params=variables['params'],
-    batch_stats=variables.get('batch_stats', {}),
-    opt_state=jax.eval_shape(tx.init, variables['params']),
-  )
+  state = jax.eval_shape(steps.make_init_fn(model, tx, 0, side))  # as train.py builds it
   step = steps.make_train_step(
     model,
     tx,
