@@ -14,7 +14,6 @@ from absl import app, flags
 
 _EVALS = flags.DEFINE_list('evals', None, 'eval directories (each with metrics.json).')
 _OUT = flags.DEFINE_string('out', None, 'Also write the Markdown table here.')
-flags.mark_flag_as_required('evals')
 
 COLUMNS = (
   ('average_drop', 'AD % ↓', '.2f'),
@@ -79,4 +78,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Required only when run: importing this module (tests do) must leave the process's flags valid.
+  flags.mark_flag_as_required('evals')
   app.run(main)
