@@ -171,7 +171,7 @@ def test_command_line_sets_a_model_option_the_config_leaves_out(monkeypatch):
     (
       '--config.model.options.stride=2',
       "--config.model.options.stride: model 'resnet18' has no option 'stride'; its options: "
-      'dtype, stem, width, zero_init_residual',
+      'dtype, stem, width, zero_init_residual, batch_norm',
     ),
     (
       '--config.train.num_epoch=1',

@@ -450,7 +450,13 @@ def test_get_model_unknown_option():
   with pytest.raises(ValueError, match='stem_stride') as info:
     get_model('resnet18', NUM_CLASSES, stem_stride=2)
   assert all(option in str(info.value) for option in model_options('resnet18'))
-  assert model_options('resnet18') == ('dtype', 'stem', 'width', 'zero_init_residual')
+  assert model_options('resnet18') == (
+    'dtype',
+    'stem',
+    'width',
+    'zero_init_residual',
+    'batch_norm',
+  )
   assert model_options('convnext_v2_tiny') == ('dtype', 'stem_stride', 'drop_path_rate')
   assert model_options('simple_cnn') == ('dtype',)
 

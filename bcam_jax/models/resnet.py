@@ -2,8 +2,9 @@
 
 BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, strides 1-2-2-2, bias-free
 convs each followed by BatchNorm (momentum 0.9, epsilon 1e-5, computed in
-float32), projection shortcut (1x1 conv with the block's stride + BatchNorm)
-where the shape changes.  Convs pad symmetrically as torchvision does (3x3:
+float32; the option ``batch_norm`` picks its form, ``bcam_jax.models.batch_norm``),
+projection shortcut (1x1 conv with the block's stride + BatchNorm) where the shape
+changes.  Convs pad symmetrically as torchvision does (3x3:
 1, 7x7: 3, stem max-pool: 1); output sizes equal those of SAME padding
 (ceil(side / stride)), and a stride-2 block's main path stays centred on the
 same pixels as its 1x1 shortcut.  BatchNorm uses no axis_name: under jit over
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from bcam_jax.models import pooling
 from bcam_jax.models.base import CamClassifier
+from bcam_jax.models.batch_norm import BATCH_NORMS, batch_norm
 from bcam_jax.models.conv import conv_module
 from bcam_jax.models.heads import POOL, Pool
 
@@ -63,21 +65,10 @@ def _conv(dtype, lowering, features, kernel, stride, name):
   )
 
 
-def _batch_norm(dtype, train, name, scale_init=nn.initializers.ones):
-  """BatchNorm with the library's settings; statistics and normalisation in float32.
-
-  Two-pass variance (``use_fast_variance=False``): E[x^2] - E[x]^2 cancels
-  catastrophically when a channel's mean dwarfs its spread, and then depends on
-  the reduction order, i.e. on how the batch is sharded.
-  """
-  return nn.BatchNorm(
-    use_running_average=not train,
-    momentum=0.9,
-    epsilon=1e-5,
-    use_fast_variance=False,
-    dtype=dtype,
-    scale_init=scale_init,
-    name=name,
+def _batch_norm(variant, dtype, train, name, scale_init=nn.initializers.ones):
+  """BatchNorm of form ``variant`` with torchvision's momentum and epsilon."""
+  return batch_norm(
+    variant, train=train, momentum=0.9, epsilon=1e-5, dtype=dtype, scale_init=scale_init, name=name
   )
 
 
@@ -89,20 +80,21 @@ class BasicBlock(nn.Module):
   zero_init_residual: bool
   dtype: jnp.dtype
   conv_lowering: str = 'auto'
+  batch_norm: str = 'flax'
 
   @nn.compact
   def __call__(self, x, train: bool):
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = _conv(self.dtype, self.conv_lowering, self.features, 3, self.stride, 'conv1')(x)
-    y = nn.relu(_batch_norm(self.dtype, train, 'bn1')(y))
+    y = nn.relu(_batch_norm(self.batch_norm, self.dtype, train, 'bn1')(y))
     y = _conv(self.dtype, self.conv_lowering, self.features, 3, 1, 'conv2')(y)
-    y = _batch_norm(self.dtype, train, 'bn2', last_scale)(y)
+    y = _batch_norm(self.batch_norm, self.dtype, train, 'bn2', last_scale)(y)
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = _conv(self.dtype, self.conv_lowering, self.features, 1, self.stride, 'proj_conv')(
         x
       )
-      shortcut = _batch_norm(self.dtype, train, 'proj_bn')(shortcut)
+      shortcut = _batch_norm(self.batch_norm, self.dtype, train, 'proj_bn')(shortcut)
     return nn.relu(y + shortcut)
 
 
@@ -114,16 +106,17 @@ class ResNet18Backbone(nn.Module):
   zero_init_residual: bool
   dtype: jnp.dtype
   conv_lowering: str = 'auto'
+  batch_norm: str = 'flax'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     widths = [self.width * m for m in WIDTH_MULTIPLIERS]
     if self.stem == 'small':
       x = _conv(self.dtype, self.conv_lowering, widths[0], 3, 1, 'stem_conv')(x)
-      x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
+      x = nn.relu(_batch_norm(self.batch_norm, self.dtype, train, 'stem_bn')(x))
     else:
       x = _conv(self.dtype, self.conv_lowering, widths[0], 7, 2, 'stem_conv')(x)
-      x = nn.relu(_batch_norm(self.dtype, train, 'stem_bn')(x))
+      x = nn.relu(_batch_norm(self.batch_norm, self.dtype, train, 'stem_bn')(x))
       x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     x = self.perturb('stem', x)
     features = {'stem': x}
@@ -135,6 +128,7 @@ class ResNet18Backbone(nn.Module):
           self.zero_init_residual,
           self.dtype,
           self.conv_lowering,
+          self.batch_norm,
           name=f'stage{i}_block{j + 1}',
         )(x, train)
       x = self.perturb(f'stage{i}', x)
@@ -160,18 +154,25 @@ class ResNet18(CamClassifier):
   Options: ``stem`` ("small" or "imagenet"), ``width`` (channels of the stem
   and first stage, 64 in ResNet-18; smaller for quick tests), ``zero_init_residual``
   (start the last BatchNorm scale of each block at zero, so blocks start as
-  identities), ``dtype``.
+  identities), ``batch_norm`` (``BATCH_NORMS``: how BatchNorm computes and differentiates
+  its training step, the values the same up to rounding; see
+  ``bcam_jax.models.batch_norm``), ``dtype``.
   """
 
   stem: str = 'small'
   width: int = 64
   zero_init_residual: bool = False
+  batch_norm: str = 'flax'
 
   def __post_init__(self):
     if self.stem not in STEMS:
       raise ValueError(f'resnet18: stem must be one of {STEMS}, got {self.stem!r}')
     if not isinstance(self.width, int) or self.width < 1:
       raise ValueError(f'resnet18: width must be a positive int, got {self.width!r}')
+    if self.batch_norm not in BATCH_NORMS:
+      raise ValueError(
+        f'resnet18: batch_norm must be one of {BATCH_NORMS}, got {self.batch_norm!r}'
+      )
     super().__post_init__()
 
   stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
@@ -179,7 +180,12 @@ class ResNet18(CamClassifier):
   @nn.nowrap
   def make_backbone(self):
     return ResNet18Backbone(
-      self.stem, self.width, self.zero_init_residual, self.dtype, self.conv_lowering
+      self.stem,
+      self.width,
+      self.zero_init_residual,
+      self.dtype,
+      self.conv_lowering,
+      self.batch_norm,
     )
 
   @nn.nowrap
