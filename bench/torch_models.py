@@ -114,11 +114,12 @@ class ConvNeXtBlock(nn.Module):
 
 
 class ConvNeXtV2Tiny(nn.Module):
-  def __init__(self, num_classes=10, drop_path_rate=0.1):
+  def __init__(self, num_classes=10, drop_path_rate=0.1, stem_stride=1):
     super().__init__()
     dims, depths = (96, 192, 384, 768), (3, 3, 9, 3)
     rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-    layers = [nn.Conv2d(1, dims[0], 3, 1, 1), LayerNorm2d(dims[0], eps=1e-6)]
+    stem = nn.Conv2d(1, dims[0], 4, 4) if stem_stride == 4 else nn.Conv2d(1, dims[0], 3, 1, 1)
+    layers = [stem, LayerNorm2d(dims[0], eps=1e-6)]
     for i, (dim, depth) in enumerate(zip(dims, depths)):
       if i:
         layers += [LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dim, 2, 2)]
@@ -139,6 +140,7 @@ MODELS = {
   'resnet18': lambda: ResNet18(stem='small'),
   'resnet18_imagenet_stem': lambda: ResNet18(stem='imagenet'),
   'convnext_v2_tiny': ConvNeXtV2Tiny,
+  'convnext_v2_tiny_patchify': lambda: ConvNeXtV2Tiny(stem_stride=4),
 }
 
 
@@ -164,15 +166,27 @@ def batch_cam_l1(features, labels, prototypes, head, num_classes):
 
 
 def make_train_step(
-  model, kind, mean, std, lambda_cam=0.1, num_classes=10, autocast=None, compile_backbone=False
+  model,
+  kind,
+  mean,
+  std,
+  lambda_cam=0.1,
+  num_classes=10,
+  autocast=None,
+  compile_backbone=False,
+  channels_last=False,
 ):
   """(uint8 images NHWC, int64 labels, prototypes) -> loss; one SGD step, as bcam_jax's.
 
   On whatever device the model and the inputs are. `autocast` (e.g. torch.bfloat16) runs the
   forward pass and the loss under `torch.autocast`, PyTorch's mixed precision, with float32
   parameters as ours; `compile_backbone` puts the backbone through `torch.compile` (the head
-  stays eager: BCPL differentiates the head's gradient, which compiled graphs do not).
+  stays eager: BCPL differentiates the head's gradient, which compiled graphs do not);
+  `channels_last` keeps the weights and activations NHWC in memory (PyTorch's faster
+  layout for cuDNN convolutions with tensor cores).
   """
+  if channels_last:
+    model.to(memory_format=torch.channels_last)
   decay = [p for n, p in model.named_parameters() if p.ndim > 1]
   no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
   optimizer = torch.optim.SGD(
@@ -188,6 +202,8 @@ def make_train_step(
   def step(images, labels, prototypes):
     with torch.autocast(device_type, dtype=autocast, enabled=autocast is not None):
       x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+      if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
       features = backbone(x)
       if kind == 'bcpl':
         cam_term, logits = batch_cam_l1(features, labels, prototypes, model.head, num_classes)

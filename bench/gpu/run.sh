@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
-# bcam-jax on one GPU in one command that ends inside $BUDGET_S seconds (default 540):
+# bcam-jax on one GPU, most valuable stage first, each stage inside what is left of
+# $BUDGET_S seconds (default 540, under the device tool's 600 s per call):
 #
-#   setup    install the carried wheels (.whl/), record versions and the card (env.json)
-#   smoke    3 training steps of simple_cnn; if they fail, stop here (fail fast)
-#   table1   three Table 1 cells (configs/grids/gpu_table1.py), one process each, in the
-#            background from the start; paused (SIGSTOP) while speed is timed
-#   tests    the tests that matter on a GPU (lowering, Batch-CAM vs the naive loops,
-#            bfloat16, sharded steps on a one-GPU mesh, a train.py killed and resumed on
-#            the GPU)
-#   speed    bench/gpu/speed.py: ours against the PyTorch twins, MFU, memory, compile time
-#   report   summary.md; the Table 1 results (or each cell's progress when the time ran
-#            out: the cells resume from their checkpoints on the next call)
+#   ab       the speed A/B: ResNet18 at 112 px bfloat16, ce and bcpl, our step in every
+#            variant of $AB_VARIANTS (BatchNorm forms, XLA flag sets, deterministic ops)
+#            against PyTorch eager (NCHW, channels_last) and torch.compile, one interleaved
+#            loop (bench/gpu/speed.py --variants)
+#   speed    the full speed table (speed.py's GROUPS in order until its budget is spent),
+#            our step with $SPEED_VARIANTS (default: the library's defaults), plus the
+#            largest batch that fits
+#   tests    the tests that never ran on a GPU (test_cam.py, test_bfloat16.py,
+#            test_batch_norm.py, bfloat16 and BCPL training), on the GPU
+#   resume   a train.py killed mid-epoch and resumed on the GPU, compared bit for bit with
+#            an uninterrupted run; again with --xla_gpu_deterministic_ops=true if it differs
+#   table1   three Table 1 cells (configs/grids/gpu_table1.py) until the budget ends; they
+#            resume from their checkpoints on the next call
 #
-# Everything goes to $OUT: run.log, summary.md and gpu_results.tar.gz (speed.json/md,
-# tests log, Table 1 results.md/csv and prototype figures, env.json). Before the call, in
-# the checkout: bench/gpu/prepare.sh (wheels into .whl/, IDX files into .gpu_data/).
+# Stages are named on the command line (default: all five, in this order); setup (the carried
+# wheels, env.json) runs first every time. Everything goes to $OUT: run.log, summary.md and
+# gpu_results.tar.gz (ab.json/md, speed.json/md, tests.log, resume.log, Table 1
+# results.md/csv and prototype figures, env.json). Before the first call, in the checkout:
+# bench/gpu/prepare.sh (wheels into .whl/, IDX files into .gpu_data/).
 #
-#   bench/gpu/run.sh              # everything, on the GPU (device tool: carry .whl .gpu_data)
-#   bench/gpu/run.sh table1       # on the same warm machine: resume the Table 1 cells
-#   DRY=1 BUDGET_S=1500 bench/gpu/run.sh   # CPU dry run: tiny sizes, 1-epoch cells on
-#                                          # generated data
+#   bench/gpu/run.sh ab speed               # call 1 (device tool: carry .whl .gpu_data)
+#   bench/gpu/run.sh tests resume table1    # call 2, on the same warm machine
+#   DRY=1 BUDGET_S=1500 bench/gpu/run.sh    # CPU dry run: tiny sizes, 1-epoch cells on
+#                                           # generated data
 set -o pipefail
 export PYTHONUNBUFFERED=1
 # Every JAX process (tests, their train.py subprocesses, the three cells, the benchmark,
@@ -27,7 +33,7 @@ export PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 cd "$(dirname "$0")/../.." || exit 1
 REPO=$PWD
-MODE=${1:-all}
+STAGES=${*:-ab speed tests resume table1}
 DRY=${DRY:-0}
 BUDGET_S=${BUDGET_S:-540}
 OUT=${OUT:-/tmp/bcam_gpu_out}
@@ -58,6 +64,7 @@ if [ "$DRY" = 1 ]; then
   GRID_ARG=",epochs=1"
   SPEED_ARGS="--models=resnet18 --sizes=8 --dtypes=float32 --batch=8 --steps=1 --rounds=1 \
     --max_batch_groups= --compile_groups="
+  AB_ARGS="--sizes=8 --dtypes=float32 --batch=8 --steps=1 --rounds=1 --compile_groups="
   export BCAM_DATA_DIR=$RUNS/dry_data
   [ -d "$BCAM_DATA_DIR" ] || python3 -c "
 from tests import synthetic
@@ -67,6 +74,7 @@ else
   PLATFORM=cuda
   GRID_ARG=""
   SPEED_ARGS=""
+  AB_ARGS="--sizes=112 --dtypes=bfloat16 --compile_groups=resnet18:112:bfloat16"
   [ -d .gpu_data ] && export BCAM_DATA_DIR=$REPO/.gpu_data
 fi
 python3 - "$STAGE/env.json" <<'EOF'
@@ -89,27 +97,87 @@ json.dump(env, open(sys.argv[1], 'w'), indent=2)
 print(json.dumps(env))
 EOF
 
-# --- smoke ---------------------------------------------------------------------------------
-if [ "$MODE" = all ]; then
-  log "smoke: 3 steps of simple_cnn"
-  python3 -c "from tests import synthetic; synthetic.write_dataset('$RUNS/idx')" &&
-    timeout 180 python3 train.py --config=experiment:model=simple_cnn --workdir="$RUNS/smoke" \
-      --config.data.source=idx --config.data.idx_dir="$RUNS/idx" --config.data.val_size=40 \
-      --config.train.batch_size=8 --config.train.num_steps=3 --config.eval.batch_size=40 \
-      >"$STAGE/smoke.log" 2>&1
-  smoke=$?
-  tail -5 "$STAGE/smoke.log"
-  if [ $smoke != 0 ]; then
-    log "smoke FAILED (exit $smoke): stopping; see smoke.log in the archive"
-    echo "smoke failed (exit $smoke)" >"$STAGE/summary.md"
-    tail -40 "$STAGE/smoke.log" >>"$STAGE/summary.md"
+# --- stages ----------------------------------------------------------------------------------
+want() { [[ " $STAGES " == *" $1 "* ]]; }
+# The A/B's variants: our step as it is, each BatchNorm form, autotuning off and at level 2
+# (default 4), the fusion autotuner, cuDNN conv fusion, and the cost of deterministic ops.
+# A flag this jaxlib lacks fails its variant only (ab.md says which).
+AB_VARIANTS=${AB_VARIANTS:-default,batch_norm=custom_vjp,batch_norm=flax_fast_variance,\
+xla_gpu_autotune_level=0,xla_gpu_autotune_level=2,\
+xla_gpu_experimental_enable_fusion_autotuner=true,\
+xla_gpu_experimental_enable_conv_fusion=true,xla_gpu_deterministic_ops=true}
+SPEED_VARIANTS=${SPEED_VARIANTS:-default}
+[ "$DRY" = 1 ] && AB_VARIANTS=default,batch_norm=custom_vjp,xla_gpu_autotune_level=0
+
+if want ab; then
+  budget=$(($(left) - 60))
+  [ $budget -gt 240 ] && budget=240
+  log "ab (budget $budget s): $AB_VARIANTS"
+  mkdir -p "$STAGE/ab"
+  timeout $((budget + 120)) python3 bench/gpu/speed.py --models=resnet18 --losses=ce,bcpl \
+    --variants="$AB_VARIANTS" --max_batch_groups= --budget_s=$budget --out_dir="$STAGE/ab" \
+    $AB_ARGS >"$STAGE/ab.log" 2>&1
+  status=$?
+  log "ab: exit $status"
+  archive
+  if [ $status != 0 ] && ! grep -q '| ours |' "$STAGE/ab/speed.md" 2>/dev/null; then
+    # Nothing of ours ran: the environment is broken and every later stage would fail too.
+    log "ab FAILED before any row: stopping; see ab.log in the archive"
+    { echo "ab failed (exit $status)"; tail -40 "$STAGE/ab.log"; } >"$STAGE/summary.md"
     cp "$STAGE/summary.md" "$OUT/"
     archive
     exit 1
   fi
 fi
 
-# --- table1 (background) --------------------------------------------------------------------
+if want speed; then
+  budget=$(($(left) - 100))
+  log "speed (budget $budget s; variants $SPEED_VARIANTS)"
+  if [ $budget -gt 60 ]; then
+    timeout $((budget + 90)) python3 bench/gpu/speed.py --variants="$SPEED_VARIANTS" \
+      --budget_s=$budget --out_dir="$STAGE" $SPEED_ARGS >"$STAGE/speed.log" 2>&1
+    log "speed: exit $?"
+    archive
+  fi
+fi
+
+# Tests run with XLA's optimiser on (as users run), their train.py subprocesses on the GPU;
+# four pytest workers where pytest-xdist is installed.
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n $([ "$DRY" = 1 ] && echo 2 || echo 4)")
+GPU_PYTEST=(env BCAM_TEST_XLA_OPTIMIZE=1 BCAM_TEST_SUBPROCESS_PLATFORMS=$PLATFORM
+  python3 -m pytest -v -p no:cacheprovider -o addopts=)
+
+if want tests && [ "$(left)" -gt 90 ]; then
+  budget=$(($(left) - 60))
+  [ $budget -gt 240 ] && budget=240
+  log "tests (budget $budget s)"
+  timeout $budget "${GPU_PYTEST[@]}" $workers --dist loadfile tests/test_cam.py tests/test_bfloat16.py \
+    tests/test_batch_norm.py \
+    "tests/test_train.py::test_bfloat16_compute_trains" \
+    "tests/test_train.py::test_bcpl_training_lowers_both_terms" >"$STAGE/tests.log" 2>&1
+  log "tests: exit $? ($(grep -c PASSED "$STAGE/tests.log") passed, $(grep -c FAILED "$STAGE/tests.log") failed)"
+  archive
+fi
+
+if want resume && [ "$(left)" -gt 90 ]; then
+  test=tests/test_train.py::test_killed_run_resumes_to_bitwise_identical_parameters
+  log "resume (budget $(($(left) - 40)) s)"
+  begin=$(date +%s)
+  timeout $(($(left) - 40)) "${GPU_PYTEST[@]}" "$test" >"$STAGE/resume.log" 2>&1
+  status=$?
+  log "resume: exit $status in $(($(date +%s) - begin)) s"
+  if [ $status = 1 ] && [ "$(left)" -gt 90 ]; then
+    log "resume differs: again with --xla_gpu_deterministic_ops=true"
+    begin=$(date +%s)
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" \
+      timeout $(($(left) - 40)) "${GPU_PYTEST[@]}" "$test" >"$STAGE/resume_deterministic.log" 2>&1
+    log "resume deterministic: exit $? in $(($(date +%s) - begin)) s"
+  fi
+  archive
+fi
+
+# --- table1: until 40 s before the end ------------------------------------------------------
+if want table1 && [ "$(left)" -gt 60 ]; then  # the lines below, unindented, are this stage
 CELLS="resnet18_baseline resnet18_bcpl_l2 convnext_bcpl_l1"
 PIDS=()
 for cell in $CELLS; do
@@ -119,36 +187,6 @@ for cell in $CELLS; do
   PIDS+=($!)
 done
 log "table1: cells started (pids ${PIDS[*]})"
-
-# --- tests -----------------------------------------------------------------------------------
-if [ "$MODE" = all ]; then
-  # Four pytest workers where pytest-xdist is installed (it is on the GPU image): the
-  # killed-and-resumed train.py alone takes about 2 minutes there.
-  workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-  log "tests (budget 200 s)"
-  BCAM_TEST_XLA_OPTIMIZE=1 BCAM_TEST_SUBPROCESS_PLATFORMS=$PLATFORM timeout 200 python3 -m pytest -v $workers -p no:cacheprovider \
-    tests/test_conv.py tests/test_cam.py tests/test_train.py \
-    -k "auto_lowering or model_same or batch_cam or grad_cam_equals or gradients_same \
-or bfloat16 or killed_run or bcpl_training_lowers" \
-    >"$STAGE/tests.log" 2>&1
-  log "tests: exit $? ($(grep -c PASSED "$STAGE/tests.log") passed, $(grep -c FAILED "$STAGE/tests.log") failed)"
-  archive
-fi
-
-# --- speed (Table 1 cells paused) ------------------------------------------------------------
-if [ "$MODE" = all ]; then
-  kill -STOP "${PIDS[@]}" 2>/dev/null
-  budget=$(($(left) - 130))
-  [ $budget -gt 300 ] && budget=300
-  log "speed (budget $budget s; Table 1 cells paused)"
-  timeout $((budget + 60)) python3 bench/gpu/speed.py \
-    --budget_s=$budget --out_dir="$STAGE" $SPEED_ARGS >"$STAGE/speed.log" 2>&1
-  log "speed: exit $?"
-  kill -CONT "${PIDS[@]}" 2>/dev/null
-  archive
-fi
-
-# --- table1: until 40 s before the end ------------------------------------------------------
 while [ "$(left)" -gt 40 ]; do
   alive=0
   for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
@@ -187,21 +225,31 @@ for cell in sorted(glob.glob(os.path.join(sys.argv[1], '*', ''))):
 open(sys.argv[2], 'w').write('\n'.join(lines) + '\n')
 print('\n'.join(lines))
 EOF
+fi
 
 # --- report ----------------------------------------------------------------------------------
 {
-  echo "# bcam-jax GPU run ($(date -u +%Y-%m-%dT%H:%MZ), $(elapsed) s, mode $MODE)"
+  echo "# bcam-jax GPU run ($(date -u +%Y-%m-%dT%H:%MZ), $(elapsed) s, stages: $STAGES)"
   echo
   echo '```'
   cat "$STAGE/env.json"
   echo '```'
   echo
-  [ -f "$STAGE/tests.log" ] && echo "Tests:" && grep -E "PASSED|FAILED" "$STAGE/tests.log" && echo
-  [ -f "$STAGE/speed.md" ] && cat "$STAGE/speed.md" && echo
-  echo "## Table 1 cells"
-  echo
-  if [ -f "$STAGE/table1/results.md" ]; then cat "$STAGE/table1/results.md"; fi
-  cat "$STAGE/table1_progress.md"
+  if [ -f "$STAGE/ab/speed.md" ]; then echo "## A/B"; sed 1d "$STAGE/ab/speed.md"; echo; fi
+  if [ -f "$STAGE/speed.md" ]; then echo "## Speed"; sed 1d "$STAGE/speed.md"; echo; fi
+  for log in tests resume resume_deterministic; do
+    [ -f "$STAGE/$log.log" ] || continue
+    echo "## $log"
+    echo
+    grep -E "PASSED|FAILED|ERROR|passed|failed" "$STAGE/$log.log" | tail -40
+    echo
+  done
+  if [ -f "$STAGE/table1_progress.md" ]; then
+    echo "## Table 1 cells"
+    echo
+    if [ -f "$STAGE/table1/results.md" ]; then cat "$STAGE/table1/results.md"; fi
+    cat "$STAGE/table1_progress.md"
+  fi
 } >"$STAGE/summary.md"
 cp "$STAGE/summary.md" "$OUT/summary.md"
 archive

@@ -6,10 +6,15 @@ until `--budget_s` is spent, builds the library's jitted train step for every lo
 PyTorch twin of bench/torch_models.py (eager; `ce` and `bcpl`, the losses it has), then
 times them alternately in one loop (`--rounds` rounds, each `--steps` steps of every
 variant, blocking only at the end of a variant's steps) so every ratio comes from the
-same machine state. Reported per row:
+same machine state. `--variants` adds variants of our step to the same loop: model options
+(e.g. `batch_norm=custom_vjp`), `conv_lowering=...` and XLA flags (`xla_...=value`, given to
+that step's compilation alone, so flag sets are timed against each other in one process);
+`--torch_modes` picks the twin's layouts (`eager` NCHW, `channels_last`). Reported per row:
 
-* img/s, and the ratio to the same framework's `ce` step (the paper's "negligible
-  overhead": target bcpl/ce <= 1.10) and ours/PyTorch at the same loss (target >= 1);
+* img/s, and the ratio to the same framework's (and variant's) `ce` step (the paper's
+  "negligible overhead": target bcpl/ce <= 1.10), ours/PyTorch at the same loss (target
+  >= 1; our first variant against each PyTorch row) and, for every other variant, its
+  speed-up over the first variant at the same loss;
 * compile time (`lower` + `compile` of our step; the losses of a group compile in
   parallel threads, so each time includes waiting for the others: an upper bound), and
   for `torch.compile` rows the first call;
@@ -27,6 +32,8 @@ timed there. `--compile_groups` adds `torch.compile` rows (backbone compiled, he
 BCPL differentiates the head's gradient). Writes speed.json and speed.md to --out_dir.
 
   python bench/gpu/speed.py --out_dir=/tmp/speed                 # on a GPU
+  python bench/gpu/speed.py --models=resnet18 --sizes=112 --dtypes=bfloat16 --losses=ce,bcpl \
+      --variants=default,batch_norm=custom_vjp,xla_gpu_autotune_level=0 --out_dir=/tmp/ab
   JAX_PLATFORMS=cpu python bench/gpu/speed.py --models=resnet18 --sizes=8 --dtypes=float32 \
       --batch=8 --steps=1 --rounds=1 --max_batch_groups= --compile_groups= --out_dir=/tmp/s
 """
@@ -49,19 +56,31 @@ from bcam_jax import objective as objective_lib  # noqa: E402
 from bcam_jax.configs import base  # noqa: E402
 from bench import common  # noqa: E402
 
-# (model, image size, dtype) in the order they are measured: what the issue asks for first.
+# The models timed: name -> (bcam_jax model, get_model options); each has a PyTorch twin
+# (bench/torch_models.py) of the same name. The patchify ConvNeXt needs sides >= 32.
+MODELS = {
+  **common.MODEL_VARIANTS,
+  'convnext_v2_tiny_patchify': ('convnext_v2_tiny', {'stem_stride': 4}),
+}
+# (model, image size, dtype) in the order they are measured, most wanted first: where users
+# train (bfloat16 at 112 and 224, the target group first), then 28 px float32 (the paper's
+# setting), then the small stems at 224 (the heaviest: 16x the ImageNet stems' FLOPs).
 GROUPS = (
-  ('resnet18', 28, 'float32'),
   ('resnet18', 112, 'bfloat16'),
-  ('convnext_v2_tiny', 28, 'float32'),
-  ('resnet18', 112, 'float32'),
-  ('resnet18', 28, 'bfloat16'),
+  ('resnet18_imagenet_stem', 224, 'bfloat16'),
+  ('convnext_v2_tiny_patchify', 224, 'bfloat16'),
   ('convnext_v2_tiny', 112, 'bfloat16'),
-  ('convnext_v2_tiny', 28, 'bfloat16'),
-  ('convnext_v2_tiny', 112, 'float32'),
+  ('resnet18', 28, 'float32'),
+  ('convnext_v2_tiny', 28, 'float32'),
+  ('resnet18_imagenet_stem', 112, 'bfloat16'),
+  ('convnext_v2_tiny_patchify', 112, 'bfloat16'),
+  ('resnet18_imagenet_stem', 28, 'float32'),
+  ('resnet18', 224, 'bfloat16'),
+  ('convnext_v2_tiny', 224, 'bfloat16'),
 )
 LOSSES = ('ce', 'proto', 'bcpl')
 TORCH_LOSSES = ('ce', 'bcpl')
+TORCH_MODES = ('eager', 'channels_last')
 # Dense peak TFLOP/s by card (datasheet, SXM): bfloat16 tensor cores; float32 as TF32.
 PEAK_TFLOPS = {
   'H100': {'bfloat16': 989.4, 'float32': 494.7},
@@ -71,21 +90,34 @@ PEAK_TFLOPS = {
 TARGETS = {'bcpl_vs_ce': 1.10, 'ours_vs_torch': 1.0}
 NUM_CLASSES = 10
 
-_MODELS = flags.DEFINE_list('models', ['resnet18', 'convnext_v2_tiny'], 'Models.')
-_SIZES = flags.DEFINE_list('sizes', ['28', '112'], 'Image sides.')
+_MODELS = flags.DEFINE_list('models', list(MODELS), f'Models, of {list(MODELS)}.')
+_SIZES = flags.DEFINE_list('sizes', ['28', '112', '224'], 'Image sides.')
 _DTYPES = flags.DEFINE_list('dtypes', ['float32', 'bfloat16'], 'Compute dtypes.')
 _LOSSES = flags.DEFINE_list('losses', list(LOSSES), 'Losses of our step.')
 _BATCH = flags.DEFINE_integer('batch', 128, 'Global batch.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Steps per variant per round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternating rounds.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch twins too.')
+_TORCH_MODES = flags.DEFINE_list(
+  'torch_modes', ['eager', 'channels_last'], f'Layouts of the PyTorch twins: {TORCH_MODES}.'
+)
+_VARIANTS = flags.DEFINE_list(
+  'variants',
+  ['default'],
+  'Variants of our step timed in the same loop, the first the reference: "default", or '
+  '"+"-joined key=value items: a model option (batch_norm=custom_vjp), conv_lowering=..., '
+  'or an XLA flag for that compilation (xla_gpu_autotune_level=0). A variant whose options '
+  'a model lacks is skipped for that model.',
+)
 _MAX_BATCH = flags.DEFINE_list(
   'max_batch_groups',
   ['resnet18:112:bfloat16'],
   'model:size:dtype groups timed at the largest batch.',
 )
 _COMPILE = flags.DEFINE_list(
-  'compile_groups', ['resnet18:28:float32'], 'model:size:dtype groups with torch.compile rows.'
+  'compile_groups',
+  ['resnet18:112:bfloat16', 'resnet18:28:float32'],
+  'model:size:dtype groups with torch.compile rows (channels_last).',
 )
 _BUDGET = flags.DEFINE_float('budget_s', 240.0, 'Stop starting new groups after this long.')
 _OUT = flags.DEFINE_string('out_dir', 'bench/results/gpu', 'Where speed.json/md go.')
@@ -126,13 +158,32 @@ def _device_limit_bytes() -> float | None:
   return stats.get('bytes_limit')
 
 
-class Ours:
-  """Our jitted train steps of one model, size and dtype, one per loss, at one batch."""
+def parse_variant(spec: str) -> tuple[dict, dict]:
+  """(get_model keyword arguments, XLA compiler options) of a `--variants` item."""
+  model_kwargs, compiler_options = {}, {}
+  if spec == 'default':
+    return model_kwargs, compiler_options
+  for item in spec.split('+'):
+    key, sep, value = item.partition('=')
+    if not sep or not key or not value:
+      raise app.UsageError(f'--variants: {item!r} in {spec!r} is not key=value')
+    value = {'true': True, 'false': False}.get(value, value)
+    if isinstance(value, str) and value.lstrip('-').isdigit():
+      value = int(value)
+    (compiler_options if key.startswith('xla_') else model_kwargs)[key] = value
+  return model_kwargs, compiler_options
 
-  def __init__(self, name, size, dtype, batch, losses):
+
+class Ours:
+  """Our jitted train steps of one model, size and dtype, one per loss, at one batch; the
+  model built with `model_kwargs`, each step compiled with `compiler_options`."""
+
+  def __init__(self, name, size, dtype, batch, losses, model_kwargs=None, compiler_options=None):
     self.mesh = parallel.make_mesh()
     self.info = data.dataset_info('mnist')
-    self.model = models.get_model(name, NUM_CLASSES)
+    model_name, options = MODELS[name]
+    self.model = models.get_model(model_name, NUM_CLASSES, **options, **(model_kwargs or {}))
+    self.compiler_options = compiler_options or None
     self.size, self.dtype, self.batch = size, dtype, batch
     config = base.get_base_config()
     self.tx, self.schedule = optim.make_optimizer(config.optimizer, total_steps=10_000)
@@ -177,7 +228,7 @@ class Ours:
     lowered = {loss: self.lower(loss) for loss in self.losses}
 
     def compile_one(loss):
-      c = lowered[loss][0].compile()
+      c = lowered[loss][0].compile(compiler_options=self.compiler_options)
       return c, time.perf_counter() - start
 
     with concurrent.futures.ThreadPoolExecutor(len(self.losses)) as pool:
@@ -203,7 +254,7 @@ class Ours:
 class Theirs:
   """The PyTorch twin's steps of one model, size and dtype, one per loss."""
 
-  def __init__(self, name, size, dtype, batch, compile_backbone=False):
+  def __init__(self, name, size, dtype, batch, compile_backbone=False, channels_last=False):
     import torch  # pylint: disable=import-outside-toplevel
 
     from bench import torch_models  # pylint: disable=import-outside-toplevel
@@ -226,7 +277,13 @@ class Theirs:
       torch.manual_seed(0)
       model = torch_models.MODELS[name]().to(self.device)
       self.steps[loss] = torch_models.make_train_step(
-        model, loss, info.mean, info.std, autocast=autocast, compile_backbone=compile_backbone
+        model,
+        loss,
+        info.mean,
+        info.std,
+        autocast=autocast,
+        compile_backbone=compile_backbone,
+        channels_last=channels_last,
       )
 
   def sync(self):
@@ -260,41 +317,60 @@ def _time_alternating(runners: dict, steps_per_round: int, rounds: int) -> dict:
   return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def measure_group(name, size, dtype, batch, losses, with_torch, compile_torch) -> list[dict]:
-  """Rows for one group: our losses, the twin's eager (and compiled) steps, at `batch`."""
-  ours = Ours(name, size, dtype, batch, losses)
-  ours.compile_all()
-  runners, extra = {}, {}
-  for loss in losses:
-    run = ours.runner(loss)
-    run(2)  # warm-up
-    runners[('ours', loss)] = run
+def measure_group(
+  name, size, dtype, batch, losses, with_torch, compile_torch, variants=('default',)
+) -> tuple[list[dict], dict]:
+  """Rows for one group: our losses in every variant, the twin's steps in every layout (and
+  compiled), at `batch`, all timed in one alternating loop; and why any variant or twin is
+  missing."""
+  runners, extra, ours, errors = {}, {}, {}, {}
+  for spec in variants:
+    model_kwargs, compiler_options = parse_variant(spec)
+    try:
+      ours[spec] = Ours(name, size, dtype, batch, losses, model_kwargs, compiler_options)
+      ours[spec].compile_all()
+    except Exception as e:  # pylint: disable=broad-except  # an option this model lacks, a flag
+      # this backend rejects, OOM: the other variants are still timed
+      errors[f'ours {spec}'] = f'{type(e).__name__}: {str(e)[:300]}'
+      print(f'# {name} {size} {dtype}: variant {spec} skipped: {errors[f"ours {spec}"]}')
+      ours.pop(spec, None)
+      continue
+    for loss in losses:
+      run = ours[spec].runner(loss)
+      run(2)  # warm-up
+      runners[('ours', spec, loss)] = run
+      extra[('ours', spec, loss)] = ours[spec].info_rows[loss]
   if with_torch:
-    modes = [('torch', False)] + ([('torch.compile', True)] if compile_torch else [])
-    for framework, compiled in modes:
+    modes = [(f'torch {m}', False, m == 'channels_last') for m in _TORCH_MODES.value]
+    modes += [('torch.compile channels_last', True, True)] if compile_torch else []
+    for framework, compiled, channels_last in modes:
       try:
-        theirs = Theirs(name, size, dtype, batch, compile_backbone=compiled)
+        theirs = Theirs(name, size, dtype, batch, compiled, channels_last)
         for loss in TORCH_LOSSES:
           run = theirs.runner(loss)
           start = time.perf_counter()
           run(1)
           first = time.perf_counter() - start
           run(1)
-          extra[(framework, loss)] = {'compile_s': first if compiled else None}
-          extra[(framework, loss)]['torch_peak_mib'] = theirs.peak_mib()
-          runners[(framework, loss)] = run
+          extra[(framework, '', loss)] = {
+            'compile_s': first if compiled else None,
+            'torch_peak_mib': theirs.peak_mib(),
+          }
+          runners[(framework, '', loss)] = run
       except Exception as e:  # pylint: disable=broad-except  # e.g. OOM, compile failure
-        print(f'# {framework} {name} {size} {dtype}: {type(e).__name__}: {e}', flush=True)
-        extra[(framework, 'error')] = f'{type(e).__name__}: {e}'
+        errors[framework] = f'{type(e).__name__}: {str(e)[:300]}'
+        print(f'# {framework} {name} {size} {dtype}: {errors[framework]}', flush=True)
   seconds = _time_alternating(runners, _STEPS.value, _ROUNDS.value)
   peak = _peak_flops(dtype)
+  first = next(iter(ours), None)
   rows = []
-  for (framework, loss), step_s in seconds.items():
-    flops = ours.info_rows.get(loss, {}).get('flops_per_step')
-    ce_s = seconds.get((framework, 'ce'))
-    ours_s = seconds.get(('ours', loss))
+  for (framework, variant, loss), step_s in seconds.items():
+    flops = ours[first].info_rows.get(loss, {}).get('flops_per_step') if first else None
+    ce_s = seconds.get((framework, variant, 'ce'))
+    ours_s = seconds.get(('ours', first, loss))
     row = {
       'framework': framework,
+      'variant': variant,
       'model': name,
       'image_size': size,
       'dtype': dtype,
@@ -304,12 +380,15 @@ def measure_group(name, size, dtype, batch, losses, with_torch, compile_torch) -
       'img_s': batch / step_s,
       'vs_ce': step_s / ce_s if ce_s else None,
       'ours_speedup': step_s / ours_s if ours_s and framework != 'ours' else None,
+      'vs_first_variant': ours_s / step_s
+      if ours_s and framework == 'ours' and variant != first
+      else None,
       'mfu': flops / step_s / peak if flops and peak else None,
       'tflops': flops / step_s / 1e12 if flops else None,
-      **(ours.info_rows[loss] if framework == 'ours' else extra[(framework, loss)]),
+      **extra[(framework, variant, loss)],
     }
     rows.append(row)
-  return rows
+  return rows, errors
 
 
 def max_batch(name, size, dtype) -> int | None:
@@ -336,16 +415,17 @@ def _fmt(v, spec):
 
 def table(rows) -> str:
   lines = [
-    '| framework | model | size | dtype | batch | loss | img/s | vs ce | ours faster by | MFU | '
-    'compile s | mem MiB |',
-    '|---|---|---|---|---|---|---|---|---|---|---|---|',
+    '| framework | variant | model | size | dtype | batch | loss | img/s | vs ce | '
+    'ours faster by | vs first variant | MFU | compile s | mem MiB |',
+    '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
     mem = r.get('static_peak_mib') if r['framework'] == 'ours' else r.get('torch_peak_mib')
     lines.append(
-      f'| {r["framework"]} | {r["model"]} | {r["image_size"]} | {r["dtype"]} | {r["batch"]} | '
-      f'{r["loss"]} | {r["img_s"]:.0f} | {_fmt(r["vs_ce"], ".3f")} | '
-      f'{_fmt(r["ours_speedup"], ".2f")} | {_fmt(r["mfu"], ".1%")} | '
+      f'| {r["framework"]} | {r.get("variant") or "-"} | {r["model"]} | {r["image_size"]} | '
+      f'{r["dtype"]} | {r["batch"]} | {r["loss"]} | {r["img_s"]:.0f} | '
+      f'{_fmt(r["vs_ce"], ".3f")} | {_fmt(r["ours_speedup"], ".2f")} | '
+      f'{_fmt(r.get("vs_first_variant"), ".3f")} | {_fmt(r["mfu"], ".1%")} | '
       f'{_fmt(r.get("compile_s"), ".1f")} | {_fmt(mem, ".0f")} |'
     )
   return '\n'.join(lines)
@@ -397,6 +477,12 @@ def main(argv):
   if _MFU_FROM.value:
     recompute_mfu(_MFU_FROM.value, _OUT.value)
     return
+  for spec in _VARIANTS.value:
+    parse_variant(spec)  # a malformed item fails before anything compiles
+  for flag, valid in ((_TORCH_MODES, TORCH_MODES), (_MODELS, tuple(MODELS))):
+    unknown = sorted(set(flag.value) - set(valid))
+    if unknown:
+      raise app.UsageError(f'--{flag.name}: unknown {unknown}; valid: {", ".join(valid)}')
   start = time.time()
   wanted = [
     g
@@ -421,7 +507,13 @@ def main(argv):
   def save():
     payload = {
       'machine': machine,
-      'flags': {'batch': _BATCH.value, 'steps': _STEPS.value, 'rounds': _ROUNDS.value},
+      'flags': {
+        'batch': _BATCH.value,
+        'steps': _STEPS.value,
+        'rounds': _ROUNDS.value,
+        'variants': _VARIANTS.value,
+        'torch_modes': _TORCH_MODES.value,
+      },
       'peak_tflops': PEAK_TFLOPS,
       'targets': TARGETS,
       'rows': rows,
@@ -440,15 +532,18 @@ def main(argv):
       skipped.append(key)
       continue
     try:
-      losses = tuple(_LOSSES.value)
-      if batch == 'max':
+      losses, variants = tuple(_LOSSES.value), _VARIANTS.value
+      if batch == 'max':  # found for, and timed with, the default step only
         batch = max_batch(name, size, dtype)
         if batch is None:
           skipped.append(f'{key} (no device memory limit)')
           continue
-        losses = ('ce', 'bcpl')
+        losses, variants = ('ce', 'bcpl'), ('default',)
       compile_torch = f'{name}:{size}:{dtype}' in _COMPILE.value
-      new = measure_group(name, size, dtype, batch, losses, _TORCH.value, compile_torch)
+      new, missing = measure_group(
+        name, size, dtype, batch, losses, _TORCH.value, compile_torch, variants
+      )
+      errors |= {f'{key} {what}': why for what, why in missing.items()}
     except Exception as e:  # pylint: disable=broad-except  # OOM and the like: go on
       errors[key] = f'{type(e).__name__}: {str(e)[:500]}'
       traceback.print_exc()
