@@ -241,7 +241,8 @@ _STRUCTURAL = (
   'data.prototypes',
   'optimizer.name',
 )
-_SPEED_ONLY = ('model.conv_lowering',)
+# Fields that change how a step computes, never the variables or their values beyond rounding.
+_SPEED_ONLY = ('model.conv_lowering', 'model.options.batch_norm')
 
 
 def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
