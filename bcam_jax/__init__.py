@@ -17,7 +17,7 @@ _MODULES = ('cam', 'conditions', 'configs', 'data', 'explain', 'models', 'object
 _NAMES = {
   'train_and_evaluate': 'train_lib',
   'evaluate_and_report': 'eval_lib',
-  'EvalOptions': 'eval_lib',
+  'EvalOptions': 'eval_options',
 }
 __all__ = ['__version__', *_MODULES, *_NAMES]
 

@@ -1,18 +1,15 @@
 """Evaluation of a trained workdir: test metrics, CAM faithfulness, the paper's figures.
 
 `evaluate_checkpoint` restores a checkpoint and measures test loss, accuracy and the
-prototype losses. `evaluate_and_report` (what `eval.py` runs) adds, for each CAM method,
-the faithfulness metrics of `bcam_jax.explain.faithfulness` and the prototype alignment, and writes
-`<workdir>/eval/`: metrics.json, report.md, confusion.png, cam_prototypes.png,
-error_prototypes.png and overlays.png. Every per-batch computation is one jitted function
-over a batch sharded on the mesh's `data` axis, returning masked sums.
+prototype losses. `evaluate_and_report` (what `eval.py` runs) adds what its
+`eval_options.EvalOptions` ask for: for each CAM method the faithfulness metrics of
+`bcam_jax.explain.faithfulness` and the prototype alignment, the parameter randomisation
+test (`explain.sanity`), and writes `<workdir>/eval/` (`report.eval_outputs`). Every
+per-batch computation is one jitted function over a batch sharded on the mesh's `data`
+axis, returning masked sums.
 """
 
-import contextlib
-import dataclasses
-import functools
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +19,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
 from bcam_jax import (
   cam,
@@ -32,146 +28,17 @@ from bcam_jax import (
   evaluation,
   explain,
   io_utils,
-  metric_logging,
   objective,
   run_setup,
   workdir_lock,
 )
+from bcam_jax.eval_options import EvalOptions
 from bcam_jax.explain import faithfulness
-from bcam_jax.report import figures, markdown
+from bcam_jax.report import eval_outputs
 from bcam_jax.run_setup import CHECKPOINTS
 
-TEST_SCALARS = ('test_loss', 'test_accuracy', 'test_proto_loss', 'test_bcam_loss')
-FIGURES = (
-  'confusion.png',
-  'cam_prototypes.png',
-  'error_prototypes.png',
-  'overlays.png',
-)
-OVERLAY_SELECTIONS = ('first', 'misclassified')
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
-DELETION_BASELINES = ('mean', 'black')
-# The EvalOptions fields of the insertion/deletion convention.
-INSERTION_DELETION_FIELDS = (
-  'n_steps',
-  'pixels_per_step',
-  'blur_size',
-  'blur_sigma',
-  'deletion_baseline',
-)
 ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalOptions:
-  """What `evaluate_and_report` measures.
-
-  methods: CAM methods (`explain.METHODS`), empty for `explain.default_methods` of the
-  model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention);
-  num_images: test images (the first ones) for the per-method metrics, 0 for all;
-  target: the class each map explains, 'label' or 'predicted'; layer: the explained
-  layer of the features dict; insertion and deletion (`faithfulness.insertion_deletion`),
-  by default CA-Stream's convention: blur_size, blur_sigma: insertion starts from RISE's
-  blur (`faithfulness.rise_blur`, a blur_size x blur_sigma kernel, CA-Stream's 5 x 5; RISE's
-  own 11 x 5), blur_size 0 for this project's previous Gaussian of sigma side / 10;
-  deletion_baseline: what deleted pixels (and the RISE blur's padding) become, 'mean' (0 in
-  normalised space, the dataset mean in pixels) or 'black' (0 in pixel space);
-  pixels_per_step: pixels per step, 0 for 8 * side (CA-Stream's), or n_steps > 0 equal
-  steps instead (the previous rule, 25); the previous convention is n_steps=25,
-  blur_size=0, deletion_baseline='black'; batch_size: images per jitted call of a method
-  (Score-CAM and insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
-  num_overlays: test images in overlays.png;
-  overlay_selection: which ones, the 'first' of the test split or its first
-  'misclassified' ones (where the maps show what misled the model);
-  num_error_pairs: confusions in error_prototypes.png; road: also ROAD (MoRF, LeRF and
-  combined over percentiles 10-90, `faithfulness.road`, 18 forward passes per image; its
-  imputation noise from a fixed key, so a result is reproducible); sanity_images: the first
-  test images of the parameter randomisation test (`explain.sanity`, each method's maps
-  with the model's blocks re-initialised from the output down, one stage per block), 0 for
-  none.
-  """
-
-  checkpoint: str = 'best'
-  methods: tuple[str, ...] = ()
-  num_images: int = 1000
-  target: str = 'label'
-  layer: str = 'cam'
-  n_steps: int = 0
-  pixels_per_step: int = 0
-  blur_size: int = 5
-  blur_sigma: float = 5.0
-  deletion_baseline: str = 'mean'
-  batch_size: int = 128
-  score_cam_chunk: int = 16
-  steps_per_call: int = 4
-  num_overlays: int = 6
-  overlay_selection: str = 'first'
-  num_error_pairs: int = 8
-  road: bool = False
-  sanity_images: int = 0
-
-  def __post_init__(self):
-    if self.checkpoint not in CHECKPOINTS:
-      raise ValueError(f'checkpoint={self.checkpoint!r}; valid: {CHECKPOINTS}')
-    if self.methods:
-      explain.check_methods(self.methods)
-    if self.overlay_selection not in OVERLAY_SELECTIONS:
-      raise ValueError(f'overlay_selection={self.overlay_selection!r}; valid: {OVERLAY_SELECTIONS}')
-    if self.target not in explain.TARGETS:
-      raise ValueError(f'target={self.target!r}; valid: {explain.TARGETS}')
-    for name in ('batch_size', 'score_cam_chunk', 'steps_per_call'):
-      if getattr(self, name) < 1:
-        raise ValueError(f'{name} must be >= 1, got {getattr(self, name)}')
-    for name in (
-      'num_images',
-      'num_overlays',
-      'num_error_pairs',
-      'sanity_images',
-      'n_steps',
-      'pixels_per_step',
-      'blur_size',
-    ):
-      if getattr(self, name) < 0:
-        raise ValueError(f'{name} must be >= 0, got {getattr(self, name)}')
-    if self.n_steps and self.pixels_per_step:
-      raise ValueError(
-        f'n_steps={self.n_steps} and pixels_per_step={self.pixels_per_step}: give one (equal '
-        'steps, or pixels per step), the other 0.'
-      )
-    if self.blur_size % 2 == 0 and self.blur_size:
-      raise ValueError(
-        f'blur_size={self.blur_size}; expected an odd kernel side, or 0 for the Gaussian of '
-        'sigma side / 10.'
-      )
-    if not self.blur_sigma > 0:
-      raise ValueError(f'blur_sigma={self.blur_sigma}; expected > 0.')
-    if self.deletion_baseline not in DELETION_BASELINES:
-      raise ValueError(f'deletion_baseline={self.deletion_baseline!r}; valid: {DELETION_BASELINES}')
-
-  def insertion_deletion_steps(self, image_size: int) -> np.ndarray:
-    """Pixels changed after each insertion/deletion step at `image_size`, `(S + 1,)`."""
-    return faithfulness.step_counts(image_size, image_size, self.n_steps, self.pixels_per_step)
-
-  def insertion_deletion_convention(self, image_size: int) -> str:
-    """The insertion/deletion convention in words, for the reports that print the numbers,
-    e.g. "insertion from RISE's 5x5 blur of sigma 5, deletion to 0 in normalised space (the
-    dataset mean), 4 steps of 224 pixels (CA-Stream's convention)"."""
-    counts = self.insertion_deletion_steps(image_size)
-    if self.blur_size:
-      blur = f"RISE's {self.blur_size}x{self.blur_size} blur of sigma {self.blur_sigma:g}"
-    else:
-      blur = f'a Gaussian blur of sigma side/10 ({image_size / 10:g} px)'
-    baseline = {
-      'mean': '0 in normalised space (the dataset mean)',
-      'black': 'black (0 in pixel space)',
-    }[self.deletion_baseline]
-    steps = len(counts) - 1
-    rule = f'{steps} equal steps' if self.n_steps else f'{steps} steps of {int(counts[1])} pixels'
-    ca_stream = (self.blur_size, self.blur_sigma, self.deletion_baseline) == (5, 5.0, 'mean')
-    ca_stream = ca_stream and not self.n_steps and self.pixels_per_step in (0, 8 * image_size)
-    return f'insertion from {blur}, deletion to {baseline}, {rule}' + (
-      " (CA-Stream's convention)" if ca_stream else ''
-    )
 
 
 def restore(
@@ -343,14 +210,14 @@ def _top_confusions(confusion: np.ndarray, k: int) -> list[tuple[int, int, int]]
 def evaluate_and_report(
   config: ml_collections.ConfigDict,
   workdir: str,
-  options: EvalOptions = EvalOptions(),
+  options: EvalOptions | None = None,
   devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
-  """Everything `eval.py` measures and draws; returns the dict written to metrics.json.
-  Holds the workdir's lock (`workdir_lock`): no run or other evaluation writes there
-  meanwhile."""
+  """Everything `eval.py` measures and draws (`options`, default `EvalOptions()`); returns
+  the dict written to metrics.json. Holds the workdir's lock (`workdir_lock`): no run or
+  other evaluation writes there meanwhile."""
   with workdir_lock.locked(workdir):
-    return _evaluate_and_report(config, workdir, options, devices)
+    return _evaluate_and_report(config, workdir, options or EvalOptions(), devices)
 
 
 def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
@@ -359,7 +226,7 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   try:
     explain.check_applicable(run.model, variables, methods)  # fails now, not in an hour
   except ValueError as error:
-    raise config_validation.ConfigError(f'methods: {error}') from None
+    raise config_validation.ConfigError(f'config.eval.methods: {error}') from None
   info, test = run.datasets.info, run.datasets.test
   prototypes = run.prototypes(workdir)['train']
   result = _test_metrics(run, variables, prototypes, options.checkpoint, step)
@@ -399,30 +266,17 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
 
   if jax.process_index() == 0:
     out = os.path.join(workdir, 'eval')
-    os.makedirs(out, exist_ok=True)
-    _write_summary_figures(
+    tensorboard = eval_outputs.write(
       out,
+      result,
       info,
-      f'{config.model.name} {result["condition"]}',
-      confusion,
       summary,
+      confusion,
       pairs,
       np.asarray(prototypes),
+      overlays,
+      f'the {options.overlay_selection} test images ({options.target} class explained)',
     )
-    if overlays is None:  # none to show: no stale overlays.png of an earlier evaluation
-      with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(out, 'overlays.png'))
-    else:
-      figures.save_overlays(
-        os.path.join(out, 'overlays.png'),
-        *overlays,
-        info.class_names,
-        f'the {options.overlay_selection} test images ({options.target} class explained)',
-      )
-    io_utils.write_json(os.path.join(out, 'metrics.json'), result)
-    text = markdown.render(result, info.class_names)
-    io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text.encode()))
-    tensorboard = _write_tensorboard(out, result, text)
     logging.info(
       'Evaluation report in %s: report.md, metrics.json, confusion.png, cam_prototypes.png, '
       'error_prototypes.png%s; TensorBoard: tensorboard --logdir %s',
@@ -433,43 +287,20 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
   return result
 
 
-def randomisation_layers(explainer: explain.Explainer, variables, pixels) -> list[str]:
-  """Our model's parameter blocks from the output towards the input, for the parameter
-  randomisation test: the head (and CA-Stream's stream), then each module directly under the
-  backbone in reverse call order (a residual block, a stem layer), as 'params/...' paths."""
-  params = variables['params']
-  called = [p.split('/')[:2] for p in explainer.layer_shapes(variables, pixels) if '/' in p]
-  blocks = [b for b in dict.fromkeys(tuple(p) for p in called) if b[1] in params.get(b[0], {})]
-  heads = [k for k in params if k != 'backbone_net']
-  return [f'params/{k}' for k in heads] + ['params/' + '/'.join(b) for b in reversed(blocks)]
-
-
 def _randomisation_test(variables, explainer, methods, options, test) -> dict[str, Any]:
-  """Mean Spearman correlation, per stage, of each method's maps of the first
-  `options.sanity_images` test images with the maps of the model randomised down to that
-  block (targets those of the trained model)."""
+  """`explain.sanity.randomisation_test` on the first `options.sanity_images` test images,
+  the targets those of the trained model."""
   n = min(options.sanity_images, len(test))
   pixels = data.to_pixels(jnp.asarray(test.images[:n]), explainer.image_size)
   logits = jax.jit(explainer.logits)(variables, pixels)
   targets = explainer.targets(logits, jnp.asarray(test.labels[:n]), options.target)
-  layers = randomisation_layers(explainer, variables, pixels)
-  result = {'images': n, 'layers': layers, 'methods': {}}
-  for method in methods:
-    start = time.perf_counter()
-    test_result = explain.sanity.cascading_randomization(
-      functools.partial(explainer.maps, method, pixels=pixels, targets=targets),
-      variables,
-      jax.random.key(0),
-      layers,
-    )
-    means = [float(v) for v in np.mean(np.asarray(test_result['spearman']), axis=1)]
-    result['methods'][method] = means
+  start = time.perf_counter()
+  result = explain.sanity.randomisation_test(explainer, variables, pixels, targets, methods)
+  for method, means in result['methods'].items():
     logging.info(
-      'randomisation test, %s (%.0f s): Spearman %s',
-      method,
-      time.perf_counter() - start,
-      ', '.join(f'{v:.2f}' for v in means),
+      'randomisation test, %s: Spearman %s', method, ', '.join(f'{v:.2f}' for v in means)
     )
+  logging.info('randomisation test: %.0f s', time.perf_counter() - start)
   return result
 
 
@@ -492,7 +323,7 @@ def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
 def _method_row(run, variables, explainer, method: str, options, subset, prototypes):
   """The faithfulness and alignment metrics of `method` over `subset`."""
   batch_size = evaluation.batch_for_devices(
-    min(options.batch_size, len(subset)), run.mesh.devices.size
+    min(options.method_batch_size, len(subset)), run.mesh.devices.size
   )
   progress = evaluation.Progress(method, len(subset))
   step_fn = jax.jit(make_method_step(explainer, method, options, run.datasets.info.num_classes))
@@ -504,39 +335,6 @@ def _method_row(run, variables, explainer, method: str, options, subset, prototy
   row['suite_images_per_second'] = progress.rate()
   logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
   return row
-
-
-def _write_summary_figures(
-  out: str, info, condition: str, confusion, summary, pairs, prototypes
-) -> None:
-  """confusion.png, cam_prototypes.png (paper Figs 2-5), error_prototypes.png (Fig 6)."""
-  c = info.num_classes
-  figures.save_confusion(os.path.join(out, 'confusion.png'), confusion, info.class_names)
-  counts = np.asarray(summary['correct_counts'])
-  means = np.asarray(summary['correct_map_sums']) / np.maximum(counts, 1)[:, None, None]
-  figures.save_cam_prototypes(
-    os.path.join(out, 'cam_prototypes.png'),
-    prototypes,
-    means,
-    counts,
-    info.class_names,
-    f'{condition} on {info.name}: data prototypes and mean Grad-CAM of correctly '
-    'classified test images',
-  )
-  error_sums = np.asarray(summary['error_map_sums'])
-  error_means = (
-    np.stack([error_sums[t * c + p] / n for t, p, n in pairs])
-    if pairs
-    else (np.zeros((0,) + prototypes.shape[1:]))
-  )
-  figures.save_error_prototypes(
-    os.path.join(out, 'error_prototypes.png'),
-    pairs,
-    error_means,
-    prototypes,
-    info.class_names,
-    'mean Grad-CAM (predicted class) of the most frequent confusions',
-  )
 
 
 def _overlay_indices(explainer, variables, test: data.Split, options, batch_size: int):
@@ -570,24 +368,3 @@ def _overlays(explainer, variables, test: data.Split, shown, methods, target: st
   maps_fn = jax.jit(explainer.maps, static_argnums=0)
   maps = {m: np.asarray(maps_fn(m, variables, pixels, targets)) for m in methods}
   return np.asarray(pixels), maps, labels, np.argmax(np.asarray(logits), -1)
-
-
-def _write_tensorboard(out: str, result: dict[str, Any], report: str) -> str:
-  """The evaluation's scalars, figures and report.md in TensorBoard at `<out>/tensorboard`
-  (replacing an earlier evaluation's, as the other files of `out` are), at the
-  checkpoint's step; returns that directory."""
-  shutil.rmtree(metric_logging.tensorboard_dir(out), ignore_errors=True)
-  logger = metric_logging.MetricLogger(out, jsonl=False)
-  step = result['step']
-  test = {k.removeprefix('test_'): result[k] for k in TEST_SCALARS}
-  logger.write(step, f'test_{result["checkpoint"]}_checkpoint', test)
-  for method, row in result['methods'].items():
-    logger.write(step, method, row)
-  for name in FIGURES:
-    path = os.path.join(out, name)
-    if os.path.exists(path):
-      image = np.asarray(Image.open(path).convert('RGB')) / 255.0
-      logger.write_image(step, f'figures/{name.removesuffix(".png")}', image)
-  logger.write_text(step, 'report', report)
-  logger.close()
-  return metric_logging.tensorboard_dir(out)

@@ -33,6 +33,7 @@ from absl import logging
 
 from bcam_jax import conditions, eval_lib, io_utils, paper_tables, train_lib
 from bcam_jax.config_validation import validate_config
+from bcam_jax.eval_options import EvalOptions
 from bcam_jax.metric_logging import format_duration
 from bcam_jax.report import figures, grid_tables
 
@@ -130,18 +131,12 @@ def cell_config(cell: Cell, experiment: ExperimentConfig) -> ml_collections.Conf
   return config
 
 
-def eval_options(grid: ml_collections.ConfigDict) -> eval_lib.EvalOptions:
-  """Grad-CAM on the best checkpoint, with the grid's image count and the insertion/deletion
-  convention fields (`eval_lib.INSERTION_DELETION_FIELDS`) that `grid.eval` sets, the others
-  at their defaults (CA-Stream's convention)."""
-  convention = {k: grid.eval[k] for k in eval_lib.INSERTION_DELETION_FIELDS if k in grid.eval}
-  return eval_lib.EvalOptions(
-    methods=('grad_cam',),
-    num_images=grid.eval.num_images,
-    num_overlays=4,
-    num_error_pairs=4,
-    **convention,
-  )
+def eval_options(grid: ml_collections.ConfigDict) -> EvalOptions:
+  """What each cell's evaluation measures: the options `grid.eval` sets (its image count,
+  an insertion/deletion convention), read as `config.eval` is, over the grids' own
+  defaults: Grad-CAM on the best checkpoint, 4 overlays and 4 confusions."""
+  grid_defaults = {'methods': ('grad_cam',), 'num_overlays': 4, 'num_error_pairs': 4}
+  return EvalOptions.from_config(grid_defaults | grid.eval.to_dict())
 
 
 def insertion_deletion_convention(grid: ml_collections.ConfigDict) -> str:
@@ -168,7 +163,7 @@ def _train_images_per_second(workdir: str) -> float | None:
 def run_cell(
   cell: Cell,
   workdir: str,
-  options: eval_lib.EvalOptions,
+  options: EvalOptions,
   experiment: ExperimentConfig,
   devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:

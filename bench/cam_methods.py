@@ -53,7 +53,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bcam_jax import cam, data, eval_lib, explain, models  # noqa: E402
+from bcam_jax import cam, data, eval_lib, eval_options, explain, models  # noqa: E402
 from bench import common  # noqa: E402
 
 NUM_CLASSES = 10
@@ -232,7 +232,7 @@ def _jobs(model, size: int, variables, pixels, images, labels):
       copies = max(smoothed.noise_samples, 1) * (TTA_VIEWS if smoothed.augment else 1)
       fn = jax.jit(lambda v, p, t, r, e=smoothed, m=method: e.maps(m, v, p, t, key=r))
       jobs[method + suffix] = Job(fn, args + (key,), method, copies=copies)
-  options = eval_lib.EvalOptions(n_steps=_N_STEPS.value, score_cam_chunk=_SCORE_CAM_CHUNK.value)
+  options = eval_options.EvalOptions(n_steps=_N_STEPS.value, score_cam_chunk=_SCORE_CAM_CHUNK.value)
   prototypes = jnp.asarray(np.random.default_rng(1).random((NUM_CLASSES, size, size)), jnp.float32)
   mask = jnp.ones(labels.shape, bool)
   for method in _SUITE.value:

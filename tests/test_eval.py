@@ -1,5 +1,6 @@
 """eval.py end to end on a checkpoint trained in the test: every output, every key."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -14,7 +15,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bcam_jax import config_validation, data, eval_lib, evaluation, parallel, train_lib
+from bcam_jax import (
+  config_validation,
+  data,
+  eval_lib,
+  eval_options,
+  evaluation,
+  parallel,
+  train_lib,
+)
+from bcam_jax.configs import base
 from bcam_jax.report import markdown
 from tests import synthetic
 from tests.test_train import REPO, _tensorboard_tags, tiny_config
@@ -48,11 +58,11 @@ def test_eval_py_writes_every_output(trained):
     '--config.data.source=idx',
     f'--config.data.idx_dir={idx_dir}',
     '--config.data.val_size=40',
-    '--num_images=50',
-    '--batch_size=16',
-    '--score_cam_chunk=24',
-    f'--methods={",".join(METHODS)}',
-    '--road',
+    '--config.eval.num_images=50',
+    '--config.eval.method_batch_size=16',
+    '--config.eval.score_cam_chunk=24',
+    f'--config.eval.methods={",".join(METHODS)}',
+    '--config.eval.road=True',
   ]
   proc = subprocess.run(
     cmd,
@@ -110,7 +120,7 @@ def test_eval_py_writes_every_output(trained):
   for method in METHODS:
     assert f'| {method} |' in text
   assert 'ROAD LeRF ↑' in text
-  convention = eval_lib.EvalOptions().insertion_deletion_convention(28)
+  convention = eval_options.EvalOptions().insertion_deletion_convention(28)
   assert f'insertion and deletion AUC ({convention})' in text
   assert f'Insertion/deletion: {convention}.' in proc.stderr
   assert 'Evaluation report in' in proc.stderr and 'eval/tensorboard' in proc.stderr
@@ -137,8 +147,12 @@ def test_metrics_do_not_depend_on_device_count_or_batch_padding(trained):
   results = []
   with jax.enable_x64(True):
     for devices, batch_size in ((jax.devices()[:1], 17), (jax.devices(), 8)):
-      options = eval_lib.EvalOptions(
-        methods=('grad_cam_pp',), num_images=17, batch_size=batch_size, n_steps=3, num_overlays=0
+      options = eval_options.EvalOptions(
+        methods=('grad_cam_pp',),
+        num_images=17,
+        method_batch_size=batch_size,
+        n_steps=3,
+        num_overlays=0,
       )
       results.append(eval_lib.evaluate_and_report(config, workdir, options, devices))
   one, eight = (r['methods']['grad_cam_pp'] for r in results)
@@ -148,45 +162,65 @@ def test_metrics_do_not_depend_on_device_count_or_batch_padding(trained):
 
 
 def test_insertion_deletion_convention_in_words():
-  assert eval_lib.EvalOptions().insertion_deletion_convention(28) == (
+  assert eval_options.EvalOptions().insertion_deletion_convention(28) == (
     "insertion from RISE's 5x5 blur of sigma 5, deletion to 0 in normalised space (the "
     "dataset mean), 4 steps of 224 pixels (CA-Stream's convention)"
   )
   assert (
-    eval_lib.EvalOptions()
+    eval_options.EvalOptions()
     .insertion_deletion_convention(224)
     .endswith("28 steps of 1792 pixels (CA-Stream's convention)")
   )
-  previous = eval_lib.EvalOptions(n_steps=25, blur_size=0, deletion_baseline='black')
+  previous = eval_options.EvalOptions(n_steps=25, blur_size=0, deletion_baseline='black')
   assert previous.insertion_deletion_convention(28) == (
     'insertion from a Gaussian blur of sigma side/10 (2.8 px), deletion to black (0 in pixel '
     'space), 25 equal steps'
   )
 
 
+def test_config_eval_is_the_eval_options():
+  """config.eval of the base config holds every option at EvalOptions' default; a field the
+  command line sets reaches the options, a comma-separated method list included."""
+  config = base.get_base_config()
+  assert eval_options.EvalOptions.from_config(config.eval) == eval_options.EvalOptions()
+  fields = {f.name for f in dataclasses.fields(eval_options.EvalOptions)}
+  assert fields <= set(config.eval), fields - set(config.eval)
+  config.eval.methods = 'grad_cam, score_cam'
+  config.eval.road = True
+  config.eval.batch_size = 7  # the test pass's batch, not an option
+  options = eval_options.EvalOptions.from_config(config.eval, num_overlays=2)
+  assert options == eval_options.EvalOptions(
+    methods=('grad_cam', 'score_cam'), road=True, num_overlays=2
+  )
+  config.eval.target = 'truth'
+  with pytest.raises(ValueError, match=r"^config.eval: target='truth'; valid: \('label'"):
+    eval_options.EvalOptions.from_config(config.eval)
+
+
 def test_bad_options_fail_clearly(trained):
   with pytest.raises(ValueError, match='unknown CAM method'):
-    eval_lib.EvalOptions(methods=('gradcam',))
+    eval_options.EvalOptions(methods=('gradcam',))
   with pytest.raises(ValueError, match="target='truth'"):
-    eval_lib.EvalOptions(target='truth')
+    eval_options.EvalOptions(target='truth')
   with pytest.raises(ValueError, match='n_steps must be >= 0, got -1'):
-    eval_lib.EvalOptions(n_steps=-1)
+    eval_options.EvalOptions(n_steps=-1)
   with pytest.raises(ValueError, match='n_steps=25 and pixels_per_step=28: give one'):
-    eval_lib.EvalOptions(n_steps=25, pixels_per_step=28)
+    eval_options.EvalOptions(n_steps=25, pixels_per_step=28)
   with pytest.raises(ValueError, match='blur_size=4; expected an odd kernel side'):
-    eval_lib.EvalOptions(blur_size=4)
+    eval_options.EvalOptions(blur_size=4)
   with pytest.raises(ValueError, match='blur_sigma=0; expected > 0'):
-    eval_lib.EvalOptions(blur_sigma=0)
+    eval_options.EvalOptions(blur_sigma=0)
   with pytest.raises(ValueError, match="deletion_baseline='grey'"):
-    eval_lib.EvalOptions(deletion_baseline='grey')
+    eval_options.EvalOptions(deletion_baseline='grey')
   with pytest.raises(ValueError, match='sanity_images must be >= 0'):
-    eval_lib.EvalOptions(sanity_images=-1)
+    eval_options.EvalOptions(sanity_images=-1)
   idx_dir, workdir = trained
   with pytest.raises(
-    config_validation.ConfigError, match='methods: simple_cnn has no global-average-pool'
+    config_validation.ConfigError,
+    match='config.eval.methods: simple_cnn has no global-average-pool',
   ):
     eval_lib.evaluate_and_report(
-      tiny_config(idx_dir), workdir, eval_lib.EvalOptions(methods=('cam',), num_images=8)
+      tiny_config(idx_dir), workdir, eval_options.EvalOptions(methods=('cam',), num_images=8)
     )
 
 
@@ -194,7 +228,7 @@ def test_randomisation_test_in_metrics_and_report(trained):
   """--sanity_images: each method's Spearman correlation per cascading stage, the model's
   blocks from the head down, in metrics.json and report.md."""
   idx_dir, workdir = trained
-  options = eval_lib.EvalOptions(
+  options = eval_options.EvalOptions(
     methods=('grad_cam', 'layer_cam'), num_images=8, n_steps=2, num_overlays=0, sanity_images=8
   )
   result = eval_lib.evaluate_and_report(tiny_config(idx_dir), workdir, options)
@@ -256,12 +290,14 @@ def test_overlays_show_the_first_misclassified_images():
   images = np.zeros((10, 28, 28, 1), np.uint8)
   images[:, 0, 0, 0] = np.arange(10)
   split = data.Split(images, labels)
-  pick = lambda **kw: eval_lib._overlay_indices(Stub(), None, split, eval_lib.EvalOptions(**kw), 4)
+  pick = lambda **kw: eval_lib._overlay_indices(
+    Stub(), None, split, eval_options.EvalOptions(**kw), 4
+  )
   assert pick(num_overlays=2, overlay_selection='misclassified').tolist() == [3, 7]
   assert pick(num_overlays=5, overlay_selection='misclassified').tolist() == [3, 7, 8]
   assert pick(num_overlays=2).tolist() == [0, 1]
   with pytest.raises(ValueError, match="overlay_selection='wrong'"):
-    eval_lib.EvalOptions(overlay_selection='wrong')
+    eval_options.EvalOptions(overlay_selection='wrong')
 
 
 def test_compare_evals_names_each_report_and_its_convention(tmp_path):

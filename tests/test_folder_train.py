@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcam_jax import config_validation, data, eval_lib, prototypes, train_lib
+from bcam_jax import config_validation, data, eval_lib, eval_options, prototypes, train_lib
 from bcam_jax.configs import image_folder
 from tests import synthetic
 
@@ -123,7 +123,7 @@ def test_train_and_evaluate_bcpl_on_an_rgb_folder(rgb_root, tmp_path, head):
 
   methods = ('grad_cam', 'evidence') if head == 'softcam' else ('grad_cam',)
   sanity = 2 if head == 'default' else 0  # the randomisation test re-initialises RGB layers
-  options = eval_lib.EvalOptions(methods=methods, num_overlays=3, sanity_images=sanity)
+  options = eval_options.EvalOptions(methods=methods, num_overlays=3, sanity_images=sanity)
   report = eval_lib.evaluate_and_report(config, workdir, options=options)
   assert report['test_count'] == 12
   for method in methods:

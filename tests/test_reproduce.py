@@ -10,7 +10,7 @@ import sys
 import ml_collections
 import pytest
 
-from bcam_jax import eval_lib, grids
+from bcam_jax import eval_options, grids
 from bcam_jax.configs import experiment
 from tests import synthetic
 from tests.test_train import REPO
@@ -152,7 +152,7 @@ def test_grids_insertion_deletion_conventions():
     'pixel space), 10 equal steps'
   )
   for name in ('paper_table1', 'paper_table2', 'gpu_table1'):
-    assert grids.eval_options(grid(name)) == eval_lib.EvalOptions(
+    assert grids.eval_options(grid(name)) == eval_options.EvalOptions(
       methods=('grad_cam',), num_images=2000, num_overlays=4, num_error_pairs=4
     )
   assert "112 px: insertion from RISE's 5x5 blur of sigma 5" in grids.insertion_deletion_convention(

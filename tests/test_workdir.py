@@ -212,13 +212,19 @@ def test_entry_points_report_user_errors_without_a_traceback(idx_dir, finished):
     ('eval.py', ['--config.model.name=resnet18'], 'error: .* was trained with another model'),
     (
       'eval.py',
-      ['--config.data.val_size=40', '--methods=cam'],
-      'error: methods: simple_cnn has no global-average-pool',
+      ['--config.data.val_size=40', '--config.eval.methods=cam'],
+      'error: config.eval.methods: simple_cnn has no global-average-pool',
     ),
     (
       'eval.py',
-      ['--n_steps=25', '--pixels_per_step=28'],
-      'error: eval flags: n_steps=25 and pixels_per_step=28: give one',
+      ['--config.eval.n_steps=25', '--config.eval.pixels_per_step=28'],
+      'error: config.eval: n_steps=25 and pixels_per_step=28: give one',
+    ),
+    (
+      'eval.py',
+      ['--methods=cam', '--road'],
+      r'error: --methods=cam is now --config.eval.methods=cam; --road is now '
+      r'--config.eval.road=True \(every evaluation option is a config.eval field\)\.',
     ),
   ):
     proc = subprocess.run(

@@ -81,8 +81,33 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 500
   config.train.keep_checkpoints = 3  # the latest K; the best one is kept separately
 
+  # Validation and test passes, and what eval.py measures (`eval_options.EvalOptions`, whose
+  # docstring says what each field means; `--config.eval.<field>=...` on the command line).
   config.eval = ml_collections.ConfigDict()
-  config.eval.batch_size = 500
+  config.eval.batch_size = 500  # images per validation / test step
+  config.eval.checkpoint = 'best'  # 'best' (by validation accuracy) | 'last'
+  # Comma-separated names of explain.METHODS; '' = grad_cam, grad_cam_pp, score_cam and the
+  # model's own (Soft-CAM's evidence, CA-Stream's raw_attention).
+  config.eval.methods = ''
+  config.eval.num_images = 1000  # test images for the per-method metrics; 0 = all
+  config.eval.target = 'label'  # the class each map explains: 'label' | 'predicted'
+  config.eval.layer = 'cam'  # a features key (cam, stage3, ...) or a module path
+  # Insertion/deletion: pixels_per_step (0 = 8 * image side) or n_steps equal steps;
+  # insertion from RISE's blur_size x blur_sigma blur (0 = a Gaussian of sigma side / 10);
+  # deleted pixels become 'mean' (0 in normalised space) or 'black' (0 in pixel space).
+  config.eval.n_steps = 0
+  config.eval.pixels_per_step = 0
+  config.eval.blur_size = 5
+  config.eval.blur_sigma = 5.0
+  config.eval.deletion_baseline = 'mean'
+  config.eval.method_batch_size = 128  # images per jitted call of a method
+  config.eval.score_cam_chunk = 16  # channels per Score-CAM forward pass (memory bound)
+  config.eval.steps_per_call = 4  # insertion/deletion steps per forward pass
+  config.eval.num_overlays = 6  # test images in overlays.png
+  config.eval.overlay_selection = 'first'  # 'first' | 'misclassified'
+  config.eval.num_error_pairs = 8  # confusions in error_prototypes.png
+  config.eval.road = False  # also ROAD (18 forward passes per image)
+  config.eval.sanity_images = 0  # images of the parameter randomisation test; 0 = none
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'sgd'  # 'sgd' | 'adamw'

@@ -15,7 +15,7 @@ The argument is comma-separated `key=value` pairs, each optional (defaults first
            the ElasticNet, config.loss.elastic_net_reduction='sum'; on SimpleCNN at 28 px,
            7x7 positions x 10 classes, about the 0.01 of the 'mean' form that README's
            results used: 0.01 / 490)
-  pooling  default | ca_stream (attention pooling; its map is `eval.py --methods=raw_attention`)
+  pooling  default | ca_stream (attention pooling; its map is `--config.eval.methods=raw_attention`)
   freeze   none | backbone (with pooling=ca_stream: train only the stream on the backbone
            and classifier of a trained baseline, --config.init_from=<baseline workdir>)
 Any field can still be overridden, e.g. `--config.data.name=fashion_mnist`.

@@ -168,3 +168,38 @@ def cascading_randomization(
   names, table = stage_table(params, layers, mode)
   correlations, correlations_abs = _stage_correlations(maps_fn, params, key, jnp.asarray(table))
   return {'layers': names, 'spearman': correlations, 'spearman_abs': correlations_abs}
+
+
+def block_layers(explainer, variables, pixels) -> list[str]:
+  """A library model's parameter blocks from the output towards the input, the `layers` of
+  `randomisation_test`: the head (and CA-Stream's stream), then each module directly under
+  the backbone in reverse call order (a residual block, a stem layer), as 'params/...'
+  paths. `explainer` is the model's `explain.Explainer`."""
+  params = variables['params']
+  called = [p.split('/')[:2] for p in explainer.layer_shapes(variables, pixels) if '/' in p]
+  blocks = [b for b in dict.fromkeys(tuple(p) for p in called) if b[1] in params.get(b[0], {})]
+  heads = [k for k in params if k != 'backbone_net']
+  return [f'params/{k}' for k in heads] + ['params/' + '/'.join(b) for b in reversed(blocks)]
+
+
+def randomisation_test(
+  explainer, variables, pixels: jax.Array, targets: jax.Array, methods: Sequence[str]
+) -> dict[str, object]:
+  """The cascading randomisation test of each of `methods` on `pixels` `(N, H, W, C)` with
+  `targets` `(N,)`, the model's blocks (`block_layers`) randomised from the output down,
+  one stage per block, from a fixed key (a result is reproducible).
+
+  Returns 'images' (N), 'layers' (the S blocks) and 'methods': per method the mean over the
+  images of each stage's Spearman correlation with the trained model's maps, S floats.
+  """
+  layers = block_layers(explainer, variables, pixels)
+  result = {'images': int(pixels.shape[0]), 'layers': layers, 'methods': {}}
+  for method in methods:
+    stages = cascading_randomization(
+      partial(explainer.maps, method, pixels=pixels, targets=targets),
+      variables,
+      jax.random.key(0),
+      layers,
+    )
+    result['methods'][method] = [float(v) for v in np.mean(stages['spearman'], axis=1)]
+  return result

@@ -52,6 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not cells or name in cells
   ]
   config.overrides = ()
-  # Insertion/deletion by CA-Stream's convention (eval_lib.EvalOptions' defaults).
+  # Insertion/deletion by CA-Stream's convention (eval_options.EvalOptions' defaults).
   config.eval = ml_collections.ConfigDict(dict(num_images=2000))
   return config

@@ -37,6 +37,6 @@ def get_config() -> ml_collections.ConfigDict:
     for m, e in epochs.items()
   ]
   config.overrides = ()
-  # Insertion/deletion by CA-Stream's convention (eval_lib.EvalOptions' defaults).
+  # Insertion/deletion by CA-Stream's convention (eval_options.EvalOptions' defaults).
   config.eval = ml_collections.ConfigDict(dict(num_images=2000))
   return config
