@@ -25,11 +25,11 @@ from bcam_jax import (
   conditions,
   config_validation,
   data,
-  evaluation,
   explain,
   io_utils,
   objective,
   run_setup,
+  split_loop,
   workdir_lock,
 )
 from bcam_jax.eval_options import EvalOptions
@@ -61,7 +61,7 @@ def restore(
 
 
 def _test_metrics(run, variables, prototypes, checkpoint: str, step: int) -> dict[str, Any]:
-  test, _ = evaluation.evaluate_split(
+  test, _ = split_loop.evaluate_split(
     run, run.eval_step(), variables, run.datasets.test, prototypes
   )
   logging.info(
@@ -308,13 +308,13 @@ def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
   """(summary sums, confusion matrix `(C, C)`, the `num_pairs` most frequent confusions) of
   the test split (`make_summary_step`)."""
   c, test = run.datasets.info.num_classes, run.datasets.test
-  summary = evaluation.sum_over_split(
+  summary = split_loop.sum_over_split(
     run.mesh,
     test,
     run.eval_batch_size,
     jax.jit(make_summary_step(explainer, c)),
     variables,
-    progress=evaluation.Progress('confusion and Grad-CAM prototypes', len(test)),
+    progress=split_loop.Progress('confusion and Grad-CAM prototypes', len(test)),
   )
   confusion = np.asarray(summary['confusion']).reshape(c, c).astype(np.int64)
   return summary, confusion, _top_confusions(confusion, num_pairs)
@@ -322,12 +322,12 @@ def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
 
 def _method_row(run, variables, explainer, method: str, options, subset, prototypes):
   """The faithfulness and alignment metrics of `method` over `subset`."""
-  batch_size = evaluation.batch_for_devices(
+  batch_size = split_loop.batch_for_devices(
     min(options.method_batch_size, len(subset)), run.mesh.devices.size
   )
-  progress = evaluation.Progress(method, len(subset))
+  progress = split_loop.Progress(method, len(subset))
   step_fn = jax.jit(make_method_step(explainer, method, options, run.datasets.info.num_classes))
-  sums = evaluation.sum_over_split(
+  sums = split_loop.sum_over_split(
     run.mesh, subset, batch_size, step_fn, variables, prototypes, progress=progress
   )
   row = {k: float(sums[k] / sums['count']) for k in METHOD_METRICS + ROAD_METRICS if k in sums}

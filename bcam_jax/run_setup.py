@@ -13,7 +13,7 @@ import ml_collections
 from absl import logging
 from flax import traverse_util
 
-from bcam_jax import data, evaluation, models, optim, parallel, prototypes, steps
+from bcam_jax import data, models, optim, parallel, prototypes, split_loop, steps
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, validate_config
 from bcam_jax.models.base import is_stream_param
@@ -215,7 +215,7 @@ def setup_run(
   # a multiple of the device count.
   largest = max(len(datasets.val), len(datasets.test))
   eval_batch_size = min(config.eval.batch_size, largest)
-  eval_batch_size = evaluation.batch_for_devices(eval_batch_size, n_dev)
+  eval_batch_size = split_loop.batch_for_devices(eval_batch_size, n_dev)
   if eval_batch_size != config.eval.batch_size:
     logging.info(
       'Evaluating in batches of %d (config.eval.batch_size=%d, %d device(s), largest split %d).',

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from bcam_jax import conditions, data, evaluation, io_utils, parallel, workdir_lock
+from bcam_jax import conditions, data, io_utils, parallel, split_loop, workdir_lock
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, check_matches_workdir
 from bcam_jax.metric_logging import MetricLogger, format_duration, tensorboard_dir
@@ -61,7 +61,7 @@ def train_and_evaluate(
 
 
 @dataclasses.dataclass(frozen=True)
-class Schedule:
+class Cadence:
   """How long a run is and when its periodic actions fall: log, validate (and offer the
   best checkpoint), save the train state; each every N steps and all three at the end."""
 
@@ -72,7 +72,7 @@ class Schedule:
   save_every: int
 
   @classmethod
-  def from_config(cls, train_config, num_train: int) -> 'Schedule':
+  def from_config(cls, train_config, num_train: int) -> 'Cadence':
     """The run's length: `train_config.num_steps` steps when > 0, else `num_epochs` passes
     over the training split (`steps_per_epoch` = ceil(num_train / batch_size)). The
     resolved length is written to `<workdir>/run.json` (`run_length`)."""
@@ -170,16 +170,16 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
   ds, batch = run.datasets, config.train.batch_size
   prototypes = run.prototypes(workdir)
   rows = parallel.process_rows(run.mesh, batch)  # this process's part of every batch
-  schedule = Schedule.from_config(config.train, len(ds.train))
-  run_length = schedule.run_length(config.train, len(ds.train))
+  cadence = Cadence.from_config(config.train, len(ds.train))
+  run_length = cadence.run_length(config.train, len(ds.train))
   if is_writer:
     io_utils.write_json(os.path.join(workdir, 'run.json'), run_length)
-  tx, learning_rate = run.optimizer(schedule.total_steps)
+  tx, learning_rate = run.optimizer(cadence.total_steps)
 
   ckpts = Checkpoints(workdir, keep=config.train.keep_checkpoints)
   logger = None
   try:
-    state, resumed = _restore_or_init(run, ckpts, tx, schedule, workdir)
+    state, resumed = _restore_or_init(run, ckpts, tx, cadence, workdir)
     start_step = int(state.step)
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
     logger.write_text(start_step, 'config', _as_markdown_code(config.to_json(indent=2)))
@@ -190,8 +190,8 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     eval_step = run.eval_step()
     logger.info(
       f'Training {config.model.name} on {ds.info.name} with loss '
-      f'{conditions.loss_formula(config.loss)}: {schedule.total_steps} steps '
-      f'({schedule.steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.'
+      f'{conditions.loss_formula(config.loss)}: {cadence.total_steps} steps '
+      f'({cadence.steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.'
     )
 
     window = _Window(batch, train_metric_keys(run.objective, run.model))
@@ -199,18 +199,18 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     pending = None  # (step, device metrics) of the step before, checked one step late
     # Step s's examples are train_batch_indices(seed, s); a streamed split reads them ahead.
     batches = data.train_batches(
-      ds.train, batch, config.seed, start_step, schedule.total_steps, rows
+      ds.train, batch, config.seed, start_step, cadence.total_steps, rows
     )
-    for step, (host_images, host_labels) in zip(range(start_step, schedule.total_steps), batches):
+    for step, (host_images, host_labels) in zip(range(start_step, cadence.total_steps), batches):
       images, labels = parallel.shard_local(run.mesh, batch, host_images, host_labels)
       state, metrics = train_step(state, images, labels, prototypes['train'])
       if pending is not None:
         window.add(_check_pending(pending, ckpts))
       pending = (step, metrics)
       done = step + 1
-      log_now = schedule.due(done, schedule.log_every)
-      validate_now = schedule.due(done, schedule.validate_every)
-      save_now = schedule.due(done, schedule.save_every)
+      log_now = cadence.due(done, cadence.log_every)
+      validate_now = cadence.due(done, cadence.validate_every)
+      save_now = cadence.due(done, cadence.save_every)
       if not (log_now or validate_now or save_now):
         continue
       window.add(_check_pending(pending, ckpts))
@@ -218,7 +218,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
       if log_now:
         steps_per_second = (done - start_step) / max(time.time() - t_start, 1e-9)
         _log_train(
-          logger, schedule, done, window.close(float(metrics['learning_rate'])), steps_per_second
+          logger, cadence, done, window.close(float(metrics['learning_rate'])), steps_per_second
         )
       t_pause = time.time()
       if validate_now:
@@ -243,7 +243,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
       logger.close()
 
 
-def _restore_or_init(run, ckpts: Checkpoints, tx, schedule: Schedule, workdir: str):
+def _restore_or_init(run, ckpts: Checkpoints, tx, cadence: Cadence, workdir: str):
   """(train state, resumed): the latest checkpoint's, else a new one (initialised from
   `config.init_from` when set)."""
   state = ckpts.restore_latest(run.abstract_state(tx))
@@ -252,10 +252,10 @@ def _restore_or_init(run, ckpts: Checkpoints, tx, schedule: Schedule, workdir: s
     state = run.init_state(tx)
     if run.config.init_from:
       state = run.init_from_baseline(state)
-  if int(state.step) > schedule.total_steps:
+  if int(state.step) > cadence.total_steps:
     raise ConfigError(
       f'the checkpoint in {workdir} is at step {int(state.step)}, beyond this '
-      f"config's {schedule.total_steps} steps (config.train.num_steps / num_epochs): "
+      f"config's {cadence.total_steps} steps (config.train.num_steps / num_epochs): "
       'use a new --workdir or more steps.'
     )
   return state, resumed
@@ -266,15 +266,15 @@ def _as_markdown_code(text: str) -> str:
   return '\n'.join('    ' + line for line in text.splitlines())
 
 
-def _log_train(logger, schedule: Schedule, done: int, train: dict, steps_per_second: float):
+def _log_train(logger, cadence: Cadence, done: int, train: dict, steps_per_second: float):
   logger.write(done, 'train', train)
-  eta = format_duration((schedule.total_steps - done) / steps_per_second)
+  eta = format_duration((cadence.total_steps - done) / steps_per_second)
   loss = f'loss {train["loss"]:.4f}'
   terms = [f'{k} {train[k]:.4f}' for k in ('ce', 'cam', 'penalty') if k in train]
   if terms:
     loss += f' ({" ".join(terms)})'
   logger.info(
-    f'{schedule.position(done)} | {loss} acc {100 * train["accuracy"]:.2f}% | '
+    f'{cadence.position(done)} | {loss} acc {100 * train["accuracy"]:.2f}% | '
     f'lr {train["learning_rate"]:.3g} | {train["images_per_second"]:.0f} img/s | ETA {eta}'
   )
 
@@ -283,7 +283,7 @@ def _validate(run, eval_step, state, prototypes, logger, ckpts: Checkpoints, don
   """Validation metrics logged, the class maps next to the prototypes in TensorBoard, and
   the model variables offered to the best checkpoint."""
   variables = state.model_variables()
-  val, class_maps = evaluation.evaluate_split(
+  val, class_maps = split_loop.evaluate_split(
     run, eval_step, variables, run.datasets.val, prototypes
   )
   logger.write(done, 'val', val)
@@ -305,7 +305,7 @@ def _validate(run, eval_step, state, prototypes, logger, ckpts: Checkpoints, don
 
 def _test(run, eval_step, state, prototypes, logger, ckpts: Checkpoints) -> dict[str, Any]:
   """The final parameters' test metrics, logged, as the run's summary."""
-  test, _ = evaluation.evaluate_split(
+  test, _ = split_loop.evaluate_split(
     run, eval_step, state.model_variables(), run.datasets.test, prototypes
   )
   logger.write(int(state.step), 'test', test)

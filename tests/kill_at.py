@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app  # noqa: E402
 
-from bcam_jax import cli, evaluation  # noqa: E402
+from bcam_jax import cli, split_loop  # noqa: E402
 from bcam_jax.checkpointing import Checkpoints  # noqa: E402
 from bcam_jax.commands import train  # noqa: E402  (train.py's command: its flags and main)
 
@@ -50,7 +50,7 @@ def main():
     Checkpoints.restore_latest = restore_latest
 
   elif moment == 'validation':
-    evaluate = evaluation.evaluate_split
+    evaluate = split_loop.evaluate_split
     seen = {'n': 0}  # validations so far: the run validates every eval_every_steps
 
     def evaluate_then_fire(run, eval_step, variables, split, prototypes):
@@ -60,7 +60,7 @@ def main():
           fire()
       return evaluate(run, eval_step, variables, split, prototypes)
 
-    evaluation.evaluate_split = evaluate_then_fire
+    split_loop.evaluate_split = evaluate_then_fire
 
   else:
     method = 'save' if moment == 'save' else 'save_best'

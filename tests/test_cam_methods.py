@@ -203,7 +203,7 @@ def test_registry_defines_the_methods_and_unknown_ones_list_them():
 def test_explain_never_imports_the_training_code():
   """A trained model is explained without the objective, steps or the training and eval
   loops."""
-  training = ('train_lib', 'steps', 'objective', 'evaluation', 'run_setup', 'eval_lib')
+  training = ('train_lib', 'steps', 'objective', 'split_loop', 'run_setup', 'eval_lib')
   training += ('grids', 'checkpointing')
   code = (
     'import sys; import bcam_jax.explain; '

@@ -20,12 +20,12 @@ from bcam_jax import (
   data,
   eval_lib,
   eval_options,
-  evaluation,
   parallel,
+  split_loop,
   train_lib,
 )
 from bcam_jax.configs import base
-from bcam_jax.report import markdown
+from bcam_jax.report import eval_report
 from tests import synthetic
 from tests.test_train import REPO, _tensorboard_tags, tiny_config
 
@@ -75,7 +75,7 @@ def test_eval_py_writes_every_output(trained):
   assert proc.returncode == 0, proc.stderr[-3000:]
   # Progress lines: a short time stamp, not absl's 60-character prefix.
   assert re.search(r'^\d\d:\d\d:\d\d score_cam: 50/50 images, [\d.]+ img/s', proc.stderr, re.M)
-  assert not re.search(r'^I\d{4} .* (evaluation|eval_lib|run_setup)\.py:\d+\]', proc.stderr, re.M)
+  assert not re.search(r'^I\d{4} .* (split_loop|eval_lib|run_setup)\.py:\d+\]', proc.stderr, re.M)
   out = os.path.join(workdir, 'eval')
   for name in FILES:
     assert os.path.getsize(os.path.join(out, name)) > 0, name
@@ -106,7 +106,7 @@ def test_eval_py_writes_every_output(trained):
   assert metrics['n_steps'] == 4  # CA-Stream's 8 * 28 = 224 pixels per step, 784 pixels
   assert sorted(metrics['methods']) == sorted(METHODS)
   for values in metrics['methods'].values():
-    assert sorted(values) == sorted(key for key, _ in markdown.METHOD_COLUMNS)
+    assert sorted(values) == sorted(key for key, _ in eval_report.METHOD_COLUMNS)
     assert 0 <= values['average_drop'] <= 100 and 0 <= values['average_increase'] <= 100
     assert 0 <= values['deletion'] <= 1 and 0 <= values['insertion'] <= 1
     assert 0 <= values['alignment_l1'] <= 1
@@ -263,9 +263,9 @@ def test_progress_times_the_computation_not_the_dispatch():
   split = data.Split(np.zeros((24, 28, 28, 1), np.uint8), np.zeros((24,), np.int32))
   mesh = parallel.make_mesh(jax.devices()[:1])
   step_fn(*parallel.shard_batch(mesh, *next(data.eval_batches(split, 4))))  # compiled
-  progress = evaluation.Progress('slow', len(split))
+  progress = split_loop.Progress('slow', len(split))
   start = time.time()
-  sums = evaluation.sum_over_split(mesh, split, 4, step_fn, progress=progress)
+  sums = split_loop.sum_over_split(mesh, split, 4, step_fn, progress=progress)
   true_rate = len(split) / (time.time() - start)
   assert sums['count'] == 24
   print('RATES', progress.rate(), true_rate)

@@ -21,8 +21,8 @@ from bcam_jax import (
   configs,
   data,
   eval_lib,
-  evaluation,
   run_setup,
+  split_loop,
   steps,
   train_lib,
 )
@@ -196,7 +196,7 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
   variables = jax.jit(steps.make_variables_fn(run.model, config.seed, 28))()
   split = run.datasets.test
   prototypes = jax.random.uniform(jax.random.key(0), (10, 28, 28))
-  got, class_cams = evaluation.evaluate_split(run, run.eval_step(), variables, split, prototypes)
+  got, class_cams = split_loop.evaluate_split(run, run.eval_step(), variables, split, prototypes)
   # Naive reference: one example at a time, no padding, no sharding.
   info = run.datasets.info
   head = lambda a: run.model.apply(variables, a, method='head')
@@ -212,7 +212,7 @@ def test_masked_evaluation_counts_every_example_once(idx_dir):
     grads.append(g[0])
     m = cam.normalize_cam(cam.upsample_cam(cam.weighted_activation(features['cam'][0], g[0]), 28))
     proto.append(float(np.abs(m - prototypes[label]).mean()))
-  sums = evaluation.sum_over_split(
+  sums = split_loop.sum_over_split(
     run.mesh, split, run.eval_batch_size, run.eval_step(), variables, prototypes
   )
   assert sums['count'] == len(split) == 60

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from bcam_jax import io_utils, metric_logging
-from bcam_jax.report import figures, markdown
+from bcam_jax.report import eval_report, figures
 
 TEST_SCALARS = ('test_loss', 'test_accuracy', 'test_proto_loss', 'test_bcam_loss')
 FIGURES = (
@@ -59,7 +59,7 @@ def write(
       os.path.join(out, 'overlays.png'), *overlays, info.class_names, overlay_caption
     )
   io_utils.write_json(os.path.join(out, 'metrics.json'), result)
-  text = markdown.render(result, info.class_names)
+  text = eval_report.render(result, info.class_names)
   io_utils.atomic_write(os.path.join(out, 'report.md'), lambda f: f.write(text.encode()))
   return _write_tensorboard(out, result, text)
 

@@ -12,7 +12,7 @@ import ml_collections
 
 from bcam_jax import conditions
 from bcam_jax.metric_logging import format_duration
-from bcam_jax.report.markdown import markdown_table
+from bcam_jax.report.eval_report import markdown_table
 
 _ORDER = conditions.NAMES  # the paper's conditions, then the ablations
 
