@@ -1,7 +1,9 @@
 """Start-up checks of a training config: unknown names and impossible values fail fast.
 
 Each error names the config field, the offending value and what is valid, before any
-data is loaded or any model is compiled.
+data is loaded or any model is compiled. `complete` gives a config written before a field
+existed that field at its `configs/base.py` default, once, so the code reads every field
+directly.
 """
 
 import json
@@ -51,12 +53,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _validate_tfds_by_name(config.data)
   else:
     _choice('data.name', config.data.name, tuple(data.DATASETS))
-    if config.data.get('channels') not in (None, 0, 1):
+    if config.data.channels not in (None, 0, 1):
       raise ConfigError(
         f'config.data.channels={config.data.channels!r} applies to image folders and TFDS '
         f'datasets by name; {config.data.name!r} has 1 channel: leave it 0 (or 1).'
       )
-  if config.data.source != 'folder' and config.data.get('folder_dir'):
+  if config.data.source != 'folder' and config.data.folder_dir:
     raise ConfigError(
       f'config.data.folder_dir={config.data.folder_dir!r} is read only with '
       f"config.data.source='folder', but config.data.source={config.data.source!r}; "
@@ -100,7 +102,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('loss.cam_gradient', config.loss.cam_gradient, objective.CAM_GRADIENTS)
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
-  _choice('model.conv_lowering', config.model.get('conv_lowering', 'auto'), LOWERINGS)
+  _choice('model.conv_lowering', config.model.conv_lowering, LOWERINGS)
   if config.model.head == 'softcam' and config.model.pooling == 'ca_stream':
     raise ConfigError(
       'config.model.head="softcam" does not combine with '
@@ -176,7 +178,7 @@ def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
   is read only with 'file'."""
   _choice('data.prototypes', data_config.prototypes, data.PROTOTYPE_KINDS)
   sources = data.PROTOTYPE_SOURCES
-  _choice('data.prototypes_from', data_config.get('prototypes_from', 'split'), sources)
+  _choice('data.prototypes_from', data_config.prototypes_from, sources)
   path = data_config.prototypes_file
   if data_config.prototypes == 'file':
     if not path or not os.path.isfile(os.path.expanduser(path)):
@@ -193,8 +195,8 @@ def _validate_prototypes(data_config: ml_collections.ConfigDict) -> None:
 
 def _validate_stream_and_augment(data_config: ml_collections.ConfigDict) -> None:
   """data.stream / in_memory_limit_mb / decode_workers (streaming serves image folders) and
-  data.augment's flags and ranges; configs written before these fields pass."""
-  stream = data_config.get('stream', 'auto')
+  data.augment's flags and ranges."""
+  stream = data_config.stream
   _choice('data.stream', stream, data.streaming.STREAM_MODES)
   by_name = data_config.source == 'tfds' and data_config.name not in data.DATASETS
   if stream == 'stream' and data_config.source != 'folder' and not by_name:
@@ -203,16 +205,14 @@ def _validate_stream_and_augment(data_config: ml_collections.ConfigDict) -> None
       f'TFDS datasets by name; {data_config.name!r} from config.data.source='
       f'{data_config.source!r} is read into memory: use stream auto or memory.'
     )
-  limit = data_config.get('in_memory_limit_mb', data.streaming.DEFAULT_LIMIT_MB)
+  limit = data_config.in_memory_limit_mb
   if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
     raise ConfigError(
       f'config.data.in_memory_limit_mb={limit!r}; expected a number of MiB >= 0 (stream '
       "'auto' streams an image folder whose decoded splits exceed it)."
     )
-  _positive('data.decode_workers', data_config.get('decode_workers', 0), allow_zero=True)
-  augment = data_config.get('augment')
-  if augment is None:
-    return
+  _positive('data.decode_workers', data_config.decode_workers, allow_zero=True)
+  augment = data_config.augment
   for flag in ('random_resized_crop', 'horizontal_flip'):
     if not isinstance(augment[flag], bool):
       raise ConfigError(f'config.data.augment.{flag}={augment[flag]!r}; expected True or False.')
@@ -243,6 +243,28 @@ _STRUCTURAL = (
 )
 # Fields that change how a step computes, never the variables or their values beyond rounding.
 _SPEED_ONLY = ('model.conv_lowering', 'model.options.batch_norm')
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every field of the base config it lacks, at its default; the
+  fields it has keep their values. Model options are the model's (`models`), not the
+  base's: they are left as they are."""
+  completed = ml_collections.ConfigDict(config.to_dict(), type_safe=config.is_type_safe)
+
+  def add_missing(node, defaults, path):
+    for key, default in defaults.items():
+      if key not in node:
+        node[key] = default
+      elif isinstance(default, ml_collections.ConfigDict) and path + (key,) != _OPTIONS:
+        add_missing(node[key], default, path + (key,))
+
+  add_missing(completed, base.get_base_config(), ())
+  if config.is_locked:
+    completed.lock()
+  return completed
+
+
+_OPTIONS = ('model', 'options')
 
 
 def check_matches_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

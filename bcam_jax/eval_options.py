@@ -39,12 +39,12 @@ class EvalOptions:
   layer of the features dict; insertion and deletion (`faithfulness.insertion_deletion`),
   by default CA-Stream's convention: blur_size, blur_sigma: insertion starts from RISE's
   blur (`faithfulness.rise_blur`, a blur_size x blur_sigma kernel, CA-Stream's 5 x 5; RISE's
-  own 11 x 5), blur_size 0 for this project's previous Gaussian of sigma side / 10;
+  own 11 x 5), blur_size 0 for a Gaussian of sigma side / 10 (`faithfulness.blur`);
   deletion_baseline: what deleted pixels (and the RISE blur's padding) become, 'mean' (0 in
   normalised space, the dataset mean in pixels) or 'black' (0 in pixel space);
   pixels_per_step: pixels per step, 0 for 8 * side (CA-Stream's), or n_steps > 0 equal
-  steps instead (the previous rule, 25); the previous convention is n_steps=25,
-  blur_size=0, deletion_baseline='black'; method_batch_size: images per jitted call of a
+  steps instead; the equal-steps convention (this project's tables in results/) is
+  n_steps=25, blur_size=0, deletion_baseline='black'; method_batch_size: images per jitted call of a
   method
   (Score-CAM and insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
   num_overlays: test images in overlays.png;

@@ -15,16 +15,11 @@ from flax import traverse_util
 
 from bcam_jax import data, models, optim, parallel, prototypes, split_loop, steps
 from bcam_jax.checkpointing import Checkpoints
-from bcam_jax.config_validation import ConfigError, validate_config
+from bcam_jax.config_validation import ConfigError, complete, validate_config
 from bcam_jax.models.base import is_stream_param
 from bcam_jax.objective import Objective
 
 CHECKPOINTS = ('best', 'last')
-
-
-def conv_lowering(config: ml_collections.ConfigDict) -> str:
-  """config.model.conv_lowering, "auto" for configs written before it existed."""
-  return config.model.get('conv_lowering', 'auto')
 
 
 @dataclasses.dataclass
@@ -85,7 +80,7 @@ class RunSetup:
       write=jax.process_index() == 0,
       kind=self.config.data.prototypes,
       prototypes_file=self.config.data.prototypes_file,
-      source=self.config.data.get('prototypes_from', 'split'),
+      source=self.config.data.prototypes_from,
     )
     return {k: parallel.replicate(self.mesh, v) for k, v in protos.items()}
 
@@ -115,7 +110,7 @@ class RunSetup:
       cfg.model.name,
       self.datasets.info.num_classes,
       dtype=self.dtype,
-      conv_lowering=conv_lowering(cfg),
+      conv_lowering=cfg.model.conv_lowering,
       **cfg.model.options,
     )
     abstract = self._replicated_shapes(
@@ -198,6 +193,7 @@ def setup_run(
   `workdir` caches the train mean and std of data without literature constants (an image
   folder, a TFDS dataset by name) in `<workdir>/data_stats.json`, written by process 0.
   """
+  config = complete(config)  # a config written before a field existed: its default
   validate_config(config)
   mesh = parallel.make_mesh(devices)
   try:
@@ -232,7 +228,7 @@ def setup_run(
       dtype=dtype,
       head=config.model.head,
       pooling=config.model.pooling,
-      conv_lowering=conv_lowering(config),
+      conv_lowering=config.model.conv_lowering,
       **config.model.options,
     )
   except ValueError as error:  # an unknown or invalid config.model.options entry

@@ -156,6 +156,7 @@ class _Window:
 
 def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
   run = setup_run(config, devices, workdir)  # validates the config
+  config = run.config  # with the defaults of fields it was written without
   check_matches_workdir(config, workdir)  # before anything is written there
   is_writer = jax.process_index() == 0
   if is_writer:

@@ -183,3 +183,36 @@ def test_command_line_sets_a_model_option_the_config_leaves_out(monkeypatch):
 def test_an_override_of_a_field_the_config_lacks_is_named(monkeypatch, override, message):
   with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
     _parse_config_flag(monkeypatch, override)
+
+
+def test_a_config_written_before_a_field_existed_gets_its_default():
+  """`config_validation.complete`: fields the config lacks come from the base config, at
+  any depth; what it sets stays; the model's options are not the base's to fill."""
+  from bcam_jax import config_validation
+  from bcam_jax.configs import base
+
+  config = experiment.get_config('model=resnet18,loss=bcpl')
+  config.model.options = {'width': 8}
+  config.data.image_size = 32
+  with config.unlocked():
+    for node, key in (
+      (config.data, 'stream'),
+      (config.data, 'augment'),
+      (config.data, 'decode_workers'),
+      (config.model, 'conv_lowering'),
+      (config.eval, 'road'),
+      (config.eval, 'methods'),
+    ):
+      del node[key]
+  config.lock()
+  completed = config_validation.complete(config)
+  defaults = base.get_base_config()
+  assert completed.data.stream == defaults.data.stream == 'auto'
+  assert completed.data.augment.to_dict() == defaults.data.augment.to_dict()
+  assert completed.data.decode_workers == 0 and completed.model.conv_lowering == 'auto'
+  assert completed.eval.road is False and completed.eval.methods == ''
+  assert completed.data.image_size == 32 and completed.loss.kind == 'bcpl'
+  assert completed.model.options.to_dict() == {'width': 8}
+  assert completed.is_locked
+  assert config_validation.complete(completed).to_dict() == completed.to_dict()
+  assert 'stream' not in config.data  # the config itself is left as it was

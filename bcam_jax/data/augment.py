@@ -41,10 +41,8 @@ class AugmentOptions:
 
   @classmethod
   def from_config(cls, data_config) -> 'AugmentOptions':
-    """The options of `data_config.augment`; none (all off) for configs written before it."""
-    augment = data_config.get('augment')
-    if augment is None:
-      return cls()
+    """The options of `data_config.augment`."""
+    augment = data_config.augment
     return cls(
       random_resized_crop=bool(augment.random_resized_crop),
       scale=tuple(float(v) for v in augment.scale),

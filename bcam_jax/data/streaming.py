@@ -59,7 +59,6 @@ from bcam_jax.data.records import CHUNK, materialize
 
 DEFAULT_READ_AHEAD = 2  # training batches fetched while the step before runs
 STREAM_MODES = ('auto', 'stream', 'memory')
-DEFAULT_LIMIT_MB = 2048.0  # data.in_memory_limit_mb: 'auto' streams a folder larger decoded
 
 
 def default_workers() -> int:
@@ -334,11 +333,11 @@ def load_streamed_folder(
 
 def _stream_choice(data_config, what: str, count: int, size: int, channels: int):
   """(whether to stream, decoding threads) for `count` images of size^2 x channels, as
-  ``data.stream``, ``data.in_memory_limit_mb`` and ``data.decode_workers`` say (configs
-  written before these fields read them as 'auto', 2048 and 0), logging which."""
-  mode = data_config.get('stream', 'auto')
-  limit_mb = data_config.get('in_memory_limit_mb', DEFAULT_LIMIT_MB)
-  workers = data_config.get('decode_workers', 0) or default_workers()
+  ``data.stream``, ``data.in_memory_limit_mb`` and ``data.decode_workers`` say, logging
+  which."""
+  mode = data_config.stream
+  limit_mb = data_config.in_memory_limit_mb
+  workers = data_config.decode_workers or default_workers()
   megabytes = decoded_megabytes(count, size, channels)
   stream = should_stream(mode, megabytes, limit_mb)
   logging.info(
@@ -360,7 +359,6 @@ def read_folder_for(data_config, root: str) -> FolderDataset:
   'auto' streams when every split decoded at ``data.image_size`` would take more than
   ``data.in_memory_limit_mb`` MiB (counting 3 channels when ``data.channels`` is 0, before
   the headers are read); ``data.decode_workers`` threads decode (0: `default_workers`).
-  Configs written before these fields existed read them as 'auto', 2048 and 0.
   """
   channels = data_config.channels or None
   index = scan_image_folder(root)
@@ -404,7 +402,6 @@ def streamed_class_sums(split, num_classes: int) -> tuple[np.ndarray, np.ndarray
 
 
 __all__ = [
-  'DEFAULT_LIMIT_MB',
   'DEFAULT_READ_AHEAD',
   'STREAM_MODES',
   'FolderSource',

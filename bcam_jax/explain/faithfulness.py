@@ -71,7 +71,7 @@ def saliency_ranks(saliency: jax.Array) -> jax.Array:
 
 
 def blur(pixels: jax.Array, sigma: float | None = None) -> jax.Array:
-  """This project's previous insertion start: Gaussian blur of `(N, H, W, C)` images in
+  """The equal-steps convention's insertion start: Gaussian blur of `(N, H, W, C)` images in
   pixel space, zero-padded; sigma defaults to side / 10 (2.8 px at 28x28), kernel +-2
   sigma."""
   sigma = sigma or pixels.shape[1] / 10
@@ -126,8 +126,8 @@ def rise_blur(
 def step_counts(height: int, width: int, n_steps: int = 0, pixels_per_step: int = 0) -> np.ndarray:
   """Pixels revealed or removed after each step, `(S + 1,)` from 0 to H * W.
 
-  n_steps > 0: S = n_steps equal steps, round(s * H * W / n_steps) (this project's previous
-  rule); otherwise `pixels_per_step` per step (0: 8 * max(H, W), CA-Stream's), S =
+  n_steps > 0: S = n_steps equal steps, round(s * H * W / n_steps) (the equal-steps
+  convention); otherwise `pixels_per_step` per step (0: 8 * max(H, W), CA-Stream's), S =
   ceil(H * W / pixels_per_step), min(s * pixels_per_step, H * W), as RISE.
   """
   size = height * width

@@ -17,7 +17,8 @@ from the backend and the static shapes at trace time:
   non-overlapping (kernel <= stride) convolutions, ``chunked_grad`` for the other one-group
   convolutions on CPU, else ``xla`` (``choose_lowering``; bench/conv_lowering.py measures
   each case);
-* ``"auto_xla_grad"``: ``"auto"`` as it was before ``chunked_grad`` (``xla`` in its place).
+* ``"auto_xla_grad"``: ``"auto"`` with ``xla`` wherever it would take ``chunked_grad``
+  (XLA's own weight-gradient convolution).
 
 Parameters are ``nn.Conv``'s own, so checkpoints do not depend on the lowering.
 
@@ -208,7 +209,8 @@ depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 # Bytes of one step's im2col columns in the chunked weight gradient: at 28x28x64 that is 4
-# samples (1.8 MB each), at 14x14x128 8, at 7x7x256 and 4x4x512 16 (bench/README.md, issue 21).
+# samples (1.8 MB each), at 14x14x128 8, at 7x7x256 and 4x4x512 16 (bench/README.md, "The
+# weight gradient of 3x3 convolutions, chunked").
 GEMM_GRAD_CHUNK_BYTES = 8 << 20
 
 
@@ -262,7 +264,7 @@ def chunked_grad_conv(x: jax.Array, w: jax.Array, strides, pads) -> jax.Array:
   """XLA's convolution (NHWC x, HWIO w, one group, explicit ``pads``), whose backward pass
   takes XLA's input gradient and computes the kernel gradient as im2col GEMMs over batch
   chunks (``_chunked_kernel_grad``): XLA:CPU's own weight-gradient convolution runs at
-  3-4x the forward's time on 28x28 and 14x14 maps (issue 21). The backward is made of
+  3-4x the forward's time on 28x28 and 14x14 maps (bench/README.md). The backward is made of
   differentiable operations, so gradients of gradients work."""
   return _xla_conv(x, w, strides, pads)
 
@@ -309,10 +311,10 @@ def choose_lowering(
   and every other one-group convolution (3x3 on maps of 5x5 and up, stride 1 or 2, and on
   4x4 maps from CHUNKED_GRAD_MIN_CHANNELS input channels; the ImageNet stem's 7x7) is
   "chunked_grad": XLA's forward and input gradient, the kernel gradient as im2col GEMMs over
-  batch chunks (1.2-12x faster than XLA's weight-gradient convolution, issue 21). 4x4 maps
+  batch chunks (1.2-12x faster than XLA's weight-gradient convolution on CPU). 4x4 maps
   with fewer channels stay on XLA, where the GEMMs are too small to win. "auto_xla_grad" is
-  the rule before chunked_grad (XLA's convolution wherever "auto" takes it), kept to
-  measure the difference.
+  this rule with XLA's convolution wherever it takes chunked_grad, to measure what
+  chunked_grad gains.
 
   Either lowering sums in its own order, so float32 results differ by rounding (and float32
   training runs then drift apart like runs on different meshes, bench/mesh_drift.py); in

@@ -9,7 +9,7 @@ Fashion-MNIST, 1 seed, 1 epoch (about 15 min a cell on CPU). The ablation: Simpl
 BCPL-L1 with Grad-CAM's gradient G held constant in the loss
 (config.loss.cam_gradient='through_features', condition `bcpl-l1-through_features`), as
 the main block. Grad-CAM metrics on the first 1000 test images, insertion/deletion by the
-previous convention (10 equal steps, sigma side/10 blur, deletion to black) as
+equal-steps convention (10 equal steps, sigma side/10 blur, deletion to black) as
 results/cpu_small was measured. Expected: SimpleCNN about 99.2% MNIST and 90.5%
 Fashion-MNIST after 2 epochs (below the paper's best of 99.00 / 91.32 only on
 Fashion-MNIST, which the paper trained longer), BCPL within a seed std of the baseline,
@@ -59,8 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ]
   )
   config.overrides = ()  # (('dotted.field', value), ...) applied to every cell
-  # results/cpu_small was measured with the previous insertion/deletion convention: 10 equal
-  # steps, a Gaussian blur of sigma side/10, deletion to black.
+  # results/cpu_small was measured with the equal-steps insertion/deletion convention: 10
+  # equal steps, a Gaussian blur of sigma side/10, deletion to black.
   config.eval = ml_collections.ConfigDict(
     dict(num_images=1000, n_steps=10, blur_size=0, deletion_baseline='black')
   )
