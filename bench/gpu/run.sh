@@ -233,6 +233,7 @@ fi
   echo
   echo '```'
   cat "$STAGE/env.json"
+  echo
   echo '```'
   echo
   if [ -f "$STAGE/ab/speed.md" ]; then echo "## A/B"; sed 1d "$STAGE/ab/speed.md"; echo; fi
