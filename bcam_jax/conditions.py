@@ -18,6 +18,8 @@ import dataclasses
 import ml_collections
 
 from bcam_jax import objective
+from bcam_jax.models.heads import HeadKind
+from bcam_jax.objective import LossKind
 
 BASELINE = 'baseline'
 
@@ -31,13 +33,16 @@ class Condition:
   config.loss.cam_gradient ('full' for the baseline, which has no CAM term).
   """
 
-  loss: str
+  loss: LossKind
   metric: str | None = None
   cam_gradient: str = 'full'
 
+  def __post_init__(self):
+    object.__setattr__(self, 'loss', LossKind(self.loss))  # a config's string, typed
+
   @property
   def name(self) -> str:
-    if self.loss == 'ce':
+    if not self.loss.has_cam_term:
       return BASELINE
     suffix = '' if self.cam_gradient == 'full' else f'-{self.cam_gradient}'
     return f'{self.loss}-{self.metric}{suffix}'
@@ -47,21 +52,25 @@ class Condition:
     """Default CAM-term weight (lambda_class = 1). proto averages over images where bcpl
     sums over the classes of the batch, so bcpl's 0.1 gives each class about the weight
     that proto's 1 does (the choice is measured in bench/README.md, lambda sweep)."""
-    return {'proto': 1.0, 'bcpl': 0.1}.get(self.loss)
+    return {LossKind.PROTO: 1.0, LossKind.BCPL: 0.1}.get(self.loss)
 
 
 # In the paper's table order.
 CONDITIONS = {
   c.name: c
-  for c in [Condition('ce')]
-  + [Condition(kind, metric) for kind in ('proto', 'bcpl') for metric in objective.METRICS]
+  for c in [Condition(LossKind.CE)]
+  + [
+    Condition(kind, metric)
+    for kind in (LossKind.PROTO, LossKind.BCPL)
+    for metric in objective.METRICS
+  ]
 }
 # The CAM conditions trained through the features A alone (G constant), in the same order.
 ABLATIONS = {
   c.name: c
   for c in (
     Condition(kind, metric, 'through_features')
-    for kind in ('proto', 'bcpl')
+    for kind in (LossKind.PROTO, LossKind.BCPL)
     for metric in objective.METRICS
   )
 }
@@ -77,15 +86,15 @@ def get(name: str) -> Condition:
 
 def of_loss(loss: ml_collections.ConfigDict) -> Condition:
   """The condition that a config's `loss` section trains."""
-  if loss.kind == 'ce':
-    return Condition('ce')
+  if not LossKind(loss.kind).has_cam_term:
+    return Condition(LossKind.CE)
   return Condition(loss.kind, loss.metric, loss.cam_gradient)
 
 
 def apply(config: ml_collections.ConfigDict, condition: Condition) -> ml_collections.ConfigDict:
   """Sets `config.loss` to `condition`: kind, metric (unless None), CAM gradient and
   default lambda_cam."""
-  config.loss.kind = condition.loss
+  config.loss.kind = condition.loss.value
   config.loss.cam_gradient = condition.cam_gradient
   if condition.metric is not None:
     config.loss.metric = condition.metric
@@ -94,9 +103,9 @@ def apply(config: ml_collections.ConfigDict, condition: Condition) -> ml_collect
   return config
 
 
-def with_loss(kind: str) -> tuple[Condition, ...]:
-  """The conditions whose loss is `kind` (e.g. 'bcpl'), in table order."""
-  return tuple(c for c in CONDITIONS.values() if c.loss == kind)
+def with_loss(kind: LossKind) -> tuple[Condition, ...]:
+  """The conditions whose loss is `kind` (e.g. `LossKind.BCPL`), in table order."""
+  return tuple(c for c in CONDITIONS.values() if c.loss is LossKind(kind))
 
 
 def describe(config: ml_collections.ConfigDict) -> str:
@@ -105,17 +114,18 @@ def describe(config: ml_collections.ConfigDict) -> str:
   ElasticNet's 'mean' form (not the paper's 'sum') carry ' (mean)'."""
   loss = config.loss
   text = of_loss(loss).name
-  if config.model.head == 'softcam':
+  kind = HeadKind(config.model.head, config.model.pooling)
+  if kind.evidence:
     lambdas = [f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']]
     mean = lambdas and loss.elastic_net_reduction == 'mean'
     text += ' softcam' + ''.join(lambdas) + (' (mean)' if mean else '')
-  if config.model.pooling == 'ca_stream':
+  if kind.attention:
     text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
   return text
 
 
 def loss_formula(loss: ml_collections.ConfigDict) -> str:
   """The training objective of `config.loss` as a formula, e.g. '1.0 * ce + 0.1 * bcpl-l1'."""
-  if loss.kind == 'ce':
+  if not LossKind(loss.kind).has_cam_term:
     return 'ce'
   return f'{loss.lambda_class} * ce + {loss.lambda_cam} * {of_loss(loss).name}'

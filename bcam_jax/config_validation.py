@@ -16,7 +16,7 @@ from bcam_jax import data, objective, optim
 from bcam_jax.configs import base
 from bcam_jax.models import MODEL_NAMES, model_option_defaults
 from bcam_jax.models.conv import LOWERINGS
-from bcam_jax.models.heads import HEAD_TYPES, POOLINGS
+from bcam_jax.models.heads import HEAD_TYPES, POOLINGS, HeadKind
 
 DTYPES = ('float32', 'bfloat16', 'float64')
 DATA_SOURCES = ('auto', 'tfds', 'idx', 'download', 'folder')
@@ -103,25 +103,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice('model.head', config.model.head, HEAD_TYPES)
   _choice('model.pooling', config.model.pooling, POOLINGS)
   _choice('model.conv_lowering', config.model.conv_lowering, LOWERINGS)
-  if config.model.head == 'softcam' and config.model.pooling == 'ca_stream':
-    raise ConfigError(
-      'config.model.head="softcam" does not combine with '
-      'config.model.pooling="ca_stream" (Soft-CAM pools its evidence by the '
-      'mean); choose one.'
-    )
-  if config.model.head == 'softcam' and config.loss.cam_gradient != 'full':
+  try:
+    kind = HeadKind(config.model.head, config.model.pooling)
+  except ValueError as error:  # names are valid: a combination that does not exist
+    raise ConfigError(f'config.model: {error}; choose one.') from None
+  if kind.evidence and config.loss.cam_gradient != 'full':
     raise ConfigError(
       f"config.loss.cam_gradient={config.loss.cam_gradient!r} holds Grad-CAM's gradient G "
       'constant, but config.model.head="softcam" explains by evidence maps, which have no '
       "G: use config.loss.cam_gradient='full'."
     )
-  if (config.loss.lambda_l1 or config.loss.lambda_l2) and config.model.head != 'softcam':
+  if (config.loss.lambda_l1 or config.loss.lambda_l2) and not kind.evidence:
     raise ConfigError(
       'config.loss.lambda_l1 / lambda_l2 penalise Soft-CAM evidence maps: '
       'they need config.model.head="softcam".'
     )
   if config.model.ca_stream.freeze_backbone:
-    if config.model.pooling != 'ca_stream':
+    if not kind.attention:
       raise ConfigError(
         'config.model.ca_stream.freeze_backbone=True needs config.model.pooling="ca_stream".'
       )

@@ -35,6 +35,7 @@ from bcam_jax import conditions, eval_lib, io_utils, paper_tables, train_lib
 from bcam_jax.config_validation import validate_config
 from bcam_jax.eval_options import EvalOptions
 from bcam_jax.metric_logging import format_duration
+from bcam_jax.objective import LossKind
 from bcam_jax.report import figures, grid_tables
 
 # The experiment config: argument 'model=<name>' -> that model's baseline config.
@@ -277,7 +278,7 @@ def comparisons(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     bcpl = next(
       (
         by_key[(model, dataset, size, c.name)]
-        for c in conditions.with_loss('bcpl')
+        for c in conditions.with_loss(LossKind.BCPL)
         if (model, dataset, size, c.name) in by_key
       ),
       None,

@@ -15,6 +15,7 @@ through the head); `cam_gradient='through_features'` holds G constant in the los
 """
 
 import dataclasses
+import enum
 
 import dm_pix
 import jax
@@ -26,7 +27,24 @@ from bcam_jax import cam, models
 from bcam_jax.models import heads
 
 METRICS = ('l1', 'l2', 'ssim')
-LOSS_KINDS = ('ce', 'proto', 'bcpl')
+
+
+class LossKind(enum.StrEnum):
+  """The CAM term of the objective: none (`CE`), the per-image Prototype Loss (`PROTO`) or
+  the Batch-CAM Prototype Loss (`BCPL`). Equal to its name as a string ('ce', ...), which
+  the config holds."""
+
+  CE = 'ce'
+  PROTO = 'proto'
+  BCPL = 'bcpl'
+
+  @property
+  def has_cam_term(self) -> bool:
+    """Whether training compares explanations with the prototypes."""
+    return self is not LossKind.CE
+
+
+LOSS_KINDS = tuple(k.value for k in LossKind)
 ELASTIC_NET_REDUCTIONS = ('sum', 'mean')
 # How the CAM term's gradient reaches the parameters: through A and G = dS_y/dA ('full'), or
 # through A alone with G held constant ('through_features': what torch.autograd.grad's
@@ -140,14 +158,14 @@ class EvidenceExplanation:
 
 
 def explanation_type(model) -> type:
-  return EvidenceExplanation if model.head_type == 'softcam' else GradCamExplanation
+  return EvidenceExplanation if model.kind.evidence else GradCamExplanation
 
 
 def logits_and_explanation(model, variables, features: dict, labels, explain: bool):
   """(logits `(N, C)`, explanation of the labels or None, Soft-CAM evidence `(N, h, w, C)`
   or None) from the backbone's features; one VJP of the head for Grad-CAM."""
   a = features['cam']
-  if model.head_type == 'softcam':
+  if model.kind.evidence:
     evidence = model.apply(variables, a, method='evidence')
     return (
       jnp.mean(evidence, axis=(1, 2)),
@@ -179,7 +197,7 @@ class Objective:
   says what its sums run over (`elastic_net`).
   """
 
-  kind: str = 'ce'
+  kind: LossKind = LossKind.CE
   metric: str = 'l1'
   lambda_class: float = 1.0
   lambda_cam: float = 1.0
@@ -191,6 +209,9 @@ class Objective:
   cam_gradient: str = 'full'
 
   def __post_init__(self):
+    if self.kind not in LOSS_KINDS:
+      raise ValueError(f'kind={self.kind!r}; valid: {LOSS_KINDS}')
+    object.__setattr__(self, 'kind', LossKind(self.kind))  # a config's string, typed
     if self.cam_gradient not in CAM_GRADIENTS:
       raise ValueError(f'cam_gradient={self.cam_gradient!r}; valid: {CAM_GRADIENTS}')
 
@@ -224,10 +245,10 @@ class Objective:
           "map has no G: use cam_gradient='full'."
         )
       explanation = explanation.with_constant_gradients()
-    if self.kind == 'proto':
+    if self.kind is LossKind.PROTO:
       maps = self.prototype_space(explanation.image_maps())
       return prototype_loss(maps, labels, prototypes, self.metric)
-    if self.kind == 'bcpl':
+    if self.kind is LossKind.BCPL:
       ones = jnp.ones(labels.shape, jnp.float32)
       sums = explanation.class_sums(labels, self.num_classes, ones)
       counts = cam.class_sums(ones, labels, self.num_classes)[0]
@@ -242,7 +263,7 @@ class Objective:
     return elastic_net(evidence, self.lambda_l1, self.lambda_l2, self.elastic_net_reduction)
 
   def total(self, ce: jax.Array, cam_term: jax.Array, penalty=0.0) -> jax.Array:
-    if self.kind == 'ce':
+    if not self.kind.has_cam_term:
       return self.lambda_class * ce + penalty
     return self.lambda_class * ce + self.lambda_cam * cam_term + penalty
 
@@ -267,7 +288,7 @@ class Objective:
       'proto_loss': float(totals['proto_sum']) / count,
       'bcam_loss': float(batch_cam_loss(class_maps, counts, prototypes, self.metric)),
     }
-    if self.kind != 'ce':
-      cam_term = metrics['proto_loss' if self.kind == 'proto' else 'bcam_loss']
+    if self.kind.has_cam_term:
+      cam_term = metrics['proto_loss' if self.kind is LossKind.PROTO else 'bcam_loss']
       metrics['total'] = float(self.total(metrics['loss'], cam_term))
     return metrics, np.asarray(class_maps)

@@ -17,7 +17,7 @@ from bcam_jax import data, models, optim, parallel, prototypes, split_loop, step
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, complete, validate_config
 from bcam_jax.models.base import is_stream_param
-from bcam_jax.objective import Objective
+from bcam_jax.objective import LossKind, Objective
 
 CHECKPOINTS = ('best', 'last')
 
@@ -260,7 +260,7 @@ def _check_cam_side(config: ml_collections.ConfigDict, model) -> None:
       f'config.data.image_size={config.data.image_size} is too small for '
       f'{model.label()}: it needs image_size >= {model.min_image_side()}.'
     )
-  if config.loss.kind != 'ce' and 1 <= side < 2:
+  if LossKind(config.loss.kind).has_cam_term and 1 <= side < 2:
     need = next(s for s in itertools.count(config.data.image_size) if model.cam_side(s) >= 2)
     raise ConfigError(
       f'config.data.image_size={config.data.image_size} gives {model.label()} a {side}x'

@@ -110,11 +110,11 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
       )
       new_batch_stats = updates.get('batch_stats', {})
     logits, explanation, evidence = logits_and_explanation(
-      model, variables, features, labels, explain=objective.kind != 'ce'
+      model, variables, features, labels, explain=objective.kind.has_cam_term
     )
     cam_term = (
       objective.cam_term(explanation, labels, prototypes)
-      if objective.kind != 'ce'
+      if objective.kind.has_cam_term
       else jnp.zeros((), jnp.float32)
     )
     penalty = objective.penalty(evidence)

@@ -115,9 +115,9 @@ def train_metric_keys(objective, model) -> tuple[str, ...]:
   ce, cam (the CAM term, not under 'ce') and penalty (Soft-CAM's ElasticNet, with a
   Soft-CAM head and a non-zero lambda). Under plain 'ce' the loss is the CE: one key."""
   terms = ()
-  if objective.kind != 'ce':
+  if objective.kind.has_cam_term:
     terms += ('cam',)
-  if model.head_type == 'softcam' and (objective.lambda_l1 or objective.lambda_l2):
+  if model.kind.evidence and (objective.lambda_l1 or objective.lambda_l2):
     terms += ('penalty',)
   return ('loss',) + (('ce',) + terms if terms else ()) + ('accuracy',)
 

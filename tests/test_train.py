@@ -28,6 +28,7 @@ from bcam_jax import (
 )
 from bcam_jax import objective as objective_lib
 from bcam_jax.configs import experiment
+from bcam_jax.models.heads import HeadKind
 from tests import numerics, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,10 +158,10 @@ def test_train_metrics_leave_out_duplicates_and_zeros():
   """Under plain CE the loss is the CE (one key); the CAM term and Soft-CAM's ElasticNet
   are logged only where they can be non-zero."""
   keys = lambda head, **kw: train_lib.train_metric_keys(
-    objective_lib.Objective(**kw), types.SimpleNamespace(head_type=head)
+    objective_lib.Objective(**kw), types.SimpleNamespace(kind=HeadKind(head))
   )
-  assert keys('gap', kind='ce') == ('loss', 'accuracy')
-  assert keys('gap', kind='bcpl') == ('loss', 'ce', 'cam', 'accuracy')
+  assert keys('default', kind='ce') == ('loss', 'accuracy')
+  assert keys('default', kind='bcpl') == ('loss', 'ce', 'cam', 'accuracy')
   assert keys('softcam', kind='ce') == ('loss', 'accuracy')
   assert keys('softcam', kind='ce', lambda_l1=0.1) == ('loss', 'ce', 'penalty', 'accuracy')
   assert keys('softcam', kind='proto', lambda_l2=0.1) == (

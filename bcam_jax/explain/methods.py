@@ -129,7 +129,7 @@ def _our_model(adapter, method: str, needs: str):
 def _softcam_head(adapter, variables) -> None:
   """Evidence maps are the Soft-CAM head's own."""
   model = _our_model(adapter, 'evidence', 'head="softcam"')
-  if model.head_type != 'softcam':
+  if not model.kind.evidence:
     raise ValueError(
       'method evidence needs a Soft-CAM model (head="softcam"); '
       f'{model.label()} has the default head'
@@ -139,7 +139,7 @@ def _softcam_head(adapter, variables) -> None:
 def _ca_stream_pooling(adapter, variables) -> None:
   """Raw attention is CA-Stream pooling's own."""
   model = _our_model(adapter, 'raw_attention', 'pooling="ca_stream"')
-  if model.pooling != 'ca_stream':
+  if not model.kind.attention:
     raise ValueError(
       'method raw_attention needs a CA-Stream model (pooling="ca_stream"); '
       f'{model.label()} pools by default'

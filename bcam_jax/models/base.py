@@ -32,12 +32,11 @@ import jax.numpy as jnp
 
 from bcam_jax.models import conv
 from bcam_jax.models.heads import (
-  HEAD_TYPES,
   POOL,
-  POOLINGS,
   STREAM_INIT,
   STREAM_OUT,
   CAStream,
+  HeadKind,
   SoftCamHead,
   cross_attention,
 )
@@ -79,24 +78,19 @@ class CamClassifier(nn.Module):
   def __post_init__(self):
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f'num_classes must be a positive int, got {self.num_classes!r}')
-    if self.head_type not in HEAD_TYPES:
-      raise ValueError(f'head={self.head_type!r}; valid: {", ".join(HEAD_TYPES)}')
-    if self.pooling not in POOLINGS:
-      raise ValueError(f'pooling={self.pooling!r}; valid: {", ".join(POOLINGS)}')
+    HeadKind(self.head_type, self.pooling)  # valid names and combination
     conv.check_lowering(self.conv_lowering)
-    if self.head_type == 'softcam' and self.pooling == 'ca_stream':
-      raise ValueError(
-        'head="softcam" pools its evidence maps by their mean; it does not '
-        'combine with pooling="ca_stream"'
-      )
     super().__post_init__()
+
+  @property
+  def kind(self) -> HeadKind:
+    """What the model explains with: Soft-CAM evidence, CA-Stream attention, or neither."""
+    return HeadKind(self.head_type, self.pooling)
 
   def setup(self):
     self.backbone_net = self.make_backbone()
-    self.head_net = (
-      SoftCamHead(self.num_classes) if self.head_type == 'softcam' else self.make_head()
-    )
-    if self.pooling == 'ca_stream':
+    self.head_net = SoftCamHead(self.num_classes) if self.kind.evidence else self.make_head()
+    if self.kind.attention:
       self.stream = CAStream(self.stream_stages, self.stream_init)
 
   @nn.nowrap
@@ -139,7 +133,7 @@ class CamClassifier(nn.Module):
     """The kernel ``(K, num_classes)`` of a global-average-pool + dense head (or of the
     Soft-CAM evidence layer, the same map), which CAM (``bcam_jax.cam.cam``) needs;
     ValueError for any other head."""
-    if self.head_type == 'softcam':
+    if self.kind.evidence:
       return params['head_net']['evidence']['kernel']
     raise ValueError(
       f'{self.label()} has no global-average-pool + dense head, so CAM does '
@@ -157,14 +151,14 @@ class CamClassifier(nn.Module):
     features = self.backbone_net(x, train=train)
     if frozen:
       features = jax.tree.map(jax.lax.stop_gradient, features)
-    if self.pooling == 'ca_stream':
+    if self.kind.attention:
       features = features | {'ca_query': self.stream(features)}
     return features
 
   def head(self, cam, query=None):
     """CAM feature map (N, h, w, k) -> logits (N, num_classes), per sample.
     With CA-Stream, `query` is features["ca_query"] (see ``models.head_fn``)."""
-    if self.pooling == 'ca_stream' and query is None:
+    if self.kind.attention and query is None:
       raise ValueError(
         f'{self.label()} with CA-Stream pooling: head() needs the query '
         'features["ca_query"]; build the head function with '
@@ -174,7 +168,7 @@ class CamClassifier(nn.Module):
 
   def evidence(self, cam):
     """Soft-CAM class-evidence maps (N, h, w, num_classes) of the CAM features."""
-    if self.head_type != 'softcam':
+    if not self.kind.evidence:
       raise ValueError(
         f'{self.label()} has no Soft-CAM head: evidence maps need config.model.head="softcam"'
       )
@@ -182,7 +176,7 @@ class CamClassifier(nn.Module):
 
   def attention(self, cam, query):
     """CA-Stream's class-agnostic raw attention (N, h, w) over the CAM layer."""
-    if self.pooling != 'ca_stream':
+    if not self.kind.attention:
       raise ValueError(
         f'{self.label()} has no CA-Stream: raw attention needs config.model.pooling="ca_stream"'
       )

@@ -18,6 +18,7 @@ gives uniform attention, i.e. CA = GAP: with a zero q_L and an identity W_L the 
 default GAP head.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -28,6 +29,45 @@ from bcam_jax.cam import at_least_float32
 
 HEAD_TYPES = ('default', 'softcam')
 POOLINGS = ('default', 'ca_stream')
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadKind:
+  """What a model's head and pooling (``config.model.head``, ``config.model.pooling``) make
+  it explain with; the one place those names are compared. ValueError for an unknown name
+  or a combination that does not exist."""
+
+  head: str = 'default'
+  pooling: str = 'default'
+
+  def __post_init__(self):
+    if self.head not in HEAD_TYPES:
+      raise ValueError(f'head={self.head!r}; valid: {", ".join(HEAD_TYPES)}')
+    if self.pooling not in POOLINGS:
+      raise ValueError(f'pooling={self.pooling!r}; valid: {", ".join(POOLINGS)}')
+    if self.evidence and self.attention:
+      raise ValueError(
+        'head="softcam" pools its evidence maps by their mean; it does not '
+        'combine with pooling="ca_stream"'
+      )
+
+  @property
+  def evidence(self) -> bool:
+    """Soft-CAM: the head's class-evidence maps are the explanation (and the logits are
+    their means), not a post-hoc Grad-CAM."""
+    return self.head == 'softcam'
+
+  @property
+  def attention(self) -> bool:
+    """CA-Stream: attention pooling with a query crossing the backbone's stages, whose
+    raw attention is a map of its own."""
+    return self.pooling == 'ca_stream'
+
+  @property
+  def default(self) -> bool:
+    """The architecture's own head (global average pool + dense for our models)."""
+    return not (self.evidence or self.attention)
+
 
 # W_L's names in the params tree: the default heads' `Pool` submodule and its Dense.
 POOL = 'pool'

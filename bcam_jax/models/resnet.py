@@ -194,7 +194,7 @@ class ResNet18(CamClassifier):
 
   @nn.nowrap
   def class_weights(self, params):
-    if self.head_type == 'default' and self.pooling == 'default':
+    if self.kind.default:
       return params['head_net']['dense']['kernel']
     return super().class_weights(params)
 
