@@ -116,8 +116,9 @@ def test_options_come_from_the_config():
   config.data.augment.scale = (0.25, 1.0)
   options = data.AugmentOptions.from_config(config.data)
   assert options.horizontal_flip and options.scale == (0.25, 1.0) and options.enabled
-  del config.data['augment']  # a config written before augmentation existed
-  assert data.AugmentOptions.from_config(config.data) == data.AugmentOptions()
+  del config.data['augment']  # a config written before augmentation existed: completed
+  completed = config_validation.complete(config)
+  assert data.AugmentOptions.from_config(completed.data) == data.AugmentOptions()
 
 
 @pytest.mark.parametrize(
