@@ -35,7 +35,7 @@ from bcam_jax import (
 from bcam_jax.eval_options import EvalOptions
 from bcam_jax.explain import faithfulness
 from bcam_jax.report import eval_outputs
-from bcam_jax.run_setup import CHECKPOINTS
+from bcam_jax.train_state import CHECKPOINTS
 
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
@@ -56,7 +56,7 @@ def restore(
     raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
   config_validation.check_matches_workdir(config, workdir)
   run = run_setup.setup_run(config, devices, workdir)
-  variables, step = run.restore_variables(workdir, checkpoint)
+  variables, step = run.state_spec.restore_variables(workdir, checkpoint)
   return run, variables, int(step)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from bcam_jax import explain
 from bcam_jax.explain import faithfulness
-from bcam_jax.run_setup import CHECKPOINTS
+from bcam_jax.train_state import CHECKPOINTS
 
 OVERLAY_SELECTIONS = ('first', 'misclassified')
 DELETION_BASELINES = ('mean', 'black')

@@ -11,15 +11,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from flax import traverse_util
 
 from bcam_jax import data, models, optim, parallel, prototypes, split_loop, steps
-from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, complete, validate_config
 from bcam_jax.models.base import is_stream_param
 from bcam_jax.objective import LossKind, Objective
-
-CHECKPOINTS = ('best', 'last')
+from bcam_jax.train_state import StateSpec
 
 
 @dataclasses.dataclass
@@ -102,85 +99,27 @@ class RunSetup:
       tx = optim.train_only(tx, is_stream_param)
     return tx, schedule
 
-  def init_from_baseline(self, state: steps.TrainState) -> steps.TrainState:
-    """`state` with backbone, classifier and BatchNorm statistics of the best checkpoint
-    of `config.init_from` (a run of the same model with the default head and pooling)."""
+  @property
+  def state_spec(self) -> StateSpec:
+    """What the run's train state is built from (`train_state.StateSpec`)."""
+    return StateSpec(
+      self.model, self.config.seed, self.config.data.image_size, self.channels, self.mesh
+    )
+
+  def baseline(self) -> tuple[Any, str] | None:
+    """(model, workdir) of `config.init_from`, the trained run whose backbone and classifier
+    start this one: this model with the default head and pooling; None without one."""
     cfg = self.config
-    baseline = models.get_model(
+    if not cfg.init_from:
+      return None
+    model = models.get_model(
       cfg.model.name,
       self.datasets.info.num_classes,
       dtype=self.dtype,
       conv_lowering=cfg.model.conv_lowering,
       **cfg.model.options,
     )
-    abstract = self._replicated_shapes(
-      steps.make_variables_fn(baseline, cfg.seed, cfg.data.image_size, self.channels)
-    )
-    ckpts = Checkpoints(cfg.init_from)
-    try:
-      restored, step = ckpts.restore_best(abstract)
-    finally:
-      ckpts.close()
-    # By key path: W_L, part of the stream, lives in the head beside the restored classifier.
-    params = traverse_util.flatten_dict(state.params)
-    baseline_params = traverse_util.flatten_dict(restored['params'])
-    for name in ('backbone_net', 'head_net'):
-      want = {p: v.shape for p, v in params.items() if p[0] == name and not is_stream_param(p)}
-      got = {p: v.shape for p, v in baseline_params.items() if p[0] == name}
-      if want != got:
-        raise ConfigError(
-          f'config.init_from={cfg.init_from!r}: its {name} parameters do not '
-          f'fit this model ({cfg.model.name}, head={cfg.model.head!r}, '
-          f"pooling={cfg.model.pooling!r}); e.g. simple_cnn's flatten + dense "
-          'classifier cannot take pooled features.'
-        )
-    params = traverse_util.unflatten_dict(params | baseline_params)
-    logging.info(
-      'Initialised backbone and classifier from %s (best checkpoint, step %d).',
-      cfg.init_from,
-      step,
-    )
-    return state.replace(params=params, batch_stats=restored.get('batch_stats', {}))
-
-  def init_state(self, tx) -> steps.TrainState:
-    """The initial train state, replicated over the mesh."""
-    init = steps.make_init_fn(
-      self.model, tx, self.config.seed, self.config.data.image_size, self.channels
-    )
-    return jax.jit(init, out_shardings=parallel.replicated(self.mesh))()
-
-  def abstract_state(self, tx) -> steps.TrainState:
-    """Shapes, dtypes and shardings of the train state, without computing it: the
-    target layout of a checkpoint restore."""
-    return self._replicated_shapes(lambda: self.init_state(tx))
-
-  def abstract_variables(self) -> dict:
-    """Shapes, dtypes and shardings of the model variables: the target layout of a
-    restore that needs no optimiser."""
-    cfg = self.config
-    return self._replicated_shapes(
-      steps.make_variables_fn(self.model, cfg.seed, cfg.data.image_size, self.channels)
-    )
-
-  def restore_variables(self, workdir: str, checkpoint: str = 'best') -> tuple[dict, int]:
-    """(model variables, step) of the `best` (by validation accuracy) or `last` checkpoint
-    of `workdir`, without building an optimiser."""
-    if checkpoint not in CHECKPOINTS:
-      raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
-    ckpts = Checkpoints(workdir)
-    try:
-      if checkpoint == 'best':
-        return ckpts.restore_best(self.abstract_variables())
-      return ckpts.restore_latest_variables(self.abstract_variables())
-    finally:
-      ckpts.close()
-
-  def _replicated_shapes(self, fn):
-    """ShapeDtypeStructs, replicated over the mesh, of what `fn()` would return."""
-    sharding = parallel.replicated(self.mesh)
-    return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), jax.eval_shape(fn)
-    )
+    return model, cfg.init_from
 
 
 def setup_run(

@@ -180,7 +180,8 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
   ckpts = Checkpoints(workdir, keep=config.train.keep_checkpoints)
   logger = None
   try:
-    state, resumed = _restore_or_init(run, ckpts, tx, cadence, workdir)
+    state, resumed = run.state_spec.restore_or_init(ckpts, tx, run.baseline())
+    _check_not_beyond(state, cadence, workdir)
     start_step = int(state.step)
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)
     logger.write_text(start_step, 'config', _as_markdown_code(config.to_json(indent=2)))
@@ -244,22 +245,14 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
       logger.close()
 
 
-def _restore_or_init(run, ckpts: Checkpoints, tx, cadence: Cadence, workdir: str):
-  """(train state, resumed): the latest checkpoint's, else a new one (initialised from
-  `config.init_from` when set)."""
-  state = ckpts.restore_latest(run.abstract_state(tx))
-  resumed = state is not None
-  if not resumed:
-    state = run.init_state(tx)
-    if run.config.init_from:
-      state = run.init_from_baseline(state)
+def _check_not_beyond(state, cadence: Cadence, workdir: str) -> None:
+  """A ConfigError when the restored state is past the run's length."""
   if int(state.step) > cadence.total_steps:
     raise ConfigError(
       f'the checkpoint in {workdir} is at step {int(state.step)}, beyond this '
       f"config's {cadence.total_steps} steps (config.train.num_steps / num_epochs): "
       'use a new --workdir or more steps.'
     )
-  return state, resumed
 
 
 def _as_markdown_code(text: str) -> str:

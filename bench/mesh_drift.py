@@ -78,7 +78,7 @@ class Runner:
     self.config = config
 
   def initial_state(self):
-    return jax.device_get(self.run.init_state(self.tx))
+    return jax.device_get(self.run.state_spec.initial(self.tx))
 
   def step(self, host_state, step):
     train = self.run.datasets.train
