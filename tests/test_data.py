@@ -124,11 +124,16 @@ _LABELS = (np.arange(N_TRAIN) % 10).astype(np.uint8)
       False,
       ['label out of range', '[0, 10)', 'found 10'],
     ),
-    ('train-labels-idx1-ubyte', gzip.compress(idx_bytes(_LABELS))[:-12], True, ['corrupt gzip']),
+    (
+      'train-labels-idx1-ubyte',
+      gzip.compress(idx_bytes(_LABELS), mtime=0)[:-12],
+      True,
+      ['corrupt gzip'],
+    ),
     ('train-labels-idx1-ubyte', b'not a gzip stream at all', True, ['corrupt gzip']),
     (
       'train-labels-idx1-ubyte',
-      gzip.compress(idx_bytes(_LABELS)),
+      gzip.compress(idx_bytes(_LABELS), mtime=0),
       False,
       ['wrong magic', 'gzip-compressed'],
     ),
