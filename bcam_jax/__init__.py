@@ -2,8 +2,8 @@
 
 The public API, imported on first use so that `import bcam_jax` stays cheap (no JAX):
 
-  bcam_jax.train_and_evaluate(config, workdir)  # a config from bcam_jax.configs
-  bcam_jax.evaluate_and_report(config, workdir, bcam_jax.EvalOptions())
+  bcam_jax.train_and_evaluate(spec, workdir)  # a run_spec.RunSpec, or a bcam_jax.configs config
+  bcam_jax.evaluate_and_report(spec, workdir, bcam_jax.EvalOptions())
   bcam_jax.cam, models, explain, objective, data, conditions, configs  # the building blocks
 """
 
@@ -18,6 +18,7 @@ _NAMES = {
   'train_and_evaluate': 'train_lib',
   'evaluate_and_report': 'eval_lib',
   'EvalOptions': 'eval_options',
+  'RunSpec': 'run_spec',
 }
 __all__ = ['__version__', *_MODULES, *_NAMES]
 

@@ -18,8 +18,9 @@ import dataclasses
 import ml_collections
 
 from bcam_jax import objective
+from bcam_jax.models import ModelSpec
 from bcam_jax.models.heads import HeadKind
-from bcam_jax.objective import LossKind
+from bcam_jax.objective import LossKind, Objective
 
 BASELINE = 'baseline'
 
@@ -84,8 +85,8 @@ def get(name: str) -> Condition:
   return CONDITIONS.get(name) or ABLATIONS[name]
 
 
-def of_loss(loss: ml_collections.ConfigDict) -> Condition:
-  """The condition that a config's `loss` section trains."""
+def of_loss(loss: Objective) -> Condition:
+  """The condition that an objective trains."""
   if not LossKind(loss.kind).has_cam_term:
     return Condition(LossKind.CE)
   return Condition(loss.kind, loss.metric, loss.cam_gradient)
@@ -108,24 +109,24 @@ def with_loss(kind: LossKind) -> tuple[Condition, ...]:
   return tuple(c for c in CONDITIONS.values() if c.loss is LossKind(kind))
 
 
-def describe(config: ml_collections.ConfigDict) -> str:
+def describe(loss: Objective, model: ModelSpec) -> str:
   """A run's condition and model variant in a few words, e.g. 'bcpl-l1',
   'baseline softcam l1=2e-05', 'baseline ca_stream frozen'; Soft-CAM lambdas of the
   ElasticNet's 'mean' form (not the paper's 'sum') carry ' (mean)'."""
-  loss = config.loss
   text = of_loss(loss).name
-  kind = HeadKind(config.model.head, config.model.pooling)
+  kind = HeadKind(model.head, model.pooling)
   if kind.evidence:
-    lambdas = [f' {k}={loss[f"lambda_{k}"]:g}' for k in ('l1', 'l2') if loss[f'lambda_{k}']]
+    lambdas = [(k, getattr(loss, f'lambda_{k}')) for k in ('l1', 'l2')]
+    lambdas = [f' {k}={value:g}' for k, value in lambdas if value]
     mean = lambdas and loss.elastic_net_reduction == 'mean'
     text += ' softcam' + ''.join(lambdas) + (' (mean)' if mean else '')
   if kind.attention:
-    text += ' ca_stream' + (' frozen' if config.model.ca_stream.freeze_backbone else '')
+    text += ' ca_stream' + (' frozen' if model.freeze_backbone else '')
   return text
 
 
-def loss_formula(loss: ml_collections.ConfigDict) -> str:
-  """The training objective of `config.loss` as a formula, e.g. '1.0 * ce + 0.1 * bcpl-l1'."""
+def loss_formula(loss: Objective) -> str:
+  """An objective as a formula, e.g. '1.0 * ce + 0.1 * bcpl-l1'."""
   if not LossKind(loss.kind).has_cam_term:
     return 'ce'
   return f'{loss.lambda_class} * ce + {loss.lambda_cam} * {of_loss(loss).name}'

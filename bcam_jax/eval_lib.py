@@ -35,27 +35,26 @@ from bcam_jax import (
 from bcam_jax.eval_options import EvalOptions
 from bcam_jax.explain import faithfulness
 from bcam_jax.report import eval_outputs
-from bcam_jax.train_state import CHECKPOINTS
+from bcam_jax.run_spec import RunSpec
 
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
 
 
 def restore(
-  config: ml_collections.ConfigDict,
+  spec: RunSpec | ml_collections.ConfigDict,
   workdir: str,
   checkpoint: str = 'best',
   devices: Sequence[jax.Device] | None = None,
 ):
   """(run setup, model variables, step) of the `best` (by validation accuracy) or `last`
-  checkpoint of `workdir`."""
-  if checkpoint not in CHECKPOINTS:
-    raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
+  checkpoint of the training run in `workdir`, whose spec (or config) is `spec`."""
   if not os.path.isdir(workdir):
     what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
     raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
-  config_validation.check_matches_workdir(config, workdir)
-  run = run_setup.setup_run(config, devices, workdir)
+  spec = RunSpec.of(spec)
+  config_validation.check_matches_workdir(spec.to_config(), workdir)
+  run = run_setup.setup_run(spec, devices, workdir)
   variables, step = run.state_spec.restore_variables(workdir, checkpoint)
   return run, variables, int(step)
 
@@ -77,24 +76,25 @@ def _test_metrics(run, variables, prototypes, checkpoint: str, step: int) -> dic
     'test_loss': test['loss'],
     'test_accuracy': test['accuracy'],
     'test_count': len(run.datasets.test),
-    'metric': run.config.loss.metric,
+    'metric': run.objective.metric,
     'test_proto_loss': test['proto_loss'],
     'test_bcam_loss': test['bcam_loss'],
   }
 
 
 def evaluate_checkpoint(
-  config: ml_collections.ConfigDict,
+  spec: RunSpec | ml_collections.ConfigDict,
   workdir: str,
   checkpoint: str = 'best',
   devices: Sequence[jax.Device] | None = None,
   output_name: str | None = 'metrics.json',
 ) -> dict[str, Any]:
-  """Test loss, accuracy and prototype losses (with `config.loss.metric`) of a checkpoint.
+  """Test loss, accuracy and prototype losses (with the objective's metric) of a checkpoint
+  of the run `spec` (or its config) trained in `workdir`.
 
   Writes `<workdir>/eval/<output_name>` (unless None) and returns the same dict.
   """
-  run, variables, step = restore(config, workdir, checkpoint, devices)
+  run, variables, step = restore(spec, workdir, checkpoint, devices)
   result = _test_metrics(run, variables, run.prototypes(workdir)['train'], checkpoint, step)
   if output_name and jax.process_index() == 0:
     os.makedirs(os.path.join(workdir, 'eval'), exist_ok=True)
@@ -108,7 +108,7 @@ def _explainer(run, options: EvalOptions) -> explain.Explainer:
     run.model,
     info.mean,
     info.std,
-    run.config.data.image_size,
+    run.spec.data.image_size,
     run.dtype,
     options.layer,
     options.score_cam_chunk,
@@ -208,20 +208,22 @@ def _top_confusions(confusion: np.ndarray, k: int) -> list[tuple[int, int, int]]
 
 
 def evaluate_and_report(
-  config: ml_collections.ConfigDict,
+  spec: RunSpec | ml_collections.ConfigDict,
   workdir: str,
   options: EvalOptions | None = None,
   devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
-  """Everything `eval.py` measures and draws (`options`, default `EvalOptions()`); returns
-  the dict written to metrics.json. Holds the workdir's lock (`workdir_lock`): no run or
+  """Everything `eval.py` measures and draws for the run `spec` (or its config) trained in
+  `workdir`: `options`, default the spec's `evaluation`. Returns the dict written to
+  metrics.json. Holds the workdir's lock (`workdir_lock`): no run or
   other evaluation writes there meanwhile."""
   with workdir_lock.locked(workdir):
-    return _evaluate_and_report(config, workdir, options or EvalOptions(), devices)
+    spec = RunSpec.of(spec)
+    return _evaluate_and_report(spec, workdir, options or spec.evaluation, devices)
 
 
-def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
-  run, variables, step = restore(config, workdir, options.checkpoint, devices)
+def _evaluate_and_report(spec: RunSpec, workdir, options, devices) -> dict[str, Any]:
+  run, variables, step = restore(spec, workdir, options.checkpoint, devices)
   methods = options.methods or explain.default_methods(run.model)
   try:
     explain.check_applicable(run.model, variables, methods)  # fails now, not in an hour
@@ -246,12 +248,12 @@ def _evaluate_and_report(config, workdir, options, devices) -> dict[str, Any]:
     num_images=n_images,
     target=options.target,
     layer=options.layer,
-    n_steps=len(options.insertion_deletion_steps(run.config.data.image_size)) - 1,
-    insertion_deletion=options.insertion_deletion_convention(run.config.data.image_size),
+    n_steps=len(options.insertion_deletion_steps(run.spec.data.image_size)) - 1,
+    insertion_deletion=options.insertion_deletion_convention(run.spec.data.image_size),
     dataset=info.name,
-    model=config.model.name,
-    loss=config.loss.kind,
-    condition=conditions.describe(config),
+    model=spec.model.name,
+    loss=str(spec.objective.kind),
+    condition=conditions.describe(spec.objective, spec.model),
   )
   logging.info('Insertion/deletion: %s.', result['insertion_deletion'])
   for method in methods:

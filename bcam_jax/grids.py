@@ -37,6 +37,7 @@ from bcam_jax.eval_options import EvalOptions
 from bcam_jax.metric_logging import format_duration
 from bcam_jax.objective import LossKind
 from bcam_jax.report import figures, grid_tables
+from bcam_jax.run_spec import RunSpec
 
 # The experiment config: argument 'model=<name>' -> that model's baseline config.
 ExperimentConfig = Callable[[str], ml_collections.ConfigDict]
@@ -169,10 +170,10 @@ def run_cell(
   devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) and evaluates one cell; returns and writes its ``cell.json``."""
-  config = cell_config(cell, experiment)
+  spec = RunSpec.from_config(cell_config(cell, experiment))
   start = time.time()
-  train_lib.train_and_evaluate(config, workdir, devices)
-  metrics = eval_lib.evaluate_and_report(config, workdir, options, devices)
+  train_lib.train_and_evaluate(spec, workdir, devices)
+  metrics = eval_lib.evaluate_and_report(spec, workdir, options, devices)
   grad_cam = metrics['methods']['grad_cam']
   record = dataclasses.asdict(cell) | {
     'name': cell.name,

@@ -1,9 +1,9 @@
-"""Optimisers and learning-rate schedules built from `config.optimizer`."""
+"""Optimisers and learning-rate schedules: `OptimizerSpec` (`config.optimizer`) to optax."""
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
-import ml_collections
 import optax
 from flax import traverse_util
 
@@ -11,15 +11,38 @@ OPTIMIZERS = ('sgd', 'adamw')
 SCHEDULES = ('constant', 'cosine', 'warmup_cosine')
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """The optimiser and its learning-rate schedule. momentum is SGD's momentum (0 for none)
+  and AdamW's b1; weight_decay applies to kernels only (not biases or norm scales);
+  warmup_steps is the linear warm-up of 'warmup_cosine'; grad_clip_norm 0 disables
+  clipping."""
+
+  name: str = 'sgd'
+  learning_rate: float = 0.05
+  momentum: float = 0.9
+  nesterov: bool = True
+  b2: float = 0.999
+  weight_decay: float = 5e-4
+  schedule: str = 'warmup_cosine'
+  warmup_steps: int = 100
+  grad_clip_norm: float = 0.0
+
+  @classmethod
+  def from_config(cls, optimizer_config) -> 'OptimizerSpec':
+    """The spec of `config.optimizer`."""
+    return cls(**{f.name: optimizer_config[f.name] for f in dataclasses.fields(cls)})
+
+
+def make_schedule(spec: OptimizerSpec, total_steps: int) -> optax.Schedule:
   """Learning rate per step: constant, cosine to zero, or linear warm-up then cosine."""
-  lr = cfg.learning_rate
-  if cfg.schedule == 'constant':
+  lr = spec.learning_rate
+  if spec.schedule == 'constant':
     return optax.constant_schedule(lr)
-  if cfg.schedule == 'cosine':
+  if spec.schedule == 'cosine':
     return optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1))
-  if cfg.schedule == 'warmup_cosine':
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  if spec.schedule == 'warmup_cosine':
+    warmup = min(spec.warmup_steps, max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=lr,
@@ -27,7 +50,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
       decay_steps=max(total_steps, warmup + 1),
       end_value=0.0,
     )
-  raise ValueError(f'config.optimizer.schedule={cfg.schedule!r}; valid: {SCHEDULES}')
+  raise ValueError(f'config.optimizer.schedule={spec.schedule!r}; valid: {SCHEDULES}')
 
 
 def _decay_mask(params):
@@ -36,23 +59,23 @@ def _decay_mask(params):
 
 
 def make_optimizer(
-  cfg: ml_collections.ConfigDict, total_steps: int
+  spec: OptimizerSpec, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optax transformation and its schedule (the schedule is logged per step)."""
-  schedule = make_schedule(cfg, total_steps)
-  if cfg.name == 'sgd':
+  schedule = make_schedule(spec, total_steps)
+  if spec.name == 'sgd':
     tx = optax.chain(
-      optax.add_decayed_weights(cfg.weight_decay, mask=_decay_mask),
-      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+      optax.add_decayed_weights(spec.weight_decay, mask=_decay_mask),
+      optax.sgd(schedule, momentum=spec.momentum or None, nesterov=spec.nesterov),
     )
-  elif cfg.name == 'adamw':
+  elif spec.name == 'adamw':
     tx = optax.adamw(
-      schedule, b1=cfg.momentum, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=_decay_mask
+      schedule, b1=spec.momentum, b2=spec.b2, weight_decay=spec.weight_decay, mask=_decay_mask
     )
   else:
-    raise ValueError(f'config.optimizer.name={cfg.name!r}; valid: {OPTIMIZERS}')
-  if cfg.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
+    raise ValueError(f'config.optimizer.name={spec.name!r}; valid: {OPTIMIZERS}')
+  if spec.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(spec.grad_clip_norm), tx)
   return tx, schedule
 
 

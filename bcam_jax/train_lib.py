@@ -24,6 +24,7 @@ from bcam_jax.config_validation import ConfigError, check_matches_workdir
 from bcam_jax.metric_logging import MetricLogger, format_duration, tensorboard_dir
 from bcam_jax.report import figures
 from bcam_jax.run_setup import setup_run
+from bcam_jax.run_spec import RunSpec, TrainSpec
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,16 +49,20 @@ def _check_finite(step: int, metrics: dict[str, float], ckpts: Checkpoints) -> N
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, devices: Sequence[jax.Device] | None = None
+  spec: RunSpec | ml_collections.ConfigDict,
+  workdir: str,
+  devices: Sequence[jax.Device] | None = None,
 ) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and tests it.
+  """Trains `spec` (a `RunSpec`, or a config from `bcam_jax.configs`, read once by
+  `RunSpec.from_config`) in `workdir`, resuming from its latest checkpoint, and tests it.
 
   Holds the workdir's lock (`workdir_lock`) throughout: a second run on the same workdir
   fails at once. Returns the final summary, also written to `<workdir>/results.json`.
   """
+  spec = RunSpec.of(spec)
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock.locked(workdir):
-    return _train_and_evaluate(config, workdir, devices)
+    return _train_and_evaluate(spec, workdir, devices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +77,18 @@ class Cadence:
   save_every: int
 
   @classmethod
-  def from_config(cls, train_config, num_train: int) -> 'Cadence':
-    """The run's length: `train_config.num_steps` steps when > 0, else `num_epochs` passes
+  def of(cls, train: TrainSpec, num_train: int) -> 'Cadence':
+    """The run's length: `train.num_steps` steps when > 0, else `num_epochs` passes
     over the training split (`steps_per_epoch` = ceil(num_train / batch_size)). The
     resolved length is written to `<workdir>/run.json` (`run_length`)."""
-    per_epoch = data.steps_per_epoch(num_train, train_config.batch_size)
-    total = train_config.num_steps
+    per_epoch = data.steps_per_epoch(num_train, train.batch_size)
+    total = train.num_steps
     return cls(
-      total_steps=total if total > 0 else train_config.num_epochs * per_epoch,
+      total_steps=total if total > 0 else train.num_epochs * per_epoch,
       steps_per_epoch=per_epoch,
-      log_every=train_config.log_every_steps,
-      validate_every=train_config.eval_every_steps or per_epoch,
-      save_every=train_config.checkpoint_every_steps,
+      log_every=train.log_every_steps,
+      validate_every=train.eval_every_steps or per_epoch,
+      save_every=train.checkpoint_every_steps,
     )
 
   def due(self, done: int, every: int) -> bool:
@@ -96,15 +101,15 @@ class Cadence:
     epoch = (done - 1) // self.steps_per_epoch + 1
     return f'step {done}/{self.total_steps} epoch {epoch}/{epochs}'
 
-  def run_length(self, train_config, num_train: int) -> dict[str, Any]:
+  def run_length(self, train: TrainSpec, num_train: int) -> dict[str, Any]:
     """What run.json records: the effective length and where it came from (the config
     holds num_steps = 0 when num_epochs decides)."""
     return {
       'total_steps': self.total_steps,
       'steps_per_epoch': self.steps_per_epoch,
       'epochs': self.total_steps / self.steps_per_epoch,
-      'set_by': 'train.num_steps' if train_config.num_steps > 0 else 'train.num_epochs',
-      'global_batch_size': train_config.batch_size,
+      'set_by': 'train.num_steps' if train.num_steps > 0 else 'train.num_epochs',
+      'global_batch_size': train.batch_size,
       'num_train_examples': num_train,
     }
 
@@ -154,10 +159,10 @@ class _Window:
     return means
 
 
-def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
-  run = setup_run(config, devices, workdir)  # validates the config
-  config = run.config  # with the defaults of fields it was written without
+def _train_and_evaluate(spec: RunSpec, workdir, devices) -> dict[str, Any]:
+  config = spec.to_config()  # what config.json records and the workdir check compares
   check_matches_workdir(config, workdir)  # before anything is written there
+  run = setup_run(spec, devices, workdir)
   is_writer = jax.process_index() == 0
   if is_writer:
     logging.info(
@@ -168,16 +173,16 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     )
     io_utils.remove_stale_temporaries(workdir)
     io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
-  ds, batch = run.datasets, config.train.batch_size
+  ds, batch = run.datasets, spec.train.batch_size
   prototypes = run.prototypes(workdir)
   rows = parallel.process_rows(run.mesh, batch)  # this process's part of every batch
-  cadence = Cadence.from_config(config.train, len(ds.train))
-  run_length = cadence.run_length(config.train, len(ds.train))
+  cadence = Cadence.of(spec.train, len(ds.train))
+  run_length = cadence.run_length(spec.train, len(ds.train))
   if is_writer:
     io_utils.write_json(os.path.join(workdir, 'run.json'), run_length)
   tx, learning_rate = run.optimizer(cadence.total_steps)
 
-  ckpts = Checkpoints(workdir, keep=config.train.keep_checkpoints)
+  ckpts = Checkpoints(workdir, keep=spec.train.keep_checkpoints)
   logger = None
   try:
     state, resumed = run.state_spec.restore_or_init(ckpts, tx, run.baseline())
@@ -191,8 +196,8 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     train_step = run.train_step(tx, learning_rate)
     eval_step = run.eval_step()
     logger.info(
-      f'Training {config.model.name} on {ds.info.name} with loss '
-      f'{conditions.loss_formula(config.loss)}: {cadence.total_steps} steps '
+      f'Training {spec.model.name} on {ds.info.name} with loss '
+      f'{conditions.loss_formula(spec.objective)}: {cadence.total_steps} steps '
       f'({cadence.steps_per_epoch} per epoch, global batch {batch}) from step {start_step}.'
     )
 
@@ -200,9 +205,7 @@ def _train_and_evaluate(config, workdir, devices) -> dict[str, Any]:
     t_start = time.time()
     pending = None  # (step, device metrics) of the step before, checked one step late
     # Step s's examples are train_batch_indices(seed, s); a streamed split reads them ahead.
-    batches = data.train_batches(
-      ds.train, batch, config.seed, start_step, cadence.total_steps, rows
-    )
+    batches = data.train_batches(ds.train, batch, spec.seed, start_step, cadence.total_steps, rows)
     for step, (host_images, host_labels) in zip(range(start_step, cadence.total_steps), batches):
       images, labels = parallel.shard_local(run.mesh, batch, host_images, host_labels)
       state, metrics = train_step(state, images, labels, prototypes['train'])

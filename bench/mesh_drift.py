@@ -35,6 +35,7 @@ from absl import app, flags  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import data, io_utils, parallel, run_setup  # noqa: E402
 from bcam_jax.configs import experiment  # noqa: E402
+from bcam_jax.run_spec import RunSpec  # noqa: E402
 from bench import common  # noqa: E402
 from tests import numerics, synthetic  # noqa: E402
 
@@ -71,7 +72,7 @@ class Runner:
   """One config's train step on a mesh, from host states to host states."""
 
   def __init__(self, config, devices, workdir):
-    self.run = run_setup.setup_run(config, devices)
+    self.run = run_setup.setup_run(RunSpec.from_config(config), devices)
     self.tx, schedule = self.run.optimizer(config.train.num_steps)
     self.step_fn = self.run.train_step(self.tx, schedule)
     self.prototypes = self.run.prototypes(workdir)['train']

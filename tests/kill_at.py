@@ -56,7 +56,7 @@ def main():
     def evaluate_then_fire(run, eval_step, variables, split, prototypes):
       if split is run.datasets.val:
         seen['n'] += 1
-        if seen['n'] * run.config.train.eval_every_steps == step:
+        if seen['n'] * run.spec.train.eval_every_steps == step:
           fire()
       return evaluate(run, eval_step, variables, split, prototypes)
 

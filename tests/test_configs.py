@@ -10,6 +10,7 @@ from absl import flags
 
 from bcam_jax import cli, conditions, configs
 from bcam_jax.configs import experiment, resnet18_bcpl, resnet18_tpu
+from bcam_jax.run_spec import RunSpec
 
 # Per model: name, options, optimizer name, learning rate, weight decay, epochs.
 MODELS = {
@@ -75,7 +76,10 @@ def test_every_condition_round_trips_through_the_config():
   for name, condition in conditions.CONDITIONS.items():
     arg = f'loss={condition.loss}' + (f',metric={condition.metric}' if condition.metric else '')
     config = experiment.get_config(arg)
-    assert conditions.of_loss(config.loss) == condition and conditions.describe(config) == name
+    assert (
+      conditions.of_loss(RunSpec.from_config(config).objective) == condition
+      and _describe(config) == name
+    )
   assert [c.name for c in conditions.with_loss('bcpl')] == ['bcpl-l1', 'bcpl-l2', 'bcpl-ssim']
 
 
@@ -86,11 +90,13 @@ def test_ablations_train_through_the_features_under_names_of_their_own():
     'l1',
     'through_features',
   )
-  assert conditions.describe(config) == 'bcpl-l1-through_features'
-  assert conditions.of_loss(config.loss) == conditions.get('bcpl-l1-through_features')
+  assert _describe(config) == 'bcpl-l1-through_features'
+  assert conditions.of_loss(RunSpec.from_config(config).objective) == conditions.get(
+    'bcpl-l1-through_features'
+  )
   # A paper condition applied afterwards trains through G again.
   config = conditions.apply(config, conditions.get('bcpl-l1'))
-  assert config.loss.cam_gradient == 'full' and conditions.describe(config) == 'bcpl-l1'
+  assert config.loss.cam_gradient == 'full' and _describe(config) == 'bcpl-l1'
   assert len(conditions.ABLATIONS) == 6 and not set(conditions.ABLATIONS) & set(
     conditions.CONDITIONS
   )
@@ -216,3 +222,8 @@ def test_a_config_written_before_a_field_existed_gets_its_default():
   assert completed.is_locked
   assert config_validation.complete(completed).to_dict() == completed.to_dict()
   assert 'stream' not in config.data  # the config itself is left as it was
+
+
+def _describe(config) -> str:
+  spec = RunSpec.from_config(config)
+  return conditions.describe(spec.objective, spec.model)

@@ -2,7 +2,6 @@
 
 import gzip
 import os
-import types
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +40,7 @@ def make_idx_dir(directory, gz=False, seed=0):
 def config(**overrides):
   fields = dict(name='mnist', source='auto', idx_dir='', tfds_data_dir='', val_size=6, split_seed=0)
   fields.update(overrides)
-  return types.SimpleNamespace(**fields)
+  return data.DataSpec(**fields)
 
 
 @pytest.fixture

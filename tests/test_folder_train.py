@@ -41,7 +41,7 @@ def rgb_root(tmp_path_factory):
 
 
 def test_load_datasets_reads_the_folder(rgb_root):
-  ds = data.load_datasets(folder_config(rgb_root).data)
+  ds = data.load_datasets(data.DataSpec.from_config(folder_config(rgb_root).data))
   info = ds.info
   assert info.name == 'shapes' and info.class_names == synthetic.FOLDER_CLASSES
   assert info.num_classes == 3 and info.channels == 3
@@ -57,14 +57,16 @@ def test_load_datasets_reads_the_folder(rgb_root):
 
 def test_without_val_folder_train_is_split(tmp_path):
   root = synthetic.write_folder(str(tmp_path), {'train': 5, 'test': 2})
-  ds = data.load_datasets(folder_config(root, val_size=4).data)
+  ds = data.load_datasets(data.DataSpec.from_config(folder_config(root, val_size=4).data))
   assert (len(ds.train), len(ds.val), len(ds.test)) == (11, 4, 6)
   with pytest.raises(data.DataError, match=r'no val split, so data.val_size=15 of its 15 train'):
-    data.load_datasets(folder_config(root, val_size=15).data)
+    data.load_datasets(data.DataSpec.from_config(folder_config(root, val_size=15).data))
 
 
 def test_resize_and_channels_come_from_the_config(rgb_root):
-  ds = data.load_datasets(folder_config(rgb_root, image_size=8, channels=1).data)
+  ds = data.load_datasets(
+    data.DataSpec.from_config(folder_config(rgb_root, image_size=8, channels=1).data)
+  )
   assert ds.train.images.shape == (24, 8, 8, 1) and ds.info.channels == 1
   assert len(ds.info.mean) == len(ds.info.std) == 1
 

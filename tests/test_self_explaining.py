@@ -16,6 +16,7 @@ from bcam_jax.configs import experiment
 from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables, param_count
 from bcam_jax.models.base import is_stream_param
 from bcam_jax.models.heads import CAStream, Pool, cross_attention
+from bcam_jax.run_spec import RunSpec
 from tests import synthetic
 from tests.test_train import tiny_config
 
@@ -90,11 +91,11 @@ def test_objective_penalty_follows_the_configs_reduction():
 
 def test_condition_names_say_which_elastic_net_units_their_lambdas_are_in():
   config = experiment.get_config('model=simple_cnn,head=softcam')
-  assert conditions.describe(config) == 'baseline softcam'
+  assert _describe(config) == 'baseline softcam'
   config.loss.lambda_l1 = 2e-5
-  assert conditions.describe(config) == 'baseline softcam l1=2e-05'
+  assert _describe(config) == 'baseline softcam l1=2e-05'
   config.loss.lambda_l1, config.loss.elastic_net_reduction = 0.01, 'mean'
-  assert conditions.describe(config) == 'baseline softcam l1=0.01 (mean)'
+  assert _describe(config) == 'baseline softcam l1=0.01 (mean)'
 
 
 def _stream_params(widths: tuple[int, ...]) -> int:
@@ -358,7 +359,7 @@ def test_softcam_sparse_bcpl_trains_and_explains(idx_dir, tmp_path):
   ]
   assert train[-1]['loss'] < train[0]['loss']
   assert all(r['penalty'] > 0 and r['cam'] > 0 for r in train)
-  run = run_setup.setup_run(config)
+  run = run_setup.setup_run(RunSpec.from_config(config))
   variables = result['state'].model_variables()
   explainer = explain.Explainer(run.model, 0.5, 0.25, 28)
   pixels = jnp.asarray(run.datasets.test.images[:4], jnp.float32) / 255.0
@@ -442,3 +443,8 @@ def test_raw_attention_is_a_distribution_and_post_hoc_methods_see_the_stream():
   with pytest.raises(ValueError, match='raw_attention needs a CA-Stream model'):
     explain.check_applicable(get_model('simple_cnn', C), {}, ['raw_attention'])
   assert explain.default_methods(model)[-1] == 'raw_attention'
+
+
+def _describe(config) -> str:
+  spec = RunSpec.from_config(config)
+  return conditions.describe(spec.objective, spec.model)

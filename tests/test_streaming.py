@@ -38,24 +38,28 @@ def data_config(root, **fields):
   return config
 
 
+def _load(root, **fields):
+  return data.load_datasets(data.DataSpec.from_config(data_config(root, **fields)))
+
+
 @pytest.fixture(scope='module')
 def both(root):
   """(in memory, streamed by 'auto' over a 1 KiB limit) datasets of the same folder."""
-  memory = data.load_datasets(data_config(root, stream='memory'))
-  streamed = data.load_datasets(data_config(root, stream='auto', in_memory_limit_mb=0.001))
+  memory = _load(root, stream='memory')
+  streamed = _load(root, stream='auto', in_memory_limit_mb=0.001)
   return memory, streamed
 
 
 def test_auto_streams_over_the_limit_and_says_so(root, caplog):
   with caplog.at_level(logging.INFO):
-    streamed = data.load_datasets(data_config(root, in_memory_limit_mb=0.01, decode_workers=2))
+    streamed = _load(root, in_memory_limit_mb=0.01, decode_workers=2)
   assert all(data.is_streamed(s) for s in (streamed.train, streamed.val, streamed.test))
   assert streamed.train.images.workers == 2
   # 42 images of 12 x 12 x 3 (channels 0 counts 3) = 0.0173 MiB > 0.01.
   assert "data.stream='auto', data.in_memory_limit_mb=0.01: streamed from disk" in caplog.text
   caplog.clear()
   with caplog.at_level(logging.INFO):
-    memory = data.load_datasets(data_config(root, in_memory_limit_mb=0.02))
+    memory = _load(root, in_memory_limit_mb=0.02)
   assert not data.is_streamed(memory.train) and isinstance(memory.train.images, np.ndarray)
   assert 'data.in_memory_limit_mb=0.02: read into memory' in caplog.text
 

@@ -25,6 +25,7 @@ from tensorflow_datasets.core import splits as splits_lib
 from bcam_jax import config_validation, data, run_setup, train_lib
 from bcam_jax.configs import tfds_rgb
 from bcam_jax.data import records, stats_cache, tfds_source
+from bcam_jax.run_spec import RunSpec
 
 NAME = 'cats_vs_dogs'
 NUM = 24  # records per split served by the mock
@@ -122,7 +123,7 @@ def test_channels_override_gives_luma(mocked):
 
 def test_load_datasets_by_name_with_statistics(mocked, tmp_path):
   config = tfds_config(mocked)
-  ds = data.load_datasets(config.data, str(tmp_path / 'work'))
+  ds = data.load_datasets(data.DataSpec.from_config(config.data), str(tmp_path / 'work'))
   assert ds.info.name == NAME and ds.info.class_names == ('cat', 'dog')
   assert ds.info.channels == 3 and ds.info.num_classes == 2
   # Validation: data.val_size of train (seeded); test: the 'validation' split.
@@ -146,10 +147,12 @@ def test_load_datasets_by_name_with_statistics(mocked, tmp_path):
 def test_streamed_tfds_dataset_gives_the_in_memory_batches(mocked, tmp_path):
   """data.stream='stream' (or 'auto' over in_memory_limit_mb) reads the TFDS splits on
   demand: the same examples, statistics, training and eval batches as in memory."""
-  memory = data.load_datasets(tfds_config(mocked, stream='memory').data, str(tmp_path / 'm'))
+  memory = data.load_datasets(
+    data.DataSpec.from_config(tfds_config(mocked, stream='memory').data), str(tmp_path / 'm')
+  )
   config = tfds_config(mocked, stream='auto', in_memory_limit_mb=0.001)
   config_validation.validate_config(config)
-  streamed = data.load_datasets(config.data, str(tmp_path / 's'))
+  streamed = data.load_datasets(data.DataSpec.from_config(config.data), str(tmp_path / 's'))
   assert all(data.is_streamed(s) for s in (streamed.train, streamed.val, streamed.test))
   assert not data.is_streamed(memory.train)
   assert streamed.info == memory.info
@@ -165,7 +168,7 @@ def test_streamed_tfds_dataset_gives_the_in_memory_batches(mocked, tmp_path):
 def test_validation_split_is_used_when_there_is_a_test_split(tmp_path):
   data_dir = write_metadata(tmp_path / 'tfds', ['train', 'validation', 'test'])
   with tfds.testing.mock_data(num_examples=NUM, data_dir=data_dir):
-    ds = data.load_datasets(tfds_config(data_dir).data)
+    ds = data.load_datasets(data.DataSpec.from_config(tfds_config(data_dir).data))
   assert (len(ds.train), len(ds.val), len(ds.test)) == (NUM, NUM, NUM)
 
 
@@ -224,7 +227,7 @@ def test_train_on_a_tfds_rgb_dataset(mocked, tmp_path, monkeypatch):
     raise AssertionError('statistics recomputed')
 
   monkeypatch.setattr(stats_cache, 'channel_stats', must_not_run)
-  run = run_setup.setup_run(tfds_config(mocked), workdir=workdir)
+  run = run_setup.setup_run(RunSpec.from_config(tfds_config(mocked)), workdir=workdir)
   assert run.datasets.info.mean == tuple(stats['mean'])
 
 

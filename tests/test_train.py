@@ -29,6 +29,7 @@ from bcam_jax import (
 from bcam_jax import objective as objective_lib
 from bcam_jax.configs import experiment
 from bcam_jax.models.heads import HeadKind
+from bcam_jax.run_spec import RunSpec
 from tests import numerics, synthetic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,7 +194,7 @@ def test_validation_writes_scalars_and_cam_grid_to_tensorboard(idx_dir, tmp_path
 
 def test_masked_evaluation_counts_every_example_once(idx_dir):
   config = tiny_config(idx_dir)
-  run = run_setup.setup_run(config)
+  run = run_setup.setup_run(RunSpec.from_config(config))
   variables = jax.jit(steps.make_variables_fn(run.model, config.seed, 28))()
   split = run.datasets.test
   prototypes = jax.random.uniform(jax.random.key(0), (10, 28, 28))
@@ -450,27 +451,27 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
   with pytest.raises(
     config_validation.ConfigError, match='config.train.batch_size=12.*multiple.*8'
   ):
-    run_setup.setup_run(config)
+    run_setup.setup_run(RunSpec.from_config(config))
   config = tiny_config(idx_dir)
   config.data.image_size = 2  # pooled away before the CAM layer
   with pytest.raises(
     config_validation.ConfigError,
     match='image_size=2 is too small for simple_cnn: it needs image_size >= 4',
   ):
-    run_setup.setup_run(config)
+    run_setup.setup_run(RunSpec.from_config(config))
   config = tiny_config(idx_dir)
   config.model.options.depth = 3
   with pytest.raises(
     config_validation.ConfigError,
     match=r"config.model.options=\{'depth': 3\}: unknown option.*depth",
   ):
-    run_setup.setup_run(config)
+    run_setup.setup_run(RunSpec.from_config(config))
   config = tiny_config(idx_dir)
   config.train.batch_size = 256
   with pytest.raises(
     config_validation.ConfigError, match=r'config.train.batch_size=256 .*train split \(200 images'
   ):
-    run_setup.setup_run(config)
+    run_setup.setup_run(RunSpec.from_config(config))
   config = tiny_config(idx_dir)
   config.loss.kind = 'bcpl'
   config.data.image_size = 7  # a 1x1 CAM map: its Batch-CAM loss would end in NaN
@@ -478,12 +479,16 @@ def test_impossible_sizes_fail_at_start_up(idx_dir):
     config_validation.ConfigError,
     match=r'image_size=7 gives simple_cnn a 1x1 CAM map; .*image_size >= 8',
   ):
-    run_setup.setup_run(config)
+    run_setup.setup_run(RunSpec.from_config(config))
   config.loss.kind = 'ce'
-  assert run_setup.setup_run(config).model.cam_side(7) == 1  # fine without a CAM loss
+  assert (
+    run_setup.setup_run(RunSpec.from_config(config)).model.cam_side(7) == 1
+  )  # fine without a CAM loss
 
 
 def test_eval_batch_is_clamped_to_the_largest_split(idx_dir):
   config = tiny_config(idx_dir)
   config.eval.batch_size = 10**6  # would pad 40 images to a million
-  assert run_setup.setup_run(config).eval_batch_size == 64  # 60 test images, 8 devices
+  assert (
+    run_setup.setup_run(RunSpec.from_config(config)).eval_batch_size == 64
+  )  # 60 test images, 8 devices

@@ -20,9 +20,9 @@ import sys
 from absl import app, flags
 
 from bcam_jax import cli, eval_lib
-from bcam_jax.config_validation import ConfigError
 from bcam_jax.eval_options import EvalOptions
 from bcam_jax.metric_logging import quiet_library_logs
+from bcam_jax.run_spec import RunSpec
 
 _CONFIG = cli.define_config_flag('config', 'The config used for training: a name or a file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of the trained run.')
@@ -36,11 +36,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
-  try:
-    options = EvalOptions.from_config(_CONFIG.value.eval)
-  except ValueError as error:  # a bad value, or two fields that contradict each other
-    raise ConfigError(str(error)) from None
-  eval_lib.evaluate_and_report(_CONFIG.value, _WORKDIR.value, options)
+  eval_lib.evaluate_and_report(RunSpec.from_config(_CONFIG.value), _WORKDIR.value)
 
 
 def moved_flags(argv: list[str]) -> list[str]:

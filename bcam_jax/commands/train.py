@@ -15,6 +15,7 @@ from absl import app, flags
 
 from bcam_jax import cli, distributed, train_lib
 from bcam_jax.metric_logging import quiet_library_logs
+from bcam_jax.run_spec import RunSpec
 
 _CONFIG = cli.define_config_flag('config', 'Training config: a packaged name or a file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, results.')
@@ -31,7 +32,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_lib.train_and_evaluate(RunSpec.from_config(_CONFIG.value), _WORKDIR.value)
 
 
 def run():

@@ -12,8 +12,8 @@ and fed to the jitted step batch by batch:
   label)``), read into memory (`materialize`) or counted in one pass (`channel_stats`);
 * `stats_cache`: the per-channel train mean and std, cached in the workdir;
 * `download`: the IDX files fetched from mirrors, verified, into the cache (`default_root`);
-* `loading`: `load_datasets`, the source choice (``auto``, ``tfds``, ``idx``, ``download``,
-  ``folder``) and the validation split;
+* `loading`: `DataSpec` (what to read, `config.data`), `load_datasets`, the source choice
+  (``auto``, ``tfds``, ``idx``, ``download``, ``folder``) and the validation split;
 * `batching`: training batches as a pure function of ``(seed, step)``, padded eval batches;
 * `preprocess`: scaling, resizing and normalisation on device;
 * `streaming`: splits too large for memory, decoded on demand by worker threads
@@ -54,7 +54,7 @@ from bcam_jax.data.folder import (
   scan_image_folder,
 )
 from bcam_jax.data.idx import IDX_FILES, load_idx, read_idx_images, read_idx_labels
-from bcam_jax.data.loading import load_datasets, load_tfds_by_name, split_train_val
+from bcam_jax.data.loading import DataSpec, load_datasets, load_tfds_by_name, split_train_val
 from bcam_jax.data.preprocess import normalize, preprocess, to_pixels
 from bcam_jax.data.records import RecordSource, SplitRecords, channel_stats, materialize
 from bcam_jax.data.stats_cache import load_or_compute_stats
@@ -105,6 +105,7 @@ __all__ = [  # noqa: RUF022  (the streaming and augmentation names in a block of
   'download_dataset',
   'eval_batches',
   'is_cached',
+  'DataSpec',
   'load_datasets',
   'load_idx',
   'load_or_compute_stats',

@@ -24,12 +24,14 @@ evaluation). A folder too large for memory is streamed instead (``data.stream``,
 `streaming`).
 """
 
+import dataclasses
 import os
 
 import numpy as np
 from absl import logging
 
 from bcam_jax.data import streaming
+from bcam_jax.data.augment import AugmentOptions
 from bcam_jax.data.dataset import (
   DATA_DIR_ENV,
   DATASETS,
@@ -50,18 +52,57 @@ from bcam_jax.data.tfds_source import (
 )
 
 
-def _idx_directory(data_config) -> str | None:
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Which data a run reads and how (`config.data`; the module docstring says what each
+  source does).
+
+  name: a catalogue dataset (`DATASETS`), a TFDS name, or a folder's label; source: auto,
+  tfds, idx, download or folder; folder_dir: the image folder of source 'folder'; channels:
+  0 for the images' own, else 1 or 3; prototypes, prototypes_file, prototypes_from: how the
+  class prototypes are made (`bcam_jax.prototypes`); idx_dir, tfds_data_dir: '' for the
+  defaults ($BCAM_DATA_DIR/<name>, TFDS's own); val_size, split_seed: the seeded validation
+  subset of train; image_size: the side images are resized to; stream, in_memory_limit_mb,
+  decode_workers: when a split is streamed from disk and by how many threads (`streaming`);
+  augment: the train step's augmentations.
+  """
+
+  name: str = 'mnist'
+  source: str = 'auto'
+  folder_dir: str = ''
+  channels: int = 0
+  prototypes: str = 'luma'
+  prototypes_file: str = ''
+  prototypes_from: str = 'split'
+  idx_dir: str = ''
+  tfds_data_dir: str = ''
+  val_size: int = 5000
+  split_seed: int = 0
+  image_size: int = 28
+  stream: str = 'auto'
+  in_memory_limit_mb: float = 2048.0
+  decode_workers: int = 0
+  augment: AugmentOptions = AugmentOptions()
+
+  @classmethod
+  def from_config(cls, data_config) -> 'DataSpec':
+    """The spec of `config.data`."""
+    values = {f.name: data_config[f.name] for f in dataclasses.fields(cls) if f.name != 'augment'}
+    return cls(**values, augment=AugmentOptions.from_config(data_config))
+
+
+def _idx_directory(spec: DataSpec) -> str | None:
   """The IDX directory: data.idx_dir, else $BCAM_DATA_DIR/<name>, else None."""
-  if data_config.idx_dir:
-    return os.path.expanduser(data_config.idx_dir)
+  if spec.idx_dir:
+    return os.path.expanduser(spec.idx_dir)
   if os.environ.get(DATA_DIR_ENV):
-    return dataset_dir(data_config.name)
+    return dataset_dir(spec.name)
   return None
 
 
-def _load_idx_source(data_config, info: DatasetInfo) -> tuple[Split, Split, str]:
+def _load_idx_source(spec: DataSpec, info: DatasetInfo) -> tuple[Split, Split, str]:
   """Loads the IDX source named by the config, or raises a DataError saying why not."""
-  directory = _idx_directory(data_config)
+  directory = _idx_directory(spec)
   if directory is None:
     raise DataError(
       f'No IDX directory: data.idx_dir is empty and ${DATA_DIR_ENV} is not set (set '
@@ -83,10 +124,10 @@ def _load_downloaded(info: DatasetInfo) -> tuple[Split, Split, str]:
   return train, test, f'IDX files in {directory} (SHA-256 verified)'
 
 
-def _load_auto(data_config, info: DatasetInfo, tfds_dir: str | None) -> tuple[Split, Split, str]:
+def _load_auto(spec: DataSpec, info: DatasetInfo, tfds_dir: str | None) -> tuple[Split, Split, str]:
   """Prepared TFDS, IDX files (data.idx_dir, else the data folder or cache), a download of
   the IDX files, then a TFDS preparation; one DataError listing every attempt if all fail."""
-  idx_dir = _idx_directory(data_config) or dataset_dir(info.name)
+  idx_dir = _idx_directory(spec) or dataset_dir(info.name)
   attempts = (
     ('prepared TFDS', lambda: load_tfds_noted(info.name, tfds_dir, download=False)),
     ('IDX files', lambda: _load_idx_dir(idx_dir, info)),
@@ -132,16 +173,16 @@ def split_train_val(train: Split, val_size: int, seed: int) -> tuple[Split, Spli
   )
 
 
-def _val_split(train: Split, data_config, what: str) -> tuple[Split, Split, str]:
+def _val_split(train: Split, spec: DataSpec, what: str) -> tuple[Split, Split, str]:
   """(train, val, how) with data.val_size train examples (data.split_seed) as validation."""
   try:
-    train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
+    train, val = split_train_val(train, spec.val_size, spec.split_seed)
   except DataError as e:
     raise DataError(
-      f'{what} has no val split, so data.val_size={data_config.val_size!r} of its '
+      f'{what} has no val split, so data.val_size={spec.val_size!r} of its '
       f'{len(train)} train images become the validation split: {e}'
     ) from None
-  return train, val, f'{len(val)} of its train images (data.split_seed {data_config.split_seed})'
+  return train, val, f'{len(val)} of its train images (data.split_seed {spec.split_seed})'
 
 
 def _train_normalised_info(
@@ -196,20 +237,20 @@ def _log_loaded(what: str, info: DatasetInfo, size: int, splits, how: str) -> No
   )
 
 
-def load_folder(data_config, stats_dir: str | None = None, write_stats: bool = True) -> Datasets:
-  """Train/val/test of the image folder `data_config.folder_dir` (the module docstring says
+def load_folder(spec: DataSpec, stats_dir: str | None = None, write_stats: bool = True) -> Datasets:
+  """Train/val/test of the image folder `spec.folder_dir` (the module docstring says
   how); a DataError naming the field when the folder or its train split cannot serve."""
-  if not data_config.folder_dir:
+  if not spec.folder_dir:
     raise DataError(
       "data.source='folder' needs data.folder_dir=<root of root/<split>/<class>/*.png|jpg>; "
       'it is empty.'
     )
-  root = os.path.expanduser(data_config.folder_dir)
-  folder = streaming.read_folder_for(data_config, root)
+  root = os.path.expanduser(spec.folder_dir)
+  folder = streaming.read_folder_for(spec, root)
   train, test = folder.splits['train'], folder.splits['test']
   info = _train_normalised_info(
     'folder',
-    data_config.name,
+    spec.name,
     root,
     folder.class_names,
     folder.image_size,
@@ -221,23 +262,23 @@ def load_folder(data_config, stats_dir: str | None = None, write_stats: bool = T
   if 'val' in folder.splits:
     val, how = folder.splits['val'], f'its val folder, {os.path.join(root, "val")}'
   else:
-    train, val, how = _val_split(train, data_config, f'Image folder {root}')
+    train, val, how = _val_split(train, spec, f'Image folder {root}')
   _log_loaded(f'image folder {root}', info, folder.image_size, (train, val, test), how)
   source = f'image folder {root}'
   return Datasets(info=info, train=train, val=val, test=test, source=source)
 
 
 def load_tfds_by_name(
-  data_config, stats_dir: str | None = None, write_stats: bool = True
+  spec: DataSpec, stats_dir: str | None = None, write_stats: bool = True
 ) -> Datasets:
-  """Train/val/test of the TFDS image-classification dataset `data_config.name` (the module
+  """Train/val/test of the TFDS image-classification dataset `spec.name` (the module
   docstring says how), in memory or streamed (``data.stream``); a DataError naming the
   dataset when it cannot."""
-  data_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
-  ds = open_tfds(data_config.name, data_dir, data_config.image_size, data_config.channels or None)
+  data_dir = os.path.expanduser(spec.tfds_data_dir) if spec.tfds_data_dir else None
+  ds = open_tfds(spec.name, data_dir, spec.image_size, spec.channels or None)
   what = f'TFDS {ds.name} in {ds.location}'
   shape = (ds.image_size, ds.image_size, ds.channels)
-  splits = streaming.record_splits_for(data_config, ds.splits, shape, what)
+  splits = streaming.record_splits_for(spec, ds.splits, shape, what)
   train, test = splits['train'], splits['test']
   info = _train_normalised_info(
     'tfds',
@@ -253,7 +294,7 @@ def load_tfds_by_name(
   if 'val' in splits:
     val, how = splits['val'], "its 'validation' split"
   else:
-    train, val, how = _val_split(train, data_config, what)
+    train, val, how = _val_split(train, spec, what)
   if ds.split_names['test'] != 'test':
     how += f"; test is its {ds.split_names['test']!r} split (it has no 'test')"
   _log_loaded(what, info, ds.image_size, (train, val, test), how)
@@ -262,44 +303,44 @@ def load_tfds_by_name(
   return Datasets(info=info, train=train, val=val, test=test, source=source)
 
 
-def load_datasets(data_config, stats_dir: str | None = None, write_stats: bool = True) -> Datasets:
-  """Loads train/val/test of `data_config.name` from `data_config.source`
-  (auto/tfds/idx/download), or the image folder `data_config.folder_dir` (source folder).
+def load_datasets(
+  spec: DataSpec, stats_dir: str | None = None, write_stats: bool = True
+) -> Datasets:
+  """Loads train/val/test of `spec.name` from `spec.source`
+  (auto/tfds/idx/download), or the image folder `spec.folder_dir` (source folder).
 
-  `data_config` needs the attributes name, source, idx_dir, tfds_data_dir, val_size and
-  split_seed, and for a folder or a TFDS dataset by name image_size and channels (and
-  folder_dir) (an ml_collections ConfigDict or any attribute object). `stats_dir` (the
-  workdir) caches the train mean and std of those two, written only when `write_stats`.
+  `stats_dir` (the workdir) caches the train mean and std of a folder or a TFDS dataset by
+  name, written only when `write_stats`.
   """
-  if data_config.source == 'folder':
-    return load_folder(data_config, stats_dir, write_stats)
-  if data_config.source == 'tfds' and data_config.name not in DATASETS:
-    return load_tfds_by_name(data_config, stats_dir, write_stats)
-  info = dataset_info(data_config.name)
-  tfds_dir = os.path.expanduser(data_config.tfds_data_dir) if data_config.tfds_data_dir else None
-  if data_config.source == 'tfds':
+  if spec.source == 'folder':
+    return load_folder(spec, stats_dir, write_stats)
+  if spec.source == 'tfds' and spec.name not in DATASETS:
+    return load_tfds_by_name(spec, stats_dir, write_stats)
+  info = dataset_info(spec.name)
+  tfds_dir = os.path.expanduser(spec.tfds_data_dir) if spec.tfds_data_dir else None
+  if spec.source == 'tfds':
     train, test, source = load_tfds_with_alternatives(info.name, tfds_dir, download=True)
-  elif data_config.source == 'idx':
-    train, test, source = _load_idx_source(data_config, info)
-  elif data_config.source == 'download':
+  elif spec.source == 'idx':
+    train, test, source = _load_idx_source(spec, info)
+  elif spec.source == 'download':
     try:
       train, test, source = _load_downloaded(info)
     except DataError as e:
       raise DataError(f'{e}\n{offline_fix(info.name)}') from e
-  elif data_config.source == 'auto':
-    train, test, source = _load_auto(data_config, info, tfds_dir)
+  elif spec.source == 'auto':
+    train, test, source = _load_auto(spec, info, tfds_dir)
   else:
     raise DataError(
-      f'Unknown data.source {data_config.source!r}; valid: auto, tfds, idx, download, folder.'
+      f'Unknown data.source {spec.source!r}; valid: auto, tfds, idx, download, folder.'
     )
-  train, val = split_train_val(train, data_config.val_size, data_config.split_seed)
+  train, val = split_train_val(train, spec.val_size, spec.split_seed)
   logging.info(
     'Loaded %s from %s: train %d, val %d (split_seed %d), test %d.',
     info.name,
     source,
     len(train),
     len(val),
-    data_config.split_seed,
+    spec.split_seed,
     len(test),
   )
   return Datasets(info=info, train=train, val=val, test=test, source=source)

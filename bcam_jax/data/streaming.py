@@ -331,13 +331,13 @@ def load_streamed_folder(
   return folder_dataset(index, channels, image_size, splits, f'streamed, {workers} threads')
 
 
-def _stream_choice(data_config, what: str, count: int, size: int, channels: int):
-  """(whether to stream, decoding threads) for `count` images of size^2 x channels, as
-  ``data.stream``, ``data.in_memory_limit_mb`` and ``data.decode_workers`` say, logging
-  which."""
-  mode = data_config.stream
-  limit_mb = data_config.in_memory_limit_mb
-  workers = data_config.decode_workers or default_workers()
+def _stream_choice(spec, what: str, count: int, size: int, channels: int):
+  """(whether to stream, decoding threads) for `count` images of size^2 x channels, as the
+  `loading.DataSpec` `spec`'s ``data.stream``, ``data.in_memory_limit_mb`` and
+  ``data.decode_workers`` say, logging which."""
+  mode = spec.stream
+  limit_mb = spec.in_memory_limit_mb
+  workers = spec.decode_workers or default_workers()
   megabytes = decoded_megabytes(count, size, channels)
   stream = should_stream(mode, megabytes, limit_mb)
   logging.info(
@@ -353,30 +353,30 @@ def _stream_choice(data_config, what: str, count: int, size: int, channels: int)
   return stream, workers
 
 
-def read_folder_for(data_config, root: str) -> FolderDataset:
+def read_folder_for(spec, root: str) -> FolderDataset:
   """The image folder `root` in memory or streamed, as ``data.stream`` says, logging which.
 
   'auto' streams when every split decoded at ``data.image_size`` would take more than
   ``data.in_memory_limit_mb`` MiB (counting 3 channels when ``data.channels`` is 0, before
   the headers are read); ``data.decode_workers`` threads decode (0: `default_workers`).
   """
-  channels = data_config.channels or None
+  channels = spec.channels or None
   index = scan_image_folder(root)
   count = sum(len(pairs) for pairs in index.files.values())
   stream, workers = _stream_choice(
-    data_config, f'Image folder {root}', count, data_config.image_size, channels or 3
+    spec, f'Image folder {root}', count, spec.image_size, channels or 3
   )
   if stream:
-    return load_streamed_folder(root, data_config.image_size, channels, workers)
-  return read_image_folder(root, data_config.image_size, channels, workers)
+    return load_streamed_folder(root, spec.image_size, channels, workers)
+  return read_image_folder(root, spec.image_size, channels, workers)
 
 
-def record_splits_for(data_config, sources: dict, image_shape: tuple, what: str) -> dict:
+def record_splits_for(spec, sources: dict, image_shape: tuple, what: str) -> dict:
   """Record sources by split role (e.g. a TFDS dataset's `TfdsRecords`) in memory
   (`records.materialize`) or as `StreamedSplit`s, as ``data.stream`` and
   ``data.in_memory_limit_mb`` say for their decoded size, logging which."""
   count = sum(len(source) for source in sources.values())
-  stream, workers = _stream_choice(data_config, what, count, image_shape[0], image_shape[2])
+  stream, workers = _stream_choice(spec, what, count, image_shape[0], image_shape[2])
   if stream:
     return {role: StreamedSplit(source, image_shape, workers) for role, source in sources.items()}
   return {

@@ -21,6 +21,8 @@ The model modules document the other options' sizes and parameter counts.
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +99,50 @@ def get_model(
   if isinstance(options.get('dtype'), str):
     options['dtype'] = jnp.dtype(options['dtype'])
   return cls(num_classes, head_type=head, pooling=pooling, conv_lowering=conv_lowering, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A zoo model: its name (`models.MODEL_NAMES`), head ('default' | 'softcam'), pooling
+  ('default' | 'ca_stream'), convolution lowering (speed only, `models.conv`), its options
+  (`models.model_options`; left out: their defaults) and whether only the CA-Stream
+  parameters train (the stream on a frozen backbone, CA-Stream's protocol)."""
+
+  name: str = 'simple_cnn'
+  head: str = 'default'
+  pooling: str = 'default'
+  conv_lowering: str = 'auto'
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  freeze_backbone: bool = False
+
+  @classmethod
+  def from_config(cls, model_config) -> 'ModelSpec':
+    """The spec of `config.model`."""
+    return cls(
+      name=model_config.name,
+      head=model_config.head,
+      pooling=model_config.pooling,
+      conv_lowering=model_config.conv_lowering,
+      options=dict(model_config.options),
+      freeze_backbone=bool(model_config.ca_stream.freeze_backbone),
+    )
+
+  def build(self, num_classes: int, dtype: Any = jnp.float32) -> CamClassifier:
+    """The model with `num_classes` outputs computing in `dtype`; ValueError naming an
+    unknown or invalid option."""
+    return get_model(
+      self.name,
+      num_classes,
+      head=self.head,
+      pooling=self.pooling,
+      conv_lowering=self.conv_lowering,
+      **({'dtype': dtype} | dict(self.options)),
+    )
+
+  def baseline(self, num_classes: int, dtype: Any = jnp.float32) -> CamClassifier:
+    """This model with the default head and pooling: the run whose backbone and classifier
+    start a CA-Stream or Soft-CAM one (`config.init_from`)."""
+    return dataclasses.replace(self, head='default', pooling='default').build(num_classes, dtype)
 
 
 def head_fn(model: CamClassifier, variables, features: dict):
