@@ -27,12 +27,15 @@ import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import ConvNeXtV2Tiny
-from bcam_jax.models.resnet import ResNet18
+from bcam_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from bcam_jax.models.simple_cnn import SimpleCNN
 
 _MODELS = {
   'simple_cnn': SimpleCNN,
   'resnet18': ResNet18,
+  'resnet34': ResNet34,
+  'resnet50': ResNet50,
+  'resnet101': ResNet101,
   'convnext_v2_tiny': ConvNeXtV2Tiny,
 }
 MODEL_NAMES = tuple(_MODELS)
