@@ -18,7 +18,7 @@ from bcam_jax.models import (
   model_options,
   param_count,
 )
-from bcam_jax.models.convnext import GRN, ConvNeXtV2Block
+from bcam_jax.models.convnext import GRN, ConvNeXtBlock
 from bcam_jax.models.resnet import BasicBlock
 
 NUM_CLASSES = 10
@@ -390,7 +390,7 @@ def test_convnext_drop_path_rates_linear():
   rates = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, ConvNeXtV2Block) and context.method_name == '__call__':
+    if isinstance(context.module, ConvNeXtBlock) and context.method_name == '__call__':
       rates.append(context.module.drop_path)
     return next_fun(*args, **kwargs)
 
@@ -400,7 +400,7 @@ def test_convnext_drop_path_rates_linear():
 
 
 def test_drop_path_is_per_sample_and_rescaled():
-  block = ConvNeXtV2Block(dim=8, drop_path=0.5, dtype=jnp.float32)
+  block = ConvNeXtBlock(dim=8, drop_path=0.5, dtype=jnp.float32)
   x = jax.random.normal(jax.random.key(0), (64, 2, 2, 8))
   params = jax.jit(lambda key: block.init(key, x, train=False))(jax.random.key(1))
   # Perturb the zero-initialised GRN so the branch is not trivially shaped.

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
-from bcam_jax.models.convnext import ConvNeXtV2Tiny
+from bcam_jax.models.convnext import ConvNeXtTiny, ConvNeXtV2Tiny
 from bcam_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from bcam_jax.models.simple_cnn import SimpleCNN
 
@@ -37,6 +37,7 @@ _MODELS = {
   'resnet50': ResNet50,
   'resnet101': ResNet101,
   'convnext_v2_tiny': ConvNeXtV2Tiny,
+  'convnext_tiny': ConvNeXtTiny,
 }
 MODEL_NAMES = tuple(_MODELS)
 
