@@ -29,6 +29,7 @@ from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import ConvNeXtTiny, ConvNeXtV2Tiny
 from bcam_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from bcam_jax.models.simple_cnn import SimpleCNN
+from bcam_jax.models.vit import ViTB16, ViTS16
 
 _MODELS = {
   'simple_cnn': SimpleCNN,
@@ -38,6 +39,8 @@ _MODELS = {
   'resnet101': ResNet101,
   'convnext_v2_tiny': ConvNeXtV2Tiny,
   'convnext_tiny': ConvNeXtTiny,
+  'vit_s16': ViTS16,
+  'vit_b16': ViTB16,
 }
 MODEL_NAMES = tuple(_MODELS)
 
@@ -104,9 +107,10 @@ def get_model(
 
 
 def head_fn(model: CamClassifier, variables, features: dict):
-  """The per-sample head as a pure function of the CAM features: a -> logits, with
-  CA-Stream's query (a per-sample input of the head) taken from ``features``."""
-  query = features.get('ca_query')
+  """The per-sample head as a pure function of the CAM features: a -> logits, with the
+  head's per-sample second input (CA-Stream's query, a ViT's class token) taken from
+  ``features``."""
+  query = model.head_query(features)
   return lambda a: model.apply(variables, a, query, method='head')
 
 
