@@ -27,6 +27,9 @@ import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import ConvNeXtTiny, ConvNeXtV2Tiny
+from bcam_jax.models.pretrained import PRETRAINED_NAMES as PRETRAINED_NAMES
+from bcam_jax.models.pretrained import WeightsError as WeightsError
+from bcam_jax.models.pretrained import load_pretrained as load_pretrained
 from bcam_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from bcam_jax.models.simple_cnn import SimpleCNN
 from bcam_jax.models.vit import ViTB16, ViTS16
