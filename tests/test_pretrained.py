@@ -245,7 +245,7 @@ def test_keys_that_do_not_fit_are_named(change, message, tmp_path):
 
 def test_other_depth_is_named(tmp_path):
   path = _save_safetensors(_resnet18_arrays(), tmp_path / 'w.safetensors')
-  with pytest.raises(WeightsError, match=r"'layer1\.2\.bn1\.weight' is missing .*more"):
+  with pytest.raises(WeightsError, match=r"'layer1\.2\.bn1\.bias' is missing .*more"):
     load_pretrained('resnet34', path)
 
 
