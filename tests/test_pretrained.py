@@ -54,7 +54,8 @@ def test_published_parameter_counts(name):
 
 def _randomise(module, torch):
   """Every parameter and BatchNorm statistic of `module` drawn at random, so no layer is
-  trivial (ConvNeXt's layer scales start at 1e-6, BatchNorm at the identity)."""
+  trivial (ConvNeXt's layer scales start at 1e-6, BatchNorm at the identity).
+  torchvision's BatchNorm scales are `bn*.weight` and `downsample.1.weight`."""
   generator = torch.Generator().manual_seed(0)
   with torch.no_grad():
     for name, tensor in module.state_dict().items():
@@ -63,8 +64,11 @@ def _randomise(module, torch):
       noise = torch.randn(tensor.shape, generator=generator)
       if name.endswith('running_var'):
         tensor.copy_(0.5 + noise.abs())
-      elif name.endswith(('gamma', 'layer_scale')):
-        tensor.copy_(0.5 + 0.2 * noise)
+      elif name.endswith(('gamma', 'layer_scale')) or (
+        tensor.ndim == 1 and ('bn' in name or 'downsample.1.weight' in name)
+      ):
+        # Scales below 1 keep deep residual stacks' logits of order 1.
+        tensor.copy_(0.4 + 0.1 * noise)
       else:
         tensor.copy_(tensor + 0.1 * noise)
   return module.eval()

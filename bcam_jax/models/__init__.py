@@ -6,15 +6,22 @@ Each model is a Flax linen module (see ``bcam_jax.models.base``):
 the Grad-CAM layer) and ``method='head'`` maps the CAM map to logits (float32;
 float64 for a float64 model), strictly per sample.  Variables are
 ``{'params': ..., 'batch_stats': ...}``
-(batch_stats only for resnet18); with ``train=True`` pass
+(batch_stats only for the ResNets); with ``train=True`` pass
 ``mutable=['batch_stats']`` and ``rngs={'dropout': key}``.
 
-CAM map sizes (default options)::
+CAM map sizes (default options; ``load_pretrained`` builds the ImageNet stems)::
 
-    model              28x28     112x112
-    simple_cnn         7x7x64    28x28x64
-    resnet18           4x4x512   14x14x512
-    convnext_v2_tiny   3x3x768   14x14x768
+    model              28x28     112x112     224x224
+    simple_cnn         7x7x64    28x28x64    56x56x64
+    resnet18, 34       4x4x512   14x14x512   28x28x512   (stem="imagenet": 7x7x512 at 224)
+    resnet50, 101      4x4x2048  14x14x2048  28x28x2048  (stem="imagenet": 7x7x2048 at 224)
+    convnext_v2_tiny   3x3x768   14x14x768   28x28x768   (stem_stride=4: 7x7x768 at 224)
+    convnext_tiny      3x3x768   14x14x768   28x28x768   (stem_stride=4: 7x7x768 at 224)
+    vit_s16            1x1x384   7x7x384     14x14x384
+    vit_b16            1x1x768   7x7x768     14x14x768
+
+``load_pretrained`` (``bcam_jax.models.pretrained``) gives a model and variables from
+torchvision's or timm's published weights.
 
 The model modules document the other options' sizes and parameter counts.
 """
