@@ -1,8 +1,9 @@
 """What the commands (bcam_jax/commands/) share: the `--config` flag, which also takes a
 packaged config name, and running a command as the program. An error the user can act on (a
-bad config field, unreadable data, a workdir in use or trained with another model, no usable
-checkpoint, a diverged loss) ends the program with its one-paragraph message and exit
-status 1, without a traceback; any other error keeps its traceback."""
+bad config field, unreadable data, weights that do not fit the model, a workdir in use or
+trained with another model, no usable checkpoint, a diverged loss) ends the program with its
+one-paragraph message and exit status 1, without a traceback; any other error keeps its
+traceback."""
 
 import re
 import sys
@@ -18,10 +19,18 @@ from bcam_jax import configs, models
 from bcam_jax.checkpointing import NoUsableCheckpointError
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.data import DataError
+from bcam_jax.models import WeightsError
 from bcam_jax.train_lib import NonFiniteLossError
 from bcam_jax.workdir_lock import WorkdirError
 
-USER_ERRORS = (ConfigError, DataError, WorkdirError, NoUsableCheckpointError, NonFiniteLossError)
+USER_ERRORS = (
+  ConfigError,
+  DataError,
+  WorkdirError,
+  NoUsableCheckpointError,
+  NonFiniteLossError,
+  WeightsError,
+)
 
 # Flags defined through define_config_flag belong to the command that calls it (its --help).
 flags.disclaim_key_flags()

@@ -14,14 +14,25 @@ from bcam_jax.models import (
   MODEL_NAMES,
   cam_shape,
   get_model,
+  head_fn,
   init_variables,
   model_options,
   param_count,
 )
-from bcam_jax.models.convnext import GRN, ConvNeXtV2Block
+from bcam_jax.models.convnext import GRN, ConvNeXtBlock
 from bcam_jax.models.resnet import BasicBlock
 
 NUM_CLASSES = 10
+# The models the size and behaviour tables below cover at full width. One member of each
+# other family runs tiny in test_tiny_families; resnet34, resnet101 and vit_b16 differ from
+# those only in depth or widths, and tests/test_pretrained.py checks their parameter counts.
+TABLED_MODELS = ('simple_cnn', 'resnet18', 'convnext_v2_tiny')
+TINY_FAMILIES = {
+  'resnet50': {'width': 2},
+  'convnext_tiny': {'width': 4},
+  'vit_s16': {'patch_size': 4, 'hidden': 8, 'depth': 2, 'heads': 2, 'mlp_dim': 16},
+}
+COUNTED_ONLY = ('resnet34', 'resnet101', 'vit_b16')
 
 # Documented feature sizes (h, w, k) per (model, options) and image side.
 SIZES = {
@@ -169,7 +180,7 @@ def test_cam_shape_helper(name, opts, side):
   assert model.cam_side(side) == SIZES[name, opts][side]['cam'][0]
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', TABLED_MODELS)
 def test_default_cam_at_least_3x3_at_28(name):
   h, w, _ = cam_shape(get_model(name, NUM_CLASSES), 28)
   assert h >= 3 and w >= 3
@@ -265,7 +276,7 @@ def test_convnext_v2_tiny_param_count():
 # ---------------------------------------------------------------- per-sample head
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', TABLED_MODELS)
 def test_head_is_per_sample(name):
   model = get_model(name, NUM_CLASSES)
   cam = jax.random.normal(jax.random.key(2), (3,) + cam_shape(model, 28))
@@ -296,7 +307,7 @@ def test_head_is_per_sample(name):
 # ---------------------------------------------------------------- entry points, train/eval
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', TABLED_MODELS)
 def test_apply_is_head_of_backbone(name, variables):
   model, v, x = get_model(name, NUM_CLASSES), variables(name), _random_images(2)
 
@@ -390,7 +401,7 @@ def test_convnext_drop_path_rates_linear():
   rates = []
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, ConvNeXtV2Block) and context.method_name == '__call__':
+    if isinstance(context.module, ConvNeXtBlock) and context.method_name == '__call__':
       rates.append(context.module.drop_path)
     return next_fun(*args, **kwargs)
 
@@ -400,7 +411,7 @@ def test_convnext_drop_path_rates_linear():
 
 
 def test_drop_path_is_per_sample_and_rescaled():
-  block = ConvNeXtV2Block(dim=8, drop_path=0.5, dtype=jnp.float32)
+  block = ConvNeXtBlock(dim=8, drop_path=0.5, dtype=jnp.float32)
   x = jax.random.normal(jax.random.key(0), (64, 2, 2, 8))
   params = jax.jit(lambda key: block.init(key, x, train=False))(jax.random.key(1))
   # Perturb the zero-initialised GRN so the branch is not trivially shaped.
@@ -438,6 +449,40 @@ def test_grn_matches_formula():
 
 
 # ---------------------------------------------------------------- errors and options
+
+
+def test_every_model_is_tabled_or_tiny():
+  assert sorted(TABLED_MODELS + tuple(TINY_FAMILIES) + COUNTED_ONLY) == sorted(MODEL_NAMES)
+
+
+@pytest.mark.parametrize('name', TINY_FAMILIES)
+def test_tiny_families(name):
+  """Each head and pooling runs; the logits are the head (``head_fn``) of the backbone's
+  CAM map."""
+  x = _random_images(3)
+  for head, pool in (('default', 'default'), ('softcam', 'default'), ('default', 'ca_stream')):
+    model = get_model(name, NUM_CLASSES, head=head, pooling=pool, **TINY_FAMILIES[name])
+    v = init_variables(model, jax.random.key(0), 28)
+
+    @jax.jit
+    def run(v, x, model=model):
+      logits, features = model.apply(v, x)
+      return logits, head_fn(model, v, features)(features['cam'])
+
+    logits, from_head = run(v, x)
+    assert logits.shape == (3, NUM_CLASSES) and np.all(np.isfinite(logits))
+    np.testing.assert_allclose(from_head, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_head_needs_the_class_token():
+  model = get_model('vit_s16', NUM_CLASSES, **TINY_FAMILIES['vit_s16'])
+  v = init_variables(model, jax.random.key(0), 28)
+  features = model.apply(v, _random_images(1), method='backbone')
+  assert features['cam'].shape == (1, 7, 7, 8) and features['class_token'].shape == (1, 8)
+  with pytest.raises(ValueError, match='class_token.*head_fn'):
+    model.apply(v, features['cam'], method='head')
+  with pytest.raises(ValueError, match=r'7x7 patch grid \(28x28 images\), got a 8x8'):
+    model.apply(v, _random_images(1, side=32))
 
 
 def test_get_model_unknown_name():
@@ -510,7 +555,7 @@ def test_zero_init_residual():
 # ---------------------------------------------------------------- bfloat16
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', TABLED_MODELS)
 def test_bfloat16_shapes(name):
   model = get_model(name, NUM_CLASSES, dtype='bfloat16')
   (logits, features), v = _init_shapes(model, _images(2, 28))

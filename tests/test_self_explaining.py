@@ -13,7 +13,7 @@ from flax import traverse_util
 from bcam_jax import conditions, config_validation, eval_lib, explain, optim, run_setup, train_lib
 from bcam_jax import objective as objective_lib
 from bcam_jax.configs import experiment
-from bcam_jax.models import MODEL_NAMES, get_model, head_fn, init_variables, param_count
+from bcam_jax.models import get_model, head_fn, init_variables, param_count
 from bcam_jax.models.base import is_stream_param
 from bcam_jax.models.heads import CAStream, Pool, cross_attention
 from bcam_jax.run_spec import RunSpec
@@ -143,7 +143,7 @@ _MODEL_STREAMS = {
 }
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', _MODEL_STREAMS)
 def test_stream_parameters_of_our_models(name):
   """The CA-Stream model has the default model's parameters plus the stream's (q_0, W_0..W_L),
   which are exactly those `is_stream_param` selects; the default tree has none of them.
@@ -175,7 +175,7 @@ def _softmax_pool(cam: np.ndarray, query: np.ndarray) -> np.ndarray:
   return np.stack(out)
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', _MODEL_STREAMS)
 def test_ca_head_applies_w_l_between_the_last_block_and_the_classifier(name):
   """Logits = classifier(W_L CA_L(q_L, F_L) + b_L), by hand from the params tree
   (ConvNeXt's classifier: LayerNorm then dense)."""
@@ -233,7 +233,7 @@ def test_train_only_updates_exactly_the_stream_parameters():
 _OPTIONS = {('convnext_v2_tiny', 112): {'stem_stride': 4}}
 
 
-@pytest.mark.parametrize('name', MODEL_NAMES)
+@pytest.mark.parametrize('name', _MODEL_STREAMS)
 @pytest.mark.parametrize('size', [28, 112])
 def test_evidence_and_attention_shapes(name, size):
   """Shape inference only (no compute), every backbone at both image sizes."""

@@ -220,7 +220,7 @@ def layer_features(model, variables, x: jax.Array, layer: str = 'cam'):
   variables = _without_perturbations(variables)
   if layer == 'cam':
     features = model.apply(variables, x, method='backbone')
-    query = features.get('ca_query')  # CA-Stream's per-sample input of the head
+    query = model.head_query(features)  # e.g. CA-Stream's query, a ViT's class token
     head = lambda a: model.apply(variables, a, repeat_to(query, a.shape[0]), method='head')
     return features['cam'], head
   features, state = model.apply(variables, x, method='backbone', mutable=['perturbations'])

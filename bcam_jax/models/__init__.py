@@ -6,15 +6,22 @@ Each model is a Flax linen module (see ``bcam_jax.models.base``):
 the Grad-CAM layer) and ``method='head'`` maps the CAM map to logits (float32;
 float64 for a float64 model), strictly per sample.  Variables are
 ``{'params': ..., 'batch_stats': ...}``
-(batch_stats only for resnet18); with ``train=True`` pass
+(batch_stats only for the ResNets); with ``train=True`` pass
 ``mutable=['batch_stats']`` and ``rngs={'dropout': key}``.
 
-CAM map sizes (default options)::
+CAM map sizes (default options; ``load_pretrained`` builds the ImageNet stems)::
 
-    model              28x28     112x112
-    simple_cnn         7x7x64    28x28x64
-    resnet18           4x4x512   14x14x512
-    convnext_v2_tiny   3x3x768   14x14x768
+    model              28x28     112x112     224x224
+    simple_cnn         7x7x64    28x28x64    56x56x64
+    resnet18, 34       4x4x512   14x14x512   28x28x512   (stem="imagenet": 7x7x512 at 224)
+    resnet50, 101      4x4x2048  14x14x2048  28x28x2048  (stem="imagenet": 7x7x2048 at 224)
+    convnext_v2_tiny   3x3x768   14x14x768   28x28x768   (stem_stride=4: 7x7x768 at 224)
+    convnext_tiny      3x3x768   14x14x768   28x28x768   (stem_stride=4: 7x7x768 at 224)
+    vit_s16            1x1x384   7x7x384     14x14x384
+    vit_b16            1x1x768   7x7x768     14x14x768
+
+``load_pretrained`` (``bcam_jax.models.pretrained``) gives a model and variables from
+torchvision's or timm's published weights.
 
 The model modules document the other options' sizes and parameter counts.
 """
@@ -28,14 +35,24 @@ import jax
 import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
-from bcam_jax.models.convnext import ConvNeXtV2Tiny
-from bcam_jax.models.resnet import ResNet18
+from bcam_jax.models.convnext import ConvNeXtTiny, ConvNeXtV2Tiny
+from bcam_jax.models.pretrained import PRETRAINED_NAMES as PRETRAINED_NAMES
+from bcam_jax.models.pretrained import WeightsError as WeightsError
+from bcam_jax.models.pretrained import load_pretrained as load_pretrained
+from bcam_jax.models.resnet import ResNet18, ResNet34, ResNet50, ResNet101
 from bcam_jax.models.simple_cnn import SimpleCNN
+from bcam_jax.models.vit import ViTB16, ViTS16
 
 _MODELS = {
   'simple_cnn': SimpleCNN,
   'resnet18': ResNet18,
+  'resnet34': ResNet34,
+  'resnet50': ResNet50,
+  'resnet101': ResNet101,
   'convnext_v2_tiny': ConvNeXtV2Tiny,
+  'convnext_tiny': ConvNeXtTiny,
+  'vit_s16': ViTS16,
+  'vit_b16': ViTB16,
 }
 MODEL_NAMES = tuple(_MODELS)
 
@@ -146,9 +163,10 @@ class ModelSpec:
 
 
 def head_fn(model: CamClassifier, variables, features: dict):
-  """The per-sample head as a pure function of the CAM features: a -> logits, with
-  CA-Stream's query (a per-sample input of the head) taken from ``features``."""
-  query = features.get('ca_query')
+  """The per-sample head as a pure function of the CAM features: a -> logits, with the
+  head's per-sample second input (CA-Stream's query, a ViT's class token) taken from
+  ``features``."""
+  query = model.head_query(features)
   return lambda a: model.apply(variables, a, query, method='head')
 
 

@@ -8,7 +8,9 @@ pure function through ``model.apply(variables, ..., method=...)``:
   of named NHWC stage outputs that includes ``"cam"``, the Grad-CAM target
   layer (the last conv feature map).  All BatchNorm, dropout and stochastic
   depth live here;
-* ``head(cam)``: ``features["cam"]`` -> logits ``(N, num_classes)`` in at least float32.
+* ``head(cam, query=None)``: ``features["cam"]`` -> logits ``(N, num_classes)`` in at least
+  float32; ``query`` is the per-sample second input some heads take from the features
+  (``head_query``: CA-Stream's query, a ViT's class token).
 
 Every stage output of the features dict except a separate ``"cam"`` goes
 through ``self.perturb(name, ...)`` (a no-op unless a ``perturbations``
@@ -155,9 +157,17 @@ class CamClassifier(nn.Module):
       features = features | {'ca_query': self.stream(features)}
     return features
 
+  @nn.nowrap
+  def head_query(self, features: dict) -> Any:
+    """The head's per-sample second input, taken from the features dict: CA-Stream's
+    ``features["ca_query"]``, or None when the head needs only the CAM map (a ViT's default
+    head takes its class token)."""
+    return features.get('ca_query')
+
   def head(self, cam, query=None):
     """CAM feature map (N, h, w, k) -> logits (N, num_classes), per sample.
-    With CA-Stream, `query` is features["ca_query"] (see ``models.head_fn``)."""
+    `query` is ``head_query(features)``, e.g. CA-Stream's features["ca_query"] (see
+    ``models.head_fn``)."""
     if self.kind.attention and query is None:
       raise ValueError(
         f'{self.label()} with CA-Stream pooling: head() needs the query '
@@ -185,7 +195,7 @@ class CamClassifier(nn.Module):
   def __call__(self, x, train: bool = False):
     """Images -> (logits, features); logits are in at least float32."""
     features = self.backbone(x, train=train)
-    return self.head(features['cam'], features.get('ca_query')), features
+    return self.head(features['cam'], self.head_query(features)), features
 
 
 def is_stream_param(path: tuple[str, ...]) -> bool:

@@ -1,8 +1,10 @@
-"""ConvNeXt V2-Tiny (Woo et al., 2023) for one-channel images, with a small-image stem option.
+"""ConvNeXt-Tiny, V1 (Liu et al., 2022) and V2 (Woo et al., 2023), for any channel count,
+with a small-image stem option.
 
-Depths 3-3-9-3, dims 96-192-384-768.  Block: depthwise 7x7 conv, LayerNorm,
-Dense 4d, GELU (exact), GRN, Dense d, stochastic depth, residual; no layer
-scale (V2 removed it).  Stochastic depth rates grow linearly from 0 to
+Depths 3-3-9-3, dims 96-192-384-768 (V1's ``width`` option scales them).  Block: depthwise
+7x7 conv, LayerNorm, Dense 4d, GELU (exact), then V2: GRN, Dense d; V1: Dense d, layer
+scale (a per-channel gamma starting at 1e-6, timm's and torchvision's ``ls_init_value``);
+then stochastic depth, residual.  Stochastic depth rates grow linearly from 0 to
 ``drop_path_rate`` over the 18 blocks and draw on the 'dropout' rng stream;
 they act only when ``train``.  Downsampling between stages: LayerNorm + 2x2
 conv stride 2 (VALID, so sides halve with floor).  LayerNorms (epsilon 1e-6)
@@ -26,7 +28,8 @@ The stem is a conv + LayerNorm; ``stem_stride`` picks the conv:
 Parameters (10 classes, independent of image size): 27,870,442 with a 3x3
 stem (stride 1 or 2) and 27,871,114 with the patchify stem; each block has
 8d^2 + 65d.  With RGB input and 1000 classes the patchify model has
-28,635,496, the published 28.6M of ConvNeXt V2-T.
+28,635,496, the published 28.6M of ConvNeXt V2-T; V1 has d fewer per block (its gamma
+against GRN's 2d): 28,589,128, timm's and torchvision's ConvNeXt-T.
 
 CA-Stream (``pooling="ca_stream"``) attends the stem and the four stage outputs (96, 96,
 192, 384, 768 channels), as it attends ResNet's: 988,416 stream parameters (q_0, W_0..W_3,
@@ -56,6 +59,8 @@ DEPTHS = (3, 3, 9, 3)
 DIMS = (96, 192, 384, 768)
 STEM_STRIDES = (1, 2, 4)
 LN_EPSILON = 1e-6
+# V1's layer scale starts here (timm's and torchvision's ls_init_value).
+LAYER_SCALE_INIT = 1e-6
 
 # Reference initialisation: truncated normal (std 0.02) weights, zero biases.
 _WEIGHT_INIT = nn.initializers.truncated_normal(0.02)
@@ -85,13 +90,16 @@ class GRN(nn.Module):
     return jnp.asarray(gamma * (x * nx) + beta + x, self.dtype)
 
 
-class ConvNeXtV2Block(nn.Module):
-  """ConvNeXt V2 block with stochastic depth ``drop_path`` on its residual branch."""
+class ConvNeXtBlock(nn.Module):
+  """ConvNeXt block with stochastic depth ``drop_path`` on its residual branch: V2's GRN
+  after the GELU (``version=2``), or V1's layer scale (``gamma`` `(dim,)`, starting at
+  ``LAYER_SCALE_INIT``) on the branch (``version=1``)."""
 
   dim: int
   drop_path: float
   dtype: jnp.dtype
   conv_lowering: str = 'auto'
+  version: int = 2
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -107,8 +115,12 @@ class ConvNeXtV2Block(nn.Module):
     y = nn.LayerNorm(epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype, name='norm')(y)
     y = nn.Dense(4 * self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv1')(y)
     y = nn.gelu(y, approximate=False)
-    y = GRN(self.dtype, name='grn')(y)
+    if self.version == 2:
+      y = GRN(self.dtype, name='grn')(y)
     y = nn.Dense(self.dim, dtype=self.dtype, kernel_init=_WEIGHT_INIT, name='pwconv2')(y)
+    if self.version == 1:
+      gamma = self.param('gamma', nn.initializers.constant(LAYER_SCALE_INIT), (self.dim,))
+      y = y * jnp.asarray(gamma, y.dtype)
     # Drop path: one Bernoulli draw per sample (mask broadcast over H, W, C), scaled by 1/keep.
     y = nn.Dropout(
       self.drop_path, broadcast_dims=(1, 2, 3), deterministic=not train, name='drop_path'
@@ -116,33 +128,40 @@ class ConvNeXtV2Block(nn.Module):
     return x + y
 
 
-class ConvNeXtV2Backbone(nn.Module):
+class ConvNeXtBackbone(nn.Module):
   """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
 
   stem_stride: int
   drop_path_rate: float
   dtype: jnp.dtype
   conv_lowering: str = 'auto'
+  version: int = 2
+  dims: tuple[int, ...] = DIMS
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = partial(conv_module(self.conv_lowering), dtype=self.dtype, kernel_init=_WEIGHT_INIT)
     norm = partial(nn.LayerNorm, epsilon=LN_EPSILON, use_fast_variance=False, dtype=self.dtype)
     if self.stem_stride == 4:
-      x = conv(DIMS[0], (4, 4), strides=4, padding='VALID', name='stem_conv')(x)
+      x = conv(self.dims[0], (4, 4), strides=4, padding='VALID', name='stem_conv')(x)
     else:
-      x = conv(DIMS[0], (3, 3), strides=self.stem_stride, padding=1, name='stem_conv')(x)
+      x = conv(self.dims[0], (3, 3), strides=self.stem_stride, padding=1, name='stem_conv')(x)
     x = self.perturb('stem', norm(name='stem_norm')(x))
     features = {'stem': x}
     rates = np.linspace(0.0, self.drop_path_rate, sum(DEPTHS))
     block = 0
-    for i, (depth, dim) in enumerate(zip(DEPTHS, DIMS), start=1):
+    for i, (depth, dim) in enumerate(zip(DEPTHS, self.dims), start=1):
       if i > 1:
         x = norm(name=f'downsample{i}_norm')(x)
         x = conv(dim, (2, 2), strides=2, padding='VALID', name=f'downsample{i}_conv')(x)
       for j in range(depth):
-        x = ConvNeXtV2Block(
-          dim, float(rates[block]), self.dtype, self.conv_lowering, name=f'stage{i}_block{j + 1}'
+        x = ConvNeXtBlock(
+          dim,
+          float(rates[block]),
+          self.dtype,
+          self.conv_lowering,
+          self.version,
+          name=f'stage{i}_block{j + 1}',
         )(x, train)
         block += 1
       x = self.perturb(f'stage{i}', x)
@@ -173,23 +192,39 @@ class ConvNeXtV2Tiny(CamClassifier):
   stem_stride: int = 1
   drop_path_rate: float = 0.1
 
+  # Class attributes, not options: the block's version and the model name.
+  version = 2
+  model_name = 'convnext_v2_tiny'
+
   def __post_init__(self):
     if self.stem_stride not in STEM_STRIDES:
       raise ValueError(
-        f'convnext_v2_tiny: stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride!r}'
+        f'{self.model_name}: stem_stride must be one of {STEM_STRIDES}, got {self.stem_stride!r}'
       )
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(
-        f'convnext_v2_tiny: drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}'
+        f'{self.model_name}: drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}'
       )
     super().__post_init__()
 
   stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
   stream_init = staticmethod(_WEIGHT_INIT)
 
+  @property
+  def dims(self) -> tuple[int, ...]:
+    """Channels of the four stages."""
+    return DIMS
+
   @nn.nowrap
   def make_backbone(self):
-    return ConvNeXtV2Backbone(self.stem_stride, self.drop_path_rate, self.dtype, self.conv_lowering)
+    return ConvNeXtBackbone(
+      self.stem_stride,
+      self.drop_path_rate,
+      self.dtype,
+      self.conv_lowering,
+      self.version,
+      self.dims,
+    )
 
   @nn.nowrap
   def make_head(self):
@@ -205,4 +240,26 @@ class ConvNeXtV2Tiny(CamClassifier):
 
   @nn.nowrap
   def label(self) -> str:
-    return f'convnext_v2_tiny(stem_stride={self.stem_stride})'
+    return f'{self.model_name}(stem_stride={self.stem_stride})'
+
+
+class ConvNeXtTiny(ConvNeXtV2Tiny):
+  """ConvNeXt-Tiny (V1) classifier: the V2 model with layer scale instead of GRN.
+
+  Options: those of ``ConvNeXtV2Tiny`` and ``width``, the channels of the first stage (96
+  in ConvNeXt-T; the others are 2x, 4x and 8x it), smaller for quick tests.
+  """
+
+  width: int = 96
+
+  version = 1
+  model_name = 'convnext_tiny'
+
+  def __post_init__(self):
+    if not isinstance(self.width, int) or self.width < 1:
+      raise ValueError(f'convnext_tiny: width must be a positive int, got {self.width!r}')
+    super().__post_init__()
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    return tuple(self.width * d // DIMS[0] for d in DIMS)

@@ -1,36 +1,42 @@
-"""ResNet-18 for one-channel images, with a small-image stem (default) or the ImageNet stem.
+"""ResNets 18, 34, 50 and 101 (torchvision's v1.5 layout) for any channel count, with a
+small-image stem (default) or the ImageNet stem.
 
-BasicBlocks [2, 2, 2, 2], widths 64-128-256-512, strides 1-2-2-2, bias-free
-convs each followed by BatchNorm (momentum 0.9, epsilon 1e-5, computed in
-float32; the option ``batch_norm`` picks its form, ``bcam_jax.models.batch_norm``),
-projection shortcut (1x1 conv with the block's stride + BatchNorm) where the shape
-changes.  Convs pad symmetrically as torchvision does (3x3:
-1, 7x7: 3, stem max-pool: 1); output sizes equal those of SAME padding
-(ceil(side / stride)), and a stride-2 block's main path stays centred on the
-same pixels as its 1x1 shortcut.  BatchNorm uses no axis_name: under jit over
-a sharded batch its statistics are already those of the global batch.
+Blocks per stage: [2, 2, 2, 2] (18), [3, 4, 6, 3] (34), [3, 4, 6, 3] (50), [3, 4, 23, 3]
+(101); strides 1-2-2-2. ResNet-18/34 use BasicBlocks (two 3x3 convs) with stage widths
+64-128-256-512; ResNet-50/101 use Bottlenecks (1x1, 3x3 with the block's stride, 1x1 with 4x
+the channels: torchvision's v1.5, stride on the 3x3) with stage outputs 256-512-1024-2048.
+``width`` scales every width (64 in the published models). Convs are bias-free, each followed
+by BatchNorm (momentum 0.9, epsilon 1e-5, computed in float32; the option ``batch_norm``
+picks its form, ``bcam_jax.models.batch_norm``), with a projection shortcut (1x1 conv with
+the block's stride + BatchNorm) where the shape changes. Convs pad symmetrically as
+torchvision does (3x3: 1, 7x7: 3, stem max-pool: 1); output sizes equal those of SAME padding
+(ceil(side / stride)), and a stride-2 block's main path stays centred on the same pixels as
+its 1x1 shortcut. BatchNorm uses no axis_name: under jit over a sharded batch its statistics
+are already those of the global batch.
 
-Sizes (every side >= 1 works)::
+Sizes (every side >= 1 works; k = 512 for 18/34, 2048 for 50/101, the stages before it
+1/8, 1/4, 1/2 of that, and the stem 64; at width 64)::
 
     stem="small" (3x3 conv stride 1, BN, ReLU; no max-pool)
     features   28x28 input   112x112 input
     stem       28x28x64      112x112x64
-    stage1     28x28x64      112x112x64
-    stage2     14x14x128     56x56x128
-    stage3     7x7x256       28x28x256
-    stage4=cam 4x4x512       14x14x512
+    stage1     28x28         112x112
+    stage2     14x14         56x56
+    stage3     7x7           28x28
+    stage4=cam 4x4xk         14x14xk
 
     stem="imagenet" (7x7 conv stride 2, BN, ReLU, 3x3 max-pool stride 2)
     stem       7x7x64        28x28x64
-    stage1     7x7x64        28x28x64
-    stage2     4x4x128       14x14x128
-    stage3     2x2x256       7x7x256
-    stage4=cam 1x1x512       4x4x512
+    stage1     7x7           28x28
+    stage2     4x4           14x14
+    stage3     2x2           7x7
+    stage4=cam 1x1xk         4x4xk          (7x7xk at 224)
 
-Parameters (10 classes, independent of image size): 11,172,810 with the small
-stem, 11,175,370 with the ImageNet stem (torchvision's 11,689,512 for 1000
-classes and RGB, less the 513,000 of its fc plus 5,130, less its 9,408-weight
-stem plus 576 or 3,136).
+Parameters of ResNet-18 (10 classes, independent of image size): 11,172,810 with the small
+stem, 11,175,370 with the ImageNet stem (torchvision's 11,689,512 for 1000 classes and RGB,
+less the 513,000 of its fc plus 5,130, less its 9,408-weight stem plus 576 or 3,136). With
+the ImageNet stem, RGB and 1000 classes every depth has torchvision's count: 11,689,512,
+21,797,672, 25,557,032 and 44,549,160.
 """
 
 import flax.linen as nn
@@ -45,7 +51,10 @@ from bcam_jax.models.heads import POOL, Pool
 STEMS = ('small', 'imagenet')
 WIDTH_MULTIPLIERS = (1, 2, 4, 8)  # stage widths are width * these: 64-128-256-512
 STRIDES = (1, 2, 2, 2)
-BLOCKS_PER_STAGE = 2
+# Blocks per stage of each depth, and whether its blocks are Bottlenecks.
+STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+BOTTLENECK_DEPTHS = (50, 101)
+BOTTLENECK_EXPANSION = 4
 
 # torchvision's initialisation of conv kernels: kaiming normal, fan_out, ReLU gain.
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -72,8 +81,10 @@ def _batch_norm(variant, dtype, train, name, scale_init=nn.initializers.ones):
   )
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 conv-BN layers plus the (projected where needed) input, then ReLU."""
+class _Block(nn.Module):
+  """Residual block: conv-BN layers ``layers`` (kernel, width multiple, strided) on the main
+  path, ReLU between them, plus the (projected where needed) input, then ReLU. The last
+  BatchNorm's scale starts at zero with ``zero_init_residual``."""
 
   features: int
   stride: int
@@ -82,25 +93,52 @@ class BasicBlock(nn.Module):
   conv_lowering: str = 'auto'
   batch_norm: str = 'flax'
 
+  # (kernel, output channels as a multiple of `features`, takes the block's stride).
+  layers = ()
+  expansion = 1
+
   @nn.compact
   def __call__(self, x, train: bool):
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    y = _conv(self.dtype, self.conv_lowering, self.features, 3, self.stride, 'conv1')(x)
-    y = nn.relu(_batch_norm(self.batch_norm, self.dtype, train, 'bn1')(y))
-    y = _conv(self.dtype, self.conv_lowering, self.features, 3, 1, 'conv2')(y)
-    y = _batch_norm(self.batch_norm, self.dtype, train, 'bn2', last_scale)(y)
+    y = x
+    for i, (kernel, multiple, strided) in enumerate(self.layers, start=1):
+      stride = self.stride if strided else 1
+      y = _conv(
+        self.dtype, self.conv_lowering, self.features * multiple, kernel, stride, f'conv{i}'
+      )(y)
+      last = i == len(self.layers)
+      y = _batch_norm(
+        self.batch_norm, self.dtype, train, f'bn{i}', last_scale if last else nn.initializers.ones
+      )(y)
+      if not last:
+        y = nn.relu(y)
+    out = self.features * self.expansion
     shortcut = x
-    if self.stride != 1 or x.shape[-1] != self.features:
-      shortcut = _conv(self.dtype, self.conv_lowering, self.features, 1, self.stride, 'proj_conv')(
-        x
-      )
+    if self.stride != 1 or x.shape[-1] != out:
+      shortcut = _conv(self.dtype, self.conv_lowering, out, 1, self.stride, 'proj_conv')(x)
       shortcut = _batch_norm(self.batch_norm, self.dtype, train, 'proj_bn')(shortcut)
     return nn.relu(y + shortcut)
 
 
-class ResNet18Backbone(nn.Module):
-  """Stem and four stages; returns stem, stage1..stage4 and cam (= stage4)."""
+class BasicBlock(_Block):
+  """Two 3x3 conv-BN layers (the first with the block's stride); ResNet-18 and -34."""
 
+  layers = ((3, 1, True), (3, 1, False))
+
+
+class Bottleneck(_Block):
+  """1x1 conv-BN, 3x3 conv-BN with the block's stride, 1x1 conv-BN to 4x ``features``
+  (torchvision's v1.5); ResNet-50 and -101."""
+
+  layers = ((1, 1, False), (3, 1, True), (1, BOTTLENECK_EXPANSION, False))
+  expansion = BOTTLENECK_EXPANSION
+
+
+class ResNetBackbone(nn.Module):
+  """Stem and four stages of ``STAGE_BLOCKS[depth]`` blocks; returns stem, stage1..stage4 and
+  cam (= stage4)."""
+
+  depth: int
   stem: str
   width: int
   zero_init_residual: bool
@@ -120,9 +158,11 @@ class ResNet18Backbone(nn.Module):
       x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     x = self.perturb('stem', x)
     features = {'stem': x}
-    for i, (width, stride) in enumerate(zip(widths, STRIDES), start=1):
-      for j in range(BLOCKS_PER_STAGE):
-        x = BasicBlock(
+    block = Bottleneck if self.depth in BOTTLENECK_DEPTHS else BasicBlock
+    stages = zip(widths, STRIDES, STAGE_BLOCKS[self.depth])
+    for i, (width, stride, blocks) in enumerate(stages, start=1):
+      for j in range(blocks):
+        x = block(
           width,
           stride if j == 0 else 1,
           self.zero_init_residual,
@@ -149,13 +189,14 @@ class PoolDenseHead(nn.Module):
 
 
 class ResNet18(CamClassifier):
-  """ResNet-18 classifier.
+  """ResNet-18 classifier; ``ResNet34``, ``ResNet50`` and ``ResNet101`` differ only in
+  ``depth``.
 
   Options: ``stem`` ("small" or "imagenet"), ``width`` (channels of the stem
-  and first stage, 64 in ResNet-18; smaller for quick tests), ``zero_init_residual``
-  (start the last BatchNorm scale of each block at zero, so blocks start as
-  identities), ``batch_norm`` (``BATCH_NORMS``: how BatchNorm computes and differentiates
-  its training step, the values the same up to rounding; see
+  and first stage, 64 in the published ResNets; smaller for quick tests),
+  ``zero_init_residual`` (start the last BatchNorm scale of each block at zero, so blocks
+  start as identities), ``batch_norm`` (``BATCH_NORMS``: how BatchNorm computes and
+  differentiates its training step, the values the same up to rounding; see
   ``bcam_jax.models.batch_norm``), ``dtype``.
   """
 
@@ -164,22 +205,25 @@ class ResNet18(CamClassifier):
   zero_init_residual: bool = False
   batch_norm: str = 'flax'
 
+  # A class attribute, not an option: each depth is a model name of its own.
+  depth = 18
+
   def __post_init__(self):
+    name = f'resnet{self.depth}'
     if self.stem not in STEMS:
-      raise ValueError(f'resnet18: stem must be one of {STEMS}, got {self.stem!r}')
+      raise ValueError(f'{name}: stem must be one of {STEMS}, got {self.stem!r}')
     if not isinstance(self.width, int) or self.width < 1:
-      raise ValueError(f'resnet18: width must be a positive int, got {self.width!r}')
+      raise ValueError(f'{name}: width must be a positive int, got {self.width!r}')
     if self.batch_norm not in BATCH_NORMS:
-      raise ValueError(
-        f'resnet18: batch_norm must be one of {BATCH_NORMS}, got {self.batch_norm!r}'
-      )
+      raise ValueError(f'{name}: batch_norm must be one of {BATCH_NORMS}, got {self.batch_norm!r}')
     super().__post_init__()
 
   stream_stages = ('stem', 'stage1', 'stage2', 'stage3')
 
   @nn.nowrap
   def make_backbone(self):
-    return ResNet18Backbone(
+    return ResNetBackbone(
+      self.depth,
       self.stem,
       self.width,
       self.zero_init_residual,
@@ -207,4 +251,22 @@ class ResNet18(CamClassifier):
 
   @nn.nowrap
   def label(self) -> str:
-    return f'resnet18(stem={self.stem!r})'
+    return f'resnet{self.depth}(stem={self.stem!r})'
+
+
+class ResNet34(ResNet18):
+  """ResNet-34 classifier (BasicBlocks [3, 4, 6, 3]); the options of ``ResNet18``."""
+
+  depth = 34
+
+
+class ResNet50(ResNet18):
+  """ResNet-50 classifier (Bottlenecks [3, 4, 6, 3]); the options of ``ResNet18``."""
+
+  depth = 50
+
+
+class ResNet101(ResNet18):
+  """ResNet-101 classifier (Bottlenecks [3, 4, 23, 3]); the options of ``ResNet18``."""
+
+  depth = 101
