@@ -1,16 +1,25 @@
-"""PyTorch twins of bcam_jax's models and train step, for bench/cpu_vs_torch.py only.
+"""PyTorch twins of bcam_jax's models and train step, for bench/cpu_vs_torch.py and gpu/speed.py.
 
 Same layers, widths, strides, paddings, normalisations and heads as `bcam_jax.models`
-(SimpleCNN, ResNet18 with either stem, ConvNeXt-V2-Tiny with the 3x3 stride-1 stem), the
+(SimpleCNN, ResNet18 with either stem, ConvNeXt-V2-Tiny with the 3x3 stride-1 stem or the 4x4
+patchify stem, ResNet-50 with the ImageNet stem from torchvision, ViT-S/16 from timm), the
 same loss (cross-entropy, plus for `bcpl` the Batch-CAM Prototype Loss with an L1 map
 distance computed through the head's gradients with `create_graph=True`) and the same
 optimiser (SGD, Nesterov momentum 0.9, weight decay 5e-4). PyTorch is a bench-only
-dependency (bench/requirements.txt).
+dependency (bench/requirements.txt); torchvision and timm are imported only by the twins that
+need them.
+
+A twin has `backbone(x)` -> the CAM layer (NCHW), or a tuple (CAM layer, *context) where the
+head needs more than the CAM layer (the ViT's class token), and `head(cam, *context)` ->
+logits; Grad-CAM differentiates with respect to the CAM layer only.
 """
+
+import inspect
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class SimpleCNN(nn.Module):
@@ -135,18 +144,108 @@ class ConvNeXtV2Tiny(nn.Module):
     return self.dense(self.norm(cam.mean((2, 3))))
 
 
+class ResNet50(nn.Module):
+  """torchvision's ResNet-50 (v1.5: stride on the 3x3) with a 1-channel 7x7/2 stem conv, as
+  `get_model('resnet50', n, stem='imagenet')`; the CAM layer is layer4's output (our stage4)."""
+
+  def __init__(self, num_classes=10):
+    super().__init__()
+    import torchvision  # pylint: disable=import-outside-toplevel
+
+    self.net = torchvision.models.resnet50(num_classes=num_classes)
+    self.net.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False)
+    nn.init.kaiming_normal_(self.net.conv1.weight, mode='fan_out', nonlinearity='relu')
+
+  def backbone(self, x):
+    n = self.net
+    x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+    return n.layer4(n.layer3(n.layer2(n.layer1(x))))
+
+  def head(self, cam):
+    return self.net.fc(cam.mean((2, 3)))
+
+
+class ViTS16(nn.Module):
+  """timm's ViT-S/16 (hidden 384, depth 12, 6 heads, MLP 1536) for 1-channel images of side
+  `image_size`, as `get_model('vit_s16', n)` initialised at that size.
+
+  As ours (bcam_jax/models/vit.py), the CAM layer is the patch grid entering the last block,
+  and the head is the last block, the final norm and the classifier on the class token, with
+  the class token at that point as its second input. Like ours, the head computes in float32
+  (autocast off inside it).
+  """
+
+  def __init__(self, num_classes=10, image_size=224):
+    super().__init__()
+    from timm.models.vision_transformer import (  # pylint: disable=import-outside-toplevel
+      VisionTransformer,
+    )
+
+    self.vit = VisionTransformer(
+      img_size=image_size,
+      patch_size=16,
+      in_chans=1,
+      num_classes=num_classes,
+      embed_dim=384,
+      depth=12,
+      num_heads=6,
+    )
+
+  def backbone(self, x):
+    """Images -> (patch grid (N, 384, s, s) entering the last block, class token (N, 384))."""
+    v = self.vit
+    tokens = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+    tokens = v.blocks[:-1](tokens)
+    n, length, d = tokens.shape
+    side = int(round((length - 1) ** 0.5))
+    grid = tokens[:, 1:].transpose(1, 2).reshape(n, d, side, side)
+    return grid, tokens[:, 0]
+
+  def head(self, cam, class_token):
+    v = self.vit
+    with torch.autocast(cam.device.type, enabled=False):
+      cam, class_token = cam.float(), class_token.float()
+      tokens = torch.cat([class_token[:, None], cam.flatten(2).transpose(1, 2)], dim=1)
+      tokens = v.norm(v.blocks[-1](tokens))
+      return v.head(tokens[:, 0])
+
+
 MODELS = {
   'simple_cnn': SimpleCNN,
   'resnet18': lambda: ResNet18(stem='small'),
   'resnet18_imagenet_stem': lambda: ResNet18(stem='imagenet'),
   'convnext_v2_tiny': ConvNeXtV2Tiny,
   'convnext_v2_tiny_patchify': lambda: ConvNeXtV2Tiny(stem_stride=4),
+  'resnet50': ResNet50,
+  'vit_s16': ViTS16,
 }
 
 
-def batch_cam_l1(features, labels, prototypes, head, num_classes):
-  """Batch-CAM Prototype Loss with L1: class-mean Grad-CAM of the label vs the prototypes."""
-  logits = head(features)
+def build(name, image_size):
+  """The twin `name` of MODELS for images of side `image_size` (passed to the twins whose
+  layers depend on it: SimpleCNN's dense layer, the ViT's position embedding)."""
+  factory = MODELS[name]
+  if 'image_size' in inspect.signature(factory).parameters:
+    return factory(image_size=image_size)
+  return factory()
+
+
+def _split(out):
+  """A backbone's output as (CAM layer, context tuple for the head)."""
+  if isinstance(out, tuple):
+    return out[0], tuple(out[1:])
+  return out, ()
+
+
+def batch_cam_l1(features, labels, prototypes, head, num_classes, context=()):
+  """Batch-CAM Prototype Loss with L1: class-mean Grad-CAM of the label vs the prototypes.
+
+  `head(features, *context)` gives the logits; the gradient is taken w.r.t. `features` only.
+  The head runs with scaled_dot_product_attention's math backend: the fused attention kernels
+  have no double backward, which the loss's gradient needs (a no-op for the conv twins).
+  """
+  with sdpa_kernel(SDPBackend.MATH):
+    logits = head(features, *context)
   scores = logits.gather(1, labels[:, None]).sum()
   (grads,) = torch.autograd.grad(scores, features, create_graph=True)
   ones = torch.ones(labels.shape, device=labels.device)
@@ -204,12 +303,14 @@ def make_train_step(
       x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
       if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-      features = backbone(x)
+      features, context = _split(backbone(x))
       if kind == 'bcpl':
-        cam_term, logits = batch_cam_l1(features, labels, prototypes, model.head, num_classes)
+        cam_term, logits = batch_cam_l1(
+          features, labels, prototypes, model.head, num_classes, context
+        )
         loss = F.cross_entropy(logits, labels) + lambda_cam * cam_term
       else:
-        loss = F.cross_entropy(model.head(features), labels)
+        loss = F.cross_entropy(model.head(features, *context), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

@@ -1,7 +1,8 @@
 """Train-step speed on an accelerator: ours (jitted XLA) against the PyTorch twins, same card.
 
 For each group (model x image size x compute dtype), in the priority order of `GROUPS`
-until `--budget_s` is spent, builds the library's jitted train step for every loss
+(ResNet-50 and ViT-S/16 at 224 px bfloat16 first, then the ResNet-18 and ConvNeXt-V2-Tiny
+groups) until `--budget_s` is spent, builds the library's jitted train step for every loss
 (`ce`, `proto`, `bcpl`; `bcam_jax.steps.make_train_step`, what train.py runs) and the
 PyTorch twin of bench/torch_models.py (eager; `ce` and `bcpl`, the losses it has), then
 times them alternately in one loop (`--rounds` rounds, each `--steps` steps of every
@@ -57,15 +58,22 @@ from bcam_jax.configs import base  # noqa: E402
 from bench import common  # noqa: E402
 
 # The models timed: name -> (bcam_jax model, get_model options); each has a PyTorch twin
-# (bench/torch_models.py) of the same name. The patchify ConvNeXt needs sides >= 32.
+# (bench/torch_models.py) of the same name. The patchify ConvNeXt needs sides >= 32; the
+# ViT-S/16 sides that are multiples of 16 (its grid is side // 16, the position embedding
+# made for the size timed); ResNet-50 has the ImageNet stem (torchvision's resnet50).
 MODELS = {
   **common.MODEL_VARIANTS,
   'convnext_v2_tiny_patchify': ('convnext_v2_tiny', {'stem_stride': 4}),
+  'resnet50': ('resnet50', {'stem': 'imagenet'}),
+  'vit_s16': ('vit_s16', {}),
 }
-# (model, image size, dtype) in the order they are measured, most wanted first: where users
-# train (bfloat16 at 112 and 224, the target group first), then 28 px float32 (the paper's
+# (model, image size, dtype) in the order they are measured, most wanted first: ResNet-50 and
+# ViT-S/16 at 224 in bfloat16 (the standard ImageNet-size models), then where users train
+# (bfloat16 at 112 and 224, the target group first), then 28 px float32 (the paper's
 # setting), then the small stems at 224 (the heaviest: 16x the ImageNet stems' FLOPs).
 GROUPS = (
+  ('resnet50', 224, 'bfloat16'),
+  ('vit_s16', 224, 'bfloat16'),
   ('resnet18', 112, 'bfloat16'),
   ('resnet18_imagenet_stem', 224, 'bfloat16'),
   ('convnext_v2_tiny_patchify', 224, 'bfloat16'),
@@ -116,7 +124,7 @@ _MAX_BATCH = flags.DEFINE_list(
 )
 _COMPILE = flags.DEFINE_list(
   'compile_groups',
-  ['resnet18:112:bfloat16', 'resnet18:28:float32'],
+  ['resnet50:224:bfloat16', 'vit_s16:224:bfloat16', 'resnet18:112:bfloat16', 'resnet18:28:float32'],
   'model:size:dtype groups with torch.compile rows (channels_last).',
 )
 _BUDGET = flags.DEFINE_float('budget_s', 240.0, 'Stop starting new groups after this long.')
@@ -275,7 +283,7 @@ class Theirs:
     self.steps = {}
     for loss in TORCH_LOSSES:
       torch.manual_seed(0)
-      model = torch_models.MODELS[name]().to(self.device)
+      model = torch_models.build(name, size).to(self.device)
       self.steps[loss] = torch_models.make_train_step(
         model,
         loss,
