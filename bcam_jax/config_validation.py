@@ -14,7 +14,7 @@ import ml_collections
 
 from bcam_jax import data, objective, optim
 from bcam_jax.configs import base
-from bcam_jax.models import MODEL_NAMES, model_option_defaults
+from bcam_jax.models import MODEL_NAMES, PRETRAINED_NAMES, model_option_defaults
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS, HeadKind
 
@@ -118,6 +118,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       'config.loss.lambda_l1 / lambda_l2 penalise Soft-CAM evidence maps: '
       'they need config.model.head="softcam".'
     )
+  _choice('data.normalization', config.data.normalization, data.NORMALIZATIONS)
+  _validate_init(config)
   if config.model.ca_stream.freeze_backbone:
     if not kind.attention:
       raise ConfigError(
@@ -134,6 +136,41 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config.loss[field]
     if not (isinstance(value, (int, float)) and value >= 0 and value == value):
       raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')
+
+
+def _validate_init(config: ml_collections.ConfigDict) -> None:
+  """config.init: published weights for a model that has their layout, and a frozen
+  backbone only where something trained starts it."""
+  pretrained, freeze = config.init.pretrained, config.init.freeze_backbone
+  if not isinstance(freeze, bool):
+    raise ConfigError(f'config.init.freeze_backbone={freeze!r}; expected True or False.')
+  if pretrained:
+    if config.model.name not in PRETRAINED_NAMES:
+      raise ConfigError(
+        f'config.init.pretrained needs a model with published weights; '
+        f'config.model.name={config.model.name!r} is not one of {PRETRAINED_NAMES}.'
+      )
+    if config.init_from:
+      raise ConfigError(
+        'config.init.pretrained and config.init_from both set where a run starts; choose one.'
+      )
+    if config.model.ca_stream.freeze_backbone:
+      raise ConfigError(
+        'config.model.ca_stream.freeze_backbone=True trains only the stream on the classifier '
+        'of config.init_from; published weights bring no classifier for your classes: use '
+        'config.init.freeze_backbone=True (the stream and a new classifier train).'
+      )
+  if freeze and not (pretrained or config.init_from):
+    raise ConfigError(
+      'config.init.freeze_backbone=True needs weights to freeze: '
+      'config.init.pretrained=<weights file or bcam-weights convert directory> or '
+      'config.init_from=<workdir of a trained run>.'
+    )
+  if freeze and config.model.ca_stream.freeze_backbone:
+    raise ConfigError(
+      'config.init.freeze_backbone and config.model.ca_stream.freeze_backbone are both set; '
+      'choose one (the second trains only the stream).'
+    )
 
 
 def _validate_folder(data_config: ml_collections.ConfigDict) -> None:
@@ -237,6 +274,8 @@ _STRUCTURAL = (
   'data.image_size',
   'data.channels',
   'data.prototypes',
+  'data.normalization',
+  'init.freeze_backbone',
   'optimizer.name',
 )
 # Fields that change how a step computes, never the variables or their values beyond rounding.

@@ -13,7 +13,7 @@ from absl import logging
 
 from bcam_jax import optim, parallel, prototypes, split_loop, steps
 from bcam_jax.config_validation import ConfigError
-from bcam_jax.data import Datasets, load_datasets
+from bcam_jax.data import Datasets, imagenet_normalized, load_datasets
 from bcam_jax.models import cam_shape
 from bcam_jax.models.base import is_stream_param
 from bcam_jax.run_spec import RunSpec
@@ -93,15 +93,19 @@ class RunSetup:
 
   @property
   def frozen_backbone(self) -> bool:
-    """CA-Stream's protocol: only the stream trains."""
-    return self.spec.model.freeze_backbone
+    """The backbone stays as it starts: CA-Stream's protocol (only the stream trains) or
+    `init.freeze_backbone` (what follows the backbone trains)."""
+    return self.spec.model.freeze_backbone or self.spec.init.freeze_backbone
 
   def optimizer(self, total_steps: int):
-    """(tx, schedule) of the spec's optimiser; with a frozen backbone, tx updates the
-    CA-Stream parameters only (q_0 and W_0..W_L, `models.base.is_stream_param`)."""
+    """(tx, schedule) of the spec's optimiser; with CA-Stream's frozen protocol, tx updates
+    the CA-Stream parameters only (q_0 and W_0..W_L, `models.base.is_stream_param`); with
+    `init.freeze_backbone`, everything outside the backbone."""
     tx, schedule = optim.make_optimizer(self.spec.optimizer, total_steps)
-    if self.frozen_backbone:
+    if self.spec.model.freeze_backbone:
       tx = optim.train_only(tx, is_stream_param)
+    elif self.spec.init.freeze_backbone:
+      tx = optim.train_only(tx, lambda path: path[:1] != ('backbone_net',))
     return tx, schedule
 
   @property
@@ -118,6 +122,12 @@ class RunSetup:
       return None
     model = self.spec.model.baseline(self.datasets.info.num_classes, self.dtype)
     return model, self.spec.init_from
+
+  def pretrained(self) -> tuple[str, str] | None:
+    """(model name, weights path) of `init.pretrained`; None without them."""
+    if not self.spec.init.pretrained:
+      return None
+    return self.spec.model.name, self.spec.init.pretrained
 
 
 def setup_run(
@@ -139,6 +149,14 @@ def setup_run(
     raise ConfigError(str(error)) from None
   n_dev = mesh.devices.size
   datasets = load_datasets(spec.data, workdir, write_stats=jax.process_index() == 0)
+  if spec.normalization == 'imagenet':
+    datasets = dataclasses.replace(datasets, info=imagenet_normalized(datasets.info))
+    logging.info(
+      "Normalising with ImageNet's mean %s and std %s (config.data.normalization=%r).",
+      datasets.info.mean,
+      datasets.info.std,
+      spec.data.normalization,
+    )
   if batch_size > len(datasets.train):
     raise ConfigError(
       f'config.train.batch_size={batch_size} is larger than the '

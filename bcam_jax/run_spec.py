@@ -49,12 +49,32 @@ class TrainSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class InitSpec:
+  """Where a run's weights start from besides its initialisers (`config.init`).
+
+  pretrained: a state_dict file (.pth/.pt, .safetensors) or a `bcam-weights convert`
+  directory of published weights for this model (`models.pretrained.pretrained_variables`
+  says what is taken); freeze_backbone: the backbone stays as it starts (evaluation mode, no
+  gradient) and only what follows it trains.
+  """
+
+  pretrained: str = ''
+  freeze_backbone: bool = False
+
+  @classmethod
+  def from_config(cls, init_config) -> 'InitSpec':
+    """The spec of `config.init`."""
+    return cls(pretrained=init_config.pretrained, freeze_backbone=bool(init_config.freeze_backbone))
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
   """One run: its seed (initialisation, batch order, dropout), data, model, training,
   optimiser, objective (its `num_classes` and `prototype_size` are the data's class count and
   image size, set by `run_setup.setup_run`) and evaluation; eval_batch_size: images per
   validation and test step; init_from: the workdir of a trained run whose backbone and
-  classifier start this one ('' for none)."""
+  classifier start this one ('' for none); init: published weights to start from, and
+  whether the backbone is frozen."""
 
   seed: int = 0
   data: DataSpec = DataSpec()
@@ -65,6 +85,7 @@ class RunSpec:
   evaluation: EvalOptions = EvalOptions()
   eval_batch_size: int = 500
   init_from: str = ''
+  init: InitSpec = InitSpec()
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> 'RunSpec':
@@ -86,6 +107,7 @@ class RunSpec:
       evaluation=evaluation,
       eval_batch_size=config.eval.batch_size,
       init_from=config.init_from,
+      init=InitSpec.from_config(config.init),
     )
 
   @classmethod
@@ -95,6 +117,14 @@ class RunSpec:
     if isinstance(spec_or_config, RunSpec):
       return spec_or_config
     return cls.from_config(spec_or_config)
+
+  @property
+  def normalization(self) -> str:
+    """'imagenet' or 'dataset': `data.normalization` with 'auto' resolved (ImageNet's mean
+    and std with pretrained weights)."""
+    if self.data.normalization == 'auto':
+      return 'imagenet' if self.init.pretrained else 'dataset'
+    return self.data.normalization
 
   def to_config(self) -> ml_collections.ConfigDict:
     """The config of this spec, laid out as `configs/base.py`'s."""
@@ -117,6 +147,7 @@ class RunSpec:
         'ca_stream': {'freeze_backbone': model.freeze_backbone},
       },
       'init_from': self.init_from,
+      'init': dataclasses.asdict(self.init),
       'data': dataclasses.asdict(self.data),
       'train': dataclasses.asdict(self.train),
       'eval': {'batch_size': self.eval_batch_size} | evaluation,

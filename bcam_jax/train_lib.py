@@ -162,6 +162,10 @@ class _Window:
 def _train_and_evaluate(spec: RunSpec, workdir, devices) -> dict[str, Any]:
   config = spec.to_config()  # what config.json records and the workdir check compares
   check_matches_workdir(config, workdir)  # before anything is written there
+  if spec.init.pretrained and not os.path.exists(spec.init.pretrained):  # before the data loads
+    raise ConfigError(
+      f'config.init.pretrained={spec.init.pretrained!r}: no such file or directory.'
+    )
   run = setup_run(spec, devices, workdir)
   is_writer = jax.process_index() == 0
   if is_writer:
@@ -185,7 +189,7 @@ def _train_and_evaluate(spec: RunSpec, workdir, devices) -> dict[str, Any]:
   ckpts = Checkpoints(workdir, keep=spec.train.keep_checkpoints)
   logger = None
   try:
-    state, resumed = run.state_spec.restore_or_init(ckpts, tx, run.baseline())
+    state, resumed = run.state_spec.restore_or_init(ckpts, tx, run.baseline(), run.pretrained())
     _check_not_beyond(state, cadence, workdir)
     start_step = int(state.step)
     logger = MetricLogger(workdir, enabled=is_writer, resumed_step=start_step)

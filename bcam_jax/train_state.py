@@ -14,6 +14,7 @@ from bcam_jax import parallel, steps
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.models.base import is_stream_param
+from bcam_jax.models.pretrained import WeightsError, pretrained_variables
 
 CHECKPOINTS = ('best', 'last')
 
@@ -59,16 +60,43 @@ class StateSpec:
     finally:
       ckpts.close()
 
-  def restore_or_init(self, ckpts: Checkpoints, tx, baseline=None) -> tuple[Any, bool]:
+  def restore_or_init(
+    self, ckpts: Checkpoints, tx, baseline=None, pretrained=None
+  ) -> tuple[Any, bool]:
     """(train state, resumed): the latest checkpoint of `ckpts`, else a new state, with the
-    backbone and classifier of `baseline` = (its model, its workdir) when given."""
+    backbone and classifier of `baseline` = (its model, its workdir) when given, or the
+    published weights of `pretrained` = (model name, weights path)."""
     state = ckpts.restore_latest(self.abstract(tx))
     if state is not None:
       return state, True
     state = self.initial(tx)
     if baseline is not None:
       state = self.from_baseline(state, *baseline)
+    if pretrained is not None:
+      state = self.from_pretrained(state, *pretrained)
     return state, False
+
+  def from_pretrained(self, state: steps.TrainState, name: str, path: str) -> steps.TrainState:
+    """`state` with the published weights at `path` for model `name` in its backbone (and
+    the head variables they have); the classifier, evidence conv and stream keep their
+    initial values (`models.pretrained.pretrained_variables`)."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    try:
+      loaded, notes = pretrained_variables(name, self.model, path, variables)
+    except WeightsError as error:
+      raise ConfigError(f'config.init.pretrained: {error}') from None
+    sharding = parallel.replicated(self.mesh)
+    # Every process reads the file; each fills its own devices' replicas of each array.
+    loaded = jax.tree.map(
+      lambda v: (
+        v
+        if isinstance(v, jax.Array)
+        else jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+      ),
+      loaded,
+    )
+    logging.info('Initialised from the weights in %s; %s.', path, '; '.join(notes) or 'all of them')
+    return state.replace(params=loaded['params'], batch_stats=loaded.get('batch_stats', {}))
 
   def from_baseline(self, state: steps.TrainState, model, workdir: str) -> steps.TrainState:
     """`state` with the backbone, classifier and BatchNorm statistics of the best

@@ -20,6 +20,7 @@ from absl.testing import flagsaver
 from bcam_jax import cli
 from bcam_jax.commands import weights as weights_command
 from bcam_jax.models import WeightsError, get_model, load_pretrained, param_count, pretrained
+from tests.weights_files import resnet_arrays, save_safetensors
 
 # ---------------------------------------------------------------- parameter counts
 
@@ -136,50 +137,10 @@ def test_torchvision_convnext_names(tmp_path):
 # ---------------------------------------------------------------- without torch
 
 
-def _resnet18_arrays(width=2, classes=3, channels=3):
-  """A tiny ResNet-18 state_dict in torchvision's names and layouts, from numpy."""
-  rng = np.random.default_rng(0)
-  arrays = {}
-
-  def conv(key, out, inp, k):
-    arrays[key + '.weight'] = rng.normal(size=(out, inp, k, k)).astype(np.float32)
-
-  def bn(key, c):
-    for leaf in ('weight', 'bias', 'running_mean'):
-      arrays[f'{key}.{leaf}'] = rng.normal(size=c).astype(np.float32)
-    arrays[f'{key}.running_var'] = rng.uniform(0.5, 1.5, size=c).astype(np.float32)
-    arrays[f'{key}.num_batches_tracked'] = np.array(3, np.int64)
-
-  conv('conv1', width, channels, 7)
-  bn('bn1', width)
-  inp = width
-  for i, mult in enumerate((1, 2, 4, 8), start=1):
-    out = width * mult
-    for j in range(2):
-      prefix = f'layer{i}.{j}'
-      conv(f'{prefix}.conv1', out, inp if j == 0 else out, 3)
-      bn(f'{prefix}.bn1', out)
-      conv(f'{prefix}.conv2', out, out, 3)
-      bn(f'{prefix}.bn2', out)
-      if j == 0 and i > 1:
-        conv(f'{prefix}.downsample.0', out, inp, 1)
-        bn(f'{prefix}.downsample.1', out)
-    inp = out
-  arrays['fc.weight'] = rng.normal(size=(classes, 8 * width)).astype(np.float32)
-  arrays['fc.bias'] = rng.normal(size=classes).astype(np.float32)
-  return arrays
-
-
-def _save_safetensors(arrays, path):
-  safetensors_numpy = pytest.importorskip('safetensors.numpy')
-  safetensors_numpy.save_file(arrays, str(path))
-  return str(path)
-
-
 def test_safetensors_places_each_array(tmp_path):
-  arrays = _resnet18_arrays()
+  arrays = resnet_arrays()
   model, variables = load_pretrained(
-    'resnet18', _save_safetensors(arrays, tmp_path / 'w.safetensors')
+    'resnet18', save_safetensors(arrays, tmp_path / 'w.safetensors')
   )
   assert model.num_classes == 3 and model.stem == 'imagenet' and model.width == 2
   params, stats = variables['params'], variables['batch_stats']
@@ -207,8 +168,8 @@ def test_safetensors_places_each_array(tmp_path):
 
 
 def test_other_num_classes_starts_a_fresh_classifier(tmp_path):
-  arrays = _resnet18_arrays()
-  path = _save_safetensors(arrays, tmp_path / 'w.safetensors')
+  arrays = resnet_arrays()
+  path = save_safetensors(arrays, tmp_path / 'w.safetensors')
   model, variables = load_pretrained('resnet18', path, num_classes=5)
   assert model.num_classes == 5
   assert variables['params']['head_net']['dense']['kernel'].shape == (16, 5)
@@ -239,16 +200,16 @@ def test_other_num_classes_starts_a_fresh_classifier(tmp_path):
   ids=['missing', 'extra', 'misshapen'],
 )
 def test_keys_that_do_not_fit_are_named(change, message, tmp_path):
-  arrays = _resnet18_arrays()
+  arrays = resnet_arrays()
   change(arrays)
-  path = _save_safetensors(arrays, tmp_path / 'w.safetensors')
+  path = save_safetensors(arrays, tmp_path / 'w.safetensors')
   with pytest.raises(WeightsError, match=message) as info:
     load_pretrained('resnet18', path)
   assert '\n' not in str(info.value) and "resnet18(stem='imagenet')" in str(info.value)
 
 
 def test_other_depth_is_named(tmp_path):
-  path = _save_safetensors(_resnet18_arrays(), tmp_path / 'w.safetensors')
+  path = save_safetensors(resnet_arrays(), tmp_path / 'w.safetensors')
   with pytest.raises(WeightsError, match=r"'layer1\.2\.bn1\.bias' is missing .*more"):
     load_pretrained('resnet34', path)
 
@@ -281,7 +242,7 @@ def _convert(*args):
 
 
 def test_convert_command_writes_a_checkpoint_that_loads(tmp_path, capsys):
-  source = _save_safetensors(_resnet18_arrays(), tmp_path / 'w.safetensors')
+  source = save_safetensors(resnet_arrays(), tmp_path / 'w.safetensors')
   out = str(tmp_path / 'converted')
   _convert('convert', 'resnet18', source, out)
   assert 'resnet18: 3 classes, 32x32x3 images' in capsys.readouterr().out
@@ -297,7 +258,7 @@ def test_convert_command_writes_a_checkpoint_that_loads(tmp_path, capsys):
 
 
 def test_convert_command_errors_are_one_line(tmp_path):
-  source = _save_safetensors(_resnet18_arrays(), tmp_path / 'w.safetensors')
+  source = save_safetensors(resnet_arrays(), tmp_path / 'w.safetensors')
   out = str(tmp_path / 'out')
   with pytest.raises(SystemExit) as info:
     _convert('convert', 'resnet34', source, out)

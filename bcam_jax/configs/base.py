@@ -30,6 +30,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Workdir of a trained run (same model name and options, default head and pooling) whose
   # best checkpoint initialises the backbone and the classifier; '' starts from scratch.
   config.init_from = ''
+  # Published weights to fine-tune (README, Pretrained weights): config.init.pretrained is a
+  # state_dict file (.pth/.pt with torch, .safetensors) in torchvision's (ResNets) or timm's
+  # (ViT, ConvNeXt) names, or a `bcam-weights convert` directory. The backbone (and a ViT's
+  # last block and final norm) comes from it; the classifier starts fresh for the data's
+  # classes; for 1-channel data the first conv is summed over RGB. freeze_backbone=True keeps
+  # the backbone fixed (evaluation mode, no gradient) and trains what follows it: the
+  # classifier, Soft-CAM's evidence conv or CA-Stream's stream and classifier. It needs
+  # init.pretrained or init_from.
+  config.init = ml_collections.ConfigDict()
+  config.init.pretrained = ''
+  config.init.freeze_backbone = False
 
   config.data = ml_collections.ConfigDict()
   # 'mnist' | 'fashion_mnist'; with source 'tfds' any TFDS image-classification dataset
@@ -56,6 +67,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Resized on device inside the jitted step; an image folder is resized (shorter side) and
   # centre-cropped to it when read.
   config.data.image_size = 28
+  # Pixel normalisation: 'auto' (ImageNet's mean and std when config.init.pretrained is set,
+  # as the published weights expect, else 'dataset') | 'dataset' (the literature constants
+  # of MNIST and Fashion-MNIST, else the train split's per-channel mean and std) |
+  # 'imagenet' (0.485, 0.456, 0.406 / 0.229, 0.224, 0.225; 1-channel data: their means).
+  config.data.normalization = 'auto'
   # Large datasets and augmentation (README): a folder or a TFDS dataset by name streams
   # instead of being read into memory: 'auto' (when decoded larger than
   # in_memory_limit_mb) | 'stream' | 'memory'; decode_workers threads decode (0: one per

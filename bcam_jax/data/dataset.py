@@ -65,6 +65,25 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+# config.data.normalization: 'auto' is ImageNet's with pretrained weights, else 'dataset'.
+NORMALIZATIONS = ('auto', 'dataset', 'imagenet')
+# The mean and std torchvision's and timm's ImageNet weights were trained with, RGB.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def imagenet_normalized(info: DatasetInfo) -> DatasetInfo:
+  """`info` with ImageNet's mean and std, what published weights expect. 1-channel data
+  gets the mean of the three channels' values (0.449, 0.226): a grey image seen as three
+  equal channels through a first conv summed over RGB (`models.pretrained`)."""
+  if info.channels == 3:
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+  else:
+    mean = (round(sum(IMAGENET_MEAN) / 3, 4),) * info.channels
+    std = (round(sum(IMAGENET_STD) / 3, 4),) * info.channels
+  return dataclasses.replace(info, mean=mean, std=std)
+
+
 def dataset_info(name: str) -> DatasetInfo:
   """Returns the `DatasetInfo` of `name`, or a DataError listing the valid names."""
   try:

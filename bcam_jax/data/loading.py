@@ -62,9 +62,11 @@ class DataSpec:
   0 for the images' own, else 1 or 3; prototypes, prototypes_file, prototypes_from: how the
   class prototypes are made (`bcam_jax.prototypes`); idx_dir, tfds_data_dir: '' for the
   defaults ($BCAM_DATA_DIR/<name>, TFDS's own); val_size, split_seed: the seeded validation
-  subset of train; image_size: the side images are resized to; stream, in_memory_limit_mb,
-  decode_workers: when a split is streamed from disk and by how many threads (`streaming`);
-  augment: the train step's augmentations.
+  subset of train; image_size: the side images are resized to; normalization: 'dataset'
+  (the literature constants, else the train split's mean and std), 'imagenet' or 'auto'
+  (resolved by `run_spec.RunSpec.normalization`: ImageNet's with pretrained weights);
+  stream, in_memory_limit_mb, decode_workers: when a split is streamed from disk and by how
+  many threads (`streaming`); augment: the train step's augmentations.
   """
 
   name: str = 'mnist'
@@ -79,6 +81,7 @@ class DataSpec:
   val_size: int = 5000
   split_seed: int = 0
   image_size: int = 28
+  normalization: str = 'auto'
   stream: str = 'auto'
   in_memory_limit_mb: float = 2048.0
   decode_workers: int = 0

@@ -170,6 +170,13 @@ def _from_file_layout(array: np.ndarray, leaf: str) -> np.ndarray:
   return array.T if leaf == 'kernel' else array
 
 
+def _to_file_layout(array: np.ndarray, leaf: str) -> np.ndarray:
+  """`_from_file_layout` inverted: our HWIO conv kernels and (in, out) weights as the file's."""
+  if leaf == 'kernel' and array.ndim == 4:
+    return array.transpose(3, 2, 0, 1)
+  return array.T if leaf == 'kernel' else array
+
+
 def _file_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
   """The shape in the file of our variable of `shape`: `_from_file_layout` inverted."""
   if leaf == 'kernel' and len(shape) == 4:
@@ -253,14 +260,21 @@ def load_pretrained(name: str, path: str, *, num_classes: int | None = None):
 
 
 def _load(name, path, num_classes):
+  return _fitting(_read(name, path), name, path, num_classes)
+
+
+def _check_name(name: str) -> None:
   if name not in PRETRAINED_NAMES:
     raise WeightsError(
       f'no pretrained weights layout for model {name!r}; valid: {", ".join(PRETRAINED_NAMES)}'
     )
+
+
+def _read(name: str, path: str) -> dict:
+  """The tensors of the weights file at `path` for model `name`, under timm's names."""
+  _check_name(name)
   state = read_state_dict(path)
-  if name in CONVNEXTS:
-    state = _timm_convnext_names(state)
-  return _fitting(state, name, path, num_classes)
+  return _timm_convnext_names(state) if name in CONVNEXTS else state
 
 
 def convert(name: str, source: str, directory: str, *, num_classes: int | None = None) -> dict:
@@ -311,3 +325,92 @@ def load_converted(directory: str):
   variables = checkpointer.restore(os.path.join(directory, VARIABLES_DIR), abstract)
   checkpointer.close()
   return model, variables
+
+
+def _state_and_options(name: str, path: str) -> tuple[dict, dict]:
+  """(tensors by state_dict key, the get_model options they fit) of a weights file or a
+  ``bcam-weights convert`` directory for model ``name``."""
+  _check_name(name)
+  if not os.path.isdir(path):
+    state = _read(name, path)
+    return state, _model_from_file(name, state, path)[0]
+  if not os.path.isfile(os.path.join(path, MODEL_JSON)):
+    raise WeightsError(
+      f'{path}: a directory without {MODEL_JSON}; not a bcam-weights convert output'
+    )
+  with open(os.path.join(path, MODEL_JSON)) as f:
+    info = json.load(f)
+  if info['name'] != name:
+    raise WeightsError(f'{path} holds {info["name"]} weights, not {name}')
+  _, variables = load_converted(path)
+  rules = _rules(name, info['options'])
+  state = {
+    _file_key(var_path, rules): _to_file_layout(np.asarray(value), var_path[-1])
+    for var_path, value in traverse_util.flatten_dict(variables).items()
+  }
+  return state, info['options']
+
+
+def pretrained_variables(name: str, model, path: str, variables: dict) -> tuple[dict, list[str]]:
+  """(``variables`` with the published weights at ``path`` placed, notes on what was not
+  taken as it is): how training starts from published weights (``config.init.pretrained``).
+
+  ``model`` is a ``name`` model with any head and pooling and ``variables`` its initial
+  ``{'params', 'batch_stats'}``; ``path`` a state_dict file (as ``load_pretrained`` reads)
+  or a ``bcam-weights convert`` directory. Taken from the weights: every backbone variable
+  (BatchNorm statistics too) and every head variable the weights have (a ViT's last block
+  and final norm in its default head, ConvNeXt's head norm). Kept at their initial values:
+  the classifier (always: fresh for the data's classes), Soft-CAM's evidence conv and
+  CA-Stream's stream, which published weights lack. For 1-channel images a first conv
+  trained on RGB is summed over its three input channels (as timm's ``in_chans=1``), which
+  sees a grey image as three equal channels. A backbone variable the weights lack or hold
+  in another shape, a weights tensor nothing takes (other than the file's classifier or head
+  norm) or model options other than the weights' (``stem``, ``width``, a ViT's sizes) are a
+  WeightsError naming them. Loaded values are float32 numpy arrays.
+  """
+  state, options = _state_and_options(name, path)
+  for key, value in options.items():
+    if getattr(model, key) != value:
+      raise WeightsError(
+        f'{path} holds {name} weights with {key}={value!r}; this model has {key}='
+        f'{getattr(model, key)!r} (config.model.options.{key}={value!r} fits them)'
+      )
+  rules, classifier = _rules(name, options), _classifier_prefix(name)
+  head = 'head.' if name in VITS + CONVNEXTS else classifier  # the file's, unused by some heads
+  placed, used, problems, notes, fresh = {}, set(), [], [], set()
+  for var_path, target in traverse_util.flatten_dict(variables).items():
+    leaf, key = var_path[-1], _file_key(var_path, rules)
+    expected = _file_shape(target.shape, leaf)
+    if key.startswith(classifier) or (key not in state and var_path[1] != 'backbone_net'):
+      placed[var_path] = target  # the classifier, evidence conv, CA-Stream: fresh
+      fresh.add('/'.join(var_path[1:-1]))
+      continue
+    used.add(key)
+    found = tuple(state[key].shape) if key in state else None
+    if found == expected:
+      placed[var_path] = _from_file_layout(np.asarray(state[key], np.float32), leaf)
+    elif found and len(found) == 4 and found[1] == 3 and expected == (found[0], 1, *found[2:]):
+      summed = np.asarray(state[key], np.float32).sum(axis=1, keepdims=True)
+      placed[var_path] = _from_file_layout(summed, leaf)
+      notes.append(f'{key} summed over its 3 input channels for 1-channel images')
+    elif found is None:
+      problems.append(f'key {key!r} is missing (expected shape {expected})')
+    else:
+      hint = ''
+      if key == 'pos_embed':
+        patch = options['patch_size']
+        side = math.isqrt(found[1] - 1) * patch
+        hint = f'; the weights are for {side}x{side} images: set config.data.image_size={side}'
+      problems.append(f'key {key!r} has shape {found}, expected {expected}{hint}')
+  unused = [k for k in state if k not in used and not k.endswith('num_batches_tracked')]
+  for key in unused:
+    if not key.startswith(head):
+      problems.append(f'unexpected key {key!r} of shape {tuple(state[key].shape)}')
+  if problems:
+    more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+    raise WeightsError(f'{path} does not fit {model.label()}: {problems[0]}{more}')
+  if fresh:
+    notes.append('initialised fresh: ' + ', '.join(sorted(fresh)))
+  if unused:
+    notes.append('not used: ' + ', '.join(sorted(unused)))
+  return traverse_util.unflatten_dict(placed), notes
