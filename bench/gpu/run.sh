@@ -2,6 +2,12 @@
 # bcam-jax on one GPU, most valuable stage first, each stage inside what is left of
 # $BUDGET_S seconds (default 540, under the device tool's 600 s per call):
 #
+#   finetune       train.py fine-tuning a pretrained-layout ResNet-50 at 224 px bfloat16 with
+#                  BCPL on a generated folder, 300 steps (bench/finetune.py)
+#   speed224       ResNet-50 and ViT-S/16 at 224 px bfloat16: ours (ce, bcpl) against PyTorch
+#                  eager, channels_last and torch.compile (bench/gpu/speed.py)
+#   finetune_more  the CA-Stream (frozen backbone) and Soft-CAM protocols, 100 steps each
+#
 #   ab       the speed A/B: ResNet18 at 112 px bfloat16, ce and bcpl, our step in every
 #            variant of $AB_VARIANTS (BatchNorm forms, XLA flag sets, deterministic ops)
 #            against PyTorch eager (NCHW, channels_last) and torch.compile, one interleaved
@@ -16,8 +22,8 @@
 #   table1   three Table 1 cells (configs/grids/gpu_table1.py) until the budget ends; they
 #            resume from their checkpoints on the next call
 #
-# Stages are named on the command line (default: all five, in this order); setup (the carried
-# wheels, env.json) runs first every time. Everything goes to $OUT: run.log, summary.md and
+# Stages are named on the command line (default: ab speed tests resume table1; the three
+# above run when named); setup (the carried wheels, env.json) runs first every time. Everything goes to $OUT: run.log, summary.md and
 # gpu_results.tar.gz (ab.json/md, speed.json/md, tests.log, resume.log, Table 1
 # results.md/csv and prototype figures, env.json). Before the first call, in the checkout:
 # bench/gpu/prepare.sh (wheels into .whl/, IDX files into .gpu_data/).
@@ -108,6 +114,52 @@ xla_gpu_experimental_enable_fusion_autotuner=true,\
 xla_gpu_experimental_enable_conv_fusion=true,xla_gpu_deterministic_ops=true}
 SPEED_VARIANTS=${SPEED_VARIANTS:-default}
 [ "$DRY" = 1 ] && AB_VARIANTS=default,batch_norm=custom_vjp,xla_gpu_autotune_level=0
+
+# Fine-tuning at 224 px through train.py (issue 32): a pretrained-layout ResNet-50 (random
+# weights stand in) on a generated folder of 256 px JPEGs, BCPL first, then CA-Stream on the
+# frozen backbone and Soft-CAM with what is left (bench/finetune.py).
+if [ "$DRY" = 1 ]; then
+  FINETUNE_ARGS="--batch=4 --steps=2 --log_every=1 --per_class=2"
+  FINETUNE_MORE_ARGS="--batch=4 --steps=2 --log_every=1 --per_class=2"
+else
+  FINETUNE_ARGS="--batch=128 --steps=300 --log_every=50 --dtype=bfloat16 --per_class=100"
+  FINETUNE_MORE_ARGS="--batch=128 --steps=100 --log_every=25 --dtype=bfloat16 --per_class=100"
+fi
+if want finetune; then
+  budget=$(($(left) - 60))
+  [ $budget -gt 240 ] && budget=240
+  log "finetune (budget $budget s): bcpl"
+  timeout $budget python3 bench/finetune.py --protocols=bcpl $FINETUNE_ARGS \
+    --work_dir="$RUNS/finetune" --out_dir="$STAGE/finetune" >"$STAGE/finetune.log" 2>&1
+  log "finetune: exit $?"
+  archive
+fi
+
+if want speed224; then
+  budget=$(($(left) - 150))
+  log "speed224 (budget $budget s): ResNet-50 and ViT-S/16 at 224 px bfloat16"
+  if [ $budget -gt 60 ]; then
+    if [ "$DRY" = 1 ]; then
+      args="--sizes=32 --dtypes=float32 --batch=2 --steps=1 --rounds=1 --compile_groups="
+    else
+      args="--sizes=224 --dtypes=bfloat16"
+    fi
+    timeout $((budget + 90)) python3 bench/gpu/speed.py --models=resnet50,vit_s16 \
+      --losses=ce,bcpl --max_batch_groups= --budget_s=$budget --out_dir="$STAGE/speed224" \
+      $args >"$STAGE/speed224.log" 2>&1
+    log "speed224: exit $?"
+    archive
+  fi
+fi
+
+if want finetune_more && [ "$(left)" -gt 100 ]; then
+  log "finetune_more (budget $(($(left) - 40)) s): ca_stream, softcam"
+  timeout $(($(left) - 40)) python3 bench/finetune.py --protocols=ca_stream,softcam \
+    $FINETUNE_MORE_ARGS --work_dir="$RUNS/finetune" --out_dir="$STAGE/finetune_more" \
+    >"$STAGE/finetune_more.log" 2>&1
+  log "finetune_more: exit $?"
+  archive
+fi
 
 if want ab; then
   budget=$(($(left) - 60))
@@ -236,6 +288,10 @@ fi
   echo
   echo '```'
   echo
+  for f in finetune finetune_more; do
+    if [ -f "$STAGE/$f.log" ]; then echo "## $f"; echo; grep -A12 '^resnet50 at 224' "$STAGE/$f.log" || tail -5 "$STAGE/$f.log"; echo; fi
+  done
+  if [ -f "$STAGE/speed224/speed.md" ]; then echo "## Speed at 224"; sed 1d "$STAGE/speed224/speed.md"; echo; fi
   if [ -f "$STAGE/ab/speed.md" ]; then echo "## A/B"; sed 1d "$STAGE/ab/speed.md"; echo; fi
   if [ -f "$STAGE/speed.md" ]; then echo "## Speed"; sed 1d "$STAGE/speed.md"; echo; fi
   for log in tests resume resume_deterministic; do
