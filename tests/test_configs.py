@@ -119,6 +119,7 @@ def test_unknown_keys_and_values_name_the_valid_choices(arg, message):
 def test_packaged_configs_by_name():
   assert configs.names() == [
     'experiment',
+    'finetune',
     'image_folder',
     'resnet18_bcpl',
     'resnet18_tpu',

@@ -310,7 +310,8 @@ def test_each_protocol_fine_tunes_and_is_explained(protocol, grey_folder, weight
 
 def test_train_py_starts_from_the_weights_file(grey_folder, weights, tmp_path):
   """The command line: `train.py --config=configs/finetune.py:bcpl` with the weights, its
-  log saying what came from the file, then a one-line error for a missing file."""
+  log saying what came from the file, `eval.py` explaining the run, then a one-line error
+  for a missing weights file."""
   _, path = weights
   workdir = str(tmp_path / 'run')
   common = [
@@ -340,6 +341,26 @@ def test_train_py_starts_from_the_weights_file(grey_folder, weights, tmp_path):
   )
   assert "Normalising with ImageNet's mean (0.449,) and std (0.226,)" in proc.stderr
   assert os.path.exists(os.path.join(workdir, 'results.json'))
+  proc = subprocess.run(
+    [
+      sys.executable,
+      'eval.py',
+      *common,
+      f'--workdir={workdir}',
+      f'--config.init.pretrained={path}',
+      '--config.eval.methods=grad_cam',
+      '--config.eval.num_overlays=2',
+      '--config.eval.sanity_images=0',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
+  assert metrics['test_count'] == 9 and np.isfinite(metrics['methods']['grad_cam']['image_l1'])
   missing = str(tmp_path / 'absent.pth')
   proc = run(*common, f'--workdir={tmp_path / "other"}', f'--config.init.pretrained={missing}')
   assert proc.returncode == 1

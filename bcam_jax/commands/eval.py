@@ -10,7 +10,9 @@ in TensorBoard (`<workdir>/eval/tensorboard`).
 The config is the one used for training (with the same overrides): a packaged name or a file,
 as for bcam-train. What the evaluation measures is its `config.eval` section (every field
 with its meaning: `bcam_jax/configs/base.py`; `bcam_jax.eval_options.EvalOptions`). In a
-clone, `python eval.py` is the same command.
+clone, `python eval.py` is the same command. A run fine-tuned from published weights
+(`finetune:<protocol>`) is evaluated with the same config and overrides; its methods are the
+model's (CA-Stream's `raw_attention`, Soft-CAM's `evidence`, Grad-CAM for every model).
 """
 
 import dataclasses

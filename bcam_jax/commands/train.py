@@ -5,6 +5,11 @@ or a config file (`configs/resnet18_bcpl.py` in a clone, where `python train.py`
 command). Override any config field on the command line, e.g.
 `--config.data.name=fashion_mnist`.
 
+Fine-tune published weights (torchvision's ResNets, timm's ViT and ConvNeXt) on an image
+folder at 224 px: `--config=finetune:bcpl` (or `finetune:ca_stream`, `finetune:softcam`)
+`--config.data.folder_dir=<root> --config.init.pretrained=<.pth, .safetensors or a
+bcam-weights convert directory>` (README, "Pretrained weights").
+
 Restarting with the same workdir resumes from its latest checkpoint. In a multi-process
 (multi-host) job every process runs this same command; on Slurm and Cloud TPU VMs the
 processes find each other by themselves, elsewhere pass --coordinator_address,
