@@ -48,6 +48,7 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 # follow in the order collected.
 SLOWEST_FILES = (
   'test_train.py',
+  'test_finetune.py',
   'test_conv.py',
   'test_workdir.py',
   'test_explain_models.py',

@@ -368,3 +368,37 @@ def test_train_py_starts_from_the_weights_file(grey_folder, weights, tmp_path):
     proc.stderr.strip().splitlines()[-1]
     == f"error: config.init.pretrained='{missing}': no such file or directory."
   )
+
+
+@pytest.mark.parametrize(
+  'name, options, side',
+  [
+    ('vit_s16', {'hidden': 16, 'depth': 2, 'heads': 2, 'mlp_dim': 32, 'patch_size': 16}, 32),
+    ('convnext_tiny', {'stem_stride': 4, 'width': 4}, 64),
+  ],
+)
+def test_vit_and_convnext_fine_tune_with_bcpl(name, options, side, tmp_path):
+  """timm's families from a converted directory (RGB, 7 classes) on a grey folder: the
+  patch embedding or stem summed over RGB, BCPL training, Grad-CAM evaluation."""
+  source = models.get_model(name, 7, **options)
+  converted = str(tmp_path / 'weights')
+  info = {'name': name, 'num_classes': 7, 'options': options, 'image_size': side, 'channels': 3}
+  pretrained.save_converted(
+    converted, models.init_variables(source, jax.random.key(4), side, 3), info
+  )
+  folder = synthetic.write_folder(
+    str(tmp_path / 'data'), {'train': 8, 'val': 2, 'test': 3}, size=side
+  )
+  config = _finetune_config('bcpl', folder, converted)
+  config.model.name = name
+  config.model.options = options
+  config.data.image_size = side
+  config.train.num_steps = 2
+  workdir = str(tmp_path / 'run')
+  result = train_lib.train_and_evaluate(config, workdir)
+  assert result['step'] == 2 and np.isfinite(result['test_loss'])
+  first = 'patch_embed' if name == 'vit_s16' else 'stem_conv'
+  assert result['state'].params['backbone_net'][first]['kernel'].shape[2] == 1
+  options_ = eval_options.EvalOptions(methods=('grad_cam',), num_overlays=2, sanity_images=0)
+  report = eval_lib.evaluate_and_report(config, workdir, options=options_)
+  assert np.isfinite(report['methods']['grad_cam']['image_l1'])
