@@ -116,16 +116,10 @@ class GpuMemory:
   def _poll(self):
     while not self._stop.is_set():
       try:
-        out = subprocess.run(
-          ['nvidia-smi', '--query-gpu=memory.used', '--format=csv,noheader,nounits'],
-          capture_output=True,
-          text=True,
-          timeout=10,
-        ).stdout
-        used = max(float(v) for v in out.split())
-        self.peak = used if self.peak is None else max(self.peak, used)
-      except (OSError, ValueError, subprocess.SubprocessError):
+        used = max(float(v) for v in _nvidia_smi('memory.used', ',nounits').split())
+      except ValueError:  # no GPU
         return
+      self.peak = used if self.peak is None else max(self.peak, used)
       self._stop.wait(1.0)
 
   def __enter__(self):
@@ -189,19 +183,23 @@ def run_protocol(protocol: str, folder: str, weights: str, workdir: str) -> dict
   return row
 
 
-def _device() -> str:
-  """The GPU's name from nvidia-smi, else the CPU count (no JAX in this process: on a GPU it
-  would take memory from the runs it measures)."""
+def _nvidia_smi(query: str, extra: str = '') -> str:
+  """nvidia-smi's answer to `--query-gpu=<query>` as CSV, '' without nvidia-smi."""
   try:
-    out = subprocess.run(
-      ['nvidia-smi', '--query-gpu=name', '--format=csv,noheader'],
+    return subprocess.run(
+      ['nvidia-smi', f'--query-gpu={query}', f'--format=csv,noheader{extra}'],
       capture_output=True,
       text=True,
       timeout=20,
     ).stdout.strip()
   except (OSError, subprocess.SubprocessError):
-    out = ''
-  return out or f'CPU ({os.cpu_count()} cores)'
+    return ''
+
+
+def _device() -> str:
+  """The GPU's name from nvidia-smi, else the CPU count (no JAX in this process: on a GPU it
+  would take memory from the runs it measures)."""
+  return _nvidia_smi('name') or f'CPU ({os.cpu_count()} cores)'
 
 
 def table(rows: list[dict], header: dict) -> str:
