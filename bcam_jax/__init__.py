@@ -4,6 +4,7 @@ The public API, imported on first use so that `import bcam_jax` stays cheap (no 
 
   bcam_jax.train_and_evaluate(spec, workdir)  # a run_spec.RunSpec, or a bcam_jax.configs config
   bcam_jax.evaluate_and_report(spec, workdir, bcam_jax.EvalOptions())
+  bcam_jax.cam_loss(model, variables, images, labels, prototypes)  # any model's CAM term
   bcam_jax.cam, models, explain, objective, data, conditions, configs  # the building blocks
 """
 
@@ -19,6 +20,7 @@ _NAMES = {
   'evaluate_and_report': 'eval_lib',
   'EvalOptions': 'eval_options',
   'RunSpec': 'run_spec',
+  'cam_loss': 'losses',
 }
 __all__ = ['__version__', *_MODULES, *_NAMES]
 

@@ -110,12 +110,16 @@ class LinenModel:
   def _logits(self, output) -> jax.Array:
     return (self.output or _logits_of)(output)
 
+  def _apply(self, variables, x: jax.Array, **apply_kwargs):
+    """`module.apply` with the adapter's apply_kwargs, updated by `apply_kwargs`."""
+    return self.module.apply(variables, x, **(self.apply_kwargs | apply_kwargs))
+
   def logits(self, variables, x: jax.Array) -> jax.Array:
-    return self._logits(self.module.apply(variables, x, **self.apply_kwargs))
+    return self._logits(self._apply(variables, x))
 
-  def _run(self, variables, x, layer: str, edit=None, seen=None) -> jax.Array:
-    """The logits with the layer's output passed through `edit`, each output recorded."""
-
+  def _tap(self, layer: str, edit=None, seen=None):
+    """An interceptor context: the layer's `__call__` output recorded in `seen` and passed
+    through `edit`."""
     active = []  # a module's __call__ calling its parent class's (nn.SelfAttention) is one call
 
     def interceptor(next_fun, args, kwargs, context):
@@ -128,8 +132,27 @@ class LinenModel:
         seen.append(out)
       return out if edit is None else edit(out)
 
-    with nn.intercept_methods(interceptor):
+    return nn.intercept_methods(interceptor)
+
+  def _run(self, variables, x, layer: str, edit=None, seen=None) -> jax.Array:
+    """The logits with the layer's output passed through `edit`, each output recorded."""
+    with self._tap(layer, edit, seen):
       return self.logits(variables, x)
+
+  def perturbed(self, variables, x: jax.Array, layer: str, delta=None, **apply_kwargs):
+    """(logits, the layer's output A, the mutated collections or {}) of one forward pass
+    with `delta` added to A (None: nothing added). `apply_kwargs` (e.g. `train=True`,
+    `mutable=['batch_stats']`, `rngs={'dropout': key}`) update the adapter's own."""
+    seen = []
+    edit = None if delta is None else (lambda out: out + delta.astype(out.dtype))
+    with self._tap(layer, edit, seen):
+      output = self._apply(variables, x, **apply_kwargs)
+    updates = {}
+    if (self.apply_kwargs | apply_kwargs).get('mutable'):
+      output, updates = output
+    if not seen:
+      raise _unknown_layer(layer, self.label(), self.layers(variables, x))
+    return self._logits(output), _called_once(layer, self.label(), seen), updates
 
   def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
     """{path: output shape} of every submodule whose output is an NHWC or token array, in
@@ -176,9 +199,9 @@ class CamModel(LinenModel):
   def label(self) -> str:
     return self.module.label()
 
-  def logits(self, variables, x: jax.Array) -> jax.Array:
+  def _apply(self, variables, x: jax.Array, **apply_kwargs):
     # A `perturbations` collection from `model.init` is sized to the init batch.
-    return self.module.apply(_without_perturbations(variables), x, **self.apply_kwargs)[0]
+    return super()._apply(_without_perturbations(variables), x, **apply_kwargs)
 
   def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
     stages = jax.eval_shape(
@@ -282,12 +305,16 @@ class NNXModel:
   output: Callable | None = None
   default_layer: str | None = None
   name: str = 'NNX model'
+  filters: tuple = ()
 
   @classmethod
-  def split(cls, module, **kwargs) -> tuple['NNXModel', Any]:
-    """(adapter, state) of an NNX module; kwargs as the fields (output, default_layer)."""
-    graphdef, state = nnx.split(module)
-    return cls(graphdef, name=type(module).__name__, **kwargs), state
+  def split(cls, module, *filters, **kwargs) -> tuple:
+    """(adapter, state) of an NNX module, or with `filters` (`nnx.Param, ...`, as
+    `nnx.split` takes them) (adapter, params, rest, ...): then `variables` is the tuple
+    of those states, so a gradient can be taken over the parameters alone. kwargs as the
+    fields (output, default_layer)."""
+    graphdef, *states = nnx.split(module, *filters)
+    return (cls(graphdef, name=type(module).__name__, filters=filters, **kwargs), *states)
 
   def label(self) -> str:
     return self.name
@@ -295,20 +322,54 @@ class NNXModel:
   def _logits(self, output) -> jax.Array:
     return (self.output or _logits_of)(output)
 
-  def logits(self, variables, x: jax.Array) -> jax.Array:
-    return self._logits(nnx.merge(self.graphdef, variables)(x))
+  def _merge(self, variables):
+    """A fresh module from the state, or from the tuple of states `split` gave."""
+    states = variables if isinstance(variables, tuple | list) else (variables,)
+    return nnx.merge(self.graphdef, *states)
 
-  def _run(self, variables, x, layer: str, edit) -> jax.Array:
-    module = nnx.merge(self.graphdef, variables)
+  def logits(self, variables, x: jax.Array) -> jax.Array:
+    return self._logits(self._merge(variables)(x))
+
+  def _tapped(self, module, layer: str, edit, variables, x):
+    """Replaces the submodule at `layer` by a `_Tap` of it; returns a function undoing it."""
     found = _resolve(module, layer)
     if found is None:
       raise _unknown_layer(layer, self.label(), self.layers(variables, x))
     parent, key = found
     if key.isdigit():
-      parent[int(key)] = _Tap(parent[int(key)], edit)
-    else:
-      setattr(parent, key, _Tap(getattr(parent, key), edit))
+      inner = parent[int(key)]
+      parent[int(key)] = _Tap(inner, edit)
+      return lambda: parent.__setitem__(int(key), inner)
+    inner = getattr(parent, key)
+    setattr(parent, key, _Tap(inner, edit))
+    return lambda: setattr(parent, key, inner)
+
+  def _run(self, variables, x, layer: str, edit) -> jax.Array:
+    module = self._merge(variables)
+    self._tapped(module, layer, edit, variables, x)
     return self._logits(module(x))
+
+  def perturbed(self, variables, x: jax.Array, layer: str, delta=None, **call_kwargs):
+    """(logits, the layer's output A, the state after the call) of one forward pass with
+    `delta` added to A (None: nothing added), on a copy merged inside the caller's trace:
+    BatchNorm statistics in train mode and dropout's RNG counters advance in the returned
+    state (the states after the parameters when `split` had filters, else the whole
+    state), never in the user's module. `call_kwargs` go to the module's `__call__`."""
+    seen = []
+
+    def edit(out):
+      seen.append(out)
+      return out if delta is None else out + delta.astype(out.dtype)
+
+    module = self._merge(variables)
+    restore = self._tapped(module, layer, edit, variables, x)
+    logits = self._logits(module(x, **call_kwargs))
+    restore()
+    _, *states = nnx.split(module, *self.filters)
+    state = tuple(states[1:]) if self.filters else states[0]
+    if isinstance(state, tuple) and len(state) == 1:
+      state = state[0]
+    return logits, _called_once(layer, self.label(), seen), state
 
   def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
     """{attribute path: output shape} of every submodule whose output is an NHWC or token
@@ -370,6 +431,11 @@ class FunctionsModel:
     if layer not in (None, 'features'):
       raise _unknown_layer(layer, self.label(), self.layers(variables, x))
     return self.features_fn(variables, x), functools.partial(self.head_fn, variables)
+
+  def perturbed(self, variables, x: jax.Array, layer: str | None, delta=None):
+    """(logits, the features A, {}) with `delta` added to A (None: nothing added)."""
+    a, head = self.features(variables, x, layer)
+    return head(a if delta is None else a + delta.astype(a.dtype)), a, {}
 
   def class_weights(self, variables):
     raise ValueError(f'CAM needs the class weights of our models; for {self.label()} use grad_cam')
