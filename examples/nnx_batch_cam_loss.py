@@ -2,14 +2,18 @@
 
     loss = cross-entropy + lambda * sum_c L1(BatchCAM_c, P_c)
 
-BatchCAM_c is the Grad-CAM of class c averaged over the batch (`cam.batch_cam`: class-mean
-features weighted by class-mean gradients), P_c the class prototype (here the class's mean
-training image, resized to the map size and scaled to [0, 1]). The loss needs the layer's
-features and the rest of the network as a function of them; this script gets both with no
+BatchCAM_c is the Grad-CAM of class c averaged over the batch (class-mean features weighted
+by class-mean gradients), P_c the class prototype (here the class's mean training image,
+resized to the map size and scaled to [0, 1]). `bcam_jax.cam_loss` computes the term with no
 change to the model: `adapter, state = explain.NNXModel.split(model)` and
-`adapter.features(state, x, 'conv3')`, which merges a copy of the model from `state`, so
-everything is a pure function of `state` and `jax.grad` differentiates the loss, CAM term
-included (a gradient of a gradient), with respect to the parameters.
+`cam_loss(adapter, state, x, labels, prototypes, layer='conv3')`, which merges a copy of
+the model from `state` and intercepts conv3's output, so one forward and one backward pass
+give the features, their gradients and the logits, everything is a pure function of
+`state`, and `jax.grad` differentiates the loss, CAM term included (a gradient of a
+gradient), with respect to the parameters. (A model with BatchNorm or dropout in train mode:
+`adapter, params, rest = explain.NNXModel.split(model, nnx.Param, ...)`, the variables
+`(params, rest)` and the new `rest` in the result's `updates`; README, "Train your own model
+through its explanations".)
 
 The data are synthetic: grey noise with one bright square whose position says the class
 (0 top left, 1 top right, 2 bottom left, 3 bottom right, jittered by a few pixels). The
@@ -37,7 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bcam_jax import cam, explain, objective
+from bcam_jax import cam, cam_loss, explain
 from bcam_jax.report import figures
 
 NUM_CLASSES, SIZE, SQUARE = 4, 24, 6
@@ -90,14 +94,10 @@ def train(lam, pixels, labels, prototypes, steps, batch):
   opt_state = optimizer.init(state)
 
   def loss_fn(state, x, y):
-    features, head_fn = adapter.features(state, x, LAYER)  # (N, 12, 12, 16), features -> logits
-    logits = head_fn(features)  # the model's logits (head_fn at the layer's own output)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    cams, counts = cam.batch_cam(head_fn, features, y, NUM_CLASSES)  # (C, 12, 12), (C,)
-    maps = cam.normalize_cam(cams)
-    present = (counts > 0).astype(maps.dtype)  # classes absent from the batch add nothing
-    cam_term = jnp.sum(present * objective.map_distance(maps, prototypes, 'l1'))
-    return ce + lam * cam_term, (ce, cam_term)
+    # The BCPL term at conv3 (maps upsampled to the prototypes' 12x12) and the logits.
+    out = cam_loss(adapter, state, x, y, prototypes, kind='bcpl', metric='l1', layer=LAYER)
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, y).mean()
+    return ce + lam * out.term, (ce, out.term)
 
   @jax.jit
   def step(state, opt_state, x, y):

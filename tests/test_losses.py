@@ -347,3 +347,125 @@ def test_a_linen_model_trains_in_its_own_optax_loop():
   first, last = history[0], np.mean(history[-5:], 0)
   assert last[0] < 0.7 * first[0], history
   assert last[1] > first[1] + 0.2, history
+
+
+# ---------------------------------------------------------------- Equinox
+
+eqx = pytest.importorskip('equinox')
+
+
+class EqxCNN(eqx.Module):
+  """An Equinox network on one channels-first sample: conv -> conv ('conv2') -> pool ->
+  linear, with `features` and `rest` for the reference."""
+
+  conv1: eqx.nn.Conv2d
+  conv2: eqx.nn.Conv2d
+  linear: eqx.nn.Linear
+
+  def __init__(self, key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    self.conv1 = eqx.nn.Conv2d(1, 4, 3, padding=1, key=k1)
+    self.conv2 = eqx.nn.Conv2d(4, 5, 3, stride=2, padding=1, key=k2)
+    self.linear = eqx.nn.Linear(5 * 6 * 6, CLASSES, key=k3)
+
+  def features(self, x):
+    return self.conv2(jax.nn.gelu(self.conv1(x)))
+
+  def rest(self, a):
+    return self.linear(jax.nn.gelu(a).reshape(-1))
+
+  def __call__(self, x):
+    return self.rest(self.features(x))
+
+
+def test_an_equinox_model_matches_the_reference_and_trains():
+  """Channels-first, one sample per call: the adapter vmaps it and gives A as NHWC; the
+  BCPL term equals a per-image reference, then falls in an optax loop as accuracy rises."""
+  model = EqxCNN(jax.random.key(0))
+  adapter, params = explain.EquinoxModel.split(model)
+  x_nhwc, labels = _squares(96, 2)
+  x = jnp.moveaxis(x_nhwc, -1, 1)  # (N, 1, 12, 12), as the model takes it
+  prototypes = cam.normalize_cam(
+    jnp.stack(
+      [
+        jax.image.resize(jnp.mean(x_nhwc[labels == c, ..., 0], 0), (PROTO, PROTO), 'bilinear')
+        for c in range(CLASSES)
+      ]
+    )
+  )
+  xb, yb = x[:12], labels[:12]
+  out = jax.jit(lambda p: losses.cam_loss(adapter, p, xb, yb, prototypes, layer='conv2'))(params)
+  # The reference: A_i = features(x_i) (C, h, w) -> (h, w, C); G_i by jax.grad of rest.
+  total = 0.0
+  feats = np.stack([np.moveaxis(np.asarray(model.features(xi)), 0, -1) for xi in xb])
+  grads = np.stack(
+    [
+      np.moveaxis(
+        np.asarray(jax.grad(lambda a, i=i: model.rest(a)[yb[i]])(model.features(xb[i]))), 0, -1
+      )
+      for i in range(12)
+    ]
+  )
+  for c in range(CLASSES):
+    m = np.asarray(yb) == c
+    a, g = feats[m].mean(0), grads[m].mean(0)
+    grad_cam = np.maximum((a * g.mean((0, 1))).sum(-1), 0)
+    total += float(
+      objective.map_distance(
+        cam.normalize_cam(cam.upsample_cam(jnp.asarray(grad_cam), PROTO)), prototypes[c], 'l1'
+      )
+    )
+  np.testing.assert_allclose(float(out.term), total, rtol=1e-5)
+  np.testing.assert_allclose(out.logits, jax.vmap(model)(xb), rtol=1e-6, atol=1e-6)
+
+  tx = optax.adam(1e-2)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, xb, yb):
+    out = losses.cam_loss(adapter, params, xb, yb, prototypes, layer='conv2')
+    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits, yb).mean()
+    return ce + out.term, (out.term, jnp.mean(jnp.argmax(out.logits, -1) == yb))
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    (_, (term, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, xb, yb)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return eqx.apply_updates(params, updates), opt_state, term, accuracy
+
+  history = []
+  for i in range(40):
+    sl = slice((i % 3) * 32, (i % 3) * 32 + 32)
+    params, opt_state, term, accuracy = step(params, opt_state, x[sl], labels[sl])
+    history.append((float(term), float(accuracy)))
+  first, last = history[0], np.mean(history[-5:], 0)
+  assert last[0] < 0.7 * first[0], history
+  assert last[1] > first[1] + 0.2, history
+
+
+def test_modules_are_not_mistaken_for_adapters():
+  """An Equinox or NNX module with a `features` attribute is told to be split; an object
+  with a `features` attribute is no adapter."""
+  with pytest.raises(TypeError, match=r'EqxCNN is an Equinox module: split it first'):
+    losses.cam_loss(EqxCNN(jax.random.key(0)), None, None, None, _prototypes())
+  with pytest.raises(TypeError, match=r'NNXNet is an NNX module: split it first'):
+    losses.cam_loss(NNXNet(nnx.Rngs(0)), None, None, None, _prototypes())
+
+  class HasFeatures:
+    features = 'a backbone'
+
+  with pytest.raises(TypeError, match='cannot explain a HasFeatures'):
+    losses.cam_loss(HasFeatures(), None, None, None, _prototypes())
+
+
+def test_the_explainer_explains_an_equinox_module():
+  model = EqxCNN(jax.random.key(3))
+  pixels = jax.random.uniform(jax.random.key(4), (4, 1, SIDE, SIDE))
+  labels = jnp.array([0, 1, 2, 0])
+  explainer = explain.Explainer(model, layer='conv2', image_size=SIDE)
+  maps = explainer.maps('grad_cam', explainer.default_variables, pixels, labels)
+  assert maps.shape == (4, SIDE, SIDE)
+  for i in range(4):  # Grad-CAM of image i by hand, upsampled and scaled as the explainer does
+    a = model.features(pixels[i])
+    g = jax.grad(lambda a, i=i: model.rest(a)[labels[i]])(a)
+    m = jax.nn.relu(jnp.einsum('khw,k->hw', a, g.mean((1, 2))))
+    np.testing.assert_allclose(maps[i], cam.normalize_cam(cam.upsample_cam(m, SIDE)), atol=1e-5)

@@ -1,7 +1,8 @@
 """Post-hoc explanation of a trained classifier: saliency maps by method name for any named
 layer, under jit, and their faithfulness.
 
-  layers        a layer of any model (ours, Flax linen, Flax NNX, a pair of pure functions)
+  layers        a layer of any model (ours, Flax linen, Flax NNX, Equinox, a pair of pure
+                functions)
                 as features plus the rest of the network as a function of them, so every
                 gradient method explains any layer of any model.
   methods       the method registry (`REGISTRY`, `METHODS`): name -> pure function giving
@@ -22,6 +23,7 @@ from bcam_jax.explain import faithfulness, sanity
 from bcam_jax.explain.explainer import TARGETS, Explainer, TargetSpec
 from bcam_jax.explain.layers import (
   CamModel,
+  EquinoxModel,
   FunctionsModel,
   LinenModel,
   NNXModel,
@@ -43,6 +45,7 @@ __all__ = [
   'REGISTRY',
   'TARGETS',
   'CamModel',
+  'EquinoxModel',
   'Explainer',
   'FunctionsModel',
   'LinenModel',

@@ -36,7 +36,8 @@ _TTA_FACTORS = (0.9, 1.0, 1.1)
 class Explainer:
   """A model with its normalisation, explained at `layer`.
 
-  model: one of `bcam_jax.models`, a Flax linen module, a Flax NNX module (its state is
+  model: one of `bcam_jax.models`, a Flax linen module, an Equinox module (its arrays are
+    then the default `variables`), a Flax NNX module (its state is
     then the default `variables`), or an adapter of `bcam_jax.explain.layers`
     (`LinenModel` with apply options, `NNXModel`, `FunctionsModel`).
   mean, std: the input normalisation, `(pixels - mean) / std`, a scalar or one value per
@@ -74,8 +75,11 @@ class Explainer:
 
   def __post_init__(self):
     adapter, state = self.model, None
+    eqx = layers_lib.equinox_or_none()
     if isinstance(self.model, nnx.Module):
       adapter, state = layers_lib.NNXModel.split(self.model)
+    elif eqx is not None and isinstance(self.model, eqx.Module):
+      adapter, state = layers_lib.EquinoxModel.split(self.model)
     object.__setattr__(self, 'adapter', layers_lib.as_explained_model(adapter))
     object.__setattr__(self, 'default_variables', state)
     for name in ('score_cam_chunk', 'ablation_chunk'):

@@ -14,8 +14,13 @@ for each kind of model a JAX user has:
                   `'blocks.3'`, `'encoder.layers.11'`), its call wrapped on a merged copy.
   FunctionsModel  a pair of pure functions `features_fn(variables, x)` and
                   `head_fn(variables, a)`.
+  EquinoxModel    any Equinox module (split into its arrays and the rest); the layer is an
+                  attribute path, the module vmapped over the batch, its channels-first
+                  maps given NHWC.
 
-Each has `logits(variables, x)`, `features(variables, x, layer) -> (A, head_fn)`, `layers`
+Each has `logits(variables, x)`, `features(variables, x, layer) -> (A, head_fn)`,
+`perturbed(variables, x, layer, delta) -> (logits, A, state updates)` (one forward pass
+with `delta` added to the layer's output, what `bcam_jax.cam_loss` differentiates), `layers`
 (the valid layer names with their output shapes), `class_weights(variables)` (for CAM) and
 `label()`. For a layer inside the model, `head_fn(a)` runs the whole model with the layer's
 output replaced by `a`, so its value at `a = A` is the model's logits and its VJP there is
@@ -441,18 +446,177 @@ class FunctionsModel:
     raise ValueError(f'CAM needs the class weights of our models; for {self.label()} use grad_cam')
 
 
+def equinox_or_none():
+  """The equinox package, or None where it is not installed (it is optional)."""
+  try:
+    import equinox  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return equinox
+
+
+def _at(node, path: str):
+  """The node at attribute path 'a.b.3.c' (digits index sequences)."""
+  for part in path.split('.'):
+    node = node[int(part)] if part.isdigit() else getattr(node, part)
+  return node
+
+
+def _module_paths(node, prefix: str = '') -> list[str]:
+  """Attribute paths of the submodules of an Equinox module (dataclass fields, recursively,
+  through lists and tuples)."""
+  eqx = equinox_or_none()
+  paths = []
+  children = []
+  if dataclasses.is_dataclass(node):
+    children = [(f.name, getattr(node, f.name, None)) for f in dataclasses.fields(node)]
+  elif isinstance(node, list | tuple):
+    children = [(str(i), child) for i, child in enumerate(node)]
+  for name, child in children:
+    path = f'{prefix}{name}'
+    if isinstance(child, eqx.Module):
+      paths.append(path)
+    if isinstance(child, eqx.Module | list | tuple):
+      paths.extend(_module_paths(child, path + '.'))
+  return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class EquinoxModel:
+  """An Equinox module, explained at a submodule given by its attribute path (`'conv2'`,
+  `'layers.3'`).
+
+  `adapter, params = EquinoxModel.split(model)` partitions the module into its floating
+  arrays (`params`, the variables: a gradient can be taken over them) and the rest
+  (`static`, held here). Equinox layers take one sample, so by default the module is
+  vmapped over the batch (`batched=True` for a module that takes the batch itself), and
+  its conv maps are channels-first (`channels_first=True`: A is given NHWC, as every CAM
+  method takes it). Stateful layers (`eqx.nn.BatchNorm` with `eqx.nn.State`) are not
+  supported: use `FunctionsModel` for those. Jit with `eqx.filter_jit` when the module holds
+  non-array leaves you pass as arguments, or close over the adapter, as here.
+  """
+
+  static: Any
+  output: Callable | None = None
+  default_layer: str | None = None
+  batched: bool = False
+  channels_first: bool = True
+  name: str = 'Equinox model'
+
+  @classmethod
+  def split(cls, module, **kwargs) -> tuple['EquinoxModel', Any]:
+    """(adapter, params) of an Equinox module; kwargs as the fields."""
+    eqx = equinox_or_none()
+    params, static = eqx.partition(module, eqx.is_inexact_array)
+    return cls(static, name=type(module).__name__, **kwargs), params
+
+  def label(self) -> str:
+    return self.name
+
+  def _module(self, variables):
+    return equinox_or_none().combine(variables, self.static)
+
+  def _nhwc(self, a):
+    return jnp.moveaxis(a, -3, -1) if self.channels_first and a.ndim >= 3 else a
+
+  def _native(self, a):
+    return jnp.moveaxis(a, -1, -3) if self.channels_first and a.ndim >= 3 else a
+
+  def logits(self, variables, x: jax.Array) -> jax.Array:
+    module = self._module(variables)
+    call = module if self.batched else jax.vmap(module)
+    return (self.output or _logits_of)(call(x))
+
+  def perturbed(self, variables, x: jax.Array, layer: str, delta=None):
+    """(logits, the layer's output A (NHWC for conv maps), {}) of one forward pass with
+    `delta` (NHWC) added to A (None: nothing added)."""
+    eqx = equinox_or_none()
+    module = self._module(variables)
+    try:
+      inner = _at(module, layer)
+    except (AttributeError, IndexError, KeyError, TypeError):
+      raise _unknown_layer(layer, self.label(), self.layers(variables, x)) from None
+
+    def one(xi, di):
+      seen = []
+
+      def edit(out):
+        seen.append(out)
+        return out if di is None else out + self._native(di).astype(out.dtype)
+
+      tapped = eqx.tree_at(lambda m: _at(m, layer), module, replace=_Tap(inner, edit))
+      logits = (self.output or _logits_of)(tapped(xi))
+      return logits, _called_once(layer, self.label(), seen)
+
+    if self.batched:
+      logits, a = one(x, delta)
+    else:
+      logits, a = jax.vmap(one, in_axes=(0, None if delta is None else 0))(x, delta)
+    return logits, self._nhwc(a), {}
+
+  def layers(self, variables, x: jax.Array) -> dict[str, tuple]:
+    """{attribute path: output shape (NHWC)} of every submodule whose output, per batch, is
+    a map or token array (shape inference only)."""
+    shapes = {}
+    for path in _module_paths(self._module(variables)):
+      try:
+        a = jax.eval_shape(lambda v, inputs, p=path: self.perturbed(v, inputs, p)[1], variables, x)
+      except Exception:  # noqa: BLE001 - a container that is not called like a layer
+        continue
+      if a.ndim >= _MIN_LAYER_NDIM:
+        shapes[path] = tuple(a.shape)
+    return shapes
+
+  def features(self, variables, x: jax.Array, layer: str | None):
+    layer = layer if layer is not None else self.default_layer
+    _, value, _ = self.perturbed(variables, x, layer)
+    anchor = jax.lax.stop_gradient(value)
+
+    def head_fn(a):
+      delta = a - repeat_to(anchor, a.shape[0])
+      return self.perturbed(variables, repeat_to(x, a.shape[0]), layer, delta)[0]
+
+    return value, head_fn
+
+  def class_weights(self, variables):
+    raise ValueError(f'CAM needs the class weights of our models; for {self.label()} use grad_cam')
+
+
+ADAPTERS = (LinenModel, NNXModel, FunctionsModel, EquinoxModel)
+# What an adapter of one's own defines, on its class (an attribute `features` of a module,
+# a submodule, does not make it one).
+_ADAPTER_METHODS = ('logits', 'features', 'layers', 'label', 'class_weights')
+
+
 def as_explained_model(model):
-  """The adapter for `model`: one of ours -> CamModel, a linen module -> LinenModel, an NNX
-  module -> NNXModel (its state then comes with it, see `Explainer`), an adapter as is."""
+  """The adapter for `model`: one of ours -> CamModel, a linen module -> LinenModel, an
+  adapter (`ADAPTERS`, or a class of one's own with their methods) as is. NNX and Equinox
+  modules are split first (`NNXModel.split`, `EquinoxModel.split`; `Explainer` does it)."""
   if isinstance(model, models.CamClassifier):
     return CamModel(model)
   if isinstance(model, nn.Module):
     return LinenModel(model)
-  if isinstance(model, LinenModel | NNXModel | FunctionsModel) or hasattr(model, 'features'):
+  if isinstance(model, ADAPTERS):
+    return model
+  eqx = equinox_or_none()
+  if eqx is not None and isinstance(model, eqx.Module):
+    raise TypeError(
+      f'{type(model).__name__} is an Equinox module: split it first, '
+      '`adapter, params = explain.EquinoxModel.split(model)`, and pass the adapter with '
+      'params as the variables'
+    )
+  if isinstance(model, nnx.Module):
+    raise TypeError(
+      f'{type(model).__name__} is an NNX module: split it first, '
+      '`adapter, state = explain.NNXModel.split(model)`, and pass the adapter with state as '
+      'the variables'
+    )
+  if all(callable(getattr(type(model), name, None)) for name in _ADAPTER_METHODS):
     return model
   raise TypeError(
-    f'cannot explain a {type(model).__name__}: give a Flax linen or NNX module, one of '
-    'bcam_jax.models, or explain.FunctionsModel(features_fn, head_fn)'
+    f'cannot explain a {type(model).__name__}: give a Flax linen module, one of '
+    'bcam_jax.models, an NNX or Equinox module split by explain.NNXModel.split / '
+    'explain.EquinoxModel.split, or explain.FunctionsModel(features_fn, head_fn)'
   )
 
 
