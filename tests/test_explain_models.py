@@ -224,7 +224,8 @@ def test_unknown_layers_list_the_valid_paths(user_linen, tiny_resnet):
   model, resnet_vars = tiny_resnet
   with pytest.raises(
     ValueError,
-    match=r"'backbone_net/stage9' is not a layer of .*valid: cam .*stage1 .*backbone_net/stem_conv",
+    match=r"'backbone_net/stage9' is not a layer of .*nearest: .*backbone_net/stage4_block2.*more: "
+    r'Explainer.layer_shapes lists them all',
   ):
     explain.Explainer(model, layer='backbone_net/stage9').maps(
       'grad_cam', resnet_vars, _pixels(channels=1), _targets()

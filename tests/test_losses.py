@@ -469,3 +469,109 @@ def test_the_explainer_explains_an_equinox_module():
     g = jax.grad(lambda a, i=i: model.rest(a)[labels[i]])(a)
     m = jax.nn.relu(jnp.einsum('khw,k->hw', a, g.mean((1, 2))))
     np.testing.assert_allclose(maps[i], cam.normalize_cam(cam.upsample_cam(m, SIDE)), atol=1e-5)
+
+
+# ---------------------------------------------------------------- outside models, first contact
+
+
+class Block(nn.Module):
+  """A block returning `(hidden, attention)`, as transformer blocks do."""
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = nn.Conv(5, (3, 3), strides=2)(x)
+    return hidden, jax.nn.softmax(hidden, axis=-1)
+
+
+class TupleLayerNet(nn.Module):
+  """Returns an output object; its explained layer 'block' returns a tuple."""
+
+  output_kind: str = 'object'
+
+  @nn.compact
+  def __call__(self, x):
+    hidden, attention = Block(name='block')(nn.gelu(nn.Conv(4, (3, 3), name='conv1')(x)))
+    logits = nn.Dense(CLASSES, name='dense')(nn.gelu(hidden * (1 + attention)).mean((1, 2)))
+    if self.output_kind == 'object':
+      return Output(logits=logits, hidden=hidden)
+    if self.output_kind == 'dict':
+      return {'logits': logits}
+    return Output(logits=None, hidden=hidden)  # nothing to find the logits by
+
+
+class Output:
+  def __init__(self, logits, hidden):
+    self.logits, self.hidden = logits, hidden
+
+
+def test_output_objects_and_tuple_layers():
+  """Logits from an output object or a dict; a layer returning (hidden, attention) is
+  explained at its first array (the same term as a perturbation of `hidden` alone)."""
+  x, labels = _batch()
+  net = TupleLayerNet()
+  variables = net.init(jax.random.key(0), x)
+  out = losses.cam_loss(net, variables, x, labels, _prototypes(), layer='block')
+  np.testing.assert_allclose(out.logits, net.apply(variables, x).logits, rtol=1e-6)
+  a, grads = _tuple_reference(net, variables, x, labels)
+  _, got_a, got_g, _ = losses.layer_gradients(net, variables, x, labels, layer='block')
+  np.testing.assert_allclose(got_a, a, rtol=1e-6)
+  np.testing.assert_allclose(got_g, grads, rtol=1e-5, atol=1e-7)
+  assert 'block' in explain.LinenModel(net).layers(variables, x)
+  as_dict = TupleLayerNet('dict')
+  np.testing.assert_allclose(
+    losses.cam_loss(as_dict, variables, x, labels, _prototypes(), layer='block').term, out.term
+  )
+  with pytest.raises(
+    TypeError, match=r'the model returned a Output, not logits: give the adapter output='
+  ):
+    losses.cam_loss(TupleLayerNet('none'), variables, x, labels, _prototypes(), layer='block')
+
+
+def _tuple_reference(net, variables, x, labels):
+  """A = the block's hidden output; G by differentiating the logits with respect to an
+  offset added to `hidden` (inside the block's caller) by a separate interception."""
+  captured = []
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.module.name == 'block' and context.method_name == '__call__':
+      captured.append(out[0])
+    return out
+
+  with nn.intercept_methods(capture):
+    net.apply(variables, x)
+  a = captured[0]
+
+  def scores(offset):
+    def add(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.module.name == 'block' and context.method_name == '__call__':
+        return (out[0] + offset, out[1])
+      return out
+
+    with nn.intercept_methods(add):
+      logits = net.apply(variables, x).logits
+    return jnp.sum(logits[jnp.arange(x.shape[0]), labels])
+
+  return a, jax.grad(scores)(jnp.zeros_like(a))
+
+
+def test_an_unknown_layer_of_a_deep_model_names_the_nearest():
+  model = models.get_model('resnet18', CLASSES, width=4)
+  x = jnp.zeros((2, 16, 16, 1))
+  variables = models.init_variables(model, jax.random.key(0), 16)
+  with pytest.raises(
+    ValueError,
+    match=r"'backbone_net/stage4_blok2' is not a layer of .*; nearest: "
+    r'backbone_net/stage4_block2 \(2, 2, 2, 32\), .*'
+    r'\(and \d+ more: Explainer.layer_shapes lists them all\)',
+  ) as error:
+    losses.cam_loss(
+      explain.LinenModel(model),
+      variables,
+      x,
+      jnp.array([0, 1]),
+      _prototypes(),
+      layer='backbone_net/stage4_blok2',
+    )
+  assert str(error.value).count('(') <= 7  # five names, not all 40

@@ -29,14 +29,16 @@ mode: BatchNorm with running averages, no dropout).
 """
 
 import dataclasses
+import difflib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, traverse_util
 
 from bcam_jax import models
@@ -46,14 +48,49 @@ _MIN_LAYER_NDIM = 3
 
 
 def _logits_of(output) -> jax.Array:
-  """The logits in a model's output: itself, or the first element of a tuple or list
-  (big_vision's `(logits, out_dict)`, our models' `(logits, features)`)."""
-  return output[0] if isinstance(output, (tuple, list)) else output
+  """The logits in a model's output: itself, the first element of a tuple or list
+  (big_vision's `(logits, out_dict)`, our models' `(logits, features)`), a dict's or an output
+  object's `logits` (HuggingFace's `ModelOutput`, a dataclass); a TypeError saying how to
+  pick them otherwise."""
+  found = output
+  if isinstance(output, tuple | list) and output:
+    found = output[0]
+  elif isinstance(output, Mapping) and 'logits' in output:
+    found = output['logits']
+  elif not isinstance(output, jax.Array | np.ndarray) and hasattr(output, 'logits'):
+    found = output.logits
+  if not isinstance(found, jax.Array | np.ndarray):
+    raise TypeError(
+      f'the model returned a {type(output).__name__}, not logits: give the adapter '
+      'output=<function of the output returning the logits>, e.g. '
+      'explain.LinenModel(model, output=lambda out: out.scores)'
+    )
+  return found
+
+
+def _first_array(out):
+  """(the layer's array, a function putting an edited one back): the output itself, or
+  the first element of a tuple or list (a transformer block's `(hidden, attention)`)."""
+  if isinstance(out, tuple | list) and out and isinstance(out[0], jax.Array):
+    return out[0], lambda a: type(out)([a, *out[1:]])
+  return out, lambda a: a
+
+
+# Layers an unknown-layer error lists in full; beyond that, the nearest names.
+_LISTED_LAYERS = 8
 
 
 def _unknown_layer(layer: str, model_label: str, shapes: dict[str, tuple]) -> ValueError:
-  valid = ', '.join(f'{name} {shape}' for name, shape in shapes.items())
-  return ValueError(f'layer {layer!r} is not a layer of {model_label}; valid: {valid}')
+  described = lambda names: ', '.join(f'{name} {shapes[name]}' for name in names)
+  if len(shapes) <= _LISTED_LAYERS:
+    return ValueError(
+      f'layer {layer!r} is not a layer of {model_label}; valid: {described(shapes)}'
+    )
+  near = difflib.get_close_matches(layer, list(shapes), n=5, cutoff=0.0)
+  return ValueError(
+    f'layer {layer!r} is not a layer of {model_label}; nearest: {described(near)} '
+    f'(and {len(shapes) - len(near)} more: Explainer.layer_shapes lists them all)'
+  )
 
 
 def _called_once(layer: str, model_label: str, outputs: list) -> jax.Array:
@@ -133,9 +170,10 @@ class LinenModel:
       active.append(layer)
       out = next_fun(*args, **kwargs)
       active.pop()
+      first, put_back = _first_array(out)
       if seen is not None:
-        seen.append(out)
-      return out if edit is None else edit(out)
+        seen.append(first)
+      return out if edit is None else put_back(edit(first))
 
     return nn.intercept_methods(interceptor)
 
@@ -167,9 +205,10 @@ class LinenModel:
     def interceptor(next_fun, args, kwargs, context):
       out = next_fun(*args, **kwargs)
       path = '/'.join(context.module.path)
-      is_layer = isinstance(out, jax.Array) and out.ndim >= _MIN_LAYER_NDIM
+      first, _ = _first_array(out)
+      is_layer = isinstance(first, jax.Array) and first.ndim >= _MIN_LAYER_NDIM
       if context.method_name == '__call__' and path and is_layer:
-        shapes.setdefault(path, tuple(out.shape))
+        shapes.setdefault(path, tuple(first.shape))
       return out
 
     with nn.intercept_methods(interceptor):
@@ -287,14 +326,15 @@ def _resolve(module, path: str):
 
 
 class _Tap:
-  """Stands in for an NNX submodule on a merged copy: calls it and passes its output to
-  `edit`."""
+  """Stands in for an NNX or Equinox submodule on a copy: calls it and passes its output (its
+  first array when a tuple) to `edit`."""
 
   def __init__(self, inner, edit):
     self.inner, self.edit = inner, edit
 
   def __call__(self, *args, **kwargs):
-    return self.edit(self.inner(*args, **kwargs))
+    first, put_back = _first_array(self.inner(*args, **kwargs))
+    return put_back(self.edit(first))
 
 
 @dataclasses.dataclass(frozen=True)
