@@ -60,6 +60,7 @@ def layer_gradients(model, variables, images, labels, *, layer=None, **apply_kwa
   sample where nothing after the layer mixes samples (BatchNorm in evaluation mode); with
   train-mode BatchNorm after the layer it is the gradient of the batch's label scores."""
   adapter = layers_lib.as_explained_model(model)
+  variables = layers_lib.states_of(variables)
   layer = layer if layer is not None else adapter.default_layer
   if layer is None:
     raise ValueError(f'name the layer of {adapter.label()} to explain: layer=<path>')
@@ -107,6 +108,7 @@ def cam_loss(
   if prototypes.ndim != 3 or prototypes.shape[1] != prototypes.shape[2]:
     raise ValueError(f'prototypes of shape {prototypes.shape}; expected (classes, S, S)')
   adapter = layers_lib.as_explained_model(model)
+  variables = layers_lib.states_of(variables)
   layer = layer if layer is not None else adapter.default_layer
   if isinstance(adapter, layers_lib.CamModel) and layer == 'cam':
     merged = adapter.apply_kwargs | apply_kwargs

@@ -575,3 +575,26 @@ def test_an_unknown_layer_of_a_deep_model_names_the_nearest():
       layer='backbone_net/stage4_blok2',
     )
   assert str(error.value).count('(') <= 7  # five names, not all 40
+
+
+def test_a_whole_split_result_passes_as_the_variables():
+  """`jax.jit(explainer.maps)` and `cam_loss` take `NNXModel.split(model)` (or
+  `EquinoxModel.split`) whole, as they take its state alone."""
+  net = NNXNet(nnx.Rngs(0))
+  net.eval()
+  split = explain.NNXModel.split(net)
+  explainer = explain.Explainer(split[0], layer='conv2')
+  x, labels = _squares(4, 3)
+  maps = jax.jit(explainer.maps, static_argnums=0)
+  np.testing.assert_array_equal(
+    maps('grad_cam', split, x, labels), maps('grad_cam', split[1], x, labels)
+  )
+  eqx_split = explain.EquinoxModel.split(EqxCNN(jax.random.key(0)))
+  loss = jax.jit(
+    lambda v: (
+      losses.cam_loss(
+        eqx_split[0], v, jnp.moveaxis(x, -1, 1), labels, _prototypes(), layer='conv2'
+      ).term
+    )
+  )
+  np.testing.assert_array_equal(loss(eqx_split), loss(eqx_split[1]))

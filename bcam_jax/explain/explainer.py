@@ -100,7 +100,11 @@ class Explainer:
     return tuple(self.layer)
 
   def _variables(self, variables):
-    return self.default_variables if variables is None else variables
+    """The variables given (None: the default), or the states of a whole `split` result
+    `(adapter, state, ...)` passed as the variables."""
+    if variables is None:
+      return self.default_variables
+    return layers_lib.states_of(variables)
 
   def normalize(self, pixels: jax.Array) -> jax.Array:
     """[0, 1] pixels `(N, H, W, C)` -> the model's input; mean and std per channel or scalar."""

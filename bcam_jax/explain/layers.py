@@ -623,6 +623,20 @@ class EquinoxModel:
 
 
 ADAPTERS = (LinenModel, NNXModel, FunctionsModel, EquinoxModel)
+for _adapter in ADAPTERS:
+  # Static pytree nodes: a whole `split` result `(adapter, state)` can be a jitted argument.
+  jax.tree_util.register_static(_adapter)
+
+
+def states_of(variables):
+  """`variables`, or, for a whole `NNXModel.split` / `EquinoxModel.split` result passed as
+  them, what follows the adapter (its one state, or the tuple of states)."""
+  if isinstance(variables, tuple) and variables and isinstance(variables[0], ADAPTERS):
+    rest = variables[1:]
+    return rest[0] if len(rest) == 1 else rest
+  return variables
+
+
 # What an adapter of one's own defines, on its class (an attribute `features` of a module,
 # a submodule, does not make it one).
 _ADAPTER_METHODS = ('logits', 'features', 'layers', 'label', 'class_weights')
