@@ -14,9 +14,10 @@ import ml_collections
 
 from bcam_jax import data, objective, optim
 from bcam_jax.configs import base
-from bcam_jax.models import MODEL_NAMES, PRETRAINED_NAMES, model_option_defaults
+from bcam_jax.models import MODEL_NAMES, PRETRAINED_NAMES, is_import_path, model_option_defaults
 from bcam_jax.models.conv import LOWERINGS
 from bcam_jax.models.heads import HEAD_TYPES, POOLINGS, HeadKind
+from bcam_jax.models.imported import import_class
 
 DTYPES = ('float32', 'bfloat16', 'float64')
 DATA_SOURCES = ('auto', 'tfds', 'idx', 'download', 'folder')
@@ -45,7 +46,10 @@ def _positive(field: str, value, allow_zero: bool = False) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError on the first invalid field."""
-  _choice('model.name', config.model.name, MODEL_NAMES)
+  if is_import_path(config.model.name):
+    _validate_imported(config)
+  else:
+    _choice('model.name', config.model.name, MODEL_NAMES)
   _choice('data.source', config.data.source, DATA_SOURCES)
   if config.data.source == 'folder':
     _validate_folder(config.data)
@@ -136,6 +140,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = config.loss[field]
     if not (isinstance(value, (int, float)) and value >= 0 and value == value):
       raise ConfigError(f'config.loss.{field}={value!r}; expected a number >= 0.')
+
+
+def _validate_imported(config: ml_collections.ConfigDict) -> None:
+  """A model by import path: a linen module class that imports, a CAM layer named, and the
+  default head and pooling (the zoo's Soft-CAM and CA-Stream heads are not its)."""
+  name = config.model.name
+  try:
+    import_class(name)
+  except (ImportError, TypeError) as error:
+    raise ConfigError(f'config.model.name={name!r}: {error}') from None
+  if not config.model.cam_layer:
+    raise ConfigError(
+      f'config.model.name={name!r} needs config.model.cam_layer=<the path of the submodule '
+      "whose output is its CAM layer, e.g. 'conv3' or 'backbone/stage4'>."
+    )
+  for field in ('head', 'pooling'):
+    if config.model[field] != 'default':
+      raise ConfigError(
+        f'config.model.{field}={config.model[field]!r} applies to the zoo models; '
+        f'{name} is explained by Grad-CAM at config.model.cam_layer.'
+      )
+  if config.init_from or config.init.pretrained or config.model.ca_stream.freeze_backbone:
+    raise ConfigError(
+      f'config.init_from, config.init.pretrained and freezing apply to the zoo models; '
+      f'{name} starts from its own initialisers.'
+    )
 
 
 def _validate_init(config: ml_collections.ConfigDict) -> None:

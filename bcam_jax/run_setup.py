@@ -3,6 +3,7 @@ and builds the model and its objective from a `run_spec.RunSpec`; the `RunSetup`
 makes the jitted steps, the train state's spec, the optimiser and the prototypes."""
 
 import dataclasses
+import difflib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -14,8 +15,9 @@ from absl import logging
 from bcam_jax import optim, parallel, prototypes, split_loop, steps
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.data import Datasets, imagenet_normalized, load_datasets
-from bcam_jax.models import cam_shape
+from bcam_jax.models import cam_shape, is_import_path
 from bcam_jax.models.base import is_stream_param
+from bcam_jax.models.imported import layer_shapes as imported_layer_shapes
 from bcam_jax.run_spec import RunSpec
 from bcam_jax.train_state import StateSpec
 
@@ -176,13 +178,21 @@ def setup_run(
       largest,
     )
   dtype = jnp.dtype(spec.train.dtype)
+  imported = is_import_path(spec.model.name)
   try:
     model = spec.model.build(datasets.info.num_classes, dtype)
+  except (ImportError, TypeError) as error:  # a model by import path that does not build
+    raise ConfigError(str(error)) from None
   except ValueError as error:  # an unknown or invalid config.model.options entry
+    if imported:
+      raise ConfigError(str(error)) from None
     raise ConfigError(f'config.model.options={dict(spec.model.options)!r}: {error}') from None
   image_size = spec.data.image_size
-  _check_cam_side(spec, model)
-  cam = cam_shape(model, image_size, datasets.info.channels)
+  if imported:
+    cam = _imported_cam_shape(spec, model, datasets.info.channels)
+  else:
+    _check_cam_side(spec, model)
+    cam = cam_shape(model, image_size, datasets.info.channels)
   logging.info(
     'Model %s at %dx%dx%d: CAM layer %s; %d device(s) of %s; data from %s',
     spec.model.name,
@@ -199,6 +209,35 @@ def setup_run(
   )
   spec = dataclasses.replace(spec, objective=objective)
   return RunSetup(spec, mesh, datasets, model, dtype, eval_batch_size)
+
+
+def _imported_cam_shape(spec: RunSpec, model, channels: int) -> tuple[int, int, int]:
+  """(h, w, k) of a model by import path at its CAM layer; ConfigError for a layer it does
+  not have (the nearest names first), one that gives no NHWC map, or a map too small for a
+  CAM loss."""
+  size = spec.data.image_size
+  try:
+    cam = cam_shape(model, size, channels)
+  except ValueError:
+    shapes = imported_layer_shapes(model, size, channels)
+    near = difflib.get_close_matches(spec.model.cam_layer, list(shapes), n=5, cutoff=0.0)
+    listed = ', '.join(f'{name} {shapes[name]}' for name in near)
+    more = f' (and {len(shapes) - len(near)} more)' if len(shapes) > len(near) else ''
+    raise ConfigError(
+      f'config.model.cam_layer={spec.model.cam_layer!r} is not a layer of {spec.model.name}; '
+      f'nearest: {listed or "none"}{more}'
+    ) from None
+  if len(cam) != 3:
+    raise ConfigError(
+      f'config.model.cam_layer={spec.model.cam_layer!r} of {spec.model.name} gives shape '
+      f'{(1, *cam)}; the CAM layer must give NHWC maps (N, h, w, K)'
+    )
+  if spec.objective.kind.has_cam_term and min(cam[:2]) < 2:
+    raise ConfigError(
+      f'config.model.cam_layer={spec.model.cam_layer!r} of {spec.model.name} gives a '
+      f'{cam[0]}x{cam[1]} map at config.data.image_size={size}; a CAM loss needs at least 2x2'
+    )
+  return cam
 
 
 def _check_cam_side(spec: RunSpec, model) -> None:

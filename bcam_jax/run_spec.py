@@ -145,6 +145,7 @@ class RunSpec:
         'pooling': model.pooling,
         'conv_lowering': model.conv_lowering,
         'ca_stream': {'freeze_backbone': model.freeze_backbone},
+        'cam_layer': model.cam_layer,
       },
       'init_from': self.init_from,
       'init': dataclasses.asdict(self.init),

@@ -16,7 +16,16 @@ from flax import struct
 
 from bcam_jax import data
 from bcam_jax.data.augment import AugmentOptions, augment_pixels
-from bcam_jax.objective import Objective, cross_entropy, logits_and_explanation, map_distance
+from bcam_jax.explain.layers import LinenModel
+from bcam_jax.losses import layer_gradients
+from bcam_jax.models.imported import ImportedClassifier
+from bcam_jax.objective import (
+  GradCamExplanation,
+  Objective,
+  cross_entropy,
+  logits_and_explanation,
+  map_distance,
+)
 
 _AUGMENT_STREAM = 1  # augmentation key: fold_in(dropout key, 1), independent of dropout's
 
@@ -101,6 +110,24 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
 
   def loss_fn(params, batch_stats, x, labels, prototypes, rng):
     variables = model_variables(params, batch_stats)
+    if isinstance(model, ImportedClassifier):
+      logits, explanation, new_batch_stats = _imported_forward(
+        model, variables, x, labels, rng, explain=objective.kind.has_cam_term
+      )
+      cam_term = (
+        objective.cam_term(explanation, labels, prototypes)
+        if objective.kind.has_cam_term
+        else jnp.zeros((), jnp.float32)
+      )
+      ce = cross_entropy(logits, labels).mean()
+      aux = {
+        'logits': logits,
+        'batch_stats': new_batch_stats,
+        'ce': ce,
+        'cam': cam_term,
+        'penalty': jnp.zeros((), jnp.float32),
+      }
+      return objective.total(ce, cam_term), aux
     if frozen_backbone:
       features = model.apply(variables, x, train=False, frozen=True, method='backbone')
       new_batch_stats = batch_stats
@@ -129,6 +156,29 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
     return objective.total(ce, cam_term, penalty), aux
 
   return loss_fn
+
+
+def _imported_forward(model, variables, x, labels, rng=None, explain: bool = True):
+  """(logits, Grad-CAM explanation of the labels or None, batch_stats after the pass) of a
+  model by import path: one forward pass with a zero perturbation at its CAM layer and one
+  backward pass (`losses.layer_gradients`); in train mode when `rng` (its dropout key) is
+  given, BatchNorm statistics then updated."""
+  train = rng is not None
+  kwargs = {'train': train}
+  if train:
+    kwargs['rngs'] = {'dropout': rng}
+    if 'batch_stats' in variables:
+      kwargs['mutable'] = ['batch_stats']
+  if not explain:
+    out = model.apply(variables, x, **kwargs)
+    (logits, _), updates = out if kwargs.get('mutable') else (out, {})
+    return logits, None, updates.get('batch_stats', variables.get('batch_stats', {}))
+  adapter = LinenModel(model)  # its output (logits, features): the logits are the first
+  logits, a, grads, updates = layer_gradients(
+    adapter, variables, x, labels, layer=model.layer_path(), **kwargs
+  )
+  stats = updates.get('batch_stats', variables.get('batch_stats', {}))
+  return logits, GradCamExplanation(a, grads), stats
 
 
 def make_train_step(
@@ -204,10 +254,13 @@ def make_eval_step(
 
   def eval_step(variables, prototypes, images, labels, mask):
     x = data.preprocess(images, mean, std, image_size, dtype)
-    features = model.apply(variables, x, train=False, method='backbone')
-    logits, explanation, _ = logits_and_explanation(
-      model, variables, features, labels, explain=True
-    )
+    if isinstance(model, ImportedClassifier):
+      logits, explanation, _ = _imported_forward(model, variables, x, labels)
+    else:
+      features = model.apply(variables, x, train=False, method='backbone')
+      logits, explanation, _ = logits_and_explanation(
+        model, variables, features, labels, explain=True
+      )
     mask = mask.astype(jnp.float32)
     maps = objective.prototype_space(explanation.image_maps())
     proto = map_distance(maps, prototypes[labels], objective.metric)

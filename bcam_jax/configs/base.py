@@ -16,7 +16,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.model = ml_collections.ConfigDict()
+  # A zoo model (bcam_jax.models.MODEL_NAMES) or a linen model of your own by import path,
+  # 'package.module:ClassName', built as ClassName(num_classes=..., **config.model.options)
+  # and explained at config.model.cam_layer (a submodule path, e.g. 'conv3'; README, "Train
+  # your own model through its explanations").
   config.model.name = 'simple_cnn'
+  config.model.cam_layer = ''
   # Model-specific keyword arguments of `bcam_jax.models.get_model` (e.g. `stem`).
   config.model.options = ml_collections.ConfigDict()
   config.model.head = 'default'  # 'default' | 'softcam' (class-evidence maps)

@@ -272,6 +272,25 @@ class CamModel(LinenModel):
     return self.module.class_weights(variables['params'])
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportedModel(LinenModel):
+  """A model by import path (`models.imported`): its CAM layer (the default) also answers
+  to 'cam', as our models' does; any other submodule by its path from the root
+  (`inner/...`)."""
+
+  def label(self) -> str:
+    return self.module.label()
+
+  def _layer(self, layer):
+    return self.default_layer if layer in (None, 'cam') else layer
+
+  def features(self, variables, x: jax.Array, layer: str | None):
+    return super().features(variables, x, self._layer(layer))
+
+  def perturbed(self, variables, x: jax.Array, layer, delta=None, **apply_kwargs):
+    return super().perturbed(variables, x, self._layer(layer), delta, **apply_kwargs)
+
+
 def _without_perturbations(variables) -> dict:
   return {k: v for k, v in variables.items() if k != 'perturbations'}
 
@@ -622,7 +641,7 @@ class EquinoxModel:
     raise ValueError(f'CAM needs the class weights of our models; for {self.label()} use grad_cam')
 
 
-ADAPTERS = (LinenModel, NNXModel, FunctionsModel, EquinoxModel)
+ADAPTERS = (LinenModel, NNXModel, FunctionsModel, EquinoxModel, ImportedModel)
 for _adapter in ADAPTERS:
   # Static pytree nodes: a whole `split` result `(adapter, state)` can be a jitted argument.
   jax.tree_util.register_static(_adapter)
@@ -648,6 +667,8 @@ def as_explained_model(model):
   modules are split first (`NNXModel.split`, `EquinoxModel.split`; `Explainer` does it)."""
   if isinstance(model, models.CamClassifier):
     return CamModel(model)
+  if isinstance(model, models.ImportedClassifier):
+    return ImportedModel(model, {'train': False}, default_layer=model.layer_path())
   if isinstance(model, nn.Module):
     return LinenModel(model)
   if isinstance(model, ADAPTERS):

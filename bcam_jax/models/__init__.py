@@ -36,6 +36,8 @@ import jax.numpy as jnp
 
 from bcam_jax.models.base import CamClassifier
 from bcam_jax.models.convnext import ConvNeXtTiny, ConvNeXtV2Tiny
+from bcam_jax.models.imported import ImportedClassifier as ImportedClassifier
+from bcam_jax.models.imported import import_model, is_import_path
 from bcam_jax.models.pretrained import PRETRAINED_NAMES as PRETRAINED_NAMES
 from bcam_jax.models.pretrained import WeightsError as WeightsError
 from bcam_jax.models.pretrained import load_pretrained as load_pretrained
@@ -120,10 +122,13 @@ def get_model(
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-  """A zoo model: its name (`models.MODEL_NAMES`), head ('default' | 'softcam'), pooling
-  ('default' | 'ca_stream'), convolution lowering (speed only, `models.conv`), its options
-  (`models.model_options`; left out: their defaults) and whether only the CA-Stream
-  parameters train (the stream on a frozen backbone, CA-Stream's protocol)."""
+  """A model: its name (`models.MODEL_NAMES`, or `package.module:ClassName` for a linen
+  model of your own, `models.imported`), head ('default' | 'softcam'), pooling ('default' |
+  'ca_stream'), convolution lowering (speed only, `models.conv`), its options
+  (`models.model_options`, left out: their defaults; an imported model's constructor
+  arguments besides num_classes), whether only the CA-Stream parameters train (the stream on
+  a frozen backbone, CA-Stream's protocol) and an imported model's CAM layer (a submodule
+  path)."""
 
   name: str = 'simple_cnn'
   head: str = 'default'
@@ -131,6 +136,7 @@ class ModelSpec:
   conv_lowering: str = 'auto'
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   freeze_backbone: bool = False
+  cam_layer: str = ''
 
   @classmethod
   def from_config(cls, model_config) -> 'ModelSpec':
@@ -142,11 +148,15 @@ class ModelSpec:
       conv_lowering=model_config.conv_lowering,
       options=dict(model_config.options),
       freeze_backbone=bool(model_config.ca_stream.freeze_backbone),
+      cam_layer=model_config.cam_layer,
     )
 
   def build(self, num_classes: int, dtype: Any = jnp.float32) -> CamClassifier:
     """The model with `num_classes` outputs computing in `dtype`; ValueError naming an
-    unknown or invalid option."""
+    unknown or invalid option; for a model by import path (`imported`), ImportError,
+    TypeError or ValueError naming the path."""
+    if is_import_path(self.name):
+      return import_model(self.name, num_classes, dict(self.options), self.cam_layer, dtype)
     return get_model(
       self.name,
       num_classes,
