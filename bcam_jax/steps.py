@@ -108,37 +108,28 @@ def make_loss_fn(model: nn.Module, objective: Objective, frozen_backbone: bool =
   and the optimiser leaves its parameters alone.
   """
 
-  def loss_fn(params, batch_stats, x, labels, prototypes, rng):
-    variables = model_variables(params, batch_stats)
+  def forward(variables, x, labels, rng):
+    """(logits, explanation of the labels or None, Soft-CAM evidence or None, batch_stats)."""
+    explain = objective.kind.has_cam_term
     if isinstance(model, ImportedClassifier):
-      logits, explanation, new_batch_stats = _imported_forward(
-        model, variables, x, labels, rng, explain=objective.kind.has_cam_term
-      )
-      cam_term = (
-        objective.cam_term(explanation, labels, prototypes)
-        if objective.kind.has_cam_term
-        else jnp.zeros((), jnp.float32)
-      )
-      ce = cross_entropy(logits, labels).mean()
-      aux = {
-        'logits': logits,
-        'batch_stats': new_batch_stats,
-        'ce': ce,
-        'cam': cam_term,
-        'penalty': jnp.zeros((), jnp.float32),
-      }
-      return objective.total(ce, cam_term), aux
+      logits, explanation, stats = _imported_forward(model, variables, x, labels, rng, explain)
+      return logits, explanation, None, stats
     if frozen_backbone:
       features = model.apply(variables, x, train=False, frozen=True, method='backbone')
-      new_batch_stats = batch_stats
+      new_batch_stats = variables.get('batch_stats', {})
     else:
       features, updates = model.apply(
         variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': rng}, method='backbone'
       )
       new_batch_stats = updates.get('batch_stats', {})
     logits, explanation, evidence = logits_and_explanation(
-      model, variables, features, labels, explain=objective.kind.has_cam_term
+      model, variables, features, labels, explain=explain
     )
+    return logits, explanation, evidence, new_batch_stats
+
+  def loss_fn(params, batch_stats, x, labels, prototypes, rng):
+    variables = model_variables(params, batch_stats)
+    logits, explanation, evidence, new_batch_stats = forward(variables, x, labels, rng)
     cam_term = (
       objective.cam_term(explanation, labels, prototypes)
       if objective.kind.has_cam_term

@@ -5,6 +5,10 @@ or a config file (`configs/resnet18_bcpl.py` in a clone, where `python train.py`
 command). Override any config field on the command line, e.g.
 `--config.data.name=fashion_mnist`.
 
+A linen model of your own: `--config.model.name=package.module:ClassName
+--config.model.cam_layer=<the path of its CAM layer submodule>` (README, "Train your own
+model through its explanations").
+
 Fine-tune published weights (torchvision's ResNets, timm's ViT and ConvNeXt) on an image
 folder at 224 px: `--config=finetune:bcpl` (or `finetune:ca_stream`, `finetune:softcam`)
 `--config.data.folder_dir=<root> --config.init.pretrained=<.pth, .safetensors or a
