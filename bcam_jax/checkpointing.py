@@ -28,6 +28,10 @@ class NoUsableCheckpointError(RuntimeError):
   """Every train-state checkpoint of a workdir failed to restore."""
 
 
+class NoCheckpointError(FileNotFoundError):
+  """A workdir without the checkpoint asked for (nothing trained or validated there yet)."""
+
+
 def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
   """Own barrier names per manager: in a multi-process job both managers may save the
   same step at once, and Orbax names its cross-process barriers by step."""
@@ -136,7 +140,10 @@ class Checkpoints:
     step, read without its optimiser state: no optimiser needs to be built to evaluate."""
     step = self.latest.latest_step()
     if step is None:
-      raise FileNotFoundError(f'no checkpoint in {self.latest.directory}.')
+      raise NoCheckpointError(
+        f'no checkpoint in {self.latest.directory}: nothing has been trained in '
+        f'{os.path.dirname(self.latest.directory)} yet (train it with train.py --workdir=...).'
+      )
     args = ocp.args.PyTreeRestore(
       abstract_vars,
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_vars),
@@ -148,8 +155,10 @@ class Checkpoints:
     """Model variables with the best validation accuracy, and their step."""
     step = self.best.best_step()
     if step is None:
-      raise FileNotFoundError(
-        f'no best checkpoint in {self.best.directory}: no validation has run yet.'
+      raise NoCheckpointError(
+        f'no best checkpoint in {self.best.directory}: no validation has run in '
+        f'{os.path.dirname(self.best.directory)} yet (train it with train.py --workdir=..., '
+        'or evaluate its latest train state with --config.eval.checkpoint=last).'
       )
     return self.best.restore(step, args=ocp.args.StandardRestore(abstract_vars)), step
 

@@ -16,7 +16,7 @@ from ml_collections.config_flags import config_path
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from bcam_jax import configs, models
-from bcam_jax.checkpointing import NoUsableCheckpointError
+from bcam_jax.checkpointing import NoCheckpointError, NoUsableCheckpointError
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.data import DataError
 from bcam_jax.models import WeightsError
@@ -28,6 +28,7 @@ USER_ERRORS = (
   DataError,
   WorkdirError,
   NoUsableCheckpointError,
+  NoCheckpointError,
   NonFiniteLossError,
   WeightsError,
 )
@@ -41,11 +42,30 @@ class _PackagedConfigParser(ConfigFileFlagParser):
   then preparing the config for the command line's overrides (`check_overrides`)."""
 
   def parse(self, path):
-    config = super().parse(configs.resolve(path))
-    if isinstance(config, ml_collections.ConfigDict):
-      argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
-      check_overrides(config, self.name, argv)
+    """The config; a config that does not load (a syntax error, an unknown name or argument,
+    an override of a field it lacks) ends the program with one `error: ...` line, where absl
+    would print a traceback under "FATAL Flags parsing error"."""
+    try:
+      config = super().parse(configs.resolve(path))
+      if isinstance(config, ml_collections.ConfigDict):
+        argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+        check_overrides(config, self.name, argv)
+    except SyntaxError as error:
+      where = f'{error.filename}, line {error.lineno}'
+      sys.exit(f'error: --{self.name}={path}: {where}: {error.msg}: {(error.text or "").strip()}')
+    except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
+      sys.exit(f'error: --{self.name}={path}: {_last_line(error)}')
     return config
+
+
+def _last_line(error: BaseException) -> str:
+  """The message of `error`; for the errors ml_collections re-raises with the config's
+  traceback in their text, that traceback's last line, the original message."""
+  text = str(error).strip()
+  if 'Traceback (most recent call last)' not in text:
+    return text
+  last = text.splitlines()[-1]
+  return re.sub(r'^\w+(Error|Exception): ', '', last)
 
 
 def check_overrides(config: ml_collections.ConfigDict, name: str, argv: list[str]) -> None:

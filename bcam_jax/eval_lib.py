@@ -32,6 +32,7 @@ from bcam_jax import (
   split_loop,
   workdir_lock,
 )
+from bcam_jax.checkpointing import NoCheckpointError
 from bcam_jax.eval_options import EvalOptions
 from bcam_jax.explain import faithfulness
 from bcam_jax.report import eval_outputs
@@ -51,7 +52,7 @@ def restore(
   checkpoint of the training run in `workdir`, whose spec (or config) is `spec`."""
   if not os.path.isdir(workdir):
     what = 'is a file, not a directory' if os.path.exists(workdir) else 'does not exist'
-    raise FileNotFoundError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
+    raise NoCheckpointError(f'workdir {workdir!r} {what}: give the workdir of a training run.')
   spec = RunSpec.of(spec)
   config_validation.check_matches_workdir(spec.to_config(), workdir)
   run = run_setup.setup_run(spec, devices, workdir)

@@ -149,6 +149,15 @@ def file_prototypes(path: str, num_classes: int, image_size: int) -> np.ndarray:
     )
   if array.ndim == 4:
     array = channel_average(np.moveaxis(array, 1, -1))
+  flat = array.reshape(num_classes, -1)
+  constant = [c for c in range(num_classes) if flat[c].max() == flat[c].min()]
+  if constant:
+    logging.warning(
+      'data.prototypes_file %s: the maps of class(es) %s are constant; min-max scaling makes '
+      "them all zeros, so a CAM loss pulls those classes' explanations towards nothing.",
+      path,
+      ', '.join(map(str, constant)),
+    )
   return _to_maps(array, image_size)
 
 

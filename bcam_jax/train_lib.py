@@ -9,6 +9,7 @@ its latest checkpoint ends with exactly the parameters of an uninterrupted run.
 import dataclasses
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from bcam_jax.metric_logging import MetricLogger, format_duration, tensorboard_d
 from bcam_jax.report import figures
 from bcam_jax.run_setup import setup_run
 from bcam_jax.run_spec import RunSpec, TrainSpec
+from bcam_jax.workdir_lock import WorkdirError
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,9 +62,25 @@ def train_and_evaluate(
   fails at once. Returns the final summary, also written to `<workdir>/results.json`.
   """
   spec = RunSpec.of(spec)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise WorkdirError(f'--workdir={workdir}: a file, not a directory; give a new or existing one.')
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lock.locked(workdir):
-    return _train_and_evaluate(spec, workdir, devices)
+  try:
+    with workdir_lock.locked(workdir):
+      return _train_and_evaluate(spec, workdir, devices)
+  except BaseException:
+    # A start that failed before training began leaves no workdir it created behind.
+    if created and jax.process_index() == 0 and not _training_began(workdir):
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _training_began(workdir: str) -> bool:
+  """Whether `workdir` holds anything of a run worth keeping: a checkpoint or metrics."""
+  checkpoints = os.path.join(workdir, 'checkpoints')
+  has_checkpoint = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+  return has_checkpoint or os.path.exists(os.path.join(workdir, 'metrics.jsonl'))
 
 
 @dataclasses.dataclass(frozen=True)

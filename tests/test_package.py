@@ -99,7 +99,7 @@ def test_version_is_the_installed_one_and_import_is_cheap(env, outside):
 
 
 def test_console_scripts_are_installed_and_show_their_help(env, outside):
-  for name in ('bcam-train', 'bcam-eval', 'bcam-reproduce', 'bcam-data'):
+  for name in ('bcam-train', 'bcam-eval', 'bcam-reproduce', 'bcam-data', 'bcam-weights'):
     assert shutil.which(name, path=env['PATH']), name
   for name, flag in (('bcam-train', '--config'), ('bcam-eval', '--config.eval.methods')):
     help_text = run(env, outside, name, '--help', check=False).stdout

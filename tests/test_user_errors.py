@@ -1,0 +1,113 @@
+"""A user's mistakes at the entry points end in one `error: ...` line (exit status 1, no
+traceback): an unknown value after `configs/experiment.py:`, a config file with a syntax
+error, eval.py on a workdir with nothing trained, train.py with a regular file as its workdir;
+a failed start leaves no workdir it created; a prototypes file with constant maps warns with
+the classes."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bcam_jax import prototypes
+from tests import synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def idx_dir(tmp_path_factory):
+  return synthetic.write_dataset(str(tmp_path_factory.mktemp('idx')))
+
+
+def _last_line(script, *args):
+  proc = subprocess.run(
+    [sys.executable, script, *args],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS='cpu'),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  return proc.stderr.strip().splitlines()[-1]
+
+
+def test_config_errors_are_one_line(tmp_path):
+  workdir = str(tmp_path / 'run')
+  line = _last_line(
+    'train.py', '--config=configs/experiment.py:model=resnet99', f'--workdir={workdir}'
+  )
+  assert line == (
+    'error: --config=configs/experiment.py:model=resnet99: configs/experiment.py: '
+    "model='resnet99' is not valid; choose one of ('simple_cnn', 'resnet18', 'convnext_v2_tiny')."
+  )
+  line = _last_line('train.py', '--config=configs/experiment.py:size=3', f'--workdir={workdir}')
+  assert line.startswith(
+    "error: --config=configs/experiment.py:size=3: configs/experiment.py: 'size=3' is not "
+    'key=value with a key among'
+  )
+  bad = tmp_path / 'my_config.py'
+  bad.write_text('def get_config():\n  return {\n')
+  line = _last_line('train.py', f'--config={bad}', f'--workdir={workdir}')
+  assert line.startswith(f'error: --config={bad}: {bad}, line 2: ')
+  assert not os.path.exists(workdir)
+
+
+def test_workdir_errors_are_one_line(idx_dir, tmp_path):
+  data = [
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={idx_dir}',
+    '--config.data.val_size=40',
+  ]
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  line = _last_line('eval.py', '--config=experiment:model=simple_cnn', f'--workdir={empty}', *data)
+  assert line == (
+    f'error: no best checkpoint in {empty}/checkpoints_best: no validation has run in {empty} '
+    'yet (train it with train.py --workdir=..., or evaluate its latest train state with '
+    '--config.eval.checkpoint=last).'
+  )
+  line = _last_line(
+    'eval.py',
+    '--config=experiment:model=simple_cnn',
+    f'--workdir={empty}',
+    *data,
+    '--config.eval.checkpoint=last',
+  )
+  assert line.startswith(f'error: no checkpoint in {empty}/checkpoints: nothing has been trained')
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('mine')
+  line = _last_line(
+    'train.py', '--config=experiment:model=simple_cnn', f'--workdir={a_file}', *data
+  )
+  assert line == f'error: --workdir={a_file}: a file, not a directory; give a new or existing one.'
+  assert a_file.read_text() == 'mine'
+  # A start that fails after the workdir was made (the batch is larger than the data)
+  # leaves none behind.
+  new = tmp_path / 'new'
+  line = _last_line(
+    'train.py',
+    '--config=experiment:model=simple_cnn',
+    f'--workdir={new}',
+    *data,
+    '--config.train.batch_size=1000',
+  )
+  assert line == 'error: config.train.batch_size=1000 is larger than the train split (200 images).'
+  assert not new.exists()
+
+
+def test_constant_prototype_maps_warn_with_their_classes(tmp_path, caplog):
+  maps = np.random.default_rng(0).uniform(size=(4, 6, 6))
+  maps[1] = 0.5
+  maps[3] = 0.0
+  path = str(tmp_path / 'protos.npy')
+  np.save(path, maps)
+  with caplog.at_level(logging.WARNING):
+    out = prototypes.file_prototypes(path, 4, 6)
+  assert f'data.prototypes_file {path}: the maps of class(es) 1, 3 are constant' in caplog.text
+  assert not out[1].any() and not out[3].any() and out[0].max() == 1.0
