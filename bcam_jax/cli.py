@@ -141,4 +141,13 @@ def run_command(main: Callable, module: str) -> None:
   sys.modules['__main__'].__doc__ = sys.modules[module].__doc__
   for flag in flags.FLAGS.get_key_flags_for_module(module):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(lambda argv: run_main(main, argv))
+  try:
+    app.run(lambda argv: run_main(main, argv))
+  except SystemExit as exit_:
+    # absl ends `--help` with status 1; asking for help is no failure.
+    if exit_.code == 1 and any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
+      sys.exit(0)
+    raise
+
+
+_HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')

@@ -35,6 +35,7 @@ from bcam_jax import (
 from bcam_jax.checkpointing import NoCheckpointError
 from bcam_jax.eval_options import EvalOptions
 from bcam_jax.explain import faithfulness
+from bcam_jax.metric_logging import tensorboard_hint
 from bcam_jax.report import eval_outputs
 from bcam_jax.run_spec import RunSpec
 
@@ -282,10 +283,10 @@ def _evaluate_and_report(spec: RunSpec, workdir, options, devices) -> dict[str, 
     )
     logging.info(
       'Evaluation report in %s: report.md, metrics.json, confusion.png, cam_prototypes.png, '
-      'error_prototypes.png%s; TensorBoard: tensorboard --logdir %s',
+      'error_prototypes.png%s; %s',
       out,
       ', overlays.png' if overlays is not None else '',
-      tensorboard,
+      tensorboard_hint(tensorboard),
     )
   return result
 

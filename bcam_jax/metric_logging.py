@@ -1,5 +1,6 @@
 """Where a run's numbers go: `metrics.jsonl`, TensorBoard event files and the console."""
 
+import importlib.util
 import json
 import logging as py_logging
 import os
@@ -86,6 +87,14 @@ class MetricLogger:
 def tensorboard_dir(workdir: str) -> str:
   """Where `MetricLogger(workdir)` writes its TensorBoard event files."""
   return os.path.join(workdir, 'tensorboard')
+
+
+def tensorboard_hint(logdir: str) -> str:
+  """How to view the event files in `logdir`: the command where TensorBoard is installed,
+  else how to install it."""
+  if importlib.util.find_spec('tensorboard') is not None:
+    return f'TensorBoard: tensorboard --logdir {logdir}'
+  return f'TensorBoard files in {logdir} (pip install tensorboard to view them)'
 
 
 def _drop_records_after(path: str, step: int) -> None:

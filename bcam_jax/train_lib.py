@@ -22,7 +22,12 @@ from absl import logging
 from bcam_jax import conditions, data, io_utils, parallel, split_loop, workdir_lock
 from bcam_jax.checkpointing import Checkpoints
 from bcam_jax.config_validation import ConfigError, check_matches_workdir
-from bcam_jax.metric_logging import MetricLogger, format_duration, tensorboard_dir
+from bcam_jax.metric_logging import (
+  MetricLogger,
+  format_duration,
+  tensorboard_dir,
+  tensorboard_hint,
+)
 from bcam_jax.report import figures
 from bcam_jax.run_setup import setup_run
 from bcam_jax.run_spec import RunSpec, TrainSpec
@@ -189,9 +194,9 @@ def _train_and_evaluate(spec: RunSpec, workdir, devices) -> dict[str, Any]:
   if is_writer:
     logging.info(
       'Writing to %s: config.json, run.json, checkpoints/, metrics.jsonl, results.json at '
-      'the end; TensorBoard: tensorboard --logdir %s',
+      'the end; %s',
       workdir,
-      tensorboard_dir(workdir),
+      tensorboard_hint(tensorboard_dir(workdir)),
     )
     io_utils.remove_stale_temporaries(workdir)
     io_utils.write_json(os.path.join(workdir, 'config.json'), json.loads(config.to_json()))
@@ -260,7 +265,7 @@ def _train_and_evaluate(spec: RunSpec, workdir, devices) -> dict[str, Any]:
       io_utils.write_json(os.path.join(workdir, 'results.json'), summary)
     logger.info(
       f'Done: {os.path.join(workdir, "results.json")}, metrics.jsonl and checkpoints/ in '
-      f'{workdir}; TensorBoard: tensorboard --logdir {tensorboard_dir(workdir)}'
+      f'{workdir}; {tensorboard_hint(tensorboard_dir(workdir))}'
     )
     return summary | {'state': state}
   finally:

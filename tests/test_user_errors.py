@@ -111,3 +111,28 @@ def test_constant_prototype_maps_warn_with_their_classes(tmp_path, caplog):
     out = prototypes.file_prototypes(path, 4, 6)
   assert f'data.prototypes_file {path}: the maps of class(es) 1, 3 are constant' in caplog.text
   assert not out[1].any() and not out[3].any() and out[0].max() == 1.0
+
+
+@pytest.mark.parametrize('script', ['train.py', 'eval.py'])
+def test_help_exits_zero(script):
+  proc = subprocess.run(
+    [sys.executable, script, '--help'], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert '--config' in proc.stdout + proc.stderr
+
+
+def test_the_tensorboard_hint_says_how_to_install_it(monkeypatch):
+  from bcam_jax import metric_logging
+
+  real = metric_logging.importlib.util.find_spec
+  monkeypatch.setattr(
+    metric_logging.importlib.util,
+    'find_spec',
+    lambda name: None if name == 'tensorboard' else real(name),
+  )
+  assert metric_logging.tensorboard_hint('w/tb') == (
+    'TensorBoard files in w/tb (pip install tensorboard to view them)'
+  )
+  monkeypatch.setattr(metric_logging.importlib.util, 'find_spec', lambda name: object())
+  assert metric_logging.tensorboard_hint('w/tb') == 'TensorBoard: tensorboard --logdir w/tb'

@@ -64,5 +64,10 @@ def load_or_compute_stats(
   if path and write:
     os.makedirs(stats_dir, exist_ok=True)
     io_utils.write_json(path, {'key': key, 'mean': list(mean), 'std': list(std)})
-    logging.info('Computed the per-channel mean %s and std %s of %s -> %s.', mean, std, key, path)
+    logging.info(
+      'Computed the per-channel mean (%s) and std (%s) of the train split -> %s.',
+      ', '.join(f'{m:.4f}' for m in mean),
+      ', '.join(f'{s:.4f}' for s in std),
+      path,
+    )
   return mean, std
