@@ -246,10 +246,13 @@ def _check_cam_side(spec: RunSpec, model) -> None:
   ends in NaN, so it needs at least 2x2."""
   size = spec.data.image_size
   side = model.cam_side(size)
+  option = model.larger_cam_option()
+  # The model option that fixes it at this size, when the model has one.
+  or_option = f', or config.model.options.{option} (a larger CAM map)' if option else ''
   if side < 1:
     raise ConfigError(
       f'config.data.image_size={size} is too small for '
-      f'{model.label()}: it needs image_size >= {model.min_image_side()}.'
+      f'{model.label()}: it needs image_size >= {model.min_image_side()}{or_option}.'
     )
   kind = spec.objective.kind
   if kind.has_cam_term and 1 <= side < 2:
@@ -257,5 +260,5 @@ def _check_cam_side(spec: RunSpec, model) -> None:
     raise ConfigError(
       f'config.data.image_size={size} gives {model.label()} a {side}x'
       f'{side} CAM map; config.loss.kind={str(kind)!r} compares CAM maps with the '
-      f'class prototypes and needs at least 2x2: image_size >= {need}.'
+      f'class prototypes and needs at least 2x2: image_size >= {need}{or_option}.'
     )

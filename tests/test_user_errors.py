@@ -136,3 +136,20 @@ def test_the_tensorboard_hint_says_how_to_install_it(monkeypatch):
   )
   monkeypatch.setattr(metric_logging.importlib.util, 'find_spec', lambda name: object())
   assert metric_logging.tensorboard_hint('w/tb') == 'TensorBoard: tensorboard --logdir w/tb'
+
+
+def test_a_size_error_names_the_option_that_fixes_it(idx_dir, tmp_path):
+  """ResNet-18's ImageNet stem leaves a 1x1 CAM map at 28 px: the error gives the size that
+  works and the option that works at this size."""
+  from bcam_jax import config_validation, train_lib
+  from bcam_jax.configs import experiment
+
+  config = experiment.get_config('model=resnet18,loss=bcpl')
+  config.model.options.stem = 'imagenet'
+  config.data.source, config.data.idx_dir, config.data.val_size = 'idx', idx_dir, 40
+  with pytest.raises(
+    config_validation.ConfigError,
+    match=r"image_size=28 gives resnet18\(stem='imagenet'\) a 1x1 CAM map; .*image_size >= 33, "
+    r"or config.model.options.stem='small' \(a larger CAM map\)\.$",
+  ):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))

@@ -116,6 +116,12 @@ class CamClassifier(nn.Module):
     raise NotImplementedError(f'{type(self).__name__} must define label')
 
   @nn.nowrap
+  def larger_cam_option(self) -> str | None:
+    """The model option that gives a larger CAM map at the same image size, as
+    `key=value` (a smaller stem stride), for size errors; None where there is none."""
+    return None
+
+  @nn.nowrap
   def min_image_side(self) -> int:
     """Smallest image side that gives at least a 1x1 CAM map."""
     return next(s for s in itertools.count(1) if self.cam_side(s) >= 1)

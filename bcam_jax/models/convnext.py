@@ -242,6 +242,10 @@ class ConvNeXtV2Tiny(CamClassifier):
   def label(self) -> str:
     return f'{self.model_name}(stem_stride={self.stem_stride})'
 
+  @nn.nowrap
+  def larger_cam_option(self) -> str | None:
+    return 'stem_stride=1' if self.stem_stride > 1 else None
+
 
 class ConvNeXtTiny(ConvNeXtV2Tiny):
   """ConvNeXt-Tiny (V1) classifier: the V2 model with layer scale instead of GRN.

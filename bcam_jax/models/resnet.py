@@ -253,6 +253,10 @@ class ResNet18(CamClassifier):
   def label(self) -> str:
     return f'resnet{self.depth}(stem={self.stem!r})'
 
+  @nn.nowrap
+  def larger_cam_option(self) -> str | None:
+    return "stem='small'" if self.stem == 'imagenet' else None
+
 
 class ResNet34(ResNet18):
   """ResNet-34 classifier (BasicBlocks [3, 4, 6, 3]); the options of ``ResNet18``."""
