@@ -5,6 +5,8 @@ trained with another model, no usable checkpoint, a diverged loss) ends the prog
 one-paragraph message and exit status 1, without a traceback; any other error keeps its
 traceback."""
 
+import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -46,7 +48,10 @@ class _PackagedConfigParser(ConfigFileFlagParser):
     an override of a field it lacks) ends the program with one `error: ...` line, where absl
     would print a traceback under "FATAL Flags parsing error"."""
     try:
-      config = super().parse(configs.resolve(path))
+      if path == WORKDIR_CONFIG:
+        config = recorded_config(_flag_value(sys.argv, 'workdir'))
+      else:
+        config = super().parse(configs.resolve(path))
       if isinstance(config, ml_collections.ConfigDict):
         argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
         check_overrides(config, self.name, argv)
@@ -54,8 +59,40 @@ class _PackagedConfigParser(ConfigFileFlagParser):
       where = f'{error.filename}, line {error.lineno}'
       sys.exit(f'error: --{self.name}={path}: {where}: {error.msg}: {(error.text or "").strip()}')
     except (ValueError, TypeError, KeyError, ImportError, OSError) as error:
-      sys.exit(f'error: --{self.name}={path}: {_last_line(error)}')
+      given = '' if path == WORKDIR_CONFIG else f'--{self.name}={path}: '  # the user's words
+      sys.exit(f'error: {given}{_last_line(error)}')
     return config
+
+
+# The --config value meaning the config recorded in --workdir (what bcam-eval defaults to).
+WORKDIR_CONFIG = '@workdir'
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+  """The value of `--name=value` or `--name value` in `argv`, else None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def recorded_config(workdir: str | None) -> ml_collections.ConfigDict:
+  """The locked config recorded in `<workdir>/config.json`, the one the run was trained
+  with; ValueError naming the file when there is none."""
+  if not workdir:
+    raise ValueError('no --workdir to read the recorded config.json from')
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ValueError(
+      f"{path} does not exist: give --workdir a training run's workdir, or --config=<the "
+      'config it was trained with>'
+    )
+  with open(path, encoding='utf-8') as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
 
 
 def _last_line(error: BaseException) -> str:

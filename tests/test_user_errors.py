@@ -153,3 +153,52 @@ def test_a_size_error_names_the_option_that_fixes_it(idx_dir, tmp_path):
     r"or config.model.options.stem='small' \(a larger CAM map\)\.$",
   ):
     train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_eval_py_uses_the_config_recorded_in_the_workdir(idx_dir, tmp_path):
+  """A run trained with overrides (32 px images, which a config without them would refuse
+  as another run's) is evaluated with `--workdir` alone plus evaluation overrides; a
+  workdir without config.json says so."""
+  workdir = tmp_path / 'run'
+  data = [
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={idx_dir}',
+    '--config.data.val_size=40',
+  ]
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  train = [
+    sys.executable,
+    'train.py',
+    '--config=experiment:model=simple_cnn',
+    f'--workdir={workdir}',
+    *data,
+    '--config.data.image_size=32',
+    '--config.train.num_steps=2',
+    '--config.train.batch_size=8',
+    '--config.eval.batch_size=40',
+  ]
+  subprocess.run(train, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      'eval.py',
+      f'--workdir={workdir}',
+      '--config.eval.methods=grad_cam',
+      '--config.eval.num_images=8',
+      '--config.eval.checkpoint=last',
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f'Using the config recorded in {workdir}/config.json' in proc.stderr
+  metrics = __import__('json').load(open(workdir / 'eval' / 'metrics.json'))
+  assert metrics['step'] == 2 and list(metrics['methods']) == ['grad_cam']
+  line = _last_line('eval.py', f'--workdir={tmp_path / "nothing"}')
+  assert line == (
+    f'error: {tmp_path / "nothing"}/config.json does not exist: give --workdir a training '
+    "run's workdir, or --config=<the config it was trained with>"
+  )

@@ -2,24 +2,26 @@
 report.md, the figures (confusion, CAM prototypes, error prototypes, overlays) and the same
 in TensorBoard (`<workdir>/eval/tensorboard`).
 
-  bcam-eval --config=<config> --workdir=<dir> [--config.eval.checkpoint=last]
+  bcam-eval --workdir=<dir> [--config.eval.checkpoint=last]
       [--config.eval.methods=grad_cam,grad_cam_pp,score_cam,evidence]
       [--config.eval.num_images=1000] [--config.eval.overlay_selection=misclassified]
-      [--config.eval.road=True] [--config.eval.sanity_images=16]
+      [--config.eval.road=True] [--config.eval.sanity_images=16] [--config=<config>]
 
-The config is the one used for training (with the same overrides): a packaged name or a file,
-as for bcam-train. What the evaluation measures is its `config.eval` section (every field
-with its meaning: `bcam_jax/configs/base.py`; `bcam_jax.eval_options.EvalOptions`). In a
-clone, `python eval.py` is the same command. A run fine-tuned from published weights
-(`finetune:<protocol>`) is evaluated with the same config and overrides; its methods are the
-model's (CA-Stream's `raw_attention`, Soft-CAM's `evidence`, Grad-CAM for every model).
+Without --config, the evaluation uses the config recorded in `<workdir>/config.json` (the one
+the run was trained with, every override included); `--config.eval.<field>=...` overrides
+still apply. `--config=<name or file>` gives a config explicitly, with the training run's
+overrides, as for bcam-train. What the evaluation measures is its `config.eval` section
+(every field with its meaning: `bcam_jax/configs/base.py`; `bcam_jax.eval_options.
+EvalOptions`). In a clone, `python eval.py` is the same command. The methods are the
+model's: CA-Stream's `raw_attention`, Soft-CAM's `evidence`, Grad-CAM for every model.
 """
 
 import dataclasses
+import os
 import re
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from bcam_jax import cli, eval_lib
 from bcam_jax.eval_options import EvalOptions
@@ -38,6 +40,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   quiet_library_logs()
+  if f'--config={cli.WORKDIR_CONFIG}' in sys.argv:
+    logging.info(
+      'Using the config recorded in %s (--config=<config> gives another).',
+      os.path.join(_WORKDIR.value, 'config.json'),
+    )
   eval_lib.evaluate_and_report(RunSpec.from_config(_CONFIG.value), _WORKDIR.value)
 
 
@@ -56,8 +63,11 @@ def moved_flags(argv: list[str]) -> list[str]:
 
 
 def run():
-  """The `bcam-eval` console script and the clone's `python eval.py`."""
+  """The `bcam-eval` console script and the clone's `python eval.py`; without `--config`,
+  the config recorded in the workdir (`cli.WORKDIR_CONFIG`)."""
   moved = moved_flags(sys.argv)
   if moved:  # absl would say only "Unknown command line flag"
     sys.exit('error: ' + '; '.join(moved) + ' (every evaluation option is a config.eval field).')
+  if not any(re.match(r'--config(=|$)', arg) for arg in sys.argv[1:]):
+    sys.argv.insert(1, f'--config={cli.WORKDIR_CONFIG}')
   cli.run_command(main, __name__)
