@@ -264,6 +264,7 @@ def _evaluate_and_report(spec: RunSpec, workdir, options, devices) -> dict[str, 
     )
   if options.sanity_images:
     result['sanity'] = _randomisation_test(variables, explainer, methods, options, test)
+  logging.info('Drawing the overlays and writing the report ...')
   shown = _overlay_indices(explainer, variables, test, options, run.eval_batch_size)
   result.update(overlay_selection=options.overlay_selection, overlay_images=shown.tolist())
   overlays = _overlays(explainer, variables, test, shown, methods, options.target)

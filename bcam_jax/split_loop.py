@@ -42,17 +42,23 @@ def sum_over_split(mesh, split: data.Split, batch_size: int, step_fn, *args, pro
 
 def evaluate_split(run, eval_step, variables, split: data.Split, prototypes: jax.Array):
   """(metrics, class maps `(C, S, S)`) of `split` under `run`'s objective
-  (`Objective.split_metrics`), from the sums of the jitted `run.eval_step()`."""
-  totals = sum_over_split(run.mesh, split, run.eval_batch_size, eval_step, variables, prototypes)
+  (`Objective.split_metrics`), from the sums of the jitted `run.eval_step()`; a pass longer
+  than 10 s logs its progress (`Progress`)."""
+  name = 'validation' if split is run.datasets.val else 'test'
+  progress = Progress(name, len(split), quiet_below_s=10.0)
+  totals = sum_over_split(
+    run.mesh, split, run.eval_batch_size, eval_step, variables, prototypes, progress=progress
+  )
   return run.objective.split_metrics(run.model, totals, prototypes)
 
 
 class Progress:
   """Logs `name: done/total images, rate, ETA` at most every 10 s and at the end; the
-  rate leaves out the first batch, which includes compilation."""
+  rate leaves out the first batch, which includes compilation. With `quiet_below_s`, a
+  pass that ends within that many seconds logs nothing (a short validation stays quiet)."""
 
-  def __init__(self, name: str, total: int):
-    self.name, self.total = name, total
+  def __init__(self, name: str, total: int, quiet_below_s: float = 0.0):
+    self.name, self.total, self.quiet_below_s = name, total, quiet_below_s
     self.start = self.last_log = self.latest = time.time()
     self.first = None  # (images, time) after the first batch
 
@@ -61,6 +67,8 @@ class Progress:
     if self.first is None:
       self.first = (done, now)
     if done < self.total and now - self.last_log < 10:
+      return
+    if done >= self.total and now - self.start < self.quiet_below_s:
       return
     self.last_log = now
     rate = self.rate(done, now)

@@ -202,3 +202,24 @@ def test_eval_py_uses_the_config_recorded_in_the_workdir(idx_dir, tmp_path):
     f'error: {tmp_path / "nothing"}/config.json does not exist: give --workdir a training '
     "run's workdir, or --config=<the config it was trained with>"
   )
+
+
+def test_a_long_pass_logs_its_progress_and_a_short_one_stays_quiet(monkeypatch, caplog):
+  """`split_loop.Progress` with `quiet_below_s` (validation and test): nothing for a pass
+  within the limit, lines with the count, rate and ETA for a longer one."""
+  from bcam_jax import split_loop
+
+  clock = {'now': 100.0}
+  monkeypatch.setattr(split_loop.time, 'time', lambda: clock['now'])
+  with caplog.at_level(logging.INFO):
+    quick = split_loop.Progress('validation', 100, quiet_below_s=10.0)
+    for done in (50, 100):
+      clock['now'] += 1.0
+      quick(done)
+    assert 'validation' not in caplog.text
+    slow = split_loop.Progress('test', 300, quiet_below_s=10.0)
+    for done in (100, 200, 300):
+      clock['now'] += 6.0
+      slow(done)
+  assert 'test: 200/300 images, 16.7 img/s, ETA' in caplog.text
+  assert 'test: 300/300 images, 16.7 img/s' in caplog.text
