@@ -223,3 +223,13 @@ def test_a_long_pass_logs_its_progress_and_a_short_one_stays_quiet(monkeypatch, 
       slow(done)
   assert 'test: 200/300 images, 16.7 img/s, ETA' in caplog.text
   assert 'test: 300/300 images, 16.7 img/s' in caplog.text
+
+
+def test_auto_source_says_nothing_of_the_sources_it_did_not_need(idx_dir, caplog, tmp_path):
+  from bcam_jax import data
+
+  spec = data.DataSpec(source='auto', idx_dir=idx_dir, val_size=40, tfds_data_dir=str(tmp_path))
+  with caplog.at_level(logging.INFO):
+    datasets = data.load_datasets(spec)
+  assert datasets.source.startswith('IDX files in')
+  assert 'unavailable' not in caplog.text

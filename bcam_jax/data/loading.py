@@ -142,7 +142,8 @@ def _load_auto(spec: DataSpec, info: DatasetInfo, tfds_dir: str | None) -> tuple
     try:
       return attempt()
     except DataError as e:
-      logging.info('Data source %s for %r unavailable: %s', label, info.name, e)
+      # Said only when every source fails (the DataError below); a later success is no news.
+      logging.debug('Data source %s for %r unavailable: %s', label, info.name, e)
       failures.append(f'  - {label}: {e}')
   raise DataError(
     f'Could not load dataset {info.name!r} (data.source=auto). Tried, in order:\n'
