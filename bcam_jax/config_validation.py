@@ -123,6 +123,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       'they need config.model.head="softcam".'
     )
   _choice('data.normalization', config.data.normalization, data.NORMALIZATIONS)
+  _positive('data.test_size', config.data.test_size, allow_zero=True)
   _validate_init(config)
   if config.model.ca_stream.freeze_backbone:
     if not kind.attention:

@@ -121,6 +121,7 @@ def test_packaged_configs_by_name():
     'experiment',
     'finetune',
     'image_folder',
+    'quick',
     'resnet18_bcpl',
     'resnet18_tpu',
     'tfds_rgb',

@@ -370,3 +370,20 @@ def test_preprocess_values_shapes_and_jit():
 
 
 # ---------------------------------------------------------------------------- prototypes
+
+
+def test_test_size_takes_a_seeded_subset_of_the_test_split(tmp_path):
+  from tests import synthetic
+
+  idx_dir = synthetic.write_dataset(str(tmp_path / 'idx'))
+  full = data.load_datasets(data.DataSpec(source='idx', idx_dir=idx_dir, val_size=40))
+  spec = data.DataSpec(source='idx', idx_dir=idx_dir, val_size=40, test_size=7, split_seed=3)
+  part = data.load_datasets(spec)
+  assert len(part.test) == 7 and len(part.train) == len(full.train)
+  keep = np.sort(np.random.default_rng(3).permutation(len(full.test))[:7])
+  np.testing.assert_array_equal(part.test.images, full.test.images[keep])
+  np.testing.assert_array_equal(part.test.labels, full.test.labels[keep])
+  big = data.load_datasets(
+    data.DataSpec(source='idx', idx_dir=idx_dir, val_size=40, test_size=10**6)
+  )
+  assert len(big.test) == len(full.test)

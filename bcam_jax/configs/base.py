@@ -68,6 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.idx_dir = ''  # '' -> $BCAM_DATA_DIR/<name>
   config.data.tfds_data_dir = ''  # '' -> TFDS default (~/tensorflow_datasets)
   config.data.val_size = 5000  # taken from the official train split
+  config.data.test_size = 0  # > 0: test on a seeded subset of that many test images
   config.data.split_seed = 0
   # Resized on device inside the jitted step; an image folder is resized (shorter side) and
   # centre-cropped to it when read.

@@ -62,7 +62,8 @@ class DataSpec:
   0 for the images' own, else 1 or 3; prototypes, prototypes_file, prototypes_from: how the
   class prototypes are made (`bcam_jax.prototypes`); idx_dir, tfds_data_dir: '' for the
   defaults ($BCAM_DATA_DIR/<name>, TFDS's own); val_size, split_seed: the seeded validation
-  subset of train; image_size: the side images are resized to; normalization: 'dataset'
+  subset of train; test_size: a seeded subset of the test split (0: all of it); image_size:
+  the side images are resized to; normalization: 'dataset'
   (the literature constants, else the train split's mean and std), 'imagenet' or 'auto'
   (resolved by `run_spec.RunSpec.normalization`: ImageNet's with pretrained weights);
   stream, in_memory_limit_mb, decode_workers: when a split is streamed from disk and by how
@@ -79,6 +80,7 @@ class DataSpec:
   idx_dir: str = ''
   tfds_data_dir: str = ''
   val_size: int = 5000
+  test_size: int = 0
   split_seed: int = 0
   image_size: int = 28
   normalization: str = 'auto'
@@ -311,11 +313,33 @@ def load_datasets(
   spec: DataSpec, stats_dir: str | None = None, write_stats: bool = True
 ) -> Datasets:
   """Loads train/val/test of `spec.name` from `spec.source`
-  (auto/tfds/idx/download), or the image folder `spec.folder_dir` (source folder).
+  (auto/tfds/idx/download), or the image folder `spec.folder_dir` (source folder); with
+  `spec.test_size`, a seeded subset of that many test images (a quick run's).
 
   `stats_dir` (the workdir) caches the train mean and std of a folder or a TFDS dataset by
   name, written only when `write_stats`.
   """
+  datasets = _load_all(spec, stats_dir, write_stats)
+  if 0 < spec.test_size < len(datasets.test):
+    test = datasets.test
+    order = np.random.default_rng(spec.split_seed).permutation(len(test))
+    keep = np.sort(order[: spec.test_size])
+    subset = (
+      test.take(keep)
+      if streaming.is_streamed(test)
+      else Split(test.images[keep], test.labels[keep])
+    )
+    logging.info(
+      'Testing on %d of the %d test images (data.test_size=%d; 0 for all of them).',
+      len(subset),
+      len(test),
+      spec.test_size,
+    )
+    datasets = dataclasses.replace(datasets, test=subset)
+  return datasets
+
+
+def _load_all(spec: DataSpec, stats_dir: str | None, write_stats: bool) -> Datasets:
   if spec.source == 'folder':
     return load_folder(spec, stats_dir, write_stats)
   if spec.source == 'tfds' and spec.name not in DATASETS:
