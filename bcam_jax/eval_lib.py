@@ -39,6 +39,11 @@ from bcam_jax.metric_logging import tensorboard_hint
 from bcam_jax.report import eval_outputs
 from bcam_jax.run_spec import RunSpec
 
+# overlays.png's title for each config.eval.overlay_selection.
+_SHOWN = {
+  'first': 'the first test images of each class in turn',
+  'misclassified': 'the first misclassified test images',
+}
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
 
@@ -280,7 +285,7 @@ def _evaluate_and_report(spec: RunSpec, workdir, options, devices) -> dict[str, 
       pairs,
       np.asarray(prototypes),
       overlays,
-      f'the {options.overlay_selection} test images ({options.target} class explained)',
+      f'{_SHOWN[options.overlay_selection]} ({options.target} class explained)',
     )
     logging.info(
       'Evaluation report in %s: report.md, metrics.json, confusion.png, cam_prototypes.png, '
@@ -343,12 +348,13 @@ def _method_row(run, variables, explainer, method: str, options, subset, prototy
 
 
 def _overlay_indices(explainer, variables, test: data.Split, options, batch_size: int):
-  """Indices into `test` of overlays.png's images: its first `num_overlays`, or its first
-  `num_overlays` misclassified ones (fewer when the split has fewer errors; the scan
-  stops once it has them)."""
+  """Indices into `test` of overlays.png's images: its first `num_overlays` taking the
+  classes in turn (the first image of each class, then the second, ...: a folder sorted by
+  class shows every class, not only its first), or its first `num_overlays` misclassified
+  ones (fewer when the split has fewer errors; the scan stops once it has them)."""
   k = min(options.num_overlays, len(test))
   if options.overlay_selection == 'first':
-    return np.arange(k)
+    return across_classes(test.labels, k)
   logits = jax.jit(explainer.logits)
   found = []
   for start in range(0, len(test), batch_size):
@@ -359,6 +365,17 @@ def _overlay_indices(explainer, variables, test: data.Split, options, batch_size
     predictions = np.argmax(np.asarray(logits(variables, pixels)), axis=-1)
     found.extend(start + np.flatnonzero(predictions != test.labels[rows]))
   return np.asarray(found[:k], np.int64)
+
+
+def across_classes(labels: np.ndarray, k: int) -> np.ndarray:
+  """The first `k` indices of `labels` taking the classes in turn: each class's first
+  index (classes in order), then each class's second, and so on."""
+  labels = np.asarray(labels)
+  ranks = np.empty(len(labels), np.int64)
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    ranks[members] = np.arange(len(members))
+  return np.lexsort((labels, ranks))[:k].astype(np.int64)
 
 
 def _overlays(explainer, variables, test: data.Split, shown, methods, target: str):

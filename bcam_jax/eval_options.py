@@ -48,8 +48,8 @@ class EvalOptions:
   method
   (Score-CAM and insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
   num_overlays: test images in overlays.png;
-  overlay_selection: which ones, the 'first' of the test split or its first
-  'misclassified' ones (where the maps show what misled the model);
+  overlay_selection: which ones, the 'first' of the test split (the classes in turn) or its
+  first 'misclassified' ones (where the maps show what misled the model);
   num_error_pairs: confusions in error_prototypes.png; road: also ROAD (MoRF, LeRF and
   combined over percentiles 10-90, `faithfulness.road`, 18 forward passes per image; its
   imputation noise from a fixed key, so a result is reproducible); sanity_images: the first

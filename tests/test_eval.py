@@ -296,6 +296,9 @@ def test_overlays_show_the_first_misclassified_images():
   assert pick(num_overlays=2, overlay_selection='misclassified').tolist() == [3, 7]
   assert pick(num_overlays=5, overlay_selection='misclassified').tolist() == [3, 7, 8]
   assert pick(num_overlays=2).tolist() == [0, 1]
+  # A split sorted by class (an image folder) shows every class in turn.
+  sorted_labels = np.repeat(np.arange(3, dtype=np.int32), [4, 3, 3])
+  assert eval_lib.across_classes(sorted_labels, 5).tolist() == [0, 4, 7, 1, 5]
   with pytest.raises(ValueError, match="overlay_selection='wrong'"):
     eval_options.EvalOptions(overlay_selection='wrong')
 
