@@ -182,9 +182,9 @@ def run_command(main: Callable, module: str) -> None:
     app.run(lambda argv: run_main(main, argv))
   except SystemExit as exit_:
     # absl ends `--help` with status 1; asking for help is no failure.
-    if exit_.code == 1 and any(arg in _HELP_FLAGS for arg in sys.argv[1:]):
+    if exit_.code == 1 and any(arg in HELP_FLAGS for arg in sys.argv[1:]):
       sys.exit(0)
     raise
 
 
-_HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
+HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')

@@ -6,8 +6,6 @@ ResNet-50 at width 2 (stage widths 2-16, Bottleneck outputs 8-64) on 64 px image
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +25,10 @@ from bcam_jax import (
 from bcam_jax.configs import finetune
 from bcam_jax.models import pretrained
 from bcam_jax.run_spec import RunSpec
-from tests import synthetic
+from tests import entry_points, synthetic
 from tests.weights_files import resnet_arrays, save_safetensors
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = entry_points.REPO
 SIDE = 64  # the ImageNet stem and four stages: a 2x2 CAM map
 WIDTH = 2
 
@@ -324,15 +322,7 @@ def test_train_py_starts_from_the_weights_file(grey_folder, weights, tmp_path):
     '--config.train.num_steps=2',
     '--config.eval.batch_size=9',
   ]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  run = lambda *args: subprocess.run(
-    [sys.executable, 'train.py', *args],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  run = lambda *args: entry_points.run('train.py', *args)
   proc = run(*common, f'--workdir={workdir}', f'--config.init.pretrained={path}')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (
@@ -341,24 +331,16 @@ def test_train_py_starts_from_the_weights_file(grey_folder, weights, tmp_path):
   )
   assert "Normalising with ImageNet's mean (0.449,) and std (0.226,)" in proc.stderr
   assert os.path.exists(os.path.join(workdir, 'results.json'))
-  proc = subprocess.run(
-    [
-      sys.executable,
-      'eval.py',
-      *common,
-      f'--workdir={workdir}',
-      f'--config.init.pretrained={path}',
-      '--config.eval.methods=grad_cam',
-      '--config.eval.num_overlays=2',
-      '--config.eval.sanity_images=0',
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  entry_points.run(
+    'eval.py',
+    *common,
+    f'--workdir={workdir}',
+    f'--config.init.pretrained={path}',
+    '--config.eval.methods=grad_cam',
+    '--config.eval.num_overlays=2',
+    '--config.eval.sanity_images=0',
+    check=True,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
   assert metrics['test_count'] == 9 and np.isfinite(metrics['methods']['grad_cam']['image_l1'])
   missing = str(tmp_path / 'absent.pth')

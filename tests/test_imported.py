@@ -6,8 +6,6 @@ layer it does not have (the nearest names first)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -15,9 +13,8 @@ import pytest
 
 from bcam_jax import config_validation, train_lib
 from bcam_jax.configs import experiment
-from tests import synthetic
+from tests import entry_points, synthetic
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = 'tests.user_models:UserNet'
 STEPS = 12
 
@@ -47,13 +44,7 @@ def _args(idx_dir, workdir, *extra):
 
 
 def _run(script, *args, check=True):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  proc = subprocess.run(
-    [sys.executable, script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-  )
-  if check:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc
+  return entry_points.run(script, *args, check=check)
 
 
 def _params(workdir):

@@ -6,16 +6,12 @@ the classes."""
 
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from bcam_jax import prototypes
-from tests import synthetic
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import entry_points, synthetic
 
 
 @pytest.fixture(scope='module')
@@ -24,14 +20,7 @@ def idx_dir(tmp_path_factory):
 
 
 def _last_line(script, *args):
-  proc = subprocess.run(
-    [sys.executable, script, *args],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = entry_points.run(script, *args)
   assert proc.returncode == 1, proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   return proc.stderr.strip().splitlines()[-1]
@@ -115,10 +104,7 @@ def test_constant_prototype_maps_warn_with_their_classes(tmp_path, caplog):
 
 @pytest.mark.parametrize('script', ['train.py', 'eval.py'])
 def test_help_exits_zero(script):
-  proc = subprocess.run(
-    [sys.executable, script, '--help'], cwd=REPO, capture_output=True, text=True, timeout=120
-  )
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  proc = entry_points.run(script, '--help', check=True, timeout=120)
   assert '--config' in proc.stdout + proc.stderr
 
 
@@ -165,10 +151,7 @@ def test_eval_py_uses_the_config_recorded_in_the_workdir(idx_dir, tmp_path):
     f'--config.data.idx_dir={idx_dir}',
     '--config.data.val_size=40',
   ]
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
   train = [
-    sys.executable,
-    'train.py',
     '--config=experiment:model=simple_cnn',
     f'--workdir={workdir}',
     *data,
@@ -177,23 +160,11 @@ def test_eval_py_uses_the_config_recorded_in_the_workdir(idx_dir, tmp_path):
     '--config.train.batch_size=8',
     '--config.eval.batch_size=40',
   ]
-  subprocess.run(train, cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
-  proc = subprocess.run(
-    [
-      sys.executable,
-      'eval.py',
-      f'--workdir={workdir}',
-      '--config.eval.methods=grad_cam',
-      '--config.eval.num_images=8',
-      '--config.eval.checkpoint=last',
-    ],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  entry_points.run('train.py', *train, check=True)
+  evaluate = ['--config.eval.methods=grad_cam', '--config.eval.num_images=8']
+  proc = entry_points.run(
+    'eval.py', f'--workdir={workdir}', *evaluate, '--config.eval.checkpoint=last', check=True
   )
-  assert proc.returncode == 0, proc.stderr[-2000:]
   assert f'Using the config recorded in {workdir}/config.json' in proc.stderr
   metrics = __import__('json').load(open(workdir / 'eval' / 'metrics.json'))
   assert metrics['step'] == 2 and list(metrics['methods']) == ['grad_cam']

@@ -68,6 +68,7 @@ def run():
   moved = moved_flags(sys.argv)
   if moved:  # absl would say only "Unknown command line flag"
     sys.exit('error: ' + '; '.join(moved) + ' (every evaluation option is a config.eval field).')
-  if not any(re.match(r'--config(=|$)', arg) for arg in sys.argv[1:]):
+  wants_help = any(arg in cli.HELP_FLAGS for arg in sys.argv[1:])
+  if not wants_help and not any(re.match(r'--config(=|$)', arg) for arg in sys.argv[1:]):
     sys.argv.insert(1, f'--config={cli.WORKDIR_CONFIG}')
   cli.run_command(main, __name__)
