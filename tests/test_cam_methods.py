@@ -166,7 +166,7 @@ def test_intermediate_layer_gradients_equal_a_hand_written_rest_of_network():
 def test_unknown_layer_and_inapplicable_cam_fail_clearly(tiny_resnet):
   explainer, variables, pixels = tiny_resnet
   with pytest.raises(
-    ValueError, match=r"layer 'stage9' is not a layer of .*valid: cam \(6, 1, 1, 16\), stage1"
+    ValueError, match=r"layer 'stage9' is not a layer of .*nearest: stage4 \(6, 1, 1, 16\), stage3"
   ):
     dataclasses.replace(explainer, layer='stage9').raw_maps(
       'grad_cam', variables, pixels, _targets()

@@ -189,7 +189,8 @@ def test_command_line_sets_a_model_option_the_config_leaves_out(monkeypatch):
   ],
 )
 def test_an_override_of_a_field_the_config_lacks_is_named(monkeypatch, override, message):
-  with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
+  """The program ends with one `error: ...` line naming the field (`cli`), no traceback."""
+  with pytest.raises(SystemExit, match=r'^error: --config=.*: ' + re.escape(message)):
     _parse_config_flag(monkeypatch, override)
 
 
