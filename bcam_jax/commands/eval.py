@@ -10,10 +10,11 @@ in TensorBoard (`<workdir>/eval/tensorboard`).
 Without --config, the evaluation uses the config recorded in `<workdir>/config.json` (the one
 the run was trained with, every override included); `--config.eval.<field>=...` overrides
 still apply. `--config=<a packaged name or a file>` gives a config explicitly, with the
-training run's overrides, as for bcam-train. What the evaluation measures is its `config.eval` section
-(every field with its meaning: `bcam_jax/configs/base.py`; `bcam_jax.eval_options.
-EvalOptions`). In a clone, `python eval.py` is the same command. The methods are the
-model's: CA-Stream's `raw_attention`, Soft-CAM's `evidence`, Grad-CAM for every model.
+training run's overrides, as for bcam-train. What the evaluation measures is its
+`config.eval` section (every field with its meaning: `bcam_jax/configs/base.py`;
+`bcam_jax.eval_options.EvalOptions`). In a clone, `python eval.py` is the same command.
+The methods are the model's: CA-Stream's `raw_attention`, Soft-CAM's `evidence`, Grad-CAM
+for every model.
 """
 
 import dataclasses
