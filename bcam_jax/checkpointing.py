@@ -32,6 +32,28 @@ class NoCheckpointError(FileNotFoundError):
   """A workdir without the checkpoint asked for (nothing trained or validated there yet)."""
 
 
+def _no_checkpoint(workdir: str, checkpoint: str) -> NoCheckpointError:
+  if checkpoint == 'best':
+    return NoCheckpointError(
+      f'no best checkpoint in {os.path.join(workdir, BEST_DIR)}: no validation has run in '
+      f'{workdir} yet (train it with train.py --workdir=..., or evaluate its latest train '
+      'state with --config.eval.checkpoint=last).'
+    )
+  return NoCheckpointError(
+    f'no checkpoint in {os.path.join(workdir, LATEST_DIR)}: nothing has been trained in '
+    f'{workdir} yet (train it with train.py --workdir=...).'
+  )
+
+
+def require_checkpoint(workdir: str, checkpoint: str) -> None:
+  """NoCheckpointError when `workdir` has no saved step of its `best` or `last`
+  checkpoints, found without starting Orbax (whose background threads a program ending on
+  the error would interrupt)."""
+  directory = os.path.join(workdir, BEST_DIR if checkpoint == 'best' else LATEST_DIR)
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise _no_checkpoint(workdir, checkpoint)
+
+
 def _barriers(prefix: str) -> ocp.options.MultiprocessingOptions:
   """Own barrier names per manager: in a multi-process job both managers may save the
   same step at once, and Orbax names its cross-process barriers by step."""
@@ -140,10 +162,7 @@ class Checkpoints:
     step, read without its optimiser state: no optimiser needs to be built to evaluate."""
     step = self.latest.latest_step()
     if step is None:
-      raise NoCheckpointError(
-        f'no checkpoint in {self.latest.directory}: nothing has been trained in '
-        f'{os.path.dirname(self.latest.directory)} yet (train it with train.py --workdir=...).'
-      )
+      raise _no_checkpoint(os.path.dirname(self.latest.directory), 'last')
     args = ocp.args.PyTreeRestore(
       abstract_vars,
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_vars),
@@ -155,11 +174,7 @@ class Checkpoints:
     """Model variables with the best validation accuracy, and their step."""
     step = self.best.best_step()
     if step is None:
-      raise NoCheckpointError(
-        f'no best checkpoint in {self.best.directory}: no validation has run in '
-        f'{os.path.dirname(self.best.directory)} yet (train it with train.py --workdir=..., '
-        'or evaluate its latest train state with --config.eval.checkpoint=last).'
-      )
+      raise _no_checkpoint(os.path.dirname(self.best.directory), 'best')
     return self.best.restore(step, args=ocp.args.StandardRestore(abstract_vars)), step
 
   def wait(self) -> None:

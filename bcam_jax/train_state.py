@@ -11,7 +11,7 @@ from absl import logging
 from flax import traverse_util
 
 from bcam_jax import parallel, steps
-from bcam_jax.checkpointing import Checkpoints
+from bcam_jax.checkpointing import Checkpoints, require_checkpoint
 from bcam_jax.config_validation import ConfigError
 from bcam_jax.models.base import is_stream_param
 from bcam_jax.models.pretrained import WeightsError, pretrained_variables
@@ -52,6 +52,7 @@ class StateSpec:
     of `workdir`, without building an optimiser."""
     if checkpoint not in CHECKPOINTS:
       raise ValueError(f'checkpoint={checkpoint!r}; valid: {CHECKPOINTS}')
+    require_checkpoint(workdir, checkpoint)
     ckpts = Checkpoints(workdir)
     try:
       if checkpoint == 'best':
