@@ -28,9 +28,13 @@ import jax
 import jax.numpy as jnp
 
 HeadFn = Callable[[jax.Array], jax.Array]
+"""The rest of the network after the explained layer: features `(N, h, w, K)` -> logits
+`(N, C)`, pure and strictly per sample."""
 LogitsFn = Callable[[jax.Array], jax.Array]
-# Int class indices `(N,)`, or a per-sample `scores_fn(logits (N, C)) -> (N,)`.
+"""The whole network: images `(N, H, W, C)` -> logits `(N, C)`, per sample."""
 Targets = jax.Array | Callable[[jax.Array], jax.Array]
+"""What a map explains: int class indices `(N,)`, or a per-sample `scores_fn(logits (N, C))
+-> (N,)` whose row i depends only on logits row i."""
 
 
 def at_least_float32(x: jax.Array) -> jax.Array:

@@ -12,8 +12,8 @@ give the features, their gradients and the logits, everything is a pure function
 `state`, and `jax.grad` differentiates the loss, CAM term included (a gradient of a
 gradient), with respect to the parameters. (A model with BatchNorm or dropout in train mode:
 `adapter, params, rest = explain.NNXModel.split(model, nnx.Param, ...)`, the variables
-`(params, rest)` and the new `rest` in the result's `updates`; README, "Train your own model
-through its explanations".)
+`(params, rest)` and the new `rest` in the result's `updates`; see
+docs/guides/train-your-model.md.)
 
 The data are synthetic: grey noise with one bright square whose position says the class
 (0 top left, 1 top right, 2 bottom left, 3 bottom right, jittered by a few pixels). The

@@ -6,18 +6,18 @@ command). Override any config field on the command line, e.g.
 `--config.data.name=fashion_mnist`.
 
 A linen model of your own: `--config.model.name=package.module:ClassName
---config.model.cam_layer=<the path of its CAM layer submodule>` (README, "Train your own
-model through its explanations").
+--config.model.cam_layer=<the path of its CAM layer submodule>`
+(docs/guides/train-your-model.md).
 
 Fine-tune published weights (torchvision's ResNets, timm's ViT and ConvNeXt) on an image
 folder at 224 px: `--config=finetune:bcpl` (or `finetune:ca_stream`, `finetune:softcam`)
 `--config.data.folder_dir=<root> --config.init.pretrained=<.pth, .safetensors or a
-bcam-weights convert directory>` (README, "Pretrained weights").
+bcam-weights convert directory>` (docs/guides/models.md, "Pretrained weights").
 
 Restarting with the same workdir resumes from its latest checkpoint. In a multi-process
 (multi-host) job every process runs this same command; on Slurm and Cloud TPU VMs the
 processes find each other by themselves, elsewhere pass --coordinator_address,
---num_processes and --process_id (see README, "Run on a cluster").
+--num_processes and --process_id (see docs/guides/parallel.md, "Run on a cluster").
 """
 
 from absl import app, flags

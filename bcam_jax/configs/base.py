@@ -18,8 +18,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   # A zoo model (bcam_jax.models.MODEL_NAMES) or a linen model of your own by import path,
   # 'package.module:ClassName', built as ClassName(num_classes=..., **config.model.options)
-  # and explained at config.model.cam_layer (a submodule path, e.g. 'conv3'; README, "Train
-  # your own model through its explanations").
+  # and explained at config.model.cam_layer (a submodule path, e.g. 'conv3';
+  # docs/guides/train-your-model.md).
   config.model.name = 'simple_cnn'
   config.model.cam_layer = ''
   # Model-specific keyword arguments of `bcam_jax.models.get_model` (e.g. `stem`).
@@ -35,7 +35,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Workdir of a trained run (same model name and options, default head and pooling) whose
   # best checkpoint initialises the backbone and the classifier; '' starts from scratch.
   config.init_from = ''
-  # Published weights to fine-tune (README, Pretrained weights): config.init.pretrained is a
+  # Published weights to fine-tune (docs/guides/models.md): config.init.pretrained is a
   # state_dict file (.pth/.pt with torch, .safetensors) in torchvision's (ResNets) or timm's
   # (ViT, ConvNeXt) names, or a `bcam-weights convert` directory. The backbone (and a ViT's
   # last block and final norm) comes from it; the classifier starts fresh for the data's
@@ -51,7 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'mnist' | 'fashion_mnist'; with source 'tfds' any TFDS image-classification dataset
   # (e.g. 'cifar10'); with source 'folder', a label of your own for logs and figures.
   config.data.name = 'mnist'
-  # 'auto' | 'tfds' | 'idx' | 'download' (README, Data) | 'folder' (data.folder_dir)
+  # 'auto' | 'tfds' | 'idx' | 'download' (docs/guides/data.md) | 'folder' (data.folder_dir)
   config.data.source = 'auto'
   # source 'folder': the root of <root>/{train,val?,test}/<class>/*.{png,jpg,jpeg}.
   config.data.folder_dir = ''
@@ -78,8 +78,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # of MNIST and Fashion-MNIST, else the train split's per-channel mean and std) |
   # 'imagenet' (0.485, 0.456, 0.406 / 0.229, 0.224, 0.225; 1-channel data: their means).
   config.data.normalization = 'auto'
-  # Large datasets and augmentation (README): a folder or a TFDS dataset by name streams
-  # instead of being read into memory: 'auto' (when decoded larger than
+  # Large datasets and augmentation (docs/guides/data.md): a folder or a TFDS dataset by
+  # name streams instead of being read into memory: 'auto' (when decoded larger than
   # in_memory_limit_mb) | 'stream' | 'memory'; decode_workers threads decode (0: one per
   # CPU, at most 16).
   config.data.stream = 'auto'
@@ -148,7 +148,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.metric = 'l1'  # 'l1' | 'l2' | 'ssim'
   config.loss.lambda_class = 1.0
   config.loss.lambda_cam = 1.0
-  # How the CAM term trains (README, Batch-CAM): 'full' differentiates it through the
+  # How the CAM term trains (docs/guides/batch-cam.md): 'full' differentiates it through the
   # features A and through Grad-CAM's G = dS_y/dA (second order through the head);
   # 'through_features' holds G constant, as the paper's torch.autograd.grad (create_graph
   # False) probably did. Grad-CAM only: Soft-CAM's evidence maps have no G.

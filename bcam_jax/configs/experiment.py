@@ -13,8 +13,8 @@ The argument is comma-separated `key=value` pairs, each optional (defaults first
   head     default | softcam (class-evidence maps; sparse: --config.loss.lambda_l1=2e-5,
            ridge: --config.loss.lambda_l2=2e-5, in the paper's units: per-image sums of
            the ElasticNet, config.loss.elastic_net_reduction='sum'; on SimpleCNN at 28 px,
-           7x7 positions x 10 classes, about the 0.01 of the 'mean' form that README's
-           results used: 0.01 / 490)
+           7x7 positions x 10 classes, about the 0.01 of the 'mean' form that the results in
+           docs/guides/reproducing.md used: 0.01 / 490)
   pooling  default | ca_stream (attention pooling; its map is `--config.eval.methods=raw_attention`)
   freeze   none | backbone (with pooling=ca_stream: train only the stream on the backbone
            and classifier of a trained baseline, --config.init_from=<baseline workdir>)

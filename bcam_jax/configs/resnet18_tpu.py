@@ -1,7 +1,7 @@
 """ResNet18 BCPL for a TPU pod slice or a GPU cluster: bfloat16 compute, global batch 1024.
 
-Every host runs the same command (README, "Run on a cluster"); the global batch is split over
-all devices of all hosts, so it must be a multiple of the total device count.
+Every host runs the same command (docs/guides/parallel.md, "Run on a cluster"); the global
+batch is split over all devices of all hosts, so it must be a multiple of the total device count.
 
   gcloud compute tpus tpu-vm ssh $TPU --zone=$ZONE --worker=all --command="cd bcam-jax && \
       BCAM_DATA_DIR=gs-fuse-or-local-copy python train.py \
