@@ -18,7 +18,9 @@ PAGES = [os.path.join(REPO, 'README.md')] + sorted(
   glob.glob(os.path.join(REPO, 'docs', '**', '*.md'), recursive=True)
 )
 # A line that starts a train or eval command, after any environment assignments.
-COMMAND = re.compile(r'^(?:srun )?(?:\w+=\S+ )*(bcam-train|bcam-eval|python (?:train|eval)\.py) (.*)$')
+COMMAND = re.compile(
+  r'^(?:srun )?(?:\w+=\S+ )*(bcam-train|bcam-eval|python (?:train|eval)\.py) (.*)$'
+)
 
 
 def _blocks(path: str, *languages: str) -> list[str]:
