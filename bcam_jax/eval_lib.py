@@ -4,7 +4,8 @@
 prototype losses. `evaluate_and_report` (what `eval.py` runs) adds what its
 `eval_options.EvalOptions` ask for: for each CAM method the faithfulness metrics of
 `bcam_jax.explain.faithfulness` and the prototype alignment, the parameter randomisation
-test (`explain.sanity`), and writes `<workdir>/eval/` (`report.eval_outputs`). Every
+test (`explain.sanity`), names the cases whose figures say nothing about the maps
+(`degenerate_findings`), and writes `<workdir>/eval/` (`report.eval_outputs`). Every
 per-batch computation is one jitted function over a batch sharded on the mesh's `data`
 axis, returning masked sums.
 """
@@ -46,6 +47,8 @@ _SHOWN = {
 }
 METHOD_METRICS = ('average_drop', 'average_gain', 'average_increase', 'insertion', 'deletion')
 ROAD_METRICS = ('road_morf', 'road_lerf', 'road_combined')
+DEGENERATE_TERMS = ('saturated', 'constant_map')  # faithfulness.degenerate_terms
+SATURATED_SHARE = 0.5  # of the images: degenerate_findings calls the model saturated
 
 
 def restore(
@@ -149,7 +152,7 @@ def make_method_step(
   explainer: explain.Explainer, method: str, options: EvalOptions, num_classes: int
 ):
   """(variables, prototypes, images, labels, mask) -> masked sums of the faithfulness and
-  alignment terms of `method`."""
+  alignment terms of `method`, and its counts of degenerate images (`DEGENERATE_TERMS`)."""
 
   def method_step(variables, prototypes, images, labels, mask):
     pixels = data.to_pixels(images, explainer.image_size)
@@ -165,7 +168,7 @@ def make_method_step(
       if options.blur_size
       else faithfulness.blur(pixels)
     )
-    terms = faithfulness.drop_gain_increase(y, o) | faithfulness.insertion_deletion(
+    auc = faithfulness.insertion_deletion(
       logits_fn,
       pixels,
       maps,
@@ -176,6 +179,8 @@ def make_method_step(
       baseline,
       options.pixels_per_step,
     )
+    terms = faithfulness.drop_gain_increase(y, o) | auc
+    terms |= faithfulness.degenerate_terms(y, o, auc, maps)
     if options.road:
       road = faithfulness.road(logits_fn, pixels, maps, targets, jax.random.key(0))
       terms |= {k: road[k] for k in ROAD_METRICS}
@@ -263,10 +268,14 @@ def _evaluate_and_report(spec: RunSpec, workdir, options, devices) -> dict[str, 
     condition=conditions.describe(spec.objective, spec.model),
   )
   logging.info('Insertion/deletion: %s.', result['insertion_deletion'])
+  degenerate = {}
   for method in methods:
-    result['methods'][method] = _method_row(
+    result['methods'][method], degenerate[method] = _method_row(
       run, variables, explainer, method, options, subset, prototypes
     )
+  result['warnings'] = degenerate_findings(degenerate)
+  for finding in result['warnings']:
+    logging.warning('%s', finding['message'])
   if options.sanity_images:
     result['sanity'] = _randomisation_test(variables, explainer, methods, options, test)
   logging.info('Drawing the overlays and writing the report ...')
@@ -331,7 +340,8 @@ def _confusions(run, variables, explainer: explain.Explainer, num_pairs: int):
 
 
 def _method_row(run, variables, explainer, method: str, options, subset, prototypes):
-  """The faithfulness and alignment metrics of `method` over `subset`."""
+  """(the faithfulness and alignment metrics of `method` over `subset`, its image count and
+  counts of degenerate images, `DEGENERATE_TERMS`)."""
   batch_size = split_loop.batch_for_devices(
     min(options.method_batch_size, len(subset)), run.mesh.devices.size
   )
@@ -344,7 +354,65 @@ def _method_row(run, variables, explainer, method: str, options, subset, prototy
   row.update(_alignment(sums, np.asarray(prototypes)))
   row['suite_images_per_second'] = progress.rate()
   logging.info('%s: %s', method, ', '.join(f'{k} {v:.4g}' for k, v in row.items()))
-  return row
+  return row, {k: int(round(float(sums[k]))) for k in ('count',) + DEGENERATE_TERMS}
+
+
+def _images(k: int, n: int) -> str:
+  """'12 of 200 images (6%)'."""
+  return f'{k} of {n} images ({100 * k / n:.3g}%)'
+
+
+def degenerate_findings(counts: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
+  """The degenerate cases of an evaluation, metrics.json's `warnings`: from each method's
+  image `count` and counts of `faithfulness.degenerate_terms` images (`DEGENERATE_TERMS`),
+  one dict per finding with its `kind`, `methods`, `images` (of `of`) and the sentence
+  (`message`) the console and report.md give.
+
+  saturated      one finding when, for every method, at least `SATURATED_SHARE` of the
+                 images are saturated (`faithfulness.degenerate_terms`: the target
+                 probability stays above `faithfulness.SATURATED_PROBABILITY` however the
+                 image is perturbed): most of each average then sits at the softmax's
+                 ceiling whatever the maps, and the drops, insertion and deletion cannot
+                 tell the methods apart. One method's saturated images alone are not one:
+                 another method's maps moving the probability show the metrics can tell.
+                 `images` is the smallest count over the methods.
+  constant_maps  one per method with any constant (all-zero) map: each such image's metrics
+                 say nothing about its map, so even one is reported, with its share.
+  """
+  findings = []
+  p = faithfulness.SATURATED_PROBABILITY
+  if counts and all(
+    c['count'] and c['saturated'] >= SATURATED_SHARE * c['count'] for c in counts.values()
+  ):
+    worst = min(counts.values(), key=lambda c: c['saturated'])
+    findings.append(
+      {
+        'kind': 'saturated',
+        'methods': list(counts),
+        'images': worst['saturated'],
+        'of': worst['count'],
+        'message': f"The model's target probability stays above {p} however the image is "
+        'perturbed (masked by the map, pixels deleted or inserted on a blur) on at least '
+        f'{_images(worst["saturated"], worst["count"])} for every method: its softmax is '
+        'saturated, so Average Drop/Gain/Increase, insertion and deletion cannot tell the '
+        'methods apart.',
+      }
+    )
+  for method, c in counts.items():
+    if c['constant_map']:
+      findings.append(
+        {
+          'kind': 'constant_maps',
+          'methods': [method],
+          'images': c['constant_map'],
+          'of': c['count'],
+          'message': f"{method}'s maps are constant (all zero) on "
+          f'{_images(c["constant_map"], c["count"])}: there Average Drop/Gain/Increase '
+          "compare the image with a black one and insertion and deletion follow the pixels' "
+          'positions, so its metrics say nothing about those maps.',
+        }
+      )
+  return findings
 
 
 def _overlay_indices(explainer, variables, test: data.Split, options, batch_size: int):

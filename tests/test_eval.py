@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ from bcam_jax import (
   data,
   eval_lib,
   eval_options,
+  explain,
   parallel,
   split_loop,
   train_lib,
@@ -100,6 +102,7 @@ def test_eval_py_writes_every_output(trained):
     'test_proto_loss',
     'test_bcam_loss',
     'condition',
+    'warnings',
   ):
     assert key in metrics, key
   assert metrics['num_images'] == 50 and metrics['test_count'] == 60
@@ -232,6 +235,8 @@ def test_randomisation_test_in_metrics_and_report(trained):
     methods=('grad_cam', 'layer_cam'), num_images=8, n_steps=2, num_overlays=0, sanity_images=8
   )
   result = eval_lib.evaluate_and_report(tiny_config(idx_dir), workdir, options)
+  # A trained model: not saturated (its tiny Grad-CAM is all zero on some images, though).
+  assert 'saturated' not in [finding['kind'] for finding in result['warnings']]
   sanity = result['sanity']
   assert sanity['images'] == 8
   assert sanity['layers'] == [
@@ -248,6 +253,74 @@ def test_randomisation_test_in_metrics_and_report(trained):
   assert '## Parameter randomisation test' in text and '| `backbone_net/conv2` |' in text
   saved = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
   assert saved['sanity'] == sanity
+
+
+def test_degenerate_findings_name_the_methods_and_the_share_of_images():
+  """A model saturated for every method is one finding; one method saturated alone is none
+  (another's maps moved the probability), nor is a saturated minority; constant maps are
+  counted per method, exactly."""
+  normal = {'count': 200, 'saturated': 3, 'constant_map': 0}
+  assert eval_lib.degenerate_findings({'grad_cam': normal, 'score_cam': normal}) == []
+  saturated = {'count': 200, 'saturated': 194, 'constant_map': 0}
+  assert eval_lib.degenerate_findings({'grad_cam': saturated, 'score_cam': normal}) == []
+  half = {'count': 200, 'saturated': 99, 'constant_map': 0}
+  assert eval_lib.degenerate_findings({'grad_cam': half}) == []
+  zeros = {'count': 200, 'saturated': 190, 'constant_map': 12}
+  found = eval_lib.degenerate_findings({'grad_cam': zeros, 'score_cam': saturated})
+  assert [(f['kind'], f['methods'], f['images'], f['of']) for f in found] == [
+    ('saturated', ['grad_cam', 'score_cam'], 190, 200),
+    ('constant_maps', ['grad_cam'], 12, 200),
+  ]
+  assert found[0]['message'] == (
+    "The model's target probability stays above 0.99 however the image is perturbed (masked "
+    'by the map, pixels deleted or inserted on a blur) on at least 190 of 200 images (95%) '
+    'for every method: its softmax is saturated, so Average Drop/Gain/Increase, insertion and '
+    'deletion cannot tell the methods apart.'
+  )
+  assert found[1]['message'].startswith(
+    "grad_cam's maps are constant (all zero) on 12 of 200 images (6%): "
+  )
+
+
+def test_report_and_console_say_when_the_figures_are_degenerate(trained, monkeypatch, caplog):
+  """A model whose logits ignore the image (its predicted class's softmax saturated on every
+  image, explained) and a method
+  whose maps are all zero: metrics.json's `warnings`, a WARNING line each and a note under
+  report.md's method table say so, with the methods and the share of images."""
+  idx_dir, workdir = trained
+  monkeypatch.setattr(
+    explain.Explainer, 'logits', lambda self, v, p: jnp.zeros((len(p), 10)).at[:, 3].set(30.0)
+  )
+  real_maps = explain.Explainer.maps
+  monkeypatch.setattr(
+    explain.Explainer,
+    'maps',
+    lambda self, m, *a, **k: real_maps(self, m, *a, **k) * (m != 'grad_cam'),
+  )
+  options = eval_options.EvalOptions(
+    methods=('grad_cam', 'grad_cam_pp'),
+    num_images=8,
+    n_steps=2,
+    num_overlays=0,
+    target='predicted',
+  )
+  with caplog.at_level(logging.WARNING):
+    result = eval_lib.evaluate_and_report(tiny_config(idx_dir), workdir, options)
+  assert [(f['kind'], f['methods'], f['images'], f['of']) for f in result['warnings']] == [
+    ('saturated', ['grad_cam', 'grad_cam_pp'], 8, 8),
+    ('constant_maps', ['grad_cam'], 8, 8),
+  ]
+  saved = json.load(open(os.path.join(workdir, 'eval', 'metrics.json')))
+  assert saved['warnings'] == result['warnings']
+  warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warned == [f['message'] for f in result['warnings']]
+  text = open(os.path.join(workdir, 'eval', 'report.md')).read()
+  table_end = text.index('| grad_cam_pp |')
+  for finding in result['warnings']:
+    note = text.index(f'\nNote: {finding["message"]}\n')
+    assert table_end < note < text.index('## Per-class test accuracy')
+  assert 'on at least 8 of 8 images (100%) for every method' in text
+  assert "grad_cam's maps are constant (all zero) on 8 of 8 images (100%)" in text
 
 
 def test_progress_times_the_computation_not_the_dispatch():

@@ -20,6 +20,38 @@ def test_drop_gain_increase_hand_computed():
   assert all(np.isfinite(v).all() for v in got.values())  # Y = 1 and Y = 0 give no NaN
 
 
+def test_degenerate_terms_flag_saturated_images_and_constant_maps_exactly():
+  """Hand-built: an image is saturated only when Y, O, insertion and deletion all exceed
+  0.99; a map is constant when it spans at most 1e-6, zero or not."""
+  y = jnp.array([0.999, 0.999, 0.999, 0.5, 0.995])
+  o = jnp.array([0.998, 0.999, 0.98, 0.5, 0.999])
+  auc = {
+    'insertion': jnp.array([0.999, 0.999, 1.0, 0.5, 0.992]),
+    'deletion': jnp.array([0.996, 0.9, 1.0, 0.5, 0.991]),
+  }
+  maps = jnp.zeros((5, S, S)).at[1].set(0.5).at[2, 0, 0].set(1.0).at[3, 2, 3].set(1e-7)
+  maps = maps.at[4].set(jnp.linspace(0, 1, S * S).reshape(S, S))
+  got = jax.device_get(faithfulness.degenerate_terms(y, o, auc, maps))
+  np.testing.assert_array_equal(got['saturated'], [1, 0, 0, 0, 1])
+  np.testing.assert_array_equal(got['constant_map'], [1, 1, 0, 1, 0])
+
+
+def test_a_model_that_ignores_its_input_is_saturated_and_a_faithful_one_is_not():
+  """Through the real metrics: logits independent of the image keep Y = O = insertion =
+  deletion ~ 1 for any map (every image flagged); the region model with its faithful map
+  loses the score on deletion (none flagged)."""
+  images, (good, _) = jnp.ones((3, S, S, 1)), _region_saliency(3)
+  targets = jnp.zeros(3, jnp.int32)
+  saturated_fn = lambda x: jnp.zeros((x.shape[0], 2)).at[:, 0].set(20.0)
+  for logits_fn, expected in ((saturated_fn, 1), (_region_model(), 0)):
+    prob = lambda x, f=logits_fn: jax.nn.softmax(f(x))[:, 0]
+    y, o = prob(images), prob(faithfulness.mask_with_saliency(images, good))
+    auc = faithfulness.insertion_deletion(logits_fn, images, good, targets, 4)
+    flags = faithfulness.degenerate_terms(y, o, auc, good)
+    np.testing.assert_array_equal(flags['saturated'], [expected] * 3)
+    np.testing.assert_array_equal(flags['constant_map'], [0] * 3)
+
+
 def test_trapezoid_auc():
   np.testing.assert_allclose(faithfulness.trapezoid_auc(jnp.linspace(0, 1, 11)), 0.5)
   np.testing.assert_allclose(faithfulness.trapezoid_auc(jnp.full((3, 5), 0.7)), [0.7] * 3)

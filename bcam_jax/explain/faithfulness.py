@@ -190,6 +190,39 @@ def insertion_deletion(
   return {'insertion': trapezoid_auc(curves[0]), 'deletion': trapezoid_auc(curves[1])}
 
 
+# `degenerate_terms`: a target probability above SATURATED_PROBABILITY is saturated; a map
+# spanning at most CONSTANT_MAP_RANGE is constant (`cam.normalize_cam` leaves a map spanning
+# exactly 1, or 0 when its raw values were constant, so the threshold only has to be well
+# below 1).
+SATURATED_PROBABILITY = 0.99
+CONSTANT_MAP_RANGE = 1e-6
+
+
+def degenerate_terms(
+  y: jax.Array, o: jax.Array, auc: dict[str, jax.Array], saliency: jax.Array
+) -> dict[str, jax.Array]:
+  """Per-image 0/1 flags `(N,)` of the two cases in which the metrics above say nothing
+  about a map, from Y, O `(N,)`, the `insertion_deletion` AUCs and the [0, 1] maps
+  `(N, H, W)`, so a report can say how many images they concern:
+
+  saturated     Y, O, insertion and deletion all above `SATURATED_PROBABILITY`: the target
+                probability stays ~1 however the image is perturbed (a saturated softmax),
+                so Average Drop is ~0, Gain a ratio of rounding errors and insertion and
+                deletion ~1 whatever the map.
+  constant_map  the map spans at most `CONSTANT_MAP_RANGE` (all zeros once min-max scaled,
+                e.g. Grad-CAM whose weighted activations are negative everywhere): O is the
+                probability of a black image and insertion and deletion follow the pixels'
+                positions, not their saliency.
+  """
+  p = SATURATED_PROBABILITY
+  saturated = (y > p) & (o > p) & (auc['insertion'] > p) & (auc['deletion'] > p)
+  spread = jnp.max(saliency, axis=(1, 2)) - jnp.min(saliency, axis=(1, 2))
+  return {
+    'saturated': saturated.astype(y.dtype),
+    'constant_map': (spread <= CONSTANT_MAP_RANGE).astype(y.dtype),
+  }
+
+
 # ROAD's neighbour weights (row offset, column offset) -> weight: 1/6 for the 4 edge neighbours,
 # 1/12 for the 4 diagonal ones (the paper's and pytorch-grad-cam's `neighbors_weights`).
 NEIGHBOUR_WEIGHTS = (

@@ -28,7 +28,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
 
 
 def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
-  """The report: accuracy, per-class accuracy, the method table, the confusions, figures."""
+  """The report: accuracy, per-class accuracy, the method table (a note under it for each
+  of `result['warnings']`, `eval_lib.degenerate_findings`), the confusions, figures."""
   lines = [
     f'# Evaluation: {result["model"]} ({result["condition"]}) on {result["dataset"]}',
     '',
@@ -59,6 +60,8 @@ def render(result: dict[str, Any], class_names: Sequence[str]) -> str:
     for method, values in result['methods'].items()
   ]
   lines += markdown_table(['method'] + [title for _, title in columns], rows)
+  for finding in result.get('warnings', []):
+    lines += ['', f'Note: {finding["message"]}']
   lines += _randomisation_section(result)
   lines += ['', '## Per-class test accuracy', '']
   lines += markdown_table(
