@@ -2,10 +2,10 @@
 
 The public API, imported on first use so that `import bcam_jax` stays cheap (no JAX):
 
-  bcam_jax.train_and_evaluate(spec, workdir)  # a run_spec.RunSpec, or a bcam_jax.configs config
-  bcam_jax.evaluate_and_report(spec, workdir, bcam_jax.EvalOptions())
-  bcam_jax.cam_loss(model, variables, images, labels, prototypes)  # any model's CAM term
-  bcam_jax.cam, models, explain, objective, data, conditions, configs  # the building blocks
+    bcam_jax.train_and_evaluate(spec, workdir)  # a run_spec.RunSpec, or a configs config
+    bcam_jax.evaluate_and_report(spec, workdir, bcam_jax.EvalOptions())
+    bcam_jax.cam_loss(model, variables, images, labels, prototypes)  # any model's CAM term
+    bcam_jax.cam, models, explain, objective, data, conditions, configs  # building blocks
 """
 
 import importlib as _importlib

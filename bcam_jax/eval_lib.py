@@ -368,16 +368,16 @@ def degenerate_findings(counts: dict[str, dict[str, int]]) -> list[dict[str, Any
   one dict per finding with its `kind`, `methods`, `images` (of `of`) and the sentence
   (`message`) the console and report.md give.
 
-  saturated      one finding when, for every method, at least `SATURATED_SHARE` of the
-                 images are saturated (`faithfulness.degenerate_terms`: the target
-                 probability stays above `faithfulness.SATURATED_PROBABILITY` however the
-                 image is perturbed): most of each average then sits at the softmax's
-                 ceiling whatever the maps, and the drops, insertion and deletion cannot
-                 tell the methods apart. One method's saturated images alone are not one:
-                 another method's maps moving the probability show the metrics can tell.
-                 `images` is the smallest count over the methods.
-  constant_maps  one per method with any constant (all-zero) map: each such image's metrics
-                 say nothing about its map, so even one is reported, with its share.
+  - `saturated`: one finding when, for every method, at least `SATURATED_SHARE` of the
+    images are saturated (`faithfulness.degenerate_terms`: the target
+    probability stays above `faithfulness.SATURATED_PROBABILITY` however the
+    image is perturbed): most of each average then sits at the softmax's
+    ceiling whatever the maps, and the drops, insertion and deletion cannot
+    tell the methods apart. One method's saturated images alone are not one:
+    another method's maps moving the probability show the metrics can tell.
+    `images` is the smallest count over the methods.
+  - `constant_maps`: one per method with any constant (all-zero) map: each such image's metrics
+    say nothing about its map, so even one is reported, with its share.
   """
   findings = []
   p = faithfulness.SATURATED_PROBABILITY

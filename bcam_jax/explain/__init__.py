@@ -1,18 +1,17 @@
 """Post-hoc explanation of a trained classifier: saliency maps by method name for any named
 layer, under jit, and their faithfulness.
 
-  layers        a layer of any model (ours, Flax linen, Flax NNX, Equinox, a pair of pure
-                functions)
-                as features plus the rest of the network as a function of them, so every
-                gradient method explains any layer of any model.
-  methods       the method registry (`REGISTRY`, `METHODS`): name -> pure function giving
-                the maps, with what it needs of the model (`check_applicable`).
-  explainer     `Explainer`: a model with its input normalisation, mapping [0, 1] pixels
-                to logits and to maps at image size in [0, 1].
-  faithfulness  Average Drop / Gain / Increase, insertion and deletion, ROAD of such maps.
-  sanity        the model-parameter randomisation test: do the maps change when the
-                model's weights are randomised, layer by layer?
-  overlay       maps blended over their images as RGB arrays (`show_cam_on_image`).
+  - `layers`: a layer of any model (ours, Flax linen, Flax NNX, Equinox, a pair of pure
+    functions) as features plus the rest of the network as a function of them, so every
+    gradient method explains any layer of any model.
+  - `methods`: the method registry (`REGISTRY`, `METHODS`): name -> pure function giving
+    the maps, with what it needs of the model (`check_applicable`).
+  - `explainer`: `Explainer`: a model with its input normalisation, mapping [0, 1] pixels
+    to logits and to maps at image size in [0, 1].
+  - `faithfulness`: Average Drop / Gain / Increase, insertion and deletion, ROAD of such maps.
+  - `sanity`: the model-parameter randomisation test: do the maps change when the
+    model's weights are randomised, layer by layer?
+  - `overlay`: maps blended over their images as RGB arrays (`show_cam_on_image`).
 
 The map functions themselves live in `bcam_jax.cam`. This package never imports the
 training code (objective, steps, train_lib, evaluation), so any trained model can be explained

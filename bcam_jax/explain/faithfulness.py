@@ -4,9 +4,9 @@ Y is the softmax probability of the target class for an image, O the same for th
 masked by its saliency map (upsampled to the image, in [0, 1], multiplied with the [0, 1]
 pixels, then normalised again as any model input):
 
-  Average Drop     = mean(max(0, Y - O) / Y) * 100      (lower is better)
-  Average Gain     = mean(max(0, O - Y) / (1 - Y)) * 100 (higher is better)
-  Average Increase = mean(1[O > Y]) * 100                (higher is better)
+    Average Drop     = mean(max(0, Y - O) / Y) * 100      (lower is better)
+    Average Gain     = mean(max(0, O - Y) / (1 - Y)) * 100 (higher is better)
+    Average Increase = mean(1[O > Y]) * 100                (higher is better)
 
 Insertion and Deletion (Petsiuk et al. 2018): pixels ordered by decreasing saliency are
 revealed on a blurred copy of the image (insertion) or replaced by a baseline (deletion) step
@@ -15,11 +15,13 @@ in equal steps), by the trapezoid rule (insertion higher is better, deletion low
 default the convention of CA-Stream's evaluation code (its engine/evaluation.py and
 engine/interpretable/ins_del.py, derived from RISE's evaluation.py), so the numbers compare
 with its tables:
+
   - insertion starts from the image convolved with RISE's `gkern(5, 5)` (`rise_kernel`), a
     5x5 kernel of sigma 5, zero-padded in normalised space;
   - deletion replaces pixels by 0 in normalised space, i.e. the dataset mean in pixels;
   - each step changes 8 * side pixels (`step_counts`): ceil(side / 8) steps, 28 at 224 px,
     4 at 28 px (the last of 112 pixels, yet as wide on the x axis as the others).
+
 RISE's own evaluation uses an 11x11 kernel of sigma 5 and 224 pixels per step at 224 px.
 This project's convention before (`blur`, Gaussian of sigma side / 10; black in pixel
 space; `n_steps` equal steps of round(H * W / n_steps) pixels) stays reachable.
@@ -205,14 +207,14 @@ def degenerate_terms(
   about a map, from Y, O `(N,)`, the `insertion_deletion` AUCs and the [0, 1] maps
   `(N, H, W)`, so a report can say how many images they concern:
 
-  saturated     Y, O, insertion and deletion all above `SATURATED_PROBABILITY`: the target
-                probability stays ~1 however the image is perturbed (a saturated softmax),
-                so Average Drop is ~0, Gain a ratio of rounding errors and insertion and
-                deletion ~1 whatever the map.
-  constant_map  the map spans at most `CONSTANT_MAP_RANGE` (all zeros once min-max scaled,
-                e.g. Grad-CAM whose weighted activations are negative everywhere): O is the
-                probability of a black image and insertion and deletion follow the pixels'
-                positions, not their saliency.
+  - `saturated`: Y, O, insertion and deletion all above `SATURATED_PROBABILITY`: the target
+    probability stays ~1 however the image is perturbed (a saturated softmax),
+    so Average Drop is ~0, Gain a ratio of rounding errors and insertion and
+    deletion ~1 whatever the map.
+  - `constant_map`: the map spans at most `CONSTANT_MAP_RANGE` (all zeros once min-max scaled,
+    e.g. Grad-CAM whose weighted activations are negative everywhere): O is the
+    probability of a black image and insertion and deletion follow the pixels'
+    positions, not their saliency.
   """
   p = SATURATED_PROBABILITY
   saturated = (y > p) & (o > p) & (auc['insertion'] > p) & (auc['deletion'] > p)

@@ -4,19 +4,19 @@ Every gradient method of `bcam_jax.cam` takes a layer's features `A` and a per-s
 `head_fn` mapping `A` to logits. The classes here build both, with no change to the model,
 for each kind of model a JAX user has:
 
-  CamModel        our `bcam_jax.models` classifiers: the CAM layer 'cam' through the model's
-                  own backbone and head (the fast path), any stage of the features dict through
-                  Flax perturbations, any other submodule by module path as `LinenModel` does.
-  LinenModel      any Flax linen module; the layer is a submodule's path, '/'-joined
-                  (`'Conv_1'`, `'backbone/stage4'`), its `__call__` output intercepted with
-                  `nn.intercept_methods`.
-  NNXModel        any Flax NNX module; the layer is an attribute path (`'conv2'`,
-                  `'blocks.3'`, `'encoder.layers.11'`), its call wrapped on a merged copy.
-  FunctionsModel  a pair of pure functions `features_fn(variables, x)` and
-                  `head_fn(variables, a)`.
-  EquinoxModel    any Equinox module (split into its arrays and the rest); the layer is an
-                  attribute path, the module vmapped over the batch, its channels-first
-                  maps given NHWC.
+  - `CamModel`: our `bcam_jax.models` classifiers: the CAM layer 'cam' through the model's
+    own backbone and head (the fast path), any stage of the features dict through
+    Flax perturbations, any other submodule by module path as `LinenModel` does.
+  - `LinenModel`: any Flax linen module; the layer is a submodule's path, '/'-joined
+    (`'Conv_1'`, `'backbone/stage4'`), its `__call__` output intercepted with
+    `nn.intercept_methods`.
+  - `NNXModel`: any Flax NNX module; the layer is an attribute path (`'conv2'`,
+    `'blocks.3'`, `'encoder.layers.11'`), its call wrapped on a merged copy.
+  - `FunctionsModel`: a pair of pure functions `features_fn(variables, x)` and
+    `head_fn(variables, a)`.
+  - `EquinoxModel`: any Equinox module (split into its arrays and the rest); the layer is an
+    attribute path, the module vmapped over the batch, its channels-first
+    maps given NHWC.
 
 Each has `logits(variables, x)`, `features(variables, x, layer) -> (A, head_fn)`,
 `perturbed(variables, x, layer, delta) -> (logits, A, state updates)` (one forward pass
