@@ -171,6 +171,7 @@ def render(
     f'insertion/deletion: {insertion_deletion}.',
     '',
     'Cells:',
+    '',  # a Markdown list needs a blank line before it (Python-Markdown, the docs site)
     blocks,
     '',
     '## Accuracy and Grad-CAM metrics (mean over seeds)',
