@@ -1,6 +1,7 @@
 """Class activation maps computed inside `jit`: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM,
-HiResCAM, LayerCAM, Eigen-CAM, Ablation-CAM, Score-CAM and Batch-CAM, each for a whole batch
-at once.
+HiResCAM, LayerCAM, element-wise Grad-CAM, ShapleyCAM, Finer-CAM, Eigen-CAM, Eigen-Grad-CAM,
+Seg-Eigen-CAM, KPCA-CAM, FEM, Ablation-CAM, Score-CAM and Batch-CAM, each for a whole batch
+at once, and RefineCAM's fusion of several layers' maps.
 
 The gradient-based methods take `head_fn`, a pure and strictly per-sample function mapping CAM-layer
 features `(N, h, w, K)` to logits `(N, C)` (e.g. `lambda a: model.apply(variables, a,
@@ -152,14 +153,174 @@ def eigen_cam(features: jax.Array) -> jax.Array:
   side is positive, whatever the SVD routine returns. Then ReLU. Differentiable where the
   first singular value is simple.
   """
-  n, h, w, k = features.shape
-  a = at_least_float32(features).reshape(n, h * w, k)
+  return first_component(features)
+
+
+def _positive_side(projection: jax.Array) -> jax.Array:
+  """Projections `(N, P)` negated where |min| > |max|: the larger-magnitude side positive
+  (the sign of a singular or eigen vector is arbitrary). Then ReLU."""
+  flip = jnp.abs(jnp.min(projection, axis=-1)) > jnp.abs(jnp.max(projection, axis=-1))
+  return jax.nn.relu(jnp.where(flip[:, None], -projection, projection))
+
+
+def first_component(values: jax.Array) -> jax.Array:
+  """Per image, `values` `(N, h, w, K)` as an `(h w, K)` matrix centred per channel,
+  projected onto its first right singular vector (one batched SVD), the sign corrected
+  (`|min| > |max|` negates) and ReLU'd: maps `(N, h, w)`. The projection of Eigen-CAM,
+  Eigen-Grad-CAM and Seg-Eigen-CAM (pytorch-grad-cam's
+  `get_2d_projection_with_sign_correction`, then its ReLU)."""
+  n, h, w, k = values.shape
+  a = at_least_float32(values).reshape(n, h * w, k)
   a = a - jnp.mean(a, axis=1, keepdims=True)
   _, _, vt = jnp.linalg.svd(a, full_matrices=False)
-  projection = jnp.einsum('npk,nk->np', a, vt[:, 0])
-  flip = jnp.abs(jnp.min(projection, axis=-1)) > jnp.abs(jnp.max(projection, axis=-1))
-  projection = jnp.where(flip[:, None], -projection, projection)
-  return jax.nn.relu(projection).reshape(n, h, w)
+  return _positive_side(jnp.einsum('npk,nk->np', a, vt[:, 0])).reshape(n, h, w)
+
+
+def eigen_grad_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """Eigen-Grad-CAM maps `(N, h, w)` (pytorch-grad-cam's EigenGradCAM), in one VJP: the
+  first principal component of G * A, the class-specific version of Eigen-CAM
+  (`first_component`). pytorch-grad-cam leaves the component's sign to LAPACK; ours is
+  corrected as Eigen-CAM's is."""
+  _, grads = head_gradients(head_fn, features, targets)
+  return first_component(at_least_float32(grads) * at_least_float32(features))
+
+
+def seg_eigen_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """Seg-Eigen-CAM maps `(N, h, w)` (Chung & Ying 2025, eqs. 10-13), in one VJP: the first
+  principal component of |G| * A (eq. 10: both signs of the gradient count, position by
+  position), sign-corrected (eq. 13)."""
+  _, grads = head_gradients(head_fn, features, targets)
+  return first_component(jnp.abs(at_least_float32(grads)) * at_least_float32(features))
+
+
+def grad_cam_elementwise(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """Element-wise Grad-CAM maps `(N, h, w)` (pytorch-grad-cam's GradCAMElementWise), in one
+  VJP: sum_k ReLU(G_k * A_k), each position and channel's product clipped before the sum
+  (HiResCAM clips after it)."""
+  _, grads = head_gradients(head_fn, features, targets)
+  return jnp.sum(jax.nn.relu(at_least_float32(grads) * at_least_float32(features)), axis=-1)
+
+
+def shapley_cam(head_fn: HeadFn, features: jax.Array, targets: Targets) -> jax.Array:
+  """ShapleyCAM maps `(N, h, w)` (Cai 2025, arXiv 2501.06261): Grad-CAM whose gradient is
+  corrected by the second-order term of a Shapley-value expansion, channel weights
+  w_k = mean_ij (G - H A / 2)_k with H the Hessian of the target score in A. H A is one
+  forward-over-reverse product (`jax.jvp` of the VJP), batched like G. For a head linear in
+  A (GAP + dense) H = 0 and the maps are Grad-CAM's."""
+  a = at_least_float32(features)
+  grads_of = lambda x: head_gradients(head_fn, x, targets)[1]
+  grads, hessian_a = jax.jvp(grads_of, (a,), (a,))
+  weights = jnp.mean(grads - 0.5 * hessian_a, axis=(-3, -2))
+  return channel_combination(a, weights)
+
+
+def finer_target(
+  targets: jax.Array, alpha: float = 1.0, comparisons: tuple[int, ...] = (1, 2, 3)
+) -> Callable[[jax.Array], jax.Array]:
+  """Finer-CAM's target score (Zhang et al. 2025, arXiv 2501.11309), a per-sample callable
+  on the logits: with t = targets[i] and c_j the classes whose logits are nearest to t's
+  (ranked by |S_c - S_t|; rank 0 is t itself, `comparisons` the ranks compared with),
+
+      S_i = sum_j p_j (S_t - alpha S_cj) / (sum_j p_j + 1e-9),   p = softmax(S),
+
+  differentiated through p as well, as pytorch-grad-cam's `FinerWeightedTarget` is. The
+  explanation then shows what tells t from its look-alikes."""
+  ranks = jnp.asarray(comparisons)
+
+  def score(logits):
+    s = at_least_float32(logits)
+    main = jnp.take_along_axis(s, targets[:, None], axis=-1)
+    order = jnp.argsort(jax.lax.stop_gradient(jnp.abs(s - main)), axis=-1)
+    nearest = order[:, jnp.clip(ranks, 0, s.shape[-1] - 1)]
+    p = jnp.take_along_axis(jax.nn.softmax(s, axis=-1), nearest, axis=-1)
+    others = jnp.take_along_axis(s, nearest, axis=-1)
+    valid = ranks < s.shape[-1]  # fewer classes than ranks: pytorch-grad-cam's clamp
+    p = jnp.where(valid, p, 0.0)
+    return jnp.sum(p * (main - alpha * others), axis=-1) / (jnp.sum(p, axis=-1) + 1e-9)
+
+  return score
+
+
+def finer_cam(
+  head_fn: HeadFn,
+  features: jax.Array,
+  targets: jax.Array,
+  alpha: float = 1.0,
+  comparisons: tuple[int, ...] = (1, 2, 3),
+) -> jax.Array:
+  """Finer-CAM maps `(N, h, w)` (Zhang et al. 2025): Grad-CAM of `finer_target`, the
+  target's logit against those of the classes most like it, so the map keeps what
+  distinguishes the class and drops what it shares with its look-alikes. `targets` are
+  class indices; `alpha=0` gives Grad-CAM of the target logit. pytorch-grad-cam's FinerCAM
+  with its default targets (the predicted class)."""
+  return grad_cam(head_fn, features, finer_target(targets, alpha, comparisons))
+
+
+def fem(features: jax.Array, k: float = 2.0) -> jax.Array:
+  """FEM maps `(N, h, w)` (Fuad et al. 2020, Feature Explanation Method): no targets, no
+  gradients. Channel k's weight is the share of its positions above its own mean plus
+  `k` standard deviations (the k-sigma rule; population std), the map sum_k w_k A_k, then
+  ReLU, as pytorch-grad-cam's FEM."""
+  a = at_least_float32(features)
+  mean = jnp.mean(a, axis=(-3, -2), keepdims=True)
+  threshold = mean + k * jnp.std(a, axis=(-3, -2), keepdims=True)
+  weights = jnp.mean((a > threshold).astype(a.dtype), axis=(-3, -2))
+  return channel_combination(a, weights)
+
+
+KPCA_KERNELS = ('sigmoid', 'rbf', 'poly', 'linear', 'cosine')
+
+
+def _kernel_matrix(x: jax.Array, kernel: str, gamma: float | None) -> jax.Array:
+  """scikit-learn's pairwise kernels of the rows of `x` `(N, P, K)`: `(N, P, P)`, with its
+  defaults (gamma 1/K, coef0 1, degree 3)."""
+  gamma = 1.0 / x.shape[-1] if gamma is None else gamma
+  dots = jnp.einsum('npk,nqk->npq', x, x)
+  if kernel == 'linear':
+    return dots
+  if kernel == 'sigmoid':
+    return jnp.tanh(gamma * dots + 1.0)
+  if kernel == 'poly':
+    return (gamma * dots + 1.0) ** 3
+  squares = jnp.einsum('npk,npk->np', x, x)
+  if kernel == 'rbf':
+    distances = squares[:, :, None] + squares[:, None, :] - 2 * dots
+    return jnp.exp(-gamma * jnp.maximum(distances, 0.0))
+  if kernel == 'cosine':
+    norms = jnp.sqrt(jnp.maximum(squares, 1e-30))
+    return dots / (norms[:, :, None] * norms[:, None, :])
+  raise ValueError(f'kernel={kernel!r}; expected one of {", ".join(KPCA_KERNELS)}')
+
+
+def kpca_cam(features: jax.Array, kernel: str = 'sigmoid', gamma: float | None = None) -> jax.Array:
+  """KPCA-CAM maps `(N, h, w)` (Karmani et al. 2024, arXiv 2410.00267): Eigen-CAM with
+  kernel PCA; no targets, no gradients. Per image, the positions' centred features
+  `(h w, K)` give the kernel matrix (`kernel`, scikit-learn's with its defaults), centred in
+  feature space; the map is the first component's projection sqrt(lambda_1) u_1 (one
+  batched `eigh`), its sign corrected as Eigen-CAM's (scikit-learn's rule: the largest
+  |entry| positive), then ReLU. pytorch-grad-cam's KPCA_CAM through `KernelPCA(1)`."""
+  n, h, w, k = features.shape
+  x = at_least_float32(features).reshape(n, h * w, k)
+  x = x - jnp.mean(x, axis=1, keepdims=True)
+  kmat = _kernel_matrix(x, kernel, gamma)
+  kmat = (
+    kmat
+    - jnp.mean(kmat, axis=1, keepdims=True)
+    - jnp.mean(kmat, axis=2, keepdims=True)
+    + jnp.mean(kmat, axis=(1, 2), keepdims=True)
+  )
+  values, vectors = jnp.linalg.eigh(kmat)  # ascending
+  projection = vectors[:, :, -1] * jnp.sqrt(jnp.maximum(values[:, -1:], 0.0))
+  return _positive_side(projection).reshape(n, h, w)
+
+
+def refine_cam(layer_maps: jax.Array) -> jax.Array:
+  """RefineCAM's fusion (Domeniconi et al. 2026, arXiv 2605.14641) of one method's maps at
+  several layers, `(L, N, H, W)` each at image size and in [0, 1]: their product, min-max
+  scaled, so a position stays only where every layer marks it; it denoises early layers'
+  maps with the later layers' coarse ones. `Explainer(..., layer=[...], fusion='product')`
+  applies it to any method (pytorch-grad-cam's RefineCAM: Grad-CAM++ by default)."""
+  return normalize_cam(jnp.prod(at_least_float32(layer_maps), axis=0))
 
 
 def target_probability(logits: jax.Array, targets: jax.Array) -> jax.Array:

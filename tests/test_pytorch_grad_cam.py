@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bcam_jax import cam
+from bcam_jax import cam, explain
 
 torch = pytest.importorskip('torch')
 pytorch_grad_cam = pytest.importorskip('pytorch_grad_cam')
 from pytorch_grad_cam import eigen_cam as pgc_eigen_cam  # noqa: E402
+from pytorch_grad_cam import eigen_grad_cam as pgc_eigen_grad_cam  # noqa: E402
 from pytorch_grad_cam import score_cam as pgc_score_cam  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 from pytorch_grad_cam.utils.svd_on_activations import (  # noqa: E402
@@ -35,7 +36,11 @@ SCORE_CAM_ALIGN_CORNERS_TOLERANCE = 0.05
 
 
 class TinyCnn(nn.Module):
-  """Conv 3x3 8 ch, ReLU, Conv 3x3 stride 2 6 ch, ReLU (the CAM layer, 5x5), GAP, Dense."""
+  """Conv 3x3 8 ch, ReLU, Conv 3x3 stride 2 6 ch, ReLU (the CAM layer, 5x5), GAP, Dense;
+  with `curved`, a tanh before the pooling, so the head is not linear in the CAM layer
+  (ShapleyCAM's Hessian term is then not zero)."""
+
+  curved: bool = False
 
   def setup(self):
     self.conv1 = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)))
@@ -46,7 +51,7 @@ class TinyCnn(nn.Module):
     return nn.relu(self.conv2(nn.relu(self.conv1(x))))
 
   def head(self, a):
-    return self.dense(jnp.mean(a, axis=(1, 2)))
+    return self.dense(jnp.mean(jnp.tanh(a) if self.curved else a, axis=(1, 2)))
 
   def __call__(self, x):
     return self.head(self.features(x))
@@ -55,8 +60,9 @@ class TinyCnn(nn.Module):
 class TorchTinyCnn(torch.nn.Module):
   """TinyCnn in PyTorch; `relu2` is the target layer."""
 
-  def __init__(self, params):
+  def __init__(self, params, curved=False):
     super().__init__()
+    self.curved = curved
     self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
     self.relu1 = torch.nn.ReLU()
     self.conv2 = torch.nn.Conv2d(8, 6, 3, stride=2, padding=1)
@@ -73,12 +79,11 @@ class TorchTinyCnn(torch.nn.Module):
 
   def forward(self, x):
     a = self.relu2(self.conv2(self.relu1(self.conv1(x))))
-    return self.fc(a.mean(dim=(2, 3)))
+    return self.fc((torch.tanh(a) if self.curved else a).mean(dim=(2, 3)))
 
 
-@pytest.fixture(scope='module')
-def problem():
-  model = TinyCnn()
+def _problem(curved):
+  model = TinyCnn(curved=curved)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(4, SIZE, SIZE, 3)), jnp.float32)
   shapes = {'conv1': (3, 3, 3, 8), 'conv2': (3, 3, 8, 6), 'dense': (6, CLASSES)}
@@ -91,14 +96,24 @@ def problem():
       for name, shape in shapes.items()
     }
   }
-  torch_model = TorchTinyCnn(variables['params']).eval()
+  torch_model = TorchTinyCnn(variables['params'], curved).eval()
   x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())  # NHWC -> NCHW
   with torch.no_grad():
     np.testing.assert_allclose(torch_model(x).numpy(), model.apply(variables, images), atol=1e-5)
   features = model.apply(variables, images, method='features')
   head_fn = lambda a: model.apply(variables, a, method='head')
   logits_fn = lambda x: model.apply(variables, x)
-  return images, features, head_fn, logits_fn, torch_model, x
+  return images, features, head_fn, logits_fn, torch_model, x, model, variables
+
+
+@pytest.fixture(scope='module')
+def problem():
+  return _problem(curved=False)
+
+
+@pytest.fixture(scope='module')
+def curved_problem():
+  return _problem(curved=True)
 
 
 def _scale(maps):
@@ -121,8 +136,8 @@ def _theirs(method, torch_model, x, **kwargs):
 
 def _ours(name, images, features, head_fn, logits_fn):
   t = jnp.asarray(TARGETS)
-  if name == 'EigenCAM':
-    return cam.eigen_cam(features)
+  if name in CLASS_AGNOSTIC:
+    return CLASS_AGNOSTIC[name](features)
   if name == 'ScoreCAM':
     return cam.score_cam(logits_fn, images, features, t, channel_softmax=True)
   ours = {
@@ -132,6 +147,10 @@ def _ours(name, images, features, head_fn, logits_fn):
     'HiResCAM': cam.hires_cam,
     'LayerCAM': cam.layer_cam,
     'AblationCAM': cam.ablation_cam,
+    'GradCAMElementWise': cam.grad_cam_elementwise,
+    'EigenGradCAM': cam.eigen_grad_cam,
+    'SegEigenCAM': cam.seg_eigen_cam,
+    'ShapleyCAM': cam.shapley_cam,
   }[name]
   return ours(head_fn, features, t)
 
@@ -141,7 +160,14 @@ def _half_pixel_upsampling(size):
   return lambda x: torch.nn.functional.interpolate(x, size, mode='bilinear', align_corners=False)
 
 
+CLASS_AGNOSTIC = {'EigenCAM': cam.eigen_cam, 'KPCA_CAM': cam.kpca_cam, 'FEM': cam.fem}
 METHODS = (
+  'GradCAMElementWise',
+  'EigenGradCAM',
+  'SegEigenCAM',
+  'KPCA_CAM',
+  'FEM',
+  'ShapleyCAM',
   'GradCAM',
   'GradCAMPlusPlus',
   'XGradCAM',
@@ -155,11 +181,15 @@ METHODS = (
 
 @pytest.mark.parametrize('name', METHODS)
 def test_maps_equal_pytorch_grad_cam(name, problem, monkeypatch, record_property):
-  images, features, head_fn, logits_fn, torch_model, x = problem
+  images, features, head_fn, logits_fn, torch_model, x = problem[:6]
   if name == 'AblationCAM':  # pytorch-grad-cam zeroes a channel where the image's min is 0
     assert (features.min(axis=(1, 2, 3)) == 0).all()
   if name == 'EigenCAM':  # its EigenCAM leaves the sign to LAPACK; ours is its corrected one
     monkeypatch.setattr(pgc_eigen_cam, 'get_2d_projection', get_2d_projection_with_sign_correction)
+  if name == 'EigenGradCAM':  # the same for the projection of G * A
+    monkeypatch.setattr(
+      pgc_eigen_grad_cam, 'get_2d_projection', get_2d_projection_with_sign_correction
+    )
   if name == 'ScoreCAM':  # see test_score_cam_gap_is_its_align_corners_mask_upsampling
     monkeypatch.setattr(pgc_score_cam.torch.nn, 'UpsamplingBilinear2d', _half_pixel_upsampling)
   ours = _as_pytorch_grad_cam(_ours(name, images, features, head_fn, logits_fn))
@@ -177,7 +207,7 @@ def test_score_cam_gap_is_its_align_corners_mask_upsampling(problem, record_prop
   (`torch.nn.UpsamplingBilinear2d`), which samples the feature map at other points than our
   half-pixel `upsample_cam`: different masks, weights and maps. The test above patches that
   one layer; here the gap without the patch is bounded and recorded."""
-  images, features, head_fn, logits_fn, torch_model, x = problem
+  images, features, head_fn, logits_fn, torch_model, x = problem[:6]
   ours = _as_pytorch_grad_cam(_ours('ScoreCAM', images, features, head_fn, logits_fn))
   theirs = _theirs(pytorch_grad_cam.ScoreCAM, torch_model, x)
   difference = float(np.abs(ours - theirs).max())
@@ -189,7 +219,7 @@ def test_score_cam_gap_is_its_align_corners_mask_upsampling(problem, record_prop
 def test_unpatched_eigen_cam_differs_at_most_by_the_sign(problem, record_property):
   """pytorch-grad-cam's EigenCAM keeps whatever sign LAPACK gives the singular vector: per
   image, its map is ours (the sign-corrected projection p) or that of -p."""
-  images, features, head_fn, logits_fn, torch_model, x = problem
+  images, features, head_fn, logits_fn, torch_model, x = problem[:6]
   ours = _as_pytorch_grad_cam(cam.eigen_cam(features))
   activations = np.array(features).transpose(0, 3, 1, 2)
   flipped = _as_pytorch_grad_cam(-get_2d_projection_with_sign_correction(activations))
@@ -201,3 +231,55 @@ def test_unpatched_eigen_cam_differs_at_most_by_the_sign(problem, record_propert
   record_property('max_abs_difference', difference)
   print(f'EigenCAM (LAPACK sign): max abs difference {difference:.2e}')
   assert (per_image < TOLERANCE).all()
+
+
+def _compare(name, ours, theirs, record_property):
+  assert theirs.shape == ours.shape == (4, SIZE, SIZE)
+  difference = float(np.abs(ours - theirs).max())
+  record_property('max_abs_difference', difference)
+  print(f'{name}: max abs difference {difference:.2e}')
+  assert difference < TOLERANCE
+  assert (ours.max(axis=(1, 2)) > 0.99).all()
+  return difference
+
+
+def test_shapley_cam_equals_theirs_where_the_hessian_term_counts(curved_problem, record_property):
+  """With a tanh in the head, H A is not zero: ShapleyCAM differs from Grad-CAM, and ours
+  equals pytorch-grad-cam's Hessian-vector product through torch.autograd."""
+  images, features, head_fn, logits_fn, torch_model, x = curved_problem[:6]
+  t = jnp.asarray(TARGETS)
+  ours = _as_pytorch_grad_cam(cam.shapley_cam(head_fn, features, t))
+  grad = _as_pytorch_grad_cam(cam.grad_cam(head_fn, features, t))
+  assert np.abs(ours - grad).max() > 1e-2
+  _compare(
+    'ShapleyCAM (tanh head)',
+    ours,
+    _theirs(pytorch_grad_cam.ShapleyCAM, torch_model, x),
+    record_property,
+  )
+
+
+@pytest.mark.parametrize('alpha', [1.0, 0.6])
+def test_finer_cam_equals_theirs(alpha, curved_problem, record_property):
+  """pytorch-grad-cam's FinerCAM with its default targets: the predicted class against the
+  three classes whose logits are nearest to it."""
+  images, features, head_fn, logits_fn, torch_model, x = curved_problem[:6]
+  predicted = jnp.argmax(logits_fn(images), axis=-1)
+  ours = _as_pytorch_grad_cam(cam.finer_cam(head_fn, features, predicted, alpha=alpha))
+  grad = _as_pytorch_grad_cam(cam.grad_cam(head_fn, features, predicted))
+  assert np.abs(ours - grad).max() > 1e-2  # the comparison classes change the map
+  finer = pytorch_grad_cam.FinerCAM(torch_model, [torch_model.relu2])
+  theirs = finer(x, alpha=alpha)
+  _compare(f'FinerCAM (alpha {alpha})', ours, theirs, record_property)
+
+
+def test_refine_cam_equals_theirs(problem, record_property):
+  """RefineCAM over conv1 (10x10) and conv2 (5x5, before their ReLUs) with its default
+  Grad-CAM++: ours is the explainer's `fusion='product'` over the same two layers."""
+  images, _, _, _, torch_model, x, model, variables = problem
+  explainer = explain.Explainer(model, layer=['conv1', 'conv2'], fusion='product')
+  ours = np.asarray(explainer.maps('grad_cam_pp', variables, images, jnp.asarray(TARGETS)))
+  targets = [ClassifierOutputTarget(int(c)) for c in TARGETS]
+  refine = pytorch_grad_cam.RefineCAM(torch_model, [torch_model.conv1, torch_model.conv2])
+  theirs = refine(x, targets)
+  _compare('RefineCAM', ours, theirs, record_property)

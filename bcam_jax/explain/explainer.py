@@ -23,6 +23,8 @@ from bcam_jax.explain import layers as layers_lib
 from bcam_jax.explain.methods import REGISTRY, check_methods
 
 TARGETS = ('label', 'predicted')
+# How the maps of several layers combine (`Explainer.fusion`).
+FUSIONS = ('mean', 'product')
 # What a map explains: a name of TARGETS, class indices, or a per-sample callable on logits.
 TargetSpec = str | int | jax.Array | Callable[[jax.Array], jax.Array]
 
@@ -45,8 +47,11 @@ class Explainer:
   image_size: side of the maps; None for the images' own size.
   dtype: the model's input dtype.
   layer: the layer explained, or a sequence of layers whose maps are fused (each upsampled
-    and scaled to [0, 1], averaged, scaled again; pytorch-grad-cam's multi-layer rule).
+    and scaled to [0, 1], then combined by `fusion` and scaled again).
     None: the model's default ('cam' for ours; linen and NNX modules need a name).
+  fusion: how a sequence of layers' maps combine: 'mean' (pytorch-grad-cam's multi-layer
+    rule) or 'product' (RefineCAM, `cam.refine_cam`: a position stays only where every layer
+    marks it; with an early and a late layer, the early layer's detail denoised).
   score_cam_chunk, ablation_chunk: channels per masked forward pass (Score-CAM) or per head
     call (Ablation-CAM); each call sees batch * chunk images or feature sets.
   prefix_tokens: for token features `(N, L, D)`, the class and register tokens before the
@@ -64,6 +69,7 @@ class Explainer:
   image_size: int | None = None
   dtype: Any = jnp.float32
   layer: str | Sequence[str] | None = None
+  fusion: str = 'mean'
   score_cam_chunk: int = 32
   ablation_chunk: int = 32
   prefix_tokens: int = 1
@@ -82,6 +88,8 @@ class Explainer:
       adapter, state = layers_lib.EquinoxModel.split(self.model)
     object.__setattr__(self, 'adapter', layers_lib.as_explained_model(adapter))
     object.__setattr__(self, 'default_variables', state)
+    if self.fusion not in FUSIONS:
+      raise ValueError(f'fusion={self.fusion!r}; expected one of {", ".join(FUSIONS)}')
     for name in ('score_cam_chunk', 'ablation_chunk'):
       if getattr(self, name) < 1:
         raise ValueError(f'{name}={getattr(self, name)}; expected a positive number of channels')
@@ -188,7 +196,11 @@ class Explainer:
       )
       for name in self.layers
     ]
-    return scaled[0] if len(scaled) == 1 else cam.normalize_cam(jnp.mean(jnp.stack(scaled), 0))
+    if len(scaled) == 1:
+      return scaled[0]
+    if self.fusion == 'product':
+      return cam.refine_cam(jnp.stack(scaled))
+    return cam.normalize_cam(jnp.mean(jnp.stack(scaled), 0))
 
   def maps(
     self, method: str, variables, pixels: jax.Array, targets, key: jax.Array | None = None

@@ -69,10 +69,21 @@ def _cam(explainer, variables, pixels, targets, layer):
   return cam.cam(features, weights, _class_indices(targets, 'cam'))
 
 
-def _eigen_cam(explainer, variables, pixels, targets, layer):
-  """Eigen-CAM: the features' first principal component; class-agnostic."""
-  features, _ = explainer.features(variables, pixels, layer)
-  return cam.eigen_cam(features)
+def _features_only(map_fn):
+  """A class-agnostic method of `bcam_jax.cam` taking the features alone."""
+
+  def maps(explainer, variables, pixels, targets, layer):
+    features, _ = explainer.features(variables, pixels, layer)
+    return map_fn(features)
+
+  maps.__doc__ = map_fn.__doc__
+  return maps
+
+
+def _finer_cam(explainer, variables, pixels, targets, layer):
+  """Finer-CAM: Grad-CAM of the target against its most similar classes."""
+  features, head_fn = explainer.features(variables, pixels, layer)
+  return cam.finer_cam(head_fn, features, _class_indices(targets, 'finer_cam'))
 
 
 def _ablation_cam(explainer, variables, pixels, targets, layer):
@@ -157,7 +168,14 @@ REGISTRY: dict[str, Method] = {
   'xgrad_cam': Method(_with_head(cam.xgrad_cam), default=False),
   'hires_cam': Method(_with_head(cam.hires_cam), default=False),
   'layer_cam': Method(_with_head(cam.layer_cam), default=False),
-  'eigen_cam': Method(_eigen_cam, default=False),
+  'grad_cam_elementwise': Method(_with_head(cam.grad_cam_elementwise), default=False),
+  'shapley_cam': Method(_with_head(cam.shapley_cam), default=False),
+  'finer_cam': Method(_finer_cam, default=False),
+  'eigen_cam': Method(_features_only(cam.eigen_cam), default=False),
+  'eigen_grad_cam': Method(_with_head(cam.eigen_grad_cam), default=False),
+  'seg_eigen_cam': Method(_with_head(cam.seg_eigen_cam), default=False),
+  'kpca_cam': Method(_features_only(cam.kpca_cam), default=False),
+  'fem': Method(_features_only(cam.fem), default=False),
   'ablation_cam': Method(_ablation_cam, default=False),
   'evidence': Method(_evidence, check=_softcam_head, any_layer=False),
   'raw_attention': Method(_raw_attention, check=_ca_stream_pooling, any_layer=False),
