@@ -412,6 +412,10 @@ SHARDED_METHODS = {
   'ablation_cam': lambda h, f, t: cam.ablation_cam(h, f, t, chunk_size=2),
   'eigen_cam': lambda h, f, t: cam.eigen_cam(f),
   'grad_cam_prob': lambda h, f, t: cam.grad_cam(h, f, lambda logits: jax.nn.softmax(logits)[:, 2]),
+  'finer_cam': cam.finer_cam,
+  'shapley_cam': cam.shapley_cam,
+  'kpca_cam': lambda h, f, t: cam.kpca_cam(f),
+  'fem': lambda h, f, t: cam.fem(f),
 }
 
 
@@ -431,7 +435,9 @@ def test_maps_same_on_one_and_eight_devices(method):
   assert single.max() > 0
 
 
-@pytest.mark.parametrize('method', ['xgrad_cam', 'hires_cam', 'layer_cam'])
+@pytest.mark.parametrize(
+  'method', ['xgrad_cam', 'hires_cam', 'layer_cam', 'grad_cam_elementwise', 'finer_cam']
+)
 @pytest.mark.parametrize('head_name', sorted(HEADS))
 def test_gradient_methods_gradients_match_finite_differences(method, head_name):
   """Differentiable w.r.t. the features, through G (second order for a non-linear head)."""
@@ -441,3 +447,220 @@ def test_gradient_methods_gradients_match_finite_differences(method, head_name):
     f = lambda a: jnp.sum(jnp.sin(getattr(cam, method)(head_fn, a, _targets())))
     assert f(features).dtype == jnp.float64
     check_grads(f, (features,), order=1, modes=['rev'], atol=1e-5, rtol=1e-4)
+
+
+def naive_grad_cam_elementwise(head_fn, features, targets):
+  """Per image, per channel: ReLU(G_k * A_k) summed over the channels."""
+  maps = []
+  for i in range(features.shape[0]):
+    a, g = np.asarray(features[i], np.float64), _naive_grads(head_fn, features, targets, i)
+    maps.append(sum(np.maximum(g[:, :, c] * a[:, :, c], 0) for c in range(a.shape[-1])))
+  return np.stack(maps)
+
+
+def naive_shapley_cam(head_fn, features, targets):
+  """Per image: G by jax.grad and H A by the full Hessian of its one score, in float64."""
+  maps = []
+  for i in range(features.shape[0]):
+    a = np.asarray(features[i], np.float64)
+    g = _naive_grads(head_fn, features, targets, i)
+    hessian = np.asarray(jax.hessian(_score(head_fn, targets, i))(features[i]), np.float64)
+    hessian_a = np.einsum('hwkxyc,xyc->hwk', hessian, a)
+    weights = (g - 0.5 * hessian_a).mean(axis=(0, 1))
+    maps.append(np.maximum(np.einsum('hwk,k->hw', a, weights), 0))
+  return np.stack(maps)
+
+
+def naive_finer_cam(head_fn, features, targets, alpha, ranks=(1, 2, 3)):
+  """Per image: the classes nearest the target by |logit difference| in numpy, then
+  jax.grad of Finer-CAM's weighted difference written out for that image alone."""
+  maps = []
+  for i in range(features.shape[0]):
+    logits = np.asarray(head_fn(features[i][None])[0], np.float64)
+    t = int(targets[i])
+    nearest = np.argsort(np.abs(logits - logits[t]), kind='stable')[list(ranks)]
+
+    def score(a, nearest=nearest, t=t):
+      s = head_fn(a[None])[0]
+      p = jax.nn.softmax(s)[nearest]
+      return jnp.sum(p * (s[t] - alpha * s[nearest])) / (jnp.sum(p) + 1e-9)
+
+    g = np.asarray(jax.grad(score)(features[i]), np.float64)
+    a = np.asarray(features[i], np.float64)
+    maps.append(np.maximum(np.einsum('hwk,k->hw', a, g.mean(axis=(0, 1))), 0))
+  return np.stack(maps)
+
+
+def naive_sign_corrected_projection(values):
+  """numpy.linalg.svd per image of `(h w, K)` centred values, |min| > |max| negated, ReLU."""
+  return naive_eigen_cam(values)
+
+
+def naive_fem(features, k=2.0):
+  """Per image, per channel: the share of positions above mean + k std as its weight."""
+  maps = []
+  for a in np.asarray(features, np.float64):
+    weights = [
+      (a[:, :, c] > a[:, :, c].mean() + k * a[:, :, c].std()).mean() for c in range(a.shape[-1])
+    ]
+    maps.append(np.maximum(np.einsum('hwk,k->hw', a, np.array(weights)), 0))
+  return np.stack(maps)
+
+
+def naive_kpca_cam(features, gamma=None):
+  """Per image: the sigmoid kernel of the centred positions, centred (scikit-learn's
+  KernelCenterer written out), numpy.linalg.eigh, the first component scaled by the root of
+  its eigenvalue, the largest |entry| made positive, ReLU."""
+  maps = []
+  for a in np.asarray(features, np.float64):
+    x = a.reshape(-1, a.shape[-1])
+    x = x - x.mean(axis=0)
+    g = 1.0 / x.shape[1] if gamma is None else gamma
+    kmat = np.tanh(g * x @ x.T + 1.0)
+    p = kmat.shape[0]
+    ones = np.full((p, p), 1.0 / p)
+    kmat = kmat - ones @ kmat - kmat @ ones + ones @ kmat @ ones
+    values, vectors = np.linalg.eigh(kmat)
+    projection = vectors[:, -1] * np.sqrt(values[-1])
+    if abs(projection.min()) > abs(projection.max()):
+      projection = -projection
+    maps.append(np.maximum(projection, 0).reshape(a.shape[:2]))
+  return np.stack(maps)
+
+
+NAIVE_NEW_METHODS = {
+  'grad_cam_elementwise': naive_grad_cam_elementwise,
+  'shapley_cam': naive_shapley_cam,
+  'finer_cam': lambda h, f, t: naive_finer_cam(h, f, t, alpha=1.0),
+  'eigen_grad_cam': lambda h, f, t: naive_sign_corrected_projection(
+    np.asarray(f, np.float64) * np.stack([_naive_grads(h, f, t, i) for i in range(f.shape[0])])
+  ),
+  'seg_eigen_cam': lambda h, f, t: naive_sign_corrected_projection(
+    np.asarray(f, np.float64)
+    * np.abs(np.stack([_naive_grads(h, f, t, i) for i in range(f.shape[0])]))
+  ),
+}
+
+
+@pytest.mark.parametrize('method', sorted(NAIVE_NEW_METHODS))
+@pytest.mark.parametrize('head_name', sorted(HEADS))
+def test_new_gradient_methods_equal_naive_loops(method, head_name):
+  head_fn, features = _head_fn(head_name, seed=31)
+  features = jax.nn.relu(features)
+  got = jax.jit(getattr(cam, method), static_argnums=0)(head_fn, features, _targets())
+  want = NAIVE_NEW_METHODS[method](head_fn, features, _targets())
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert got.shape == features.shape[:3] and got.dtype == jnp.float32 and got.max() > 0
+
+
+def test_shapley_cam_is_grad_cam_for_a_linear_head_and_not_for_a_curved_one():
+  head_fn, features = _head_fn('gap_dense', seed=33)
+  features = jax.nn.relu(features)
+  np.testing.assert_allclose(
+    cam.shapley_cam(head_fn, features, _targets()),
+    cam.grad_cam(head_fn, features, _targets()),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  curved_fn, features = _head_fn('layernorm', seed=33)
+  shapley = cam.shapley_cam(curved_fn, jax.nn.relu(features), _targets())
+  assert np.abs(shapley - cam.grad_cam(curved_fn, jax.nn.relu(features), _targets())).max() > 1e-4
+
+
+def test_finer_cam_with_alpha_zero_is_grad_cam_of_the_target():
+  """alpha=0: sum_j p_j S_t / sum_j p_j = S_t, differentiated through p too, which cancels."""
+  head_fn, features = _head_fn('layernorm', seed=35)
+  features = jax.nn.relu(features)
+  np.testing.assert_allclose(
+    cam.finer_cam(head_fn, features, _targets(), alpha=0.0),
+    cam.grad_cam(head_fn, features, _targets()),
+    rtol=1e-4,
+    atol=1e-6,
+  )
+
+
+@pytest.mark.parametrize('k', [1.0, 2.0])
+def test_fem_equals_naive_loop(k):
+  _, features = _head_fn('gap_dense', seed=37)
+  features = jax.nn.relu(features)
+  got = jax.jit(cam.fem, static_argnums=1)(features, k)
+  np.testing.assert_allclose(got, naive_fem(features, k), rtol=1e-5, atol=1e-6)
+  assert got.max() > 0
+
+
+def test_kpca_cam_equals_numpy_kernel_pca():
+  _, features = _head_fn('gap_dense', seed=39)
+  features = jax.nn.relu(features)
+  got = jax.jit(cam.kpca_cam)(features)
+  np.testing.assert_allclose(got, naive_kpca_cam(features), rtol=1e-4, atol=1e-5)
+  assert got.shape == features.shape[:3] and (got.max(axis=(1, 2)) > 0).all()
+  linear = cam.kpca_cam(features, kernel='linear')  # linear kernel PCA is PCA: Eigen-CAM
+  eigen = cam.eigen_cam(features)
+  np.testing.assert_allclose(
+    cam.normalize_cam(linear), cam.normalize_cam(eigen), rtol=1e-4, atol=1e-4
+  )
+  with pytest.raises(ValueError, match="kernel='cubic'; expected one of sigmoid"):
+    cam.kpca_cam(features, kernel='cubic')
+
+
+class TwoConvNet(nn.Module):
+  """conv1 (8x8) and conv2 (4x4), both ReLU'd, then GAP + dense: two layers to explain."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), name='conv1')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2, name='conv2')(x))
+    return nn.Dense(C)(x.mean((1, 2)))
+
+
+@pytest.fixture(scope='module')
+def two_conv():
+  net = TwoConvNet()
+  pixels = jax.random.uniform(jax.random.key(41), (N, 8, 8, 3))
+  variables = net.init(jax.random.key(42), pixels)
+  return explain.Explainer(net, mean=0.5, std=0.25, layer='conv1'), variables, pixels
+
+
+def test_refine_fusion_is_the_product_of_the_layers_maps(two_conv):
+  explainer, variables, pixels = two_conv
+  layers = ['conv1', 'conv2']
+  mean = dataclasses.replace(explainer, layer=layers)
+  product = dataclasses.replace(mean, fusion='product')
+  per_layer = [
+    dataclasses.replace(explainer, layer=name).maps('grad_cam_pp', variables, pixels, _targets())
+    for name in layers
+  ]
+  want = cam.normalize_cam(per_layer[0] * per_layer[1])
+  got = product.maps('grad_cam_pp', variables, pixels, _targets())
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert (got.max(axis=(1, 2)) > 0.99).all()
+  assert np.abs(mean.maps('grad_cam_pp', variables, pixels, _targets()) - want).max() > 1e-3
+  with pytest.raises(ValueError, match="fusion='max'; expected one of mean, product"):
+    dataclasses.replace(mean, fusion='max')
+
+
+NEW_METHODS = (
+  'grad_cam_elementwise',
+  'shapley_cam',
+  'finer_cam',
+  'eigen_grad_cam',
+  'seg_eigen_cam',
+  'kpca_cam',
+  'fem',
+)
+
+
+@pytest.mark.parametrize('method', NEW_METHODS)
+def test_new_methods_through_the_explainer(two_conv, method):
+  """By name, at an inner layer of a linen model: under jit, the raw maps are the
+  `bcam_jax.cam` function's of that layer, and the maps are at image size in [0, 1]."""
+  explainer, variables, pixels = two_conv
+  maps = jax.jit(explainer.maps, static_argnums=0)(method, variables, pixels, _targets())
+  assert maps.shape == pixels.shape[:3]
+  assert float(maps.min()) >= 0 and float(maps.max()) <= 1 + 1e-6
+  assert (maps.max(axis=(1, 2)) > 0.99).all()
+  features, head_fn = explainer.features(variables, pixels, 'conv1')
+  fn = getattr(cam, method)
+  direct = fn(features) if method in ('kpca_cam', 'fem') else fn(head_fn, features, _targets())
+  raw = explainer.raw_maps(method, variables, pixels, _targets())
+  np.testing.assert_allclose(raw, direct, rtol=1e-5, atol=1e-6)
