@@ -65,7 +65,8 @@ TARGETS = {'grad_cam': 2.0, 'grad_cam_pp': 2.0, 'score_cam': 1.25}  # x forward 
 # The first pass of every post-hoc method is the network up to the layer (its features);
 # counted as 1 F, it also runs the head where the method needs the logits. K: the layer's
 # channels. At the default layer 'cam' the part after it is the head (global average pooling
-# + dense for resnet18), so h and b cost next to nothing; at an inner layer (`--layer`) they
+# + dense for resnet18), so h and b cost next to nothing; SVD and EIG are one decomposition of
+# the layer's (h w, K) features or (h w, h w) kernel matrix; at an inner layer (`--layer`) they
 # are the rest of the network. Smoothing (`--smooth`) multiplies a method's passes by its
 # copies: `noise_samples` noisy images, or 6 views (2 flips x 3 brightnesses) for augment.
 PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
@@ -79,6 +80,19 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   'xgrad_cam': ('F + b', lambda k: {'F': 1, 'b': 1}),
   'hires_cam': ('F + b', lambda k: {'F': 1, 'b': 1}),
   'layer_cam': ('F + b', lambda k: {'F': 1, 'b': 1}),
+  'grad_cam_elementwise': ('F + b', lambda k: {'F': 1, 'b': 1}),
+  # The same VJP, of the target against its look-alikes (the softmax is of the logits).
+  'finer_cam': ('F + b', lambda k: {'F': 1, 'b': 1}),
+  # The VJP, then H A: the JVP of that VJP, about one more forward and backward of the part
+  # after the layer.
+  'shapley_cam': ('F + h + 2b', lambda k: {'F': 1, 'h': 1, 'b': 2}),
+  # The VJP, then one SVD of G * A (|G| * A) per image.
+  'eigen_grad_cam': ('F + b + SVD', lambda k: {'F': 1, 'b': 1, 'svd': 1}),
+  'seg_eigen_cam': ('F + b + SVD', lambda k: {'F': 1, 'b': 1, 'svd': 1}),
+  # Features, then one eigendecomposition of the (h w, h w) kernel matrix per image.
+  'kpca_cam': ('F + EIG', lambda k: {'F': 1, 'eig': 1}),
+  # Features, then per channel a threshold and a mean: no targets, no gradients.
+  'fem': ('F', lambda k: {'F': 1}),
   # Features, then one SVD of the (h w, K) matrix per image; no targets, no gradients.
   'eigen_cam': ('F + SVD', lambda k: {'F': 1, 'svd': 1}),
   # Features, then K forward passes of the whole network on the image masked by each
@@ -178,8 +192,9 @@ def passes(method: str, k: int, copies: int = 1) -> str:
   """The passes one image costs, e.g. '513 F', '1 F + 512 h', '8 F + 8 b'."""
   counts = PASSES[method][1](k)
   terms = [f'{copies * counts[u]} {u}' for u in ('F', 'h', 'b') if counts.get(u)]
-  if counts.get('svd'):
-    terms.append(f'{copies * counts["svd"]} SVD')
+  for unit in ('svd', 'eig'):
+    if counts.get(unit):
+      terms.append(f'{copies * counts[unit]} {unit.upper()}')
   return ' + '.join(terms)
 
 
