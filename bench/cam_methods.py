@@ -61,7 +61,8 @@ TARGETS = {'grad_cam': 2.0, 'grad_cam_pp': 2.0, 'score_cam': 1.25}  # x forward 
 
 # Passes through the network that one image costs, counted from each method's definition:
 # method -> (the rule, K -> {'F': forward passes of the whole network, 'h': forward passes
-# of the part after the explained layer, 'b': backward passes of that part, 'svd': SVDs}).
+# of the part after the explained layer, 'b': backward passes of that part, 'B': of the whole
+# network, 'svd': SVDs, 'eig': eigendecompositions}).
 # The first pass of every post-hoc method is the network up to the layer (its features);
 # counted as 1 F, it also runs the head where the method needs the logits. K: the layer's
 # channels. At the default layer 'cam' the part after it is the head (global average pooling
@@ -93,6 +94,12 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   'kpca_cam': ('F + EIG', lambda k: {'F': 1, 'eig': 1}),
   # Features, then per channel a threshold and a mean: no targets, no gradients.
   'fem': ('F', lambda k: {'F': 1}),
+  # One VJP of the whole network to its input (B: a backward pass of the whole network).
+  'guided_backprop': ('F + B', lambda k: {'F': 1, 'B': 1}),
+  # Grad-CAM's VJP of the head and guided backpropagation's VJP to the input; both start
+  # from the same forward pass, which XLA computes once (measured: the cost of
+  # guided_backprop).
+  'guided_grad_cam': ('F + b + B', lambda k: {'F': 1, 'b': 1, 'B': 1}),
   # Features, then one SVD of the (h w, K) matrix per image; no targets, no gradients.
   'eigen_cam': ('F + SVD', lambda k: {'F': 1, 'svd': 1}),
   # Features, then K forward passes of the whole network on the image masked by each
@@ -191,7 +198,7 @@ def _applicable(model, variables, method: str) -> bool:
 def passes(method: str, k: int, copies: int = 1) -> str:
   """The passes one image costs, e.g. '513 F', '1 F + 512 h', '8 F + 8 b'."""
   counts = PASSES[method][1](k)
-  terms = [f'{copies * counts[u]} {u}' for u in ('F', 'h', 'b') if counts.get(u)]
+  terms = [f'{copies * counts[u]} {u}' for u in ('F', 'h', 'b', 'B') if counts.get(u)]
   for unit in ('svd', 'eig'):
     if counts.get(unit):
       terms.append(f'{copies * counts[unit]} {unit.upper()}')
@@ -353,7 +360,8 @@ def main(argv):
     '# * img/s extrapolated linearly from the timed Score-CAM channels to all K. '
     'x forward: time / forward time; per-ch: Score-CAM time / (channels x forward); '
     f'targets: {TARGETS}. Passes: F forward of the whole network, h / b forward / backward '
-    'of the part after the explained layer (the head at cam), K its channels.'
+    'of the part after the explained layer (the head at cam), B backward of the whole '
+    'network, K its channels.'
   )
   out = _out_path()
   os.makedirs(os.path.dirname(out) or '.', exist_ok=True)

@@ -10,6 +10,7 @@ pytorch-grad-cam's or PyTorch's own function and says why.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -283,3 +284,23 @@ def test_refine_cam_equals_theirs(problem, record_property):
   refine = pytorch_grad_cam.RefineCAM(torch_model, [torch_model.conv1, torch_model.conv2])
   theirs = refine(x, targets)
   _compare('RefineCAM', ours, theirs, record_property)
+
+
+def test_guided_backprop_equals_theirs(problem, record_property):
+  """pytorch-grad-cam's GuidedBackpropReLUModel, one image at a time, against the whole
+  batch's guided gradients: the model's ReLUs are swapped while it is traced."""
+  from pytorch_grad_cam import GuidedBackpropReLUModel
+
+  images, _, _, _, torch_model, x, model, variables = problem
+  explainer = explain.Explainer(model, layer='conv2')
+  ours = np.asarray(explainer.guided_gradients(variables, images, jnp.asarray(TARGETS)))
+  guided = GuidedBackpropReLUModel(torch_model, device='cpu')
+  theirs = np.stack([guided(x[i : i + 1], int(c)) for i, c in enumerate(TARGETS)])
+  assert ours.shape == theirs.shape == (4, SIZE, SIZE, 3)
+  scale = float(np.abs(theirs).max())
+  difference = float(np.abs(ours - theirs).max()) / scale
+  record_property('max_abs_difference', difference)
+  print(f'guided backprop: max difference / max |gradient| {difference:.2e}')
+  assert difference < TOLERANCE
+  plain = np.asarray(jax.grad(lambda p: model.apply(variables, p)[:, 0].sum())(images))
+  assert np.abs(plain[:1] - ours[:1]).max() > 1e-3 * scale  # the guiding changes them

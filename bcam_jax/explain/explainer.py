@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bcam_jax import cam, data
+from bcam_jax.explain import guided
 from bcam_jax.explain import layers as layers_lib
 from bcam_jax.explain.methods import REGISTRY, check_methods
 
@@ -132,6 +133,15 @@ class Explainer:
     """[0, 1] pixels `(N, H, W, C)` -> logits `(N, C)` in at least float32."""
     logits = self.adapter.logits(self._variables(variables), self.normalize(pixels))
     return cam.at_least_float32(logits)
+
+  def guided_gradients(self, variables, pixels: jax.Array, targets) -> jax.Array:
+    """Guided backpropagation `(N, H, W, C)` (`explain.guided`): the target score's gradient
+    with respect to the model's input (the normalised pixels), every ReLU's backward pass
+    guided; pytorch-grad-cam's `GuidedBackpropReLUModel` for a whole batch."""
+    variables = self._variables(variables)
+    return guided.guided_gradients(
+      lambda x: self.adapter.logits(variables, x), self.normalize(pixels), targets
+    )
 
   def layer_shapes(self, variables, pixels: jax.Array) -> dict[str, tuple]:
     """{layer name: output shape} of the layers the model can explain, for choosing `layer`

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from bcam_jax import cam, models
-from bcam_jax.explain import layers
+from bcam_jax.explain import guided, layers
 from bcam_jax.models import heads
 
 # (explainer, variables, pixels, targets, layer) -> maps (N, h, w); the explainer is an
@@ -105,6 +105,22 @@ def _score_cam(explainer, variables, pixels, targets, layer):
   )
 
 
+def _guided_backprop(explainer, variables, pixels, targets, layer):
+  """Guided backpropagation's input gradients as a map: the largest |gradient| over the
+  channels, at the image's resolution."""
+  return guided.saliency(explainer.guided_gradients(variables, pixels, targets))
+
+
+def _guided_grad_cam(explainer, variables, pixels, targets, layer):
+  """Guided Grad-CAM: guided backpropagation's map times the layer's Grad-CAM at the
+  image's resolution, scaled to [0, 1] (Selvaraju et al. 2017)."""
+  features, head_fn = explainer.features(variables, pixels, layer)
+  grad = cam.normalize_cam(
+    cam.upsample_cam(cam.grad_cam(head_fn, features, targets), pixels.shape[1:3])
+  )
+  return grad * _guided_backprop(explainer, variables, pixels, targets, layer)
+
+
 def _module(explainer):
   return explainer.adapter.module
 
@@ -177,6 +193,9 @@ REGISTRY: dict[str, Method] = {
   'kpca_cam': Method(_features_only(cam.kpca_cam), default=False),
   'fem': Method(_features_only(cam.fem), default=False),
   'ablation_cam': Method(_ablation_cam, default=False),
+  # The whole network's input gradients through guided ReLUs (explain.guided).
+  'guided_backprop': Method(_guided_backprop, default=False),  # at the input, whatever the layer
+  'guided_grad_cam': Method(_guided_grad_cam, default=False),
   'evidence': Method(_evidence, check=_softcam_head, any_layer=False),
   'raw_attention': Method(_raw_attention, check=_ca_stream_pooling, any_layer=False),
 }
