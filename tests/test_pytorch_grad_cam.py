@@ -180,6 +180,16 @@ METHODS = (
 )
 
 
+def _compare(name, ours, theirs, record_property):
+  assert theirs.shape == ours.shape == (4, SIZE, SIZE)
+  difference = float(np.abs(ours - theirs).max())
+  record_property('max_abs_difference', difference)
+  print(f'{name}: max abs difference {difference:.2e}')
+  assert difference < TOLERANCE
+  assert (ours.max(axis=(1, 2)) > 0.99).all()
+  return difference
+
+
 @pytest.mark.parametrize('name', METHODS)
 def test_maps_equal_pytorch_grad_cam(name, problem, monkeypatch, record_property):
   images, features, head_fn, logits_fn, torch_model, x = problem[:6]
@@ -194,13 +204,7 @@ def test_maps_equal_pytorch_grad_cam(name, problem, monkeypatch, record_property
   if name == 'ScoreCAM':  # see test_score_cam_gap_is_its_align_corners_mask_upsampling
     monkeypatch.setattr(pgc_score_cam.torch.nn, 'UpsamplingBilinear2d', _half_pixel_upsampling)
   ours = _as_pytorch_grad_cam(_ours(name, images, features, head_fn, logits_fn))
-  theirs = _theirs(getattr(pytorch_grad_cam, name), torch_model, x)
-  assert theirs.shape == ours.shape == (4, SIZE, SIZE)
-  difference = float(np.abs(ours - theirs).max())
-  record_property('max_abs_difference', difference)
-  print(f'{name}: max abs difference {difference:.2e}')
-  assert difference < TOLERANCE
-  assert (ours.max(axis=(1, 2)) > 0.99).all()
+  _compare(name, ours, _theirs(getattr(pytorch_grad_cam, name), torch_model, x), record_property)
 
 
 def test_score_cam_gap_is_its_align_corners_mask_upsampling(problem, record_property):
@@ -232,16 +236,6 @@ def test_unpatched_eigen_cam_differs_at_most_by_the_sign(problem, record_propert
   record_property('max_abs_difference', difference)
   print(f'EigenCAM (LAPACK sign): max abs difference {difference:.2e}')
   assert (per_image < TOLERANCE).all()
-
-
-def _compare(name, ours, theirs, record_property):
-  assert theirs.shape == ours.shape == (4, SIZE, SIZE)
-  difference = float(np.abs(ours - theirs).max())
-  record_property('max_abs_difference', difference)
-  print(f'{name}: max abs difference {difference:.2e}')
-  assert difference < TOLERANCE
-  assert (ours.max(axis=(1, 2)) > 0.99).all()
-  return difference
 
 
 def test_shapley_cam_equals_theirs_where_the_hessian_term_counts(curved_problem, record_property):
