@@ -120,8 +120,8 @@ def _explainer(run, options: EvalOptions) -> explain.Explainer:
     info.std,
     run.spec.data.image_size,
     run.dtype,
-    options.layer,
-    options.score_cam_chunk,
+    layer=options.layer,
+    score_cam_chunk=options.score_cam_chunk,
   )
 
 

@@ -50,9 +50,6 @@ class Explainer:
   layer: the layer explained, or a sequence of layers whose maps are fused (each upsampled
     and scaled to [0, 1], then combined by `fusion` and scaled again).
     None: the model's default ('cam' for ours; linen and NNX modules need a name).
-  fusion: how a sequence of layers' maps combine: 'mean' (pytorch-grad-cam's multi-layer
-    rule) or 'product' (RefineCAM, `cam.refine_cam`: a position stays only where every layer
-    marks it; with an early and a late layer, the early layer's detail denoised).
   score_cam_chunk, ablation_chunk: channels per masked forward pass (Score-CAM) or per head
     call (Ablation-CAM); each call sees batch * chunk images or feature sets.
   prefix_tokens: for token features `(N, L, D)`, the class and register tokens before the
@@ -62,6 +59,9 @@ class Explainer:
     0 for none. Needs a `key` in `maps`.
   augment: test-time augmentation, the mean map over the image as is and mirrored, at
     brightness x0.9, x1 and x1.1, each map mapped back to the original frame.
+  fusion: how a sequence of layers' maps combine: 'mean' (pytorch-grad-cam's multi-layer
+    rule) or 'product' (RefineCAM, `cam.refine_cam`: a position stays only where every layer
+    marks it; with an early and a late layer, the early layer's detail denoised).
   """
 
   model: Any
@@ -70,13 +70,13 @@ class Explainer:
   image_size: int | None = None
   dtype: Any = jnp.float32
   layer: str | Sequence[str] | None = None
-  fusion: str = 'mean'
   score_cam_chunk: int = 32
   ablation_chunk: int = 32
   prefix_tokens: int = 1
   noise_samples: int = 0
   noise_std: float = 0.15
   augment: bool = False
+  fusion: str = 'mean'
   adapter: Any = dataclasses.field(init=False, repr=False, compare=False)
   default_variables: Any = dataclasses.field(init=False, repr=False, compare=False)
 
