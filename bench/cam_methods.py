@@ -100,6 +100,9 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   # from the same forward pass, which XLA computes once (measured: the cost of
   # guided_backprop).
   'guided_grad_cam': ('F + b + B', lambda k: {'F': 1, 'b': 1, 'B': 1}),
+  # One VJP of the whole network to its input and to a zero added at every bias layer's
+  # output (the same backward pass gives all the gradients).
+  'full_grad': ('F + B', lambda k: {'F': 1, 'B': 1}),
   # Features, then one SVD of the (h w, K) matrix per image; no targets, no gradients.
   'eigen_cam': ('F + SVD', lambda k: {'F': 1, 'svd': 1}),
   # Features, then K forward passes of the whole network on the image masked by each

@@ -298,3 +298,14 @@ def test_guided_backprop_equals_theirs(problem, record_property):
   assert difference < TOLERANCE
   plain = np.asarray(jax.grad(lambda p: model.apply(variables, p)[:, 0].sum())(images))
   assert np.abs(plain[:1] - ours[:1]).max() > 1e-3 * scale  # the guiding changes them
+
+
+def test_full_grad_equals_theirs(problem, record_property):
+  """pytorch-grad-cam's FullGrad (the biases of conv1 and conv2, no BatchNorm here;
+  tests/test_fullgrad.py has one) against the explainer's `full_grad`."""
+  images, _, _, _, torch_model, x, model, variables = problem
+  ours = explain.Explainer(model).maps('full_grad', variables, images, jnp.asarray(TARGETS))
+  targets = [ClassifierOutputTarget(int(c)) for c in TARGETS]
+  with pytorch_grad_cam.FullGrad(torch_model, []) as full_grad:
+    theirs = full_grad(input_tensor=x, targets=targets)
+  _compare('FullGrad', np.asarray(ours), theirs, record_property)

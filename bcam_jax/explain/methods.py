@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from bcam_jax import cam, models
-from bcam_jax.explain import guided, layers
+from bcam_jax.explain import fullgrad, guided, layers
 from bcam_jax.models import heads
 
 # (explainer, variables, pixels, targets, layer) -> maps (N, h, w); the explainer is an
@@ -121,6 +121,22 @@ def _guided_grad_cam(explainer, variables, pixels, targets, layer):
   return grad * _guided_backprop(explainer, variables, pixels, targets, layer)
 
 
+def _full_grad(explainer, variables, pixels, targets, layer):
+  """FullGrad: the input-gradient and bias-gradient parts of every Conv and BatchNorm
+  layer, at the image's resolution (`explain.fullgrad`)."""
+  logits_fn = lambda x: explainer.adapter.logits(variables, x)
+  return fullgrad.full_grad(logits_fn, explainer.normalize(pixels), targets)
+
+
+def _linen_model(adapter, variables) -> None:
+  """FullGrad intercepts linen layers by type."""
+  if not isinstance(adapter, layers.LinenModel):
+    raise ValueError(
+      f'method full_grad needs a Flax linen model (its Conv and BatchNorm layers are read '
+      f'while it runs); got {adapter.label()}'
+    )
+
+
 def _module(explainer):
   return explainer.adapter.module
 
@@ -196,6 +212,7 @@ REGISTRY: dict[str, Method] = {
   # The whole network's input gradients through guided ReLUs (explain.guided).
   'guided_backprop': Method(_guided_backprop, default=False),  # at the input, whatever the layer
   'guided_grad_cam': Method(_guided_grad_cam, default=False),
+  'full_grad': Method(_full_grad, check=_linen_model, default=False),  # every bias layer
   'evidence': Method(_evidence, check=_softcam_head, any_layer=False),
   'raw_attention': Method(_raw_attention, check=_ca_stream_pooling, any_layer=False),
 }
