@@ -54,6 +54,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcam_jax import cam, data, eval_lib, eval_options, explain, models  # noqa: E402
+from bcam_jax.explain import sess  # noqa: E402
 from bench import common  # noqa: E402
 
 NUM_CLASSES = 10
@@ -103,6 +104,9 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   # One VJP of the whole network to its input and to a zero added at every bias layer's
   # output (the same backward pass gives all the gradients).
   'full_grad': ('F + B', lambda k: {'F': 1, 'B': 1}),
+  # SESS: per window of every scale (its copies, 122 at the defaults), the network's
+  # forward pass (the patch's score and features) and Grad-CAM's VJP of the head.
+  'sess': ('F + b', lambda k: {'F': 1, 'b': 1}),
   # Features, then one SVD of the (h w, K) matrix per image; no targets, no gradients.
   'eigen_cam': ('F + SVD', lambda k: {'F': 1, 'svd': 1}),
   # Features, then K forward passes of the whole network on the image masked by each
@@ -166,7 +170,7 @@ class Job:
   fn: Callable  # jitted
   args: tuple
   passes: str  # the PASSES key
-  copies: int = 1  # smoothing copies per image
+  copies: int = 1  # smoothing copies (SESS: windows) per image
   timed_channels: int | None = None  # Score-CAM: channels timed (extrapolated to K)
 
 
@@ -245,7 +249,8 @@ def _jobs(model, size: int, variables, pixels, images, labels):
       jobs[method] = Job(jax.jit(score), args, method, timed_channels=channels)
     else:
       fn = jax.jit(lambda v, p, t, method=method: explainer.raw_maps(method, v, p, t))
-      jobs[method] = Job(fn, args, method)
+      windows = sum(len(c) for _, c in sess.windows(size, size)) if method == 'sess' else 1
+      jobs[method] = Job(fn, args, method, copies=windows)
   key = jax.random.key(2)
   for method in _SMOOTH.value:
     if not _applicable(model, variables, method):

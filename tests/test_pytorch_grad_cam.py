@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from bcam_jax import cam, explain
+from bcam_jax.explain import sess
 
 torch = pytest.importorskip('torch')
 pytorch_grad_cam = pytest.importorskip('pytorch_grad_cam')
@@ -309,3 +310,35 @@ def test_full_grad_equals_theirs(problem, record_property):
   with pytorch_grad_cam.FullGrad(torch_model, []) as full_grad:
     theirs = full_grad(input_tensor=x, targets=targets)
   _compare('FullGrad', np.asarray(ours), theirs, record_property)
+
+
+@pytest.mark.parametrize(
+  'options',
+  [
+    {},  # its defaults: 12 scales from the window (10, 13, ..., 43), no overlap, mean fusion
+    {'pool': 'max', 'pre_filter_ratio': 0.5, 'theta': 0.2, 'smooth': False},
+    {'scales': [10, 15], 'window_size': 9, 'step_size': 3, 'use_softmax_scores': False},
+  ],
+)
+def test_sess_equals_theirs(options, problem, record_property):
+  """pytorch-grad-cam's SESS with its Grad-CAM base against `sess.sess` on the same base,
+  square and (the last case) 10x13 images with overlapping windows."""
+  images, _, _, _, torch_model, x, model, variables = problem
+  if 'window_size' in options:
+    images = jnp.asarray(np.random.default_rng(1).normal(size=(4, SIZE, 13, 3)), jnp.float32)
+    x = torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())
+
+  def patch_fn(patches, targets):
+    features = model.apply(variables, patches, method='features')
+    head_fn = lambda a: model.apply(variables, a, method='head')
+    return cam.grad_cam(head_fn, features, targets), model.apply(variables, patches)
+
+  ours = cam.normalize_cam(sess.sess(patch_fn, images, jnp.asarray(TARGETS), **options))
+  targets = [ClassifierOutputTarget(int(c)) for c in TARGETS]
+  with pytorch_grad_cam.SESS(torch_model, [torch_model.relu2], **options) as theirs_sess:
+    theirs = theirs_sess(input_tensor=x, targets=targets)
+  assert theirs.shape == ours.shape == images.shape[:3]
+  difference = float(np.abs(np.asarray(ours) - theirs).max())
+  record_property('max_abs_difference', difference)
+  print(f'SESS {options}: max abs difference {difference:.2e}')
+  assert difference < TOLERANCE

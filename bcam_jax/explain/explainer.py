@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bcam_jax import cam, data
-from bcam_jax.explain import guided
+from bcam_jax.explain import guided, sess
 from bcam_jax.explain import layers as layers_lib
 from bcam_jax.explain.methods import REGISTRY, check_methods
 
@@ -142,6 +142,33 @@ class Explainer:
     return guided.guided_gradients(
       lambda x: self.adapter.logits(variables, x), self.normalize(pixels), targets
     )
+
+  def sess(
+    self,
+    variables,
+    pixels: jax.Array,
+    targets: jax.Array,
+    base: str = 'grad_cam',
+    layer: str | None = None,
+    **options,
+  ) -> jax.Array:
+    """SESS maps `(N, H, W)` in [0, 1] at the images' resolution (`explain.sess`): `base`
+    (any method of `REGISTRY` but SESS) at `layer` (default the first explained layer) on
+    window-sized patches of the images at several scales, fused. `targets` are class
+    indices `(N,)`; `options` are `sess.sess`'s (scales, window, step, theta, pool, ...)."""
+    check_methods([base])
+    if base == 'sess':
+      raise ValueError('sess needs another method as its base, not sess')
+    if callable(targets):
+      raise ValueError('sess explains class indices, not a callable target')
+    variables = self._variables(variables)
+    layer = self.layers[0] if layer is None else layer
+
+    def patch_fn(patches, patch_targets):
+      maps = self.raw_maps(base, variables, patches, patch_targets, layer)
+      return maps, self.logits(variables, patches)
+
+    return cam.normalize_cam(sess.sess(patch_fn, pixels, targets, **options))
 
   def layer_shapes(self, variables, pixels: jax.Array) -> dict[str, tuple]:
     """{layer name: output shape} of the layers the model can explain, for choosing `layer`

@@ -128,6 +128,11 @@ def _full_grad(explainer, variables, pixels, targets, layer):
   return fullgrad.full_grad(logits_fn, explainer.normalize(pixels), targets)
 
 
+def _sess(explainer, variables, pixels, targets, layer):
+  """SESS with Grad-CAM as its base, pytorch-grad-cam's defaults (`Explainer.sess`)."""
+  return explainer.sess(variables, pixels, targets, layer=layer)
+
+
 def _linen_model(adapter, variables) -> None:
   """FullGrad intercepts linen layers by type."""
   if not isinstance(adapter, layers.LinenModel):
@@ -213,6 +218,8 @@ REGISTRY: dict[str, Method] = {
   'guided_backprop': Method(_guided_backprop, default=False),  # at the input, whatever the layer
   'guided_grad_cam': Method(_guided_grad_cam, default=False),
   'full_grad': Method(_full_grad, check=_linen_model, default=False),  # every bias layer
+  # 12 scales of sliding windows, Grad-CAM of each patch: about 50-160 passes per image.
+  'sess': Method(_sess, default=False),
   'evidence': Method(_evidence, check=_softcam_head, any_layer=False),
   'raw_attention': Method(_raw_attention, check=_ca_stream_pooling, any_layer=False),
 }
