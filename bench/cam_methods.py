@@ -103,6 +103,9 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   # One VJP of the whole network to its input and to a zero added at every bias layer's
   # output (the same backward pass gives all the gradients).
   'full_grad': ('F + B', lambda k: {'F': 1, 'B': 1}),
+  # One VJP of every ViT block's own scores to a zero at its attention's output projection,
+  # each block's input stopped from gradients: one backward pass through the blocks.
+  'legrad': ('F + B', lambda k: {'F': 1, 'B': 1}),
   # Features, then one SVD of the (h w, K) matrix per image; no targets, no gradients.
   'eigen_cam': ('F + SVD', lambda k: {'F': 1, 'svd': 1}),
   # Features, then K forward passes of the whole network on the image masked by each
