@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bcam_jax import cam, explain
+from bcam_jax.explain import legrad
 from bcam_jax.models import get_model, init_variables
 
 SIZE, PATCH, HIDDEN, DEPTH, HEADS, MLP, CLASSES = 16, 4, 32, 3, 2, 64, 5
@@ -68,9 +69,9 @@ def _layer_score(weights, p, x, head, target):
 _score_grad = jax.jit(jax.grad(_layer_score))  # one compilation for every block and image
 
 
-def _naive_map(params, image, target):
-  """One image's LeGrad map, block by block: the gradient of that block's score with
-  respect to its attention as an explicit argument."""
+def _naive_maps(params, image, target):
+  """One image's LeGrad map of each block `(blocks, s, s)`: the gradient of that block's
+  score with respect to its attention as an explicit argument."""
   backbone, head = params['backbone_net'], params['head_net']
   side = SIZE // PATCH
   patches = image.reshape(side, PATCH, side, PATCH, 3).transpose(0, 2, 1, 3, 4)
@@ -84,20 +85,27 @@ def _naive_map(params, image, target):
     grads = np.asarray(_score_grad(weights, p, tokens, head, target))
     maps.append(np.maximum(grads, 0).mean(axis=(0, 1))[1:].reshape(side, side))
     tokens = _block(p, tokens, weights)
-  return np.mean(maps, axis=0)
+  return np.stack(maps)
 
 
 def test_maps_equal_a_per_image_loop(problem):
   explainer, variables, images, ours = problem
   assert ours.shape == (4, SIZE // PATCH, SIZE // PATCH) and float(ours.min()) >= 0
+  last_two = jax.jit(lambda v, x, t: legrad.legrad(explainer.adapter, v, x, t, blocks=2))(
+    variables, explainer.normalize(images), TARGETS
+  )
   differences = []
   for i in range(4):
-    naive = _naive_map(variables['params'], images[i], int(TARGETS[i]))
-    differences.append(np.abs(np.asarray(ours[i]) - naive).max() / naive.max())
-    np.testing.assert_allclose(ours[i], naive, rtol=1e-5, atol=1e-5 * naive.max())
+    naive = _naive_maps(variables['params'], images[i], int(TARGETS[i]))
+    scale = naive.mean(0).max()
+    differences.append(np.abs(np.asarray(ours[i]) - naive.mean(0)).max() / scale)
+    np.testing.assert_allclose(ours[i], naive.mean(0), rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(last_two[i], naive[-2:].mean(0), rtol=1e-5, atol=1e-5 * scale)
   print(f'LeGrad vs per-image loop: max relative difference {max(differences):.2e}')
   scaled = jax.jit(explainer.maps, static_argnums=0)('legrad', variables, images, TARGETS)
   assert scaled.shape == (4, SIZE, SIZE) and float(scaled.max()) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match='blocks=0; expected at least one block'):
+    legrad.legrad(explainer.adapter, variables, images, TARGETS, blocks=0)
 
 
 def test_refuses_other_models():
