@@ -107,6 +107,9 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   # SESS: per window of every scale (its copies, 122 at the defaults), the network's
   # forward pass (the patch's score and features) and Grad-CAM's VJP of the head.
   'sess': ('F + b', lambda k: {'F': 1, 'b': 1}),
+  # One VJP of every ViT block's own scores to a zero at its attention's output projection,
+  # each block's input stopped from gradients: one backward pass through the blocks.
+  'legrad': ('F + B', lambda k: {'F': 1, 'B': 1}),
   # Features, then one SVD of the (h w, K) matrix per image; no targets, no gradients.
   'eigen_cam': ('F + SVD', lambda k: {'F': 1, 'svd': 1}),
   # Features, then K forward passes of the whole network on the image masked by each

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from bcam_jax import cam, models
-from bcam_jax.explain import fullgrad, guided, layers
+from bcam_jax.explain import fullgrad, guided, layers, legrad
 from bcam_jax.models import heads
 
 # (explainer, variables, pixels, targets, layer) -> maps (N, h, w); the explainer is an
@@ -142,6 +142,13 @@ def _linen_model(adapter, variables) -> None:
     )
 
 
+def _legrad(explainer, variables, pixels, targets, layer):
+  """LeGrad: each ViT block's positive gradients of its own class scores with respect to
+  its attention, averaged over heads, queries and blocks, at the patch grid
+  (`explain.legrad`)."""
+  return legrad.legrad(explainer.adapter, variables, explainer.normalize(pixels), targets)
+
+
 def _module(explainer):
   return explainer.adapter.module
 
@@ -218,8 +225,10 @@ REGISTRY: dict[str, Method] = {
   'guided_backprop': Method(_guided_backprop, default=False),  # at the input, whatever the layer
   'guided_grad_cam': Method(_guided_grad_cam, default=False),
   'full_grad': Method(_full_grad, check=_linen_model, default=False),  # every bias layer
-  # 12 scales of sliding windows, Grad-CAM of each patch: about 50-160 passes per image.
+  # 12 scales of sliding windows (122 at the defaults), Grad-CAM of each window.
   'sess': Method(_sess, default=False),
+  # A ViT's every block's attention (explain.legrad), whatever the layer.
+  'legrad': Method(_legrad, check=legrad.check_model, any_layer=False, default=False),
   'evidence': Method(_evidence, check=_softcam_head, any_layer=False),
   'raw_attention': Method(_raw_attention, check=_ca_stream_pooling, any_layer=False),
 }
