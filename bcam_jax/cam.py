@@ -1,7 +1,7 @@
 """Class activation maps computed inside `jit`: CAM, Grad-CAM, Grad-CAM++, XGrad-CAM,
 HiResCAM, LayerCAM, element-wise Grad-CAM, ShapleyCAM, Finer-CAM, Eigen-CAM, Eigen-Grad-CAM,
-Seg-Eigen-CAM, KPCA-CAM, FEM, Ablation-CAM, Score-CAM and Batch-CAM, each for a whole batch
-at once, and RefineCAM's fusion of several layers' maps.
+Seg-Eigen-CAM, KPCA-CAM, FEM, Deep Feature Factorization, Ablation-CAM, Score-CAM and
+Batch-CAM, each for a whole batch at once, and RefineCAM's fusion of several layers' maps.
 
 The gradient-based methods take `head_fn`, a pure and strictly per-sample function mapping CAM-layer
 features `(N, h, w, K)` to logits `(N, C)` (e.g. `lambda a: model.apply(variables, a,
@@ -15,7 +15,8 @@ yields
     G_i = dS_i / dA_i        for every sample i at once (paper eq. 3),
 
 with no hooks and no per-sample loop. All functions are differentiable, including through
-G (second order through the head), so they can sit inside a training loss.
+G (second order through the head), so they can sit inside a training loss; Deep Feature
+Factorization alone is not (its NMF iterates to convergence in a `lax.while_loop`).
 
 Every map function returns non-negative maps `(N, h, w)` at feature resolution, in at least
 float32; `upsample_cam` and `normalize_cam` bring them to image size and [0, 1]. A layer
@@ -24,9 +25,12 @@ the matching `head_fn`.
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from bcam_jax import nmf
 
 HeadFn = Callable[[jax.Array], jax.Array]
 """The rest of the network after the explained layer: features `(N, h, w, K)` -> logits
@@ -312,6 +316,103 @@ def kpca_cam(features: jax.Array, kernel: str = 'sigmoid', gamma: float | None =
   values, vectors = jnp.linalg.eigh(kmat)  # ascending
   projection = vectors[:, :, -1] * jnp.sqrt(jnp.maximum(values[:, -1:], 0.0))
   return _positive_side(projection).reshape(n, h, w)
+
+
+DFF_COMPONENTS = 5
+"""Deep Feature Factorization's concepts per image by default: pytorch-grad-cam's `dff` and
+`run_dff_on_image` (its `DeepFeatureFactorization.__call__` alone defaults to 16)."""
+
+
+class ConceptFactorization(NamedTuple):
+  """Deep Feature Factorization of a layer's features `(N, h, w, K)` into n concepts.
+
+  concepts: `(N, K, n)`, column j concept j in feature space (NMF's W plus the per-channel
+    offset subtracted before the factorization); with `joint=True` the batch's shared
+    concepts, the same for every image.
+  explanations: `(N, n, h, w)` >= 0, where each concept is in each image (NMF's H).
+  scores: `(N, n, C)`, the logits of each concept (`concept_scores`; pytorch-grad-cam's
+    `concept_outputs`, whose softmax its `run_dff_on_image` shows), or None without a head.
+  n_iter: NMF iterations, `(N,)` (`(1,)` with `joint=True`).
+  """
+
+  concepts: jax.Array
+  explanations: jax.Array
+  scores: jax.Array | None
+  n_iter: jax.Array
+
+
+def concept_scores(head_fn: HeadFn, concepts: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Logits `(N, n, C)` of each concept `(N, K, n)`: the head on the concept as a constant
+  feature map of `size` (h, w), one `vmap`ped head call for the n concepts of all images.
+  For a global-average-pool + dense head that is the dense layer on the concept vector,
+  what pytorch-grad-cam's `computation_on_concepts` (e.g. `model.fc`) gets."""
+  n_images, channels, n = concepts.shape
+  maps = jnp.moveaxis(concepts, -1, 0)[:, :, None, None, :]
+  maps = jnp.broadcast_to(maps, (n, n_images) + tuple(size) + (channels,))
+  return jnp.moveaxis(jax.vmap(head_fn)(maps), 0, 1)
+
+
+def deep_feature_factorization(
+  features: jax.Array,
+  n_components: int = DFF_COMPONENTS,
+  head_fn: HeadFn | None = None,
+  *,
+  joint: bool = False,
+  tol: float = 1e-4,
+  max_iter: int = 200,
+) -> ConceptFactorization:
+  """Deep Feature Factorization (Collins et al. 2018, arXiv 1806.10206): the layer's
+  activations as a `(K, h w)` matrix factorized into n non-negative concepts, W `(K, n)`
+  (what each concept is in feature space) times H `(n, h w)` (where it is); no targets, no
+  gradients. As pytorch-grad-cam's `DeepFeatureFactorization`: NaNs set to 0, each
+  channel's minimum subtracted (NMF needs X >= 0) and added back to the concepts,
+  scikit-learn's `NMF(n_components, init='random', random_state=0)` (`bcam_jax.nmf`, its
+  coordinate descent to `tol` or `max_iter` iterations), and with `head_fn` each concept's
+  class logits (`concept_scores`).
+
+  Per image by default (each image its own concepts, so a map does not depend on the other
+  images of the batch); `joint=True` factorizes the batch as one `(K, N h w)` matrix, one
+  set of concepts for all images, which is what pytorch-grad-cam does with a batch (and the
+  same for one image). Not reverse-differentiable (the NMF is a `lax.while_loop`).
+  """
+  n_images, h, w, channels = features.shape
+  a = at_least_float32(features)
+  a = jnp.where(jnp.isnan(a), 0, a)
+  x = jnp.moveaxis(a, -1, 0).reshape(channels, n_images, h * w)  # (K, N, h w)
+  if joint:
+    x = x.reshape(1, channels, n_images * h * w)
+  else:
+    x = jnp.moveaxis(x, 1, 0)  # (N, K, h w)
+  offset = jnp.min(x, axis=-1, keepdims=True)
+  factors = nmf.nmf(x - offset, n_components, tol=tol, max_iter=max_iter)
+  concepts = factors.w + offset
+  explanations = factors.h.reshape(-1, n_components, n_images if joint else 1, h, w)
+  explanations = jnp.moveaxis(explanations, 2, 1).reshape(n_images, n_components, h, w)
+  concepts = jnp.broadcast_to(concepts, (n_images, channels, n_components))
+  scores = None
+  if head_fn is not None:
+    scores = concept_scores(head_fn, concepts.astype(features.dtype), (h, w))
+  return ConceptFactorization(concepts, explanations, scores, factors.n_iter)
+
+
+def dff_cam(
+  head_fn: HeadFn,
+  features: jax.Array,
+  targets: jax.Array,
+  n_components: int = DFF_COMPONENTS,
+  joint: bool = False,
+) -> jax.Array:
+  """Deep Feature Factorization as one map per image `(N, h, w)`: the explanation (H row)
+  of the image's concept that the head scores highest for class `targets[i]`, by the
+  softmax over the classes of the concept's logits (the scores pytorch-grad-cam's
+  `run_dff_on_image` labels the concepts with). pytorch-grad-cam has no map per class (its
+  `show_factorization_on_image` colours every concept); this choice makes DFF one more
+  method of `explain.METHODS`. `deep_feature_factorization` gives all the concepts."""
+  factorization = deep_feature_factorization(features, n_components, head_fn, joint=joint)
+  probs = jax.nn.softmax(at_least_float32(factorization.scores), axis=-1)
+  target_probs = jnp.take_along_axis(probs, targets[:, None, None], axis=-1)[..., 0]
+  best = jnp.argmax(target_probs, axis=-1)  # (N,): the first concept on ties
+  return jnp.take_along_axis(factorization.explanations, best[:, None, None, None], axis=1)[:, 0]
 
 
 def refine_cam(layer_maps: jax.Array) -> jax.Array:

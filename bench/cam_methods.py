@@ -63,13 +63,14 @@ TARGETS = {'grad_cam': 2.0, 'grad_cam_pp': 2.0, 'score_cam': 1.25}  # x forward 
 # Passes through the network that one image costs, counted from each method's definition:
 # method -> (the rule, K -> {'F': forward passes of the whole network, 'h': forward passes
 # of the part after the explained layer, 'b': backward passes of that part, 'B': of the whole
-# network, 'svd': SVDs, 'eig': eigendecompositions}).
+# network, 'svd': SVDs, 'eig': eigendecompositions, 'nmf': non-negative matrix factorizations}).
 # The first pass of every post-hoc method is the network up to the layer (its features);
 # counted as 1 F, it also runs the head where the method needs the logits. K: the layer's
 # channels. At the default layer 'cam' the part after it is the head (global average pooling
 # + dense for resnet18), so h and b cost next to nothing; SVD and EIG are one decomposition of
-# the layer's (h w, K) features or (h w, h w) kernel matrix; at an inner layer (`--layer`) they
-# are the rest of the network. Smoothing (`--smooth`) multiplies a method's passes by its
+# the layer's (h w, K) features or (h w, h w) kernel matrix, NMF one factorization of the
+# (K, h w) features (up to 200 coordinate-descent iterations); at an inner layer (`--layer`)
+# h and b are the rest of the network. Smoothing (`--smooth`) multiplies a method's passes by its
 # copies: `noise_samples` noisy images, or 6 views (2 flips x 3 brightnesses) for augment.
 PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   'forward': ('F', lambda k: {'F': 1}),
@@ -95,6 +96,12 @@ PASSES: dict[str, tuple[str, Callable[[int], dict[str, int]]]] = {
   'kpca_cam': ('F + EIG', lambda k: {'F': 1, 'eig': 1}),
   # Features, then per channel a threshold and a mean: no targets, no gradients.
   'fem': ('F', lambda k: {'F': 1}),
+  # Features, one NMF of the (K, h w) features per image, then the head on each of the n
+  # concepts (a constant feature map) for their class scores.
+  'deep_feature_factorization': (
+    'F + n h + NMF',
+    lambda k: {'F': 1, 'h': cam.DFF_COMPONENTS, 'nmf': 1},
+  ),
   # One VJP of the whole network to its input (B: a backward pass of the whole network).
   'guided_backprop': ('F + B', lambda k: {'F': 1, 'B': 1}),
   # Grad-CAM's VJP of the head and guided backpropagation's VJP to the input; both start
@@ -209,7 +216,7 @@ def passes(method: str, k: int, copies: int = 1) -> str:
   """The passes one image costs, e.g. '513 F', '1 F + 512 h', '8 F + 8 b'."""
   counts = PASSES[method][1](k)
   terms = [f'{copies * counts[u]} {u}' for u in ('F', 'h', 'b', 'B') if counts.get(u)]
-  for unit in ('svd', 'eig'):
+  for unit in ('svd', 'eig', 'nmf'):
     if counts.get(unit):
       terms.append(f'{copies * counts[unit]} {unit.upper()}')
   return ' + '.join(terms)

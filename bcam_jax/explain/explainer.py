@@ -62,6 +62,8 @@ class Explainer:
   fusion: how a sequence of layers' maps combine: 'mean' (pytorch-grad-cam's multi-layer
     rule) or 'product' (RefineCAM, `cam.refine_cam`: a position stays only where every layer
     marks it; with an early and a late layer, the early layer's detail denoised).
+  dff_components: the concepts per image of method 'deep_feature_factorization'
+    (`cam.dff_cam`; `factorization` takes its own).
   """
 
   model: Any
@@ -77,6 +79,7 @@ class Explainer:
   noise_std: float = 0.15
   augment: bool = False
   fusion: str = 'mean'
+  dff_components: int = cam.DFF_COMPONENTS
   adapter: Any = dataclasses.field(init=False, repr=False, compare=False)
   default_variables: Any = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -169,6 +172,23 @@ class Explainer:
       return maps, self.logits(variables, patches)
 
     return cam.normalize_cam(sess.sess(patch_fn, pixels, targets, **options))
+
+  def factorization(
+    self,
+    variables,
+    pixels: jax.Array,
+    n_components: int = cam.DFF_COMPONENTS,
+    layer: str | None = None,
+    joint: bool = False,
+  ) -> cam.ConceptFactorization:
+    """Deep Feature Factorization of `layer` (default: the first explained layer): each
+    image's concepts `(N, K, n)`, their explanations `(N, n, h, w)` at the layer's
+    resolution and their logits `(N, n, C)` by the rest of the network
+    (`cam.deep_feature_factorization`; `joint=True`: one factorization of the whole batch,
+    as pytorch-grad-cam's `DeepFeatureFactorization`). `jax.nn.softmax(scores)` gives the
+    class probabilities pytorch-grad-cam labels the concepts with."""
+    features, head_fn = self.features(variables, pixels, layer)
+    return cam.deep_feature_factorization(features, n_components, head_fn, joint=joint)
 
   def layer_shapes(self, variables, pixels: jax.Array) -> dict[str, tuple]:
     """{layer name: output shape} of the layers the model can explain, for choosing `layer`

@@ -86,6 +86,14 @@ def _finer_cam(explainer, variables, pixels, targets, layer):
   return cam.finer_cam(head_fn, features, _class_indices(targets, 'finer_cam'))
 
 
+def _dff_cam(explainer, variables, pixels, targets, layer):
+  """Deep Feature Factorization: the explanation of the image's concept that the head
+  scores highest for the target class (`cam.dff_cam`)."""
+  features, head_fn = explainer.features(variables, pixels, layer)
+  targets = _class_indices(targets, 'deep_feature_factorization')
+  return cam.dff_cam(head_fn, features, targets, explainer.dff_components)
+
+
 def _ablation_cam(explainer, variables, pixels, targets, layer):
   """Ablation-CAM: channel weight = relative drop of the target score with the channel
   zeroed."""
@@ -220,6 +228,8 @@ REGISTRY: dict[str, Method] = {
   'seg_eigen_cam': Method(_with_head(cam.seg_eigen_cam), default=False),
   'kpca_cam': Method(_features_only(cam.kpca_cam), default=False),
   'fem': Method(_features_only(cam.fem), default=False),
+  # NMF of the layer into concepts, the one the head scores highest for the target shown.
+  'deep_feature_factorization': Method(_dff_cam, default=False),
   'ablation_cam': Method(_ablation_cam, default=False),
   # The whole network's input gradients through guided ReLUs (explain.guided).
   'guided_backprop': Method(_guided_backprop, default=False),  # at the input, whatever the layer
