@@ -9,6 +9,8 @@ where pytorch-grad-cam's method itself differs, the test patches that one step w
 pytorch-grad-cam's or PyTorch's own function and says why.
 """
 
+import copy
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -289,7 +291,9 @@ def test_guided_backprop_equals_theirs(problem, record_property):
   images, _, _, _, torch_model, x, model, variables = problem
   explainer = explain.Explainer(model, layer='conv2')
   ours = np.asarray(explainer.guided_gradients(variables, images, jnp.asarray(TARGETS)))
-  guided = GuidedBackpropReLUModel(torch_model, device='cpu')
+  # A copy: it puts one ReLU module back in place of all of the model's ReLUs afterwards,
+  # after which a hook on relu2 would also see relu1's outputs (the twin is shared).
+  guided = GuidedBackpropReLUModel(copy.deepcopy(torch_model), device='cpu')
   theirs = np.stack([guided(x[i : i + 1], int(c)) for i, c in enumerate(TARGETS)])
   assert ours.shape == theirs.shape == (4, SIZE, SIZE, 3)
   scale = float(np.abs(theirs).max())

@@ -12,6 +12,11 @@ layer, under jit, and their faithfulness.
   - `sanity`: the model-parameter randomisation test: do the maps change when the
     model's weights are randomised, layer by layer?
   - `overlay`: maps blended over their images as RGB arrays (`show_cam_on_image`).
+  - the methods that need the whole network rather than one layer's features: `guided`
+    (guided backpropagation, the model's ReLUs guided while it is traced), `fullgrad`
+    (FullGrad, every Conv and BatchNorm bias of a linen model), `sess` (SESS, any method
+    over scales and sliding windows) and `legrad` (LeGrad, every block's attention of our
+    ViTs).
 
 The map functions themselves live in `bcam_jax.cam`. This package never imports the
 training code (objective, steps, train_lib, evaluation), so any trained model can be explained
