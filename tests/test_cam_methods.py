@@ -412,13 +412,18 @@ def test_maps_same_on_one_and_eight_devices(method):
   features = jax.nn.relu(jax.random.normal(jax.random.key(24), (8, H, W, K)))
   targets = jnp.array([0, 3, 1, 1, 2, 0, 3, 2])
   fn = jax.jit(lambda f, t: SHARDED_METHODS[method](head_fn, f, t))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('batch',))
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-  sharded = fn(jax.device_put(features, batch), jax.device_put(targets, batch))
-  assert len(sharded.sharding.device_set) == 8
-  single = fn(jax.device_put(features, jax.devices()[0]), jax.device_put(targets, jax.devices()[0]))
+  sharded, single = _on_eight_and_one_devices(fn, features, targets)
   np.testing.assert_allclose(sharded, single, rtol=1e-6, atol=1e-7)
   assert single.max() > 0
+
+
+def _on_eight_and_one_devices(fn, *batches):
+  """`fn`'s result with its arguments' batch sharded over 8 devices, and on one."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('batch',))
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
+  sharded = fn(*(jax.device_put(b, batch) for b in batches))
+  assert len(sharded.sharding.device_set) == 8
+  return sharded, fn(*(jax.device_put(b, jax.devices()[0]) for b in batches))
 
 
 @pytest.mark.parametrize(
@@ -681,10 +686,6 @@ def test_whole_network_methods_same_on_one_and_eight_devices(two_conv, method):
   pixels = jax.random.uniform(jax.random.key(43), (8, 8, 8, 3))
   targets = jnp.array([0, 3, 1, 1, 2, 0, 3, 2])
   fn = jax.jit(lambda p, t: WHOLE_NETWORK_METHODS[method](explainer, variables, p, t))
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ('batch',))
-  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('batch'))
-  sharded = fn(jax.device_put(pixels, batch), jax.device_put(targets, batch))
-  assert len(sharded.sharding.device_set) == 8
-  single = fn(jax.device_put(pixels, jax.devices()[0]), jax.device_put(targets, jax.devices()[0]))
+  sharded, single = _on_eight_and_one_devices(fn, pixels, targets)
   np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
   assert (single.max(axis=(1, 2)) > 0.99).all()
