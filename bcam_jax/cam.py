@@ -326,13 +326,14 @@ DFF_COMPONENTS = 5
 class ConceptFactorization(NamedTuple):
   """Deep Feature Factorization of a layer's features `(N, h, w, K)` into n concepts.
 
-  concepts: `(N, K, n)`, column j concept j in feature space (NMF's W plus the per-channel
-    offset subtracted before the factorization); with `joint=True` the batch's shared
-    concepts, the same for every image.
-  explanations: `(N, n, h, w)` >= 0, where each concept is in each image (NMF's H).
-  scores: `(N, n, C)`, the logits of each concept (`concept_scores`; pytorch-grad-cam's
-    `concept_outputs`, whose softmax its `run_dff_on_image` shows), or None without a head.
-  n_iter: NMF iterations, `(N,)` (`(1,)` with `joint=True`).
+  Attributes:
+    concepts: `(N, K, n)`, column j concept j in feature space (NMF's W plus the per-channel
+      offset subtracted before the factorization); with `joint=True` the batch's shared
+      concepts, the same for every image.
+    explanations: `(N, n, h, w)` >= 0, where each concept is in each image (NMF's H).
+    scores: `(N, n, C)`, the logits of each concept (`concept_scores`; pytorch-grad-cam's
+      `concept_outputs`, whose softmax its `run_dff_on_image` shows), or None without a head.
+    n_iter: NMF iterations, `(N,)` (`(1,)` with `joint=True`).
   """
 
   concepts: jax.Array

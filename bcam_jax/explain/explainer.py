@@ -39,31 +39,36 @@ _TTA_FACTORS = (0.9, 1.0, 1.1)
 class Explainer:
   """A model with its normalisation, explained at `layer`.
 
-  model: one of `bcam_jax.models`, a Flax linen module, an Equinox module (its arrays are
-    then the default `variables`), a Flax NNX module (its state is
-    then the default `variables`), or an adapter of `bcam_jax.explain.layers`
-    (`LinenModel` with apply options, `NNXModel`, `FunctionsModel`).
-  mean, std: the input normalisation, `(pixels - mean) / std`, a scalar or one value per
-    channel.
-  image_size: side of the maps; None for the images' own size.
-  dtype: the model's input dtype.
-  layer: the layer explained, or a sequence of layers whose maps are fused (each upsampled
-    and scaled to [0, 1], then combined by `fusion` and scaled again).
-    None: the model's default ('cam' for ours; linen and NNX modules need a name).
-  score_cam_chunk, ablation_chunk: channels per masked forward pass (Score-CAM) or per head
-    call (Ablation-CAM); each call sees batch * chunk images or feature sets.
-  prefix_tokens: for token features `(N, L, D)`, the class and register tokens before the
-    square grid of patches (`layers.token_grid`).
-  noise_samples, noise_std: SmoothGrad-style smoothing, the mean map over `noise_samples`
-    copies of each image with Gaussian noise of `noise_std` (in [0, 1] pixel units) added;
-    0 for none. Needs a `key` in `maps`.
-  augment: test-time augmentation, the mean map over the image as is and mirrored, at
-    brightness x0.9, x1 and x1.1, each map mapped back to the original frame.
-  fusion: how a sequence of layers' maps combine: 'mean' (pytorch-grad-cam's multi-layer
-    rule) or 'product' (RefineCAM, `cam.refine_cam`: a position stays only where every layer
-    marks it; with an early and a late layer, the early layer's detail denoised).
-  dff_components: the concepts per image of method 'deep_feature_factorization'
-    (`cam.dff_cam`; `factorization` takes its own).
+  Attributes:
+    model: one of `bcam_jax.models`, a Flax linen module, an Equinox module (its arrays are
+      then the default `variables`), a Flax NNX module (its state is
+      then the default `variables`), or an adapter of `bcam_jax.explain.layers`
+      (`LinenModel` with apply options, `NNXModel`, `FunctionsModel`).
+    mean: the input normalisation's mean, `(pixels - mean) / std`, a scalar or one value
+      per channel.
+    std: its standard deviation, a scalar or one value per channel.
+    image_size: side of the maps; None for the images' own size.
+    dtype: the model's input dtype.
+    layer: the layer explained, or a sequence of layers whose maps are fused (each upsampled
+      and scaled to [0, 1], then combined by `fusion` and scaled again).
+      None: the model's default ('cam' for ours; linen and NNX modules need a name).
+    score_cam_chunk: channels per masked forward pass of Score-CAM; each call sees
+      batch * chunk images.
+    ablation_chunk: channels per head call of Ablation-CAM; each call sees batch * chunk
+      feature sets.
+    prefix_tokens: for token features `(N, L, D)`, the class and register tokens before the
+      square grid of patches (`layers.token_grid`).
+    noise_samples: SmoothGrad-style smoothing, the mean map over `noise_samples` copies of
+      each image with Gaussian noise of `noise_std` added; 0 for none. Needs a `key` in
+      `maps`.
+    noise_std: that noise's standard deviation, in [0, 1] pixel units.
+    augment: test-time augmentation, the mean map over the image as is and mirrored, at
+      brightness x0.9, x1 and x1.1, each map mapped back to the original frame.
+    fusion: how a sequence of layers' maps combine: 'mean' (pytorch-grad-cam's multi-layer
+      rule) or 'product' (RefineCAM, `cam.refine_cam`: a position stays only where every layer
+      marks it; with an early and a late layer, the early layer's detail denoised).
+    dff_components: the concepts per image of method 'deep_feature_factorization'
+      (`cam.dff_cam`; `factorization` takes its own).
   """
 
   model: Any
@@ -158,7 +163,8 @@ class Explainer:
     """SESS maps `(N, H, W)` in [0, 1] at the images' resolution (`explain.sess`): `base`
     (any method of `REGISTRY` but SESS) at `layer` (default the first explained layer) on
     window-sized patches of the images at several scales, fused. `targets` are class
-    indices `(N,)`; `options` are `sess.sess`'s (scales, window, step, theta, pool, ...)."""
+    indices `(N,)`; `options` are `sess.sess`'s (`scales`, `window_size`, `step_size`,
+    `pre_filter_ratio`, `theta`, `pool`, `smooth`, `use_softmax_scores`, `chunk`)."""
     check_methods([base])
     if base == 'sess':
       raise ValueError('sess needs another method as its base, not sess')

@@ -32,11 +32,12 @@ CheckFn = Callable[[Any, Any], None]
 class Method:
   """One registered method.
 
-  maps: how it gets its maps (`MapsFn`).
-  check: what it needs of the model (its `explain.layers` adapter), run before any work;
-    None for any model.
-  any_layer: whether it explains any layer or the model's default layer only.
-  default: measured by `default_methods` wherever the model gives it.
+  Attributes:
+    maps: how it gets its maps (`MapsFn`).
+    check: what it needs of the model (its `explain.layers` adapter), run before any work;
+      None for any model.
+    any_layer: whether it explains any layer or the model's default layer only.
+    default: measured by `default_methods` wherever the model gives it.
   """
 
   maps: MapsFn

@@ -149,22 +149,28 @@ def sess(
   use_softmax_scores: bool = True,
   chunk: int = 64,
 ) -> jax.Array:
-  """SESS maps `(N, H, W)` of `pixels` `(N, H, W, C)` (not scaled; non-negative) for class
-  indices `targets` `(N,)`.
+  """SESS maps `(N, H, W)` of the images (not scaled; non-negative).
 
-  patch_fn: the base method and the scores of a batch of window-sized patches (`PatchFn`).
-  scales: the shorter side at each scale (default `default_scales(window_size, num_scales,
-    scale_step_ratio)`); each at least the window.
-  window_size, step_size: the sliding window's side (default the image's shorter side, so the first
-    scale is the image itself) and stride (default the window: windows do not overlap,
-    except the last of a row, shifted back inside).
-  pre_filter_ratio: the share of the lowest-scoring patches left out of the fusion.
-  theta: pasted values at or below it take no part in the mean.
-  pool: 'mean' (the paper's spatial weighted average) or 'max'.
-  smooth: the final Gaussian blur.
-  use_softmax_scores: a patch's weight from the target's softmax probability (the paper);
-    False for the target logit, clipped at 0.
-  chunk: patches per call of `patch_fn`, so memory is bounded whatever the scales.
+  Args:
+    patch_fn: the base method and the scores of a batch of window-sized patches
+      (`PatchFn`).
+    pixels: the images, `(N, H, W, C)`.
+    targets: class indices `(N,)`.
+    scales: the shorter side at each scale (default `default_scales(window_size,
+      num_scales, scale_step_ratio)`); each at least the window.
+    num_scales: the number of default scales.
+    scale_step_ratio: the default scales' step over the window's side.
+    window_size: the sliding window's side (default the image's shorter side, so the first
+      scale is the image itself).
+    step_size: the window's stride (default the window: windows do not overlap, except the
+      last of a row, shifted back inside).
+    pre_filter_ratio: the share of the lowest-scoring patches left out of the fusion.
+    theta: pasted values at or below it take no part in the mean.
+    pool: 'mean' (the paper's spatial weighted average) or 'max'.
+    smooth: the final Gaussian blur.
+    use_softmax_scores: a patch's weight from the target's softmax probability (the
+      paper); False for the target logit, clipped at 0.
+    chunk: patches per call of `patch_fn`, so memory is bounded whatever the scales.
   """
   if pool not in POOLS:
     raise ValueError(f'pool={pool!r}; expected one of {", ".join(POOLS)}')
