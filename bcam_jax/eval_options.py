@@ -32,30 +32,39 @@ INSERTION_DELETION_FIELDS = (
 class EvalOptions:
   """What `evaluate_and_report` measures.
 
-  methods: CAM methods (`explain.METHODS`), empty for `explain.default_methods` of the
-  model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention);
-  num_images: test images (the first ones) for the per-method metrics, 0 for all;
-  target: the class each map explains, 'label' or 'predicted'; layer: the explained
-  layer of the features dict; insertion and deletion (`faithfulness.insertion_deletion`),
-  by default CA-Stream's convention: blur_size, blur_sigma: insertion starts from RISE's
-  blur (`faithfulness.rise_blur`, a blur_size x blur_sigma kernel, CA-Stream's 5 x 5; RISE's
-  own 11 x 5), blur_size 0 for a Gaussian of sigma side / 10 (`faithfulness.blur`);
-  deletion_baseline: what deleted pixels (and the RISE blur's padding) become, 'mean' (0 in
-  normalised space, the dataset mean in pixels) or 'black' (0 in pixel space);
-  pixels_per_step: pixels per step, 0 for 8 * side (CA-Stream's), or n_steps > 0 equal
-  steps instead; the equal-steps convention (this project's tables in results/) is
-  n_steps=25, blur_size=0, deletion_baseline='black'; method_batch_size: images per jitted call of a
-  method
-  (Score-CAM and insertion/deletion multiply it by score_cam_chunk and 2 * steps_per_call);
-  num_overlays: test images in overlays.png;
-  overlay_selection: which ones, the 'first' of the test split (the classes in turn) or its
-  first 'misclassified' ones (where the maps show what misled the model);
-  num_error_pairs: confusions in error_prototypes.png; road: also ROAD (MoRF, LeRF and
-  combined over percentiles 10-90, `faithfulness.road`, 18 forward passes per image; its
-  imputation noise from a fixed key, so a result is reproducible); sanity_images: the first
-  test images of the parameter randomisation test (`explain.sanity`, each method's maps
-  with the model's blocks re-initialised from the output down, one stage per block), 0 for
-  none.
+  Insertion and deletion (`faithfulness.insertion_deletion`) follow CA-Stream's convention
+  by default; the equal-steps convention of this project's tables in results/ is
+  `n_steps=25, blur_size=0, deletion_baseline='black'`.
+
+  Attributes:
+    checkpoint: which checkpoint of the workdir, 'best' or 'last'.
+    methods: CAM methods (`explain.METHODS`); empty for `explain.default_methods` of the
+      model (the post-hoc ones plus Soft-CAM's evidence or CA-Stream's raw attention).
+    num_images: test images (the first ones) for the per-method metrics, 0 for all.
+    target: the class each map explains, 'label' or 'predicted'.
+    layer: the explained layer of the features dict.
+    n_steps: insertion / deletion in n_steps > 0 equal steps instead of `pixels_per_step`.
+    pixels_per_step: pixels per insertion / deletion step, 0 for 8 * side (CA-Stream's).
+    blur_size: insertion starts from RISE's blur (`faithfulness.rise_blur`) of a blur_size x
+      blur_sigma kernel (CA-Stream's 5 x 5; RISE's own 11 x 5); 0 for a Gaussian of sigma
+      side / 10 (`faithfulness.blur`).
+    blur_sigma: that kernel's sigma.
+    deletion_baseline: what deleted pixels (and the RISE blur's padding) become, 'mean' (0
+      in normalised space, the dataset mean in pixels) or 'black' (0 in pixel space).
+    method_batch_size: images per jitted call of a method (Score-CAM and insertion /
+      deletion multiply it by score_cam_chunk and 2 * steps_per_call).
+    score_cam_chunk: Score-CAM's channels per masked forward pass.
+    steps_per_call: insertion / deletion steps per call of the model.
+    num_overlays: test images in overlays.png.
+    overlay_selection: which ones, the 'first' of the test split (the classes in turn) or
+      its first 'misclassified' ones (where the maps show what misled the model).
+    num_error_pairs: confusions in error_prototypes.png.
+    road: also ROAD (MoRF, LeRF and combined over percentiles 10-90, `faithfulness.road`, 18
+      forward passes per image; its imputation noise from a fixed key, so a result is
+      reproducible).
+    sanity_images: the first test images of the parameter randomisation test
+      (`explain.sanity`, each method's maps with the model's blocks re-initialised from the
+      output down, one stage per block), 0 for none.
   """
 
   checkpoint: str = 'best'

@@ -186,15 +186,24 @@ class Objective:
       lambda_class * CE + lambda_cam * CAM term (eqs. 11-12)
                         + lambda_l1 * sum|E| + lambda_l2 * sum E^2  (Soft-CAM ElasticNet)
 
-  kind: 'ce' (no CAM term), 'proto' (per-image Prototype Loss) or 'bcpl' (Batch-CAM
-  Prototype Loss); metric: the map distance ('l1', 'l2', 'ssim'). The explanation is
-  Grad-CAM, or for a Soft-CAM model its evidence map of the label; maps are upsampled to
-  `prototype_size` (the prototypes' resolution) and min-max normalised before comparison.
-  cam_gradient: 'full' differentiates the CAM term through A and through Grad-CAM's
-  G = dS_y/dA; 'through_features' holds G constant (only the path through A trains). A
-  Soft-CAM evidence map has no G, so it takes 'full' only.
-  The ElasticNet term applies to Soft-CAM evidence maps E only; `elastic_net_reduction`
-  says what its sums run over (`elastic_net`).
+  The explanation is Grad-CAM, or for a Soft-CAM model its evidence map of the label; maps
+  are upsampled to `prototype_size` (the prototypes' resolution) and min-max normalised
+  before comparison.
+
+  Attributes:
+    kind: 'ce' (no CAM term), 'proto' (per-image Prototype Loss) or 'bcpl' (Batch-CAM
+      Prototype Loss).
+    metric: the map distance, 'l1', 'l2' or 'ssim'.
+    lambda_class: the cross-entropy's weight.
+    lambda_cam: the CAM term's weight.
+    num_classes: the classes (the prototypes' count).
+    prototype_size: the side maps are compared at.
+    lambda_l1: the ElasticNet's L1 weight, on Soft-CAM evidence maps E only.
+    lambda_l2: its L2 weight.
+    elastic_net_reduction: what the ElasticNet's sums run over (`elastic_net`).
+    cam_gradient: 'full' differentiates the CAM term through A and through Grad-CAM's
+      G = dS_y/dA; 'through_features' holds G constant (only the path through A trains). A
+      Soft-CAM evidence map has no G, so it takes 'full' only.
   """
 
   kind: LossKind = LossKind.CE

@@ -27,10 +27,15 @@ _OBJECTIVE_FROM_DATA = ('num_classes', 'prototype_size')
 class TrainSpec:
   """How long and in what precision a run trains, and when it logs, validates and saves.
 
-  batch_size: the global batch, split over every device; num_steps > 0 sets the length,
-  else num_epochs passes over the train split; dtype: the compute dtype of the model
-  ('float32', 'bfloat16', 'float64'); eval_every_steps 0 validates once per epoch;
-  keep_checkpoints: the latest K train states (the best variables are kept apart).
+  Attributes:
+    batch_size: the global batch, split over every device.
+    num_epochs: passes over the train split, where num_steps is not > 0.
+    num_steps: > 0 sets the run's length in steps.
+    dtype: the compute dtype of the model ('float32', 'bfloat16', 'float64').
+    log_every_steps: steps between log lines.
+    eval_every_steps: steps between validations; 0 validates once per epoch.
+    checkpoint_every_steps: steps between saved train states.
+    keep_checkpoints: the latest K train states (the best variables are kept apart).
   """
 
   batch_size: int = 128

@@ -57,17 +57,29 @@ class DataSpec:
   """Which data a run reads and how (`config.data`; the module docstring says what each
   source does).
 
-  name: a catalogue dataset (`DATASETS`), a TFDS name, or a folder's label; source: auto,
-  tfds, idx, download or folder; folder_dir: the image folder of source 'folder'; channels:
-  0 for the images' own, else 1 or 3; prototypes, prototypes_file, prototypes_from: how the
-  class prototypes are made (`bcam_jax.prototypes`); idx_dir, tfds_data_dir: '' for the
-  defaults ($BCAM_DATA_DIR/<name>, TFDS's own); val_size, split_seed: the seeded validation
-  subset of train; test_size: a seeded subset of the test split (0: all of it); image_size:
-  the side images are resized to; normalization: 'dataset'
-  (the literature constants, else the train split's mean and std), 'imagenet' or 'auto'
-  (resolved by `run_spec.RunSpec.normalization`: ImageNet's with pretrained weights);
-  stream, in_memory_limit_mb, decode_workers: when a split is streamed from disk and by how
-  many threads (`streaming`); augment: the train step's augmentations.
+  Attributes:
+    name: a catalogue dataset (`DATASETS`), a TFDS name, or a folder's label.
+    source: 'auto', 'tfds', 'idx', 'download' or 'folder'.
+    folder_dir: the image folder of source 'folder'.
+    channels: 0 for the images' own, else 1 or 3.
+    prototypes: the class prototypes, 'luma' (the grayscale of each class's mean image),
+      'channels' or 'file' (`bcam_jax.prototypes`).
+    prototypes_file: the `.npy` maps of prototypes 'file'.
+    prototypes_from: the images whose class means they are, 'split' or 'pooled'.
+    idx_dir: the IDX files' directory; '' for $BCAM_DATA_DIR/<name>.
+    tfds_data_dir: TFDS's data directory; '' for TFDS's own.
+    val_size: the seeded validation subset of train.
+    test_size: a seeded subset of the test split (0: all of it).
+    split_seed: the seed of both subsets.
+    image_size: the side images are resized to.
+    normalization: 'dataset' (the literature constants, else the train split's mean and
+      std), 'imagenet' or 'auto' (resolved by `run_spec.RunSpec.normalization`: ImageNet's
+      with pretrained weights).
+    stream: 'stream', 'memory', or 'auto': stream a split from disk when all of them
+      decoded would take more than in_memory_limit_mb (`streaming`).
+    in_memory_limit_mb: that limit in MiB.
+    decode_workers: the threads decoding a streamed split (0: `streaming.default_workers`).
+    augment: the train step's augmentations.
   """
 
   name: str = 'mnist'

@@ -134,11 +134,12 @@ def _replaced_layer_head(run, x, layer_value: jax.Array):
 class LinenModel:
   """Any Flax linen module, explained at a submodule given by its '/'-joined path.
 
-  module: the model; `module.apply(variables, x, **apply_kwargs)` gives its output.
-  apply_kwargs: e.g. `{'train': False}` for evaluation mode.
-  output: the logits from the output (default: the output itself, or its first element
-    when it is a tuple or list).
-  default_layer: the layer explained when the explainer names none.
+  Attributes:
+    module: the model; `module.apply(variables, x, **apply_kwargs)` gives its output.
+    apply_kwargs: e.g. `{'train': False}` for evaluation mode.
+    output: the logits from the output (default: the output itself, or its first element
+      when it is a tuple or list).
+    default_layer: the layer explained when the explainer names none.
   """
 
   module: nn.Module
