@@ -34,6 +34,8 @@ USER_ERRORS = (
   NonFiniteLossError,
   WeightsError,
 )
+# absl's help flags: asking for help is no failure (`run_command` exits 0 after them).
+HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
 
 # Flags defined through define_config_flag belong to the command that calls it (its --help).
 flags.disclaim_key_flags()
@@ -185,6 +187,3 @@ def run_command(main: Callable, module: str) -> None:
     if exit_.code == 1 and any(arg in HELP_FLAGS for arg in sys.argv[1:]):
       sys.exit(0)
     raise
-
-
-HELP_FLAGS = ('--help', '-h', '-?', '--helpshort', '--helpfull', '--helpxml')
