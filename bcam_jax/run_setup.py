@@ -150,6 +150,10 @@ def setup_run(
   except ValueError as error:
     raise ConfigError(str(error)) from None
   n_dev = mesh.devices.size
+  dtype = jnp.dtype(spec.train.dtype)
+  imported = is_import_path(spec.model.name)
+  if not imported:  # the options' values checked before the data loads (minutes for some)
+    _build_model(spec, 2, dtype, imported)
   datasets = load_datasets(spec.data, workdir, write_stats=jax.process_index() == 0)
   if spec.normalization == 'imagenet':
     datasets = dataclasses.replace(datasets, info=imagenet_normalized(datasets.info))
@@ -177,16 +181,7 @@ def setup_run(
       n_dev,
       largest,
     )
-  dtype = jnp.dtype(spec.train.dtype)
-  imported = is_import_path(spec.model.name)
-  try:
-    model = spec.model.build(datasets.info.num_classes, dtype)
-  except (ImportError, TypeError) as error:  # a model by import path that does not build
-    raise ConfigError(str(error)) from None
-  except ValueError as error:  # an unknown or invalid config.model.options entry
-    if imported:
-      raise ConfigError(str(error)) from None
-    raise ConfigError(f'config.model.options={dict(spec.model.options)!r}: {error}') from None
+  model = _build_model(spec, datasets.info.num_classes, dtype, imported)
   image_size = spec.data.image_size
   if imported:
     cam = _imported_cam_shape(spec, model, datasets.info.channels)
@@ -209,6 +204,18 @@ def setup_run(
   )
   spec = dataclasses.replace(spec, objective=objective)
   return RunSetup(spec, mesh, datasets, model, dtype, eval_batch_size)
+
+
+def _build_model(spec: RunSpec, num_classes: int, dtype, imported: bool):
+  """`spec`'s model for `num_classes` classes; ConfigError for options it refuses."""
+  try:
+    return spec.model.build(num_classes, dtype)
+  except (ImportError, TypeError) as error:  # a model by import path that does not build
+    raise ConfigError(str(error)) from None
+  except ValueError as error:  # an unknown or invalid config.model.options entry
+    if imported:
+      raise ConfigError(str(error)) from None
+    raise ConfigError(f'config.model.options={dict(spec.model.options)!r}: {error}') from None
 
 
 def _imported_cam_shape(spec: RunSpec, model, channels: int) -> tuple[int, int, int]:

@@ -47,6 +47,23 @@ def test_config_errors_are_one_line(tmp_path):
   assert not os.path.exists(workdir)
 
 
+def test_model_option_values_are_checked_before_the_data_loads(tmp_path):
+  """A bad option value fails at once, not after a download or a folder's decoding: here
+  the data directory does not even exist."""
+  line = _last_line(
+    'train.py',
+    '--config=experiment:model=resnet18',
+    f'--workdir={tmp_path / "run"}',
+    '--config.data.source=idx',
+    f'--config.data.idx_dir={tmp_path / "no_data_here"}',
+    '--config.model.options.stem=bogus',
+  )
+  assert line == (
+    "error: config.model.options={'stem': 'bogus'}: resnet18: stem must be one of "
+    "('small', 'imagenet'), got 'bogus'"
+  )
+
+
 def test_workdir_errors_are_one_line(idx_dir, tmp_path):
   data = [
     '--config.data.source=idx',
