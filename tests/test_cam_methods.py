@@ -687,5 +687,6 @@ def test_whole_network_methods_same_on_one_and_eight_devices(two_conv, method):
   targets = jnp.array([0, 3, 1, 1, 2, 0, 3, 2])
   fn = jax.jit(lambda p, t: WHOLE_NETWORK_METHODS[method](explainer, variables, p, t))
   sharded, single = _on_eight_and_one_devices(fn, pixels, targets)
-  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
+  # maps in [0, 1] from batches of 1 and of 8: float32 rounding of other shapes
+  np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-5)
   assert (single.max(axis=(1, 2)) > 0.99).all()

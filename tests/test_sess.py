@@ -142,7 +142,8 @@ def test_sess_method_is_the_default_sess_of_grad_cam(problem):
     lambda v, p, t: (explainer.maps('sess', v, p, t), explainer.sess(v, p, t, chunk=7))
   )
   got, want = both(variables, images, TARGETS)
-  np.testing.assert_allclose(got, want, atol=1e-6)
+  # chunks of 64 and of 7 windows: other batch shapes, other float32 rounding (1.3e-6 seen)
+  np.testing.assert_allclose(got, want, atol=1e-5)
   sides = [SIZE, 13]
   grad_cam = explainer.sess(variables, images, TARGETS, scales=sides)
   layer_cam = explainer.sess(variables, images, TARGETS, base='layer_cam', scales=sides)
