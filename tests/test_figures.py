@@ -182,3 +182,12 @@ def test_long_titles_wrap_to_the_figure_width():
   wide = Figure(figsize=(30, 3))
   figures._suptitle(wide, title)
   assert wide._suptitle.get_text() == title
+
+
+def test_long_method_names_break_after_their_underscores():
+  """Overlay column titles: a long name on lines of at most 16 characters, never inside a
+  word, so deep_feature_factorization does not run into its neighbours' titles."""
+  assert figures._column_title('grad_cam') == 'grad_cam'
+  assert figures._column_title('guided_backprop') == 'guided_backprop'  # 15: one line
+  assert figures._column_title('deep_feature_factorization') == 'deep_feature_\nfactorization'
+  assert figures._column_title('grad_cam_elementwise') == 'grad_cam_\nelementwise'

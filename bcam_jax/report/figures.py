@@ -276,7 +276,7 @@ def save_overlays(
       axes[i, j].imshow(images[i], cmap='gray', vmin=0, vmax=1)
       axes[i, j].imshow(m[i], cmap='jet', alpha=0.5, vmin=0, vmax=1)
       if i == 0:
-        axes[i, j].set_title(name, fontsize=LABEL_FONTSIZE + 1)
+        axes[i, j].set_title(_column_title(name), fontsize=LABEL_FONTSIZE + 1)
     for ax in axes[i]:
       _no_ticks(ax)
   if maps:
@@ -284,6 +284,13 @@ def save_overlays(
   if title:
     _suptitle(fig, title)
   _save(path, fig)
+
+
+def _column_title(name: str, width: int = 16) -> str:
+  """A method's name on lines of at most `width` characters, broken after its underscores
+  (deep_feature_factorization would run into its neighbours' titles)."""
+  lines = textwrap.wrap(name.replace('_', '_ '), width + 1, break_long_words=False)
+  return '\n'.join(line.replace(' ', '') for line in lines)
 
 
 def save_stacked(path: str, image_paths: Sequence[str], titles: Sequence[str]) -> None:
