@@ -171,7 +171,6 @@ class Explainer:
     if callable(targets):
       raise ValueError('sess explains class indices, not a callable target')
     variables = self._variables(variables)
-    layer = self.layers[0] if layer is None else layer
 
     def patch_fn(patches, patch_targets):
       maps = self.raw_maps(base, variables, patches, patch_targets, layer)

@@ -185,12 +185,10 @@ def sess(
     scaled = jax.image.resize(pixels, (n, sh, sw, pixels.shape[3]), method='linear')
     patches = jnp.stack([scaled[:, y : y + window, x : x + window] for y, x in corners], 1)
     flat = patches.reshape((n * len(corners),) + patches.shape[2:])
-    maps, logits = _in_chunks(patch_fn, flat, jnp.repeat(targets, len(corners)), chunk)
-    logits = cam.at_least_float32(logits)
-    if use_softmax_scores:
-      scores = cam.target_probability(logits, jnp.repeat(targets, len(corners)))
-    else:
-      scores = cam.target_scores(logits, jnp.repeat(targets, len(corners)))
+    patch_targets = jnp.repeat(targets, len(corners))
+    maps, logits = _in_chunks(patch_fn, flat, patch_targets, chunk)
+    score_fn = cam.target_probability if use_softmax_scores else cam.target_scores
+    scores = score_fn(cam.at_least_float32(logits), patch_targets)
     window_maps = cam.normalize_cam(cam.upsample_cam(cam.at_least_float32(maps), window))
     patch_maps.append(window_maps.reshape((n, len(corners), window, window)))
     patch_scores.append(jnp.maximum(scores, 0).reshape(n, len(corners)))
