@@ -21,7 +21,7 @@ from flax import nnx
 from bcam_jax import cam, data
 from bcam_jax.explain import guided, sess
 from bcam_jax.explain import layers as layers_lib
-from bcam_jax.explain.methods import REGISTRY, check_methods
+from bcam_jax.explain.methods import REGISTRY, check_methods, class_indices
 
 TARGETS = ('label', 'predicted')
 # How the maps of several layers combine (`Explainer.fusion`).
@@ -168,8 +168,7 @@ class Explainer:
     check_methods([base])
     if base == 'sess':
       raise ValueError('sess needs another method as its base, not sess')
-    if callable(targets):
-      raise ValueError('sess explains class indices, not a callable target')
+    targets = class_indices(targets, 'sess')
     variables = self._variables(variables)
 
     def patch_fn(patches, patch_targets):

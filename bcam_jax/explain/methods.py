@@ -57,7 +57,9 @@ def _with_head(map_fn):
   return maps
 
 
-def _class_indices(targets, method: str):
+def class_indices(targets, method: str):
+  """`targets` as they are; ValueError for a per-sample callable, which `method` (a
+  method of class indices) cannot explain."""
   if callable(targets):
     raise ValueError(f'{method} explains class indices, not a callable target')
   return targets
@@ -67,7 +69,7 @@ def _cam(explainer, variables, pixels, targets, layer):
   """CAM: the head's dense kernel as channel weights."""
   features, _ = explainer.features(variables, pixels, layer)
   weights = explainer.adapter.class_weights(variables)
-  return cam.cam(features, weights, _class_indices(targets, 'cam'))
+  return cam.cam(features, weights, class_indices(targets, 'cam'))
 
 
 def _features_only(map_fn):
@@ -84,14 +86,14 @@ def _features_only(map_fn):
 def _finer_cam(explainer, variables, pixels, targets, layer):
   """Finer-CAM: Grad-CAM of the target against its most similar classes."""
   features, head_fn = explainer.features(variables, pixels, layer)
-  return cam.finer_cam(head_fn, features, _class_indices(targets, 'finer_cam'))
+  return cam.finer_cam(head_fn, features, class_indices(targets, 'finer_cam'))
 
 
 def _dff_cam(explainer, variables, pixels, targets, layer):
   """Deep Feature Factorization: the explanation of the image's concept that the head
   scores highest for the target class (`cam.dff_cam`)."""
   features, head_fn = explainer.features(variables, pixels, layer)
-  targets = _class_indices(targets, 'deep_feature_factorization')
+  targets = class_indices(targets, 'deep_feature_factorization')
   return cam.dff_cam(head_fn, features, targets, explainer.dff_components)
 
 
@@ -167,7 +169,7 @@ def _evidence(explainer, variables, pixels, targets, layer):
   model = _module(explainer)
   features = model.apply(variables, explainer.normalize(pixels), method='backbone')
   evidence = model.apply(variables, features['cam'], method='evidence')
-  targets = _class_indices(targets, 'evidence')
+  targets = class_indices(targets, 'evidence')
   return jax.nn.relu(cam.at_least_float32(heads.select_class(evidence, targets)))
 
 
